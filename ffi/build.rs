@@ -1,0 +1,4 @@
+fn main() {
+    println!("cargo:rustc-link-lib=rbd");
+    println!("cargo:rustc-link-lib=rados");
+}

@@ -1,0 +1,136 @@
+//! The path a result takes from whoever finished an operation back to the
+//! ring worker.
+//!
+//! Completions go through a crossbeam channel. The worker sleeps in poll()
+//! on the UIO fd and on an eventfd; a completer writes the eventfd only when
+//! the worker said it is about to sleep, so a busy worker costs no syscalls
+//! on this path.
+
+use crate::IoResult;
+use crossbeam_channel::{Receiver, Sender};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+/// A finished operation.
+#[derive(Debug)]
+pub struct Completion {
+    /// The tag given to [`CompletionQueue::done`].
+    pub tag: u64,
+    /// Its outcome.
+    pub result: IoResult,
+}
+
+struct Waker {
+    fd: OwnedFd,
+    parked: AtomicBool,
+}
+
+impl Waker {
+    fn wake(&self) {
+        if self.parked.swap(false, Ordering::SeqCst) {
+            let one: u64 = 1;
+            // An eventfd write fails only when the counter would overflow,
+            // and then the worker is awake anyway.
+            let _ = nix::unistd::write(&self.fd, &one.to_ne_bytes());
+        }
+    }
+}
+
+/// The receiving end, owned by a ring worker.
+pub struct CompletionQueue {
+    tx: Sender<Completion>,
+    rx: Receiver<Completion>,
+    waker: Arc<Waker>,
+}
+
+impl CompletionQueue {
+    /// A new queue with its own eventfd.
+    pub fn new() -> std::io::Result<Self> {
+        let fd = nix::sys::eventfd::EventFd::from_flags(
+            nix::sys::eventfd::EfdFlags::EFD_CLOEXEC | nix::sys::eventfd::EfdFlags::EFD_NONBLOCK,
+        )
+        .map_err(std::io::Error::from)?;
+        let (tx, rx) = crossbeam_channel::unbounded();
+        Ok(CompletionQueue {
+            tx,
+            rx,
+            waker: Arc::new(Waker {
+                fd: fd.into(),
+                parked: AtomicBool::new(false),
+            }),
+        })
+    }
+
+    /// A one-shot completer for the operation tagged `tag`.
+    pub fn done(&self, tag: u64) -> Done {
+        Done {
+            tag,
+            tx: self.tx.clone(),
+            waker: self.waker.clone(),
+        }
+    }
+
+    /// Takes one finished operation, if any, without blocking.
+    pub fn try_recv(&self) -> Option<Completion> {
+        self.rx.try_recv().ok()
+    }
+
+    /// Waits up to `timeout` for one finished operation.
+    pub fn recv_timeout(&self, timeout: std::time::Duration) -> Option<Completion> {
+        self.rx.recv_timeout(timeout).ok()
+    }
+
+    /// Call before sleeping on [`fd`](Self::fd): returns false if completions
+    /// are already waiting (do not sleep then).
+    pub fn park(&self) -> bool {
+        self.waker.parked.store(true, Ordering::SeqCst);
+        if !self.rx.is_empty() {
+            self.waker.parked.store(false, Ordering::SeqCst);
+            return false;
+        }
+        true
+    }
+
+    /// Call after waking; clears the eventfd.
+    pub fn unpark(&self) {
+        self.waker.parked.store(false, Ordering::SeqCst);
+        let mut buf = [0u8; 8];
+        let _ = nix::unistd::read(self.waker.fd.as_raw_fd(), &mut buf);
+    }
+
+    /// The eventfd to poll for readability.
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.waker.fd.as_fd()
+    }
+}
+
+/// Completes one operation, exactly once (consumed by [`complete`](Self::complete)).
+pub struct Done {
+    tag: u64,
+    tx: Sender<Completion>,
+    waker: Arc<Waker>,
+}
+
+impl Done {
+    /// The operation's tag.
+    pub fn tag(&self) -> u64 {
+        self.tag
+    }
+
+    /// Reports the outcome and wakes the worker if it sleeps.
+    pub fn complete(self, result: IoResult) {
+        // The worker may be gone (device removed); nothing is owed then.
+        let _ = self.tx.send(Completion {
+            tag: self.tag,
+            result,
+        });
+        self.waker.wake();
+    }
+}
+
+impl std::fmt::Debug for Done {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Done").field("tag", &self.tag).finish()
+    }
+}

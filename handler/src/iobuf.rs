@@ -1,0 +1,236 @@
+//! Views of the data buffers a command carries.
+//!
+//! On the kernel side these buffers live in the TCMU data area, a shared
+//! mapping the ring layer owns. An [`IoBufs`] is a list of `iovec`s into that
+//! mapping plus a keep-alive handle: the mapping cannot be unmapped while any
+//! view of it exists, so a backend that completes late (a stuck OSD, a slow
+//! disk) never writes into freed memory.
+//!
+//! The kernel does not touch a command's data blocks between handing the
+//! command to userspace and reaping its completion, so for that window the
+//! process owns the bytes; that is the invariant [`IoBufs::from_raw`] asks its
+//! caller to uphold.
+
+use std::any::Any;
+use std::sync::Arc;
+
+/// Something that keeps the memory behind a set of buffers mapped.
+pub type KeepAlive = Arc<dyn Any + Send + Sync>;
+
+/// One or more byte ranges, readable and writable, that make up a command's
+/// data buffer, in order.
+#[derive(Clone)]
+pub struct IoBufs {
+    iovs: Iovs,
+    len: usize,
+    _keep: Option<KeepAlive>,
+}
+
+#[derive(Clone)]
+enum Iovs {
+    One([libc::iovec; 1]),
+    Many(Box<[libc::iovec]>),
+}
+
+// SAFETY: the iovecs point into memory that the creator of the `IoBufs`
+// guarantees stays valid and exclusively ours while the command is in flight
+// (see `from_raw`); moving the view between threads does not change that.
+unsafe impl Send for IoBufs {}
+// SAFETY: as above; concurrent use through `&IoBufs` is the backend's
+// responsibility, exactly as for a raw buffer handed to preadv.
+unsafe impl Sync for IoBufs {}
+
+impl std::fmt::Debug for IoBufs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IoBufs")
+            .field("segments", &self.iovecs().len())
+            .field("len", &self.len)
+            .finish()
+    }
+}
+
+impl IoBufs {
+    /// An empty buffer list (commands that move no data).
+    pub fn empty() -> Self {
+        IoBufs {
+            iovs: Iovs::Many(Box::new([])),
+            len: 0,
+            _keep: None,
+        }
+    }
+
+    /// Builds a view from raw `(pointer, length)` segments.
+    ///
+    /// # Safety
+    /// Every segment must be valid for reads and writes of its length for as
+    /// long as this value or any clone of it lives, and no other code may
+    /// access those bytes during that time except through these views. `keep`
+    /// must keep the memory mapped.
+    pub unsafe fn from_raw(segs: &[(*mut u8, usize)], keep: Option<KeepAlive>) -> Self {
+        let mut len = 0usize;
+        let iov = |&(p, l): &(*mut u8, usize)| libc::iovec {
+            iov_base: p.cast(),
+            iov_len: l,
+        };
+        for s in segs {
+            len += s.1;
+        }
+        let iovs = if segs.len() == 1 {
+            Iovs::One([iov(&segs[0])])
+        } else {
+            Iovs::Many(segs.iter().map(iov).collect())
+        };
+        IoBufs {
+            iovs,
+            len,
+            _keep: keep,
+        }
+    }
+
+    /// A view of a heap buffer the caller owns (tests and the generic
+    /// emulations); the `Vec` is kept alive by the view.
+    pub fn from_vec(v: Vec<u8>) -> Self {
+        let mut v = v.into_boxed_slice();
+        let seg = (v.as_mut_ptr(), v.len());
+        let keep: KeepAlive = Arc::new(std::sync::Mutex::new(v));
+        // SAFETY: the boxed slice is owned by `keep`, which the view holds;
+        // a boxed slice's heap storage does not move when the box moves.
+        unsafe { IoBufs::from_raw(&[seg], Some(keep)) }
+    }
+
+    /// Total length in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// True when the buffers hold no bytes.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The segments as `iovec`s, for preadv/pwritev and librbd's readv/writev.
+    pub fn iovecs(&self) -> &[libc::iovec] {
+        match &self.iovs {
+            Iovs::One(a) => a,
+            Iovs::Many(b) => b,
+        }
+    }
+
+    /// A view of `len` bytes starting at `offset`; `None` if out of range.
+    pub fn slice(&self, offset: usize, len: usize) -> Option<IoBufs> {
+        let end = offset.checked_add(len)?;
+        if end > self.len {
+            return None;
+        }
+        let mut segs = Vec::new();
+        let mut pos = 0usize;
+        for iov in self.iovecs() {
+            let s = pos;
+            let e = pos + iov.iov_len;
+            pos = e;
+            let lo = s.max(offset);
+            let hi = e.min(end);
+            if lo < hi {
+                // SAFETY: lo - s < iov_len, so the pointer stays inside the segment.
+                let p = unsafe { (iov.iov_base as *mut u8).add(lo - s) };
+                segs.push((p, hi - lo));
+            }
+        }
+        // SAFETY: sub-ranges of segments this view already owns.
+        Some(unsafe { IoBufs::from_raw(&segs, self._keep.clone()) })
+    }
+
+    /// Copies bytes from `offset` into `dst`; returns how many were copied
+    /// (less than `dst.len()` only at the end of the buffers).
+    pub fn copy_out(&self, offset: usize, dst: &mut [u8]) -> usize {
+        let mut done = 0;
+        self.for_ranges(offset, dst.len(), |p, n| {
+            // SAFETY: `p..p+n` lies inside one of our segments (for_ranges).
+            unsafe { std::ptr::copy_nonoverlapping(p, dst[done..].as_mut_ptr(), n) };
+            done += n;
+        });
+        done
+    }
+
+    /// Copies `src` into the buffers at `offset`; returns how many bytes fit.
+    pub fn copy_in(&self, offset: usize, src: &[u8]) -> usize {
+        let mut done = 0;
+        self.for_ranges(offset, src.len(), |p, n| {
+            // SAFETY: as in copy_out.
+            unsafe { std::ptr::copy_nonoverlapping(src[done..].as_ptr(), p, n) };
+            done += n;
+        });
+        done
+    }
+
+    /// Sets `len` bytes from `offset` to zero.
+    pub fn fill_zero(&self, offset: usize, len: usize) {
+        self.for_ranges(offset, len, |p, n| {
+            // SAFETY: as in copy_out.
+            unsafe { std::ptr::write_bytes(p, 0, n) };
+        });
+    }
+
+    /// Reads everything into a new vector.
+    pub fn to_vec(&self) -> Vec<u8> {
+        let mut v = vec![0u8; self.len];
+        self.copy_out(0, &mut v);
+        v
+    }
+
+    fn for_ranges(&self, offset: usize, len: usize, mut f: impl FnMut(*mut u8, usize)) {
+        let end = offset.saturating_add(len).min(self.len);
+        let mut pos = 0usize;
+        for iov in self.iovecs() {
+            let s = pos;
+            let e = pos + iov.iov_len;
+            pos = e;
+            if e <= offset {
+                continue;
+            }
+            if s >= end {
+                break;
+            }
+            let lo = s.max(offset);
+            let hi = e.min(end);
+            // SAFETY: lo - s < iov_len.
+            let p = unsafe { (iov.iov_base as *mut u8).add(lo - s) };
+            f(p, hi - lo);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn copy_across_segments() {
+        let mut a = vec![0u8; 5];
+        let mut b = vec![0u8; 7];
+        let bufs = unsafe {
+            IoBufs::from_raw(&[(a.as_mut_ptr(), a.len()), (b.as_mut_ptr(), b.len())], None)
+        };
+        assert_eq!(bufs.len(), 12);
+        let src: Vec<u8> = (1..=12).collect();
+        assert_eq!(bufs.copy_in(0, &src), 12);
+        let mut out = [0u8; 6];
+        assert_eq!(bufs.copy_out(3, &mut out), 6);
+        assert_eq!(out, [4, 5, 6, 7, 8, 9]);
+        let s = bufs.slice(4, 3).unwrap();
+        assert_eq!(s.to_vec(), vec![5, 6, 7]);
+        assert!(bufs.slice(10, 3).is_none());
+        bufs.fill_zero(4, 2);
+        drop(bufs);
+        assert_eq!(a, [1, 2, 3, 4, 0]);
+        assert_eq!(b, [0, 7, 8, 9, 10, 11, 12]);
+    }
+
+    #[test]
+    fn copy_out_stops_at_end() {
+        let bufs = IoBufs::from_vec(vec![9u8; 4]);
+        let mut out = [0u8; 8];
+        assert_eq!(bufs.copy_out(2, &mut out), 2);
+        assert_eq!(&out[..2], &[9, 9]);
+    }
+}

@@ -1,0 +1,137 @@
+//! A volatile in-memory backend, for tests, benchmarks and scratch LUNs.
+//!
+//! The store is an anonymous mapping, so a large LUN costs memory only for
+//! blocks that were written. Operations run inline in `submit` (a memcpy is
+//! faster than any hand-off), under a reader-writer lock so that several
+//! devices may share one store.
+
+use crate::{compare_then_write, Backend, Caps, Done, Geometry, IoBufs, IoError, IoResult, Op};
+use std::sync::RwLock;
+
+/// An in-memory LUN.
+pub struct RamBackend {
+    store: RwLock<memmap2::MmapMut>,
+    geometry: Geometry,
+}
+
+impl RamBackend {
+    /// A zeroed LUN of `size` bytes with `block_size`-byte blocks.
+    pub fn new(size: u64, block_size: u32) -> std::io::Result<Self> {
+        let len = usize::try_from(size)
+            .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidInput, "size too large"))?;
+        let map = memmap2::MmapOptions::new().len(len.max(1)).map_anon()?;
+        Ok(RamBackend {
+            store: RwLock::new(map),
+            geometry: Geometry { size, block_size },
+        })
+    }
+
+    fn range(&self, offset: u64, len: u64) -> Result<std::ops::Range<usize>, IoError> {
+        let end = offset.checked_add(len).ok_or(IoError::OutOfRange)?;
+        if end > self.geometry.size {
+            return Err(IoError::OutOfRange);
+        }
+        Ok(offset as usize..end as usize)
+    }
+
+    fn run(&self, op: Op) -> IoResult {
+        match op {
+            Op::Read { offset, bufs } => {
+                let r = self.range(offset, bufs.len() as u64)?;
+                let store = self.store.read().map_err(|_| poisoned())?;
+                bufs.copy_in(0, &store[r]);
+                Ok(())
+            }
+            Op::Write { offset, bufs, .. } => {
+                let r = self.range(offset, bufs.len() as u64)?;
+                let mut store = self.store.write().map_err(|_| poisoned())?;
+                bufs.copy_out(0, &mut store[r]);
+                Ok(())
+            }
+            Op::Flush => Ok(()),
+            Op::Discard { ranges } => {
+                let mut store = self.store.write().map_err(|_| poisoned())?;
+                for (o, l) in ranges {
+                    let r = self.range(o, l)?;
+                    store[r].fill(0);
+                }
+                Ok(())
+            }
+            Op::WriteZeroes { offset, len, .. } => {
+                let r = self.range(offset, len)?;
+                let mut store = self.store.write().map_err(|_| poisoned())?;
+                store[r].fill(0);
+                Ok(())
+            }
+            Op::WriteSame {
+                offset,
+                len,
+                pattern,
+            } => {
+                let r = self.range(offset, len)?;
+                let pat = pattern.to_vec();
+                if pat.is_empty() || len % pat.len() as u64 != 0 {
+                    return Err(IoError::Unsupported);
+                }
+                let mut store = self.store.write().map_err(|_| poisoned())?;
+                for chunk in store[r].chunks_mut(pat.len()) {
+                    chunk.copy_from_slice(&pat);
+                }
+                Ok(())
+            }
+            Op::CompareAndWrite {
+                offset,
+                compare,
+                write,
+            } => {
+                let r = self.range(offset, compare.len() as u64)?;
+                if write.len() != compare.len() {
+                    return Err(IoError::Unsupported);
+                }
+                // The write lock makes compare+write atomic against every
+                // other writer of this store.
+                let mut store = self.store.write().map_err(|_| poisoned())?;
+                let region = &mut store[r];
+                let snapshot = region.to_vec();
+                compare_then_write(
+                    |cur| {
+                        cur.copy_from_slice(&snapshot);
+                        Ok(())
+                    },
+                    |new: &IoBufs| {
+                        new.copy_out(0, region);
+                        Ok(())
+                    },
+                    &compare,
+                    &write,
+                )
+            }
+        }
+    }
+}
+
+fn poisoned() -> IoError {
+    IoError::Io {
+        errno: libc::EIO,
+        msg: "ram store lock poisoned".into(),
+    }
+}
+
+impl Backend for RamBackend {
+    fn name(&self) -> String {
+        format!("ram:{}", self.geometry.size)
+    }
+    fn geometry(&self) -> Geometry {
+        self.geometry
+    }
+    fn caps(&self) -> Caps {
+        Caps {
+            discard: true,
+            discard_zeroes: true,
+            write_cache: false,
+        }
+    }
+    fn submit(&self, op: Op, done: Done) {
+        done.complete(self.run(op));
+    }
+}

@@ -1,0 +1,9 @@
+//! tcmu-rbd: a userspace TCMU handler serving Ceph RBD images (and files
+//! and ram) to the Linux SCSI target.
+//!
+//! Layout: [`ring`] is the kernel ABI (the shared mapping, the command
+//! ring), [`scsi`] decodes and emulates SCSI, [`device`] ties one ring to one
+//! backend, [`emulator`] is the kernel's side of the ring for tests and
+//! benchmarks.
+
+pub mod scsi;
