@@ -7,3 +7,6 @@
 //! benchmarks.
 
 pub mod scsi;
+pub mod device;
+pub mod emulator;
+pub mod ring;

@@ -1,0 +1,434 @@
+//! One TCMU device: its ring, its LUN state and its backend, driven by one
+//! worker thread.
+//!
+//! The worker loop: take what the kernel queued, answer emulated commands
+//! at once and submit data commands to the backend, collect finished
+//! backend operations, write their completions, publish `cmd_tail` and ring
+//! the doorbell once per batch. It sleeps in poll() on the doorbell fd, the
+//! completion queue's eventfd and a stop eventfd.
+
+use crate::ring::shm::SharedMem;
+use crate::ring::{Completion, Entry, Ring, RingError};
+use crate::scsi::{sense::Sense, Lun, LunInfo, Outcome, Pending, Response};
+use nix::poll::{PollFd, PollFlags, PollTimeout};
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tcmu_handler::{Backend, CompletionQueue};
+use tracing::{debug, error, info, warn};
+
+/// Why a device stopped or could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    /// The ring was refused.
+    #[error("device {dev}: {source}")]
+    Ring {
+        /// Device name.
+        dev: String,
+        /// The ring error.
+        source: RingError,
+    },
+    /// A system call on the device failed.
+    #[error("device {dev}: {what}: {source}")]
+    Io {
+        /// Device name.
+        dev: String,
+        /// What was being done.
+        what: &'static str,
+        /// The error.
+        source: std::io::Error,
+    },
+}
+
+/// How the kernel and the worker poke each other.
+pub trait Doorbell: Send {
+    /// Readable when the kernel queued something.
+    fn fd(&self) -> BorrowedFd<'_>;
+    /// Consumes the pending event; call after `fd` polled readable.
+    fn ack(&self);
+    /// Tells the kernel that completions are in the ring.
+    fn ring(&self) -> std::io::Result<()>;
+}
+
+/// The UIO device's doorbell: a 4-byte read waits for (here: consumes)
+/// an event, a 4-byte write makes the kernel reap completions.
+pub struct UioDoorbell {
+    file: File,
+}
+
+impl UioDoorbell {
+    /// Wraps an open `/dev/uioN` (opened read-write, non-blocking).
+    pub fn new(file: File) -> Self {
+        UioDoorbell { file }
+    }
+}
+
+impl Doorbell for UioDoorbell {
+    fn fd(&self) -> BorrowedFd<'_> {
+        self.file.as_fd()
+    }
+    fn ack(&self) {
+        let mut b = [0u8; 4];
+        let _ = (&self.file).read(&mut b);
+    }
+    fn ring(&self) -> std::io::Result<()> {
+        (&self.file).write_all(&1u32.to_ne_bytes())
+    }
+}
+
+/// The emulator's doorbell: two eventfds.
+pub struct EventDoorbell {
+    to_user: OwnedFd,
+    from_user: OwnedFd,
+}
+
+impl EventDoorbell {
+    /// Wraps the emulator's pair (see [`crate::emulator::UserEnd`]).
+    pub fn new(to_user: OwnedFd, from_user: OwnedFd) -> Self {
+        EventDoorbell { to_user, from_user }
+    }
+}
+
+impl Doorbell for EventDoorbell {
+    fn fd(&self) -> BorrowedFd<'_> {
+        self.to_user.as_fd()
+    }
+    fn ack(&self) {
+        let mut b = [0u8; 8];
+        let _ = nix::unistd::read(self.to_user.as_raw_fd(), &mut b);
+    }
+    fn ring(&self) -> std::io::Result<()> {
+        nix::unistd::write(&self.from_user, &1u64.to_ne_bytes())
+            .map(|_| ())
+            .map_err(std::io::Error::from)
+    }
+}
+
+/// Counters a device keeps, readable from other threads.
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Commands taken from the ring.
+    pub commands: AtomicU64,
+    /// Commands completed.
+    pub completed: AtomicU64,
+    /// Commands completed with CHECK CONDITION.
+    pub check_conditions: AtomicU64,
+    /// TMR notifications seen.
+    pub tmrs: AtomicU64,
+    /// Doorbell writes.
+    pub notifies: AtomicU64,
+}
+
+/// Stops a running worker from another thread.
+#[derive(Clone)]
+pub struct Stopper {
+    flag: Arc<AtomicBool>,
+    fd: Arc<OwnedFd>,
+}
+
+impl Stopper {
+    /// Asks the worker to drain and return.
+    pub fn stop(&self) {
+        self.flag.store(true, Ordering::SeqCst);
+        let _ = nix::unistd::write(&*self.fd, &1u64.to_ne_bytes());
+    }
+}
+
+/// Tuning for the worker loop.
+#[derive(Debug, Clone, Copy)]
+pub struct WorkerOptions {
+    /// Turns of the loop with nothing to do before sleeping in poll().
+    /// Spinning trades a core for latency; 0 sleeps at once.
+    pub spin: u32,
+    /// How long to wait for backend operations when stopping.
+    pub drain_timeout: Duration,
+}
+
+impl Default for WorkerOptions {
+    fn default() -> Self {
+        WorkerOptions {
+            spin: 0,
+            drain_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// One device and its worker state.
+pub struct Device {
+    name: String,
+    ring: Ring,
+    lun: Lun,
+    backend: Arc<dyn Backend>,
+    cq: CompletionQueue,
+    pending: Vec<Option<Pending>>,
+    bell: Box<dyn Doorbell>,
+    entries: Vec<Entry>,
+    stats: Arc<Stats>,
+    stop_flag: Arc<AtomicBool>,
+    stop_fd: Arc<OwnedFd>,
+    options: WorkerOptions,
+}
+
+impl Device {
+    /// Builds a device over a mapped ring.
+    pub fn new(
+        name: impl Into<String>,
+        mem: Arc<SharedMem>,
+        bell: Box<dyn Doorbell>,
+        backend: Arc<dyn Backend>,
+        info: LunInfo,
+    ) -> Result<Self, DeviceError> {
+        let name = name.into();
+        let ring = Ring::new(mem).map_err(|source| DeviceError::Ring {
+            dev: name.clone(),
+            source,
+        })?;
+        let io = |what| {
+            let dev = name.clone();
+            move |source| DeviceError::Io { dev, what, source }
+        };
+        let cq = CompletionQueue::new().map_err(io("eventfd"))?;
+        let stop_fd: OwnedFd = nix::sys::eventfd::EventFd::from_flags(
+            nix::sys::eventfd::EfdFlags::EFD_CLOEXEC | nix::sys::eventfd::EfdFlags::EFD_NONBLOCK,
+        )
+        .map_err(|e| std::io::Error::from(e))
+        .map_err(io("eventfd"))?
+        .into();
+        let mut pending = Vec::with_capacity(65536);
+        pending.resize_with(65536, || None);
+        Ok(Device {
+            name,
+            ring,
+            lun: Lun::new(info),
+            backend,
+            cq,
+            pending,
+            bell,
+            entries: Vec::with_capacity(256),
+            stats: Arc::new(Stats::default()),
+            stop_flag: Arc::new(AtomicBool::new(false)),
+            stop_fd: Arc::new(stop_fd),
+            options: WorkerOptions::default(),
+        })
+    }
+
+    /// Sets the loop's tuning.
+    pub fn set_options(&mut self, options: WorkerOptions) {
+        self.options = options;
+    }
+
+    /// The device's name (for logs).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Live counters.
+    pub fn stats(&self) -> Arc<Stats> {
+        self.stats.clone()
+    }
+
+    /// A handle that stops [`run`](Self::run) from another thread.
+    pub fn stopper(&self) -> Stopper {
+        Stopper {
+            flag: self.stop_flag.clone(),
+            fd: self.stop_fd.clone(),
+        }
+    }
+
+    /// The LUN state (resize, unit attentions).
+    pub fn lun_mut(&mut self) -> &mut Lun {
+        &mut self.lun
+    }
+
+    fn ring_err(&self, source: RingError) -> DeviceError {
+        DeviceError::Ring {
+            dev: self.name.clone(),
+            source,
+        }
+    }
+
+    /// One turn of the loop without sleeping: takes new entries, collects
+    /// finished operations, publishes and notifies. Returns whether
+    /// anything happened.
+    pub fn turn(&mut self) -> Result<bool, DeviceError> {
+        let mut progress = false;
+        let mut entries = std::mem::take(&mut self.entries);
+        let got = self.ring.poll(&mut entries);
+        let n = match got {
+            Ok(n) => n,
+            Err(e) => {
+                self.entries = entries;
+                return Err(self.ring_err(e));
+            }
+        };
+        if n > 0 {
+            progress = true;
+            for e in entries.drain(..) {
+                self.dispatch(e);
+            }
+        }
+        self.entries = entries;
+        while let Some(c) = self.cq.try_recv() {
+            progress = true;
+            self.finish(c);
+        }
+        if self.ring.publish().map_err(|e| self.ring_err(e))? {
+            self.stats.notifies.fetch_add(1, Ordering::Relaxed);
+            if let Err(e) = self.bell.ring() {
+                return Err(DeviceError::Io {
+                    dev: self.name.clone(),
+                    what: "doorbell write",
+                    source: e,
+                });
+            }
+        }
+        Ok(progress)
+    }
+
+    fn dispatch(&mut self, e: Entry) {
+        match e {
+            Entry::Cmd(cmd) => {
+                self.stats.commands.fetch_add(1, Ordering::Relaxed);
+                let id = cmd.cmd_id;
+                if !cmd.cdb_complete {
+                    self.respond(id, Response::check(crate::scsi::INVALID_OPCODE));
+                    return;
+                }
+                match self.lun.execute(cmd.cdb(), &cmd.bufs) {
+                    Outcome::Done(r) => self.respond(id, r),
+                    Outcome::Submit(op, p) => {
+                        self.pending[id as usize] = Some(p);
+                        self.backend.submit(op, self.cq.done(u64::from(id)));
+                    }
+                }
+            }
+            Entry::Tmr(t) => {
+                self.stats.tmrs.fetch_add(1, Ordering::Relaxed);
+                // Backend I/O cannot be recalled (librbd has no abort);
+                // aborted commands complete normally and the kernel, which
+                // already answered the initiator, just frees them.
+                info!(
+                    dev = %self.name,
+                    tmr_type = t.tmr_type,
+                    cmd_ids = ?t.cmd_ids,
+                    "task management notification"
+                );
+            }
+        }
+    }
+
+    fn finish(&mut self, c: tcmu_handler::Completion) {
+        let Ok(id) = u16::try_from(c.tag) else {
+            error!(dev = %self.name, tag = c.tag, "completion with a bad tag dropped");
+            return;
+        };
+        let Some(p) = self.pending[id as usize].take() else {
+            error!(dev = %self.name, cmd_id = id, "completion for no pending command dropped");
+            return;
+        };
+        let r = self.lun.finish(p, c.result);
+        self.respond(id, r);
+    }
+
+    fn respond(&mut self, id: u16, r: Response) {
+        self.stats.completed.fetch_add(1, Ordering::Relaxed);
+        let sense_bytes: Option<[u8; 18]> = r.sense.as_ref().map(Sense::to_fixed);
+        if r.sense.is_some() {
+            self.stats.check_conditions.fetch_add(1, Ordering::Relaxed);
+            debug!(dev = %self.name, cmd_id = id, sense = ?r.sense, "check condition");
+        }
+        let c = Completion {
+            cmd_id: id,
+            status: r.status,
+            sense: sense_bytes.as_ref().map_or(&[][..], |s| &s[..]),
+            read_len: r.read_len,
+        };
+        if let Err(e) = self.ring.complete(c) {
+            // Never let a bad completion reach the kernel: it would break
+            // the ring for good. The command times out in the kernel.
+            error!(dev = %self.name, cmd_id = id, error = %e, "completion refused");
+        }
+    }
+
+    /// Runs the worker until [`Stopper::stop`], then drains: operations in
+    /// flight are waited for (up to the drain timeout) and completed;
+    /// entries not yet taken stay in the ring for the next process.
+    pub fn run(&mut self) -> Result<(), DeviceError> {
+        let span = tracing::info_span!("dev", name = %self.name);
+        let _g = span.enter();
+        info!(backend = %self.backend.name(), "serving");
+        let mut idle = 0u32;
+        while !self.stop_flag.load(Ordering::Relaxed) {
+            if self.turn()? {
+                idle = 0;
+                continue;
+            }
+            idle += 1;
+            if idle <= self.options.spin {
+                std::hint::spin_loop();
+                continue;
+            }
+            idle = 0;
+            self.sleep()?;
+        }
+        self.drain()
+    }
+
+    fn sleep(&mut self) -> Result<(), DeviceError> {
+        if !self.cq.park() {
+            return Ok(());
+        }
+        let (bell_ready, _) = {
+            let mut fds = [
+                PollFd::new(self.bell.fd(), PollFlags::POLLIN),
+                PollFd::new(self.cq.fd(), PollFlags::POLLIN),
+                PollFd::new(self.stop_fd.as_fd(), PollFlags::POLLIN),
+            ];
+            match nix::poll::poll(&mut fds, PollTimeout::from(1000u16)) {
+                Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+                Err(e) => {
+                    return Err(DeviceError::Io {
+                        dev: self.name.clone(),
+                        what: "poll",
+                        source: e.into(),
+                    })
+                }
+            }
+            let r = |f: &PollFd| f.revents().is_some_and(|r| !r.is_empty());
+            (r(&fds[0]), r(&fds[1]))
+        };
+        self.cq.unpark();
+        if bell_ready {
+            self.bell.ack();
+        }
+        Ok(())
+    }
+
+    fn drain(&mut self) -> Result<(), DeviceError> {
+        let deadline = Instant::now() + self.options.drain_timeout;
+        while self.ring.in_flight() > 0 {
+            let now = Instant::now();
+            if now >= deadline {
+                warn!(
+                    in_flight = self.ring.in_flight(),
+                    "drain timed out; the kernel will time these commands out"
+                );
+                break;
+            }
+            if let Some(c) = self.cq.recv_timeout(deadline - now) {
+                self.finish(c);
+                while let Some(c) = self.cq.try_recv() {
+                    self.finish(c);
+                }
+                if self.ring.publish().map_err(|e| self.ring_err(e))? {
+                    let _ = self.bell.ring();
+                }
+            }
+        }
+        info!("stopped");
+        Ok(())
+    }
+}

@@ -1,0 +1,112 @@
+//! Shared helpers for the integration tests: a LUN over a backend, driven
+//! through the emulated kernel.
+#![allow(dead_code)]
+
+use rand::Rng;
+use std::sync::{Arc, Mutex};
+use tcmu_handler::{Backend, Caps, Done, Geometry, Op};
+use tcmu_rbd::device::{Device, EventDoorbell};
+use tcmu_rbd::emulator::{KernelEmu, Layout};
+use tcmu_rbd::ring::shm::SharedMem;
+use tcmu_rbd::scsi::LunInfo;
+
+/// LunInfo for a backend.
+pub fn lun_info(b: &dyn Backend) -> LunInfo {
+    LunInfo {
+        vendor: "LIO-ORG".into(),
+        product: "TCMU device".into(),
+        revision: "0002".into(),
+        serial: "test-serial".into(),
+        geometry: b.geometry(),
+        caps: b.caps(),
+        max_transfer_blocks: 2048,
+    }
+}
+
+/// An emulated kernel and a device serving `backend` over it.
+pub fn emu_device(layout: Layout, backend: Arc<dyn Backend>) -> (KernelEmu, Device) {
+    let emu = KernelEmu::with_layout(layout).expect("emulator");
+    let ue = emu.user_end().expect("user end");
+    let map = memmap2::MmapOptions::new()
+        .len(ue.map_len)
+        .map_raw(&ue.file)
+        .expect("map");
+    let mem = Arc::new(SharedMem::from_mmap(map));
+    let info = lun_info(&*backend);
+    let dev = Device::new(
+        "test",
+        mem,
+        Box::new(EventDoorbell::new(ue.to_user, ue.from_user)),
+        backend,
+        info,
+    )
+    .expect("device");
+    (emu, dev)
+}
+
+/// A small layout that wraps the command ring often.
+pub fn small_layout() -> Layout {
+    Layout {
+        // Not a multiple of the common entry sizes, so PADs are needed.
+        cmdr_size: 16_200,
+        data_size: 8 << 20,
+        ..Layout::default()
+    }
+}
+
+/// READ(16) / WRITE(16) CDBs.
+pub fn rw16(write: bool, lba: u64, blocks: u32) -> [u8; 16] {
+    let mut c = [0u8; 16];
+    c[0] = if write { 0x8a } else { 0x88 };
+    c[2..10].copy_from_slice(&lba.to_be_bytes());
+    c[10..14].copy_from_slice(&blocks.to_be_bytes());
+    c
+}
+
+/// A backend that holds operations until the test releases them, in any
+/// order, onto an inner backend: out-of-order completion on demand.
+pub struct Held {
+    pub inner: Arc<dyn Backend>,
+    pub held: Mutex<Vec<(Op, Done)>>,
+}
+
+impl Held {
+    pub fn new(inner: Arc<dyn Backend>) -> Arc<Self> {
+        Arc::new(Held {
+            inner,
+            held: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// Releases up to `n` held operations in random order.
+    pub fn release_random(&self, rng: &mut impl Rng, n: usize) -> usize {
+        let mut h = self.held.lock().unwrap();
+        let mut k = 0;
+        while k < n && !h.is_empty() {
+            let i = rng.gen_range(0..h.len());
+            let (op, done) = h.swap_remove(i);
+            self.inner.submit(op, done);
+            k += 1;
+        }
+        k
+    }
+
+    pub fn len(&self) -> usize {
+        self.held.lock().unwrap().len()
+    }
+}
+
+impl Backend for Held {
+    fn name(&self) -> String {
+        format!("held:{}", self.inner.name())
+    }
+    fn geometry(&self) -> Geometry {
+        self.inner.geometry()
+    }
+    fn caps(&self) -> Caps {
+        self.inner.caps()
+    }
+    fn submit(&self, op: Op, done: Done) {
+        self.held.lock().unwrap().push((op, done));
+    }
+}
