@@ -9,4 +9,5 @@
 pub mod scsi;
 pub mod device;
 pub mod emulator;
+pub mod loadgen;
 pub mod ring;

@@ -15,11 +15,23 @@ pub struct RamBackend {
 }
 
 impl RamBackend {
-    /// A zeroed LUN of `size` bytes with `block_size`-byte blocks.
+    /// A zeroed LUN of `size` bytes with `block_size`-byte blocks; memory
+    /// is taken as blocks are written.
     pub fn new(size: u64, block_size: u32) -> std::io::Result<Self> {
+        Self::with_options(size, block_size, false)
+    }
+
+    /// As [`new`](Self::new); with `populate`, all memory is faulted in up
+    /// front (benchmarks, where first-touch page faults would dominate).
+    pub fn with_options(size: u64, block_size: u32, populate: bool) -> std::io::Result<Self> {
         let len = usize::try_from(size)
             .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidInput, "size too large"))?;
-        let map = memmap2::MmapOptions::new().len(len.max(1)).map_anon()?;
+        let mut opts = memmap2::MmapOptions::new();
+        opts.len(len.max(1));
+        if populate {
+            opts.populate();
+        }
+        let map = opts.map_anon()?;
         Ok(RamBackend {
             store: RwLock::new(map),
             geometry: Geometry { size, block_size },

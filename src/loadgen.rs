@@ -1,0 +1,279 @@
+//! A fio-like load generator that plays the kernel: it drives a device
+//! through the emulated ring at a fixed queue depth and measures IOPS,
+//! latency and the worker's CPU time. Used by the benchmarks and by
+//! `tcmu-rbd-bench`.
+
+use crate::device::{Device, WorkerOptions};
+use crate::emulator::{Data, EmuError, KernelEmu, Layout};
+use crate::ring::shm::SharedMem;
+use crate::scsi::LunInfo;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tcmu_handler::Backend;
+
+/// Access pattern.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pattern {
+    /// Random reads.
+    RandRead,
+    /// Random writes.
+    RandWrite,
+    /// Sequential reads.
+    SeqRead,
+    /// Sequential writes.
+    SeqWrite,
+}
+
+impl std::str::FromStr for Pattern {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Ok(match s {
+            "randread" => Pattern::RandRead,
+            "randwrite" => Pattern::RandWrite,
+            "read" => Pattern::SeqRead,
+            "write" => Pattern::SeqWrite,
+            _ => return Err(format!("unknown pattern {s:?} (randread, randwrite, read, write)")),
+        })
+    }
+}
+
+/// One job's parameters.
+#[derive(Debug, Clone, Copy)]
+pub struct Job {
+    /// Access pattern.
+    pub pattern: Pattern,
+    /// Bytes per I/O.
+    pub block_size: usize,
+    /// Commands kept in flight.
+    pub queue_depth: usize,
+    /// How long to run.
+    pub duration: Duration,
+    /// Worker spin turns before sleeping (see [`WorkerOptions::spin`]).
+    pub spin: u32,
+}
+
+/// What a job measured.
+#[derive(Debug, Clone)]
+pub struct Report {
+    /// Commands completed.
+    pub ops: u64,
+    /// Wall time.
+    pub elapsed: Duration,
+    /// CPU time the device worker thread used.
+    pub worker_cpu: Duration,
+    /// Median latency.
+    pub p50: Duration,
+    /// 99th percentile latency.
+    pub p99: Duration,
+    /// Commands that did not return GOOD.
+    pub errors: u64,
+}
+
+impl Report {
+    /// Operations per second.
+    pub fn iops(&self) -> f64 {
+        self.ops as f64 / self.elapsed.as_secs_f64()
+    }
+    /// Operations per second of worker CPU time: IOPS per core.
+    pub fn iops_per_core(&self) -> f64 {
+        self.ops as f64 / self.worker_cpu.as_secs_f64().max(1e-9)
+    }
+}
+
+fn thread_cpu() -> Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: writes one timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
+
+/// Errors setting up or running a job.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// The emulator failed.
+    #[error("emulator: {0}")]
+    Emu(#[from] EmuError),
+    /// The device failed.
+    #[error("device: {0}")]
+    Device(#[from] crate::device::DeviceError),
+    /// Mapping the ring failed.
+    #[error("map: {0}")]
+    Map(#[from] std::io::Error),
+    /// Bad parameters.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+struct Xorshift(u64);
+impl Xorshift {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
+/// Runs `job` against `backend` through a fresh emulated device.
+pub fn run(backend: Arc<dyn Backend>, info: LunInfo, job: Job) -> Result<Report, LoadError> {
+    let geo = backend.geometry();
+    let bs = geo.block_size as usize;
+    if job.block_size == 0 || job.block_size % bs != 0 || job.queue_depth == 0 {
+        return Err(LoadError::Invalid(format!(
+            "block size {} must be a multiple of {bs}, queue depth > 0",
+            job.block_size
+        )));
+    }
+    let blocks_per_io = (job.block_size / bs) as u32;
+    let slots = geo.blocks() / u64::from(blocks_per_io);
+    if slots == 0 {
+        return Err(LoadError::Invalid("device smaller than one I/O".into()));
+    }
+    let mut emu = KernelEmu::with_layout(Layout::default())?;
+    let ue = emu.user_end()?;
+    let map = memmap2::MmapOptions::new()
+        .len(ue.map_len)
+        .map_raw(&ue.file)?;
+    let mem = Arc::new(SharedMem::from_mmap(map));
+    let mut dev = Device::new(
+        "bench",
+        mem,
+        Box::new(crate::device::EventDoorbell::new(ue.to_user, ue.from_user)),
+        backend,
+        info,
+    )?;
+    dev.set_options(WorkerOptions {
+        spin: job.spin,
+        ..WorkerOptions::default()
+    });
+    let stopper = dev.stopper();
+    let worker = std::thread::Builder::new()
+        .name("tcmu-worker".into())
+        .spawn(move || {
+            let t0 = thread_cpu();
+            let r = dev.run();
+            (r, thread_cpu() - t0)
+        })?;
+
+    let write = matches!(job.pattern, Pattern::RandWrite | Pattern::SeqWrite);
+    let random = matches!(job.pattern, Pattern::RandRead | Pattern::RandWrite);
+    let mut rng = Xorshift(0x9e37_79b9_7f4a_7c15);
+    let payload: Vec<u8> = (0..job.block_size).map(|_| rng.next() as u8).collect();
+    let mut seq = 0u64;
+    let mut submitted_at = vec![Instant::now(); 65536];
+    let mut lat: Vec<u32> = Vec::with_capacity(1 << 22);
+    let mut errors = 0u64;
+    let mut cdb = [0u8; 16];
+    cdb[0] = if write { 0x8a } else { 0x88 };
+    cdb[10..14].copy_from_slice(&blocks_per_io.to_be_bytes());
+
+    let mut issue = |emu: &mut KernelEmu, at: &mut Vec<Instant>| -> Result<bool, EmuError> {
+        let slot = if random {
+            rng.next() % slots
+        } else {
+            seq = (seq + 1) % slots;
+            seq
+        };
+        cdb[2..10].copy_from_slice(&(slot * u64::from(blocks_per_io)).to_be_bytes());
+        let data = if write {
+            Data::ToDevice(&payload)
+        } else {
+            Data::FromDevice(job.block_size)
+        };
+        match emu.queue(&cdb, data) {
+            Ok(id) => {
+                at[id as usize] = Instant::now();
+                Ok(true)
+            }
+            Err(EmuError::Full) => Ok(false),
+            Err(e) => Err(e),
+        }
+    };
+
+    let start = Instant::now();
+    let end = start + job.duration;
+    let mut outstanding = 0usize;
+    let mut ops = 0u64;
+    let result = (|| -> Result<(), LoadError> {
+        while outstanding < job.queue_depth {
+            if !issue(&mut emu, &mut submitted_at)? {
+                break;
+            }
+            outstanding += 1;
+        }
+        emu.kick();
+        loop {
+            // Wait for the doorbell: spin briefly, then sleep in poll().
+            let mut reaped = 0;
+            for _ in 0..=job.spin.max(1) {
+                let now = Instant::now();
+                reaped = emu.reap(|r, _| {
+                    if r.status != 0 {
+                        errors += 1;
+                    }
+                    lat.push(now.duration_since(submitted_at[r.cmd_id as usize]).as_nanos() as u32);
+                })?;
+                if reaped > 0 {
+                    break;
+                }
+                std::hint::spin_loop();
+            }
+            if reaped == 0 {
+                let mut fds = [nix::poll::PollFd::new(
+                    emu.doorbell_fd(),
+                    nix::poll::PollFlags::POLLIN,
+                )];
+                let _ = nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(1000u16));
+                emu.ack_doorbell();
+                continue;
+            }
+            ops += reaped as u64;
+            outstanding -= reaped;
+            if Instant::now() >= end {
+                break;
+            }
+            while outstanding < job.queue_depth {
+                if !issue(&mut emu, &mut submitted_at)? {
+                    break;
+                }
+                outstanding += 1;
+            }
+            emu.kick();
+        }
+        // Let the rest finish.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while emu.in_flight() > 0 && Instant::now() < deadline {
+            let n = emu.reap(|_, _| {})?;
+            if n == 0 {
+                std::thread::sleep(Duration::from_micros(50));
+            }
+        }
+        Ok(())
+    })();
+    let elapsed = start.elapsed();
+    stopper.stop();
+    let (wr, worker_cpu) = worker
+        .join()
+        .map_err(|_| LoadError::Invalid("worker thread panicked".into()))?;
+    result?;
+    wr?;
+    lat.sort_unstable();
+    let pct = |p: f64| -> Duration {
+        if lat.is_empty() {
+            return Duration::ZERO;
+        }
+        let i = ((lat.len() as f64 * p) as usize).min(lat.len() - 1);
+        Duration::from_nanos(u64::from(lat[i]))
+    };
+    Ok(Report {
+        ops,
+        elapsed,
+        worker_cpu,
+        p50: pct(0.50),
+        p99: pct(0.99),
+        errors,
+    })
+}
