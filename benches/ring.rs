@@ -19,10 +19,14 @@ fn main() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(2000);
     println!("4K random I/O, emulated kernel + ring + SCSI + ram backend, {secs} s per case, worker spin {spin}");
-    println!("{:<10} {:>4} {:>12} {:>14} {:>10} {:>10} {:>7}", "pattern", "qd", "IOPS", "IOPS/core", "p50 us", "p99 us", "errors");
+    println!(
+        "{:<10} {:>4} {:>12} {:>14} {:>10} {:>10} {:>7}",
+        "pattern", "qd", "IOPS", "IOPS/core", "p50 us", "p99 us", "errors"
+    );
     for pattern in [Pattern::RandRead, Pattern::RandWrite] {
         for qd in [1usize, 32, 128] {
-            let ram: Arc<dyn Backend> = Arc::new(RamBackend::with_options(256 << 20, 512, true).expect("ram"));
+            let ram: Arc<dyn Backend> =
+                Arc::new(RamBackend::with_options(256 << 20, 512, true).expect("ram"));
             let info = LunInfo {
                 vendor: "LIO-ORG".into(),
                 product: "TCMU device".into(),

@@ -115,6 +115,9 @@ pub struct KernelEmu {
     bitmap: Vec<u64>,
     free_blocks: usize,
     commands: Vec<Option<EmuCmd>>,
+    /// Bit per id in use; id 0 is never handed out.
+    ids: Vec<u64>,
+    scratch: Vec<u8>,
     live: usize,
     /// Offsets of entries queued and not yet reaped, in ring order.
     queued: VecDeque<u32>,
@@ -195,6 +198,12 @@ impl KernelEmu {
             bitmap: vec![0; nblocks.div_ceil(64)],
             free_blocks: nblocks,
             commands,
+            ids: {
+                let mut v = vec![0u64; 1024];
+                v[0] = 1;
+                v
+            },
+            scratch: Vec::new(),
             live: 0,
             queued: VecDeque::new(),
             broken: None,
@@ -295,6 +304,26 @@ impl KernelEmu {
         }
     }
 
+    /// The lowest free id in 1..=65535, as `xa_alloc` picks it.
+    fn lowest_free_id(&self) -> Option<u16> {
+        for (w, word) in self.ids.iter().enumerate() {
+            if *word != u64::MAX {
+                let id = w * 64 + (!word).trailing_zeros() as usize;
+                return u16::try_from(id).ok().filter(|&i| i != 0);
+            }
+        }
+        None
+    }
+
+    fn set_id(&mut self, id: u16, used: bool) {
+        let w = &mut self.ids[id as usize / 64];
+        if used {
+            *w |= 1 << (id % 64);
+        } else {
+            *w &= !(1 << (id % 64));
+        }
+    }
+
     fn alloc_blocks(&mut self, n: usize) -> Option<Vec<u32>> {
         if n > self.free_blocks {
             return None;
@@ -376,7 +405,7 @@ impl KernelEmu {
             self.free_blocks(&blocks);
             return Err(EmuError::Full);
         }
-        let Some(id) = (1..=u16::MAX).find(|&i| self.commands[i as usize].is_none()) else {
+        let Some(id) = self.lowest_free_id() else {
             self.free_blocks(&blocks);
             return Err(EmuError::Full);
         };
@@ -403,6 +432,7 @@ impl KernelEmu {
                 done += n;
             }
         }
+        self.set_id(id, true);
         self.commands[id as usize] = Some(EmuCmd {
             blocks,
             data_in: if let Data::FromDevice(n) = data { n } else { 0 },
@@ -447,12 +477,15 @@ impl KernelEmu {
         if let Some(b) = &self.broken {
             return Err(EmuError::Broken(b.clone()));
         }
-        let tail = self.mem.read_u32(MB_CMD_TAIL).map_err(|e| self.brk(e.to_string()))?;
+        let tail = self
+            .mem
+            .read_u32(MB_CMD_TAIL)
+            .map_err(|e| self.brk(e.to_string()))?;
         if tail >= self.layout.cmdr_size {
             return Err(self.brk(format!("cmd_tail {tail:#x} outside the ring")));
         }
         let mut n = 0;
-        let mut buf = Vec::new();
+        let mut buf = std::mem::take(&mut self.scratch);
         while self.last_cleaned != tail {
             let pos = self.last_cleaned;
             if self.queued.front() != Some(&pos) {
@@ -461,7 +494,10 @@ impl KernelEmu {
                 )));
             }
             let at = MB_SIZE + pos as usize;
-            let len_op = self.mem.read_u32(at + HDR_LEN_OP).map_err(|e| self.brk(e.to_string()))?;
+            let len_op = self
+                .mem
+                .read_u32(at + HDR_LEN_OP)
+                .map_err(|e| self.brk(e.to_string()))?;
             let (op, len) = (len_op & OP_MASK, len_op & !OP_MASK);
             if op == OP_PAD || op == OP_TMR {
                 self.queued.pop_front();
@@ -488,9 +524,11 @@ impl KernelEmu {
                 None
             };
             // Gather data-in from the command's blocks.
-            buf.clear();
-            if data_len > 0 && !unknown_op {
+            let data_len = if unknown_op { 0 } else { data_len };
+            if buf.len() < data_len {
                 buf.resize(data_len, 0);
+            }
+            if data_len > 0 {
                 let bs = self.layout.block_size;
                 for (i, b) in cmd.blocks.iter().enumerate() {
                     let lo = i * bs;
@@ -510,13 +548,15 @@ impl KernelEmu {
                 data_len,
                 unknown_op,
             };
-            on_done(&r, &buf);
+            on_done(&r, &buf[..data_len]);
+            self.set_id(id, false);
             self.free_blocks(&cmd.blocks);
             self.live -= 1;
             n += 1;
             self.queued.pop_front();
             self.last_cleaned = (pos + len) % self.layout.cmdr_size;
         }
+        self.scratch = buf;
         Ok(n)
     }
 
@@ -532,6 +572,7 @@ impl KernelEmu {
         for id in 1..=u16::MAX {
             if let Some(c) = self.commands[id as usize].take() {
                 self.free_blocks(&c.blocks);
+                self.set_id(id, false);
                 failed.push(id);
             }
         }

@@ -6,8 +6,8 @@
 //! backend, [`emulator`] is the kernel's side of the ring for tests and
 //! benchmarks.
 
-pub mod scsi;
 pub mod device;
 pub mod emulator;
 pub mod loadgen;
 pub mod ring;
+pub mod scsi;

@@ -32,7 +32,11 @@ impl std::str::FromStr for Pattern {
             "randwrite" => Pattern::RandWrite,
             "read" => Pattern::SeqRead,
             "write" => Pattern::SeqWrite,
-            _ => return Err(format!("unknown pattern {s:?} (randread, randwrite, read, write)")),
+            _ => {
+                return Err(format!(
+                    "unknown pattern {s:?} (randread, randwrite, read, write)"
+                ))
+            }
         })
     }
 }
@@ -214,7 +218,10 @@ pub fn run(backend: Arc<dyn Backend>, info: LunInfo, job: Job) -> Result<Report,
                     if r.status != 0 {
                         errors += 1;
                     }
-                    lat.push(now.duration_since(submitted_at[r.cmd_id as usize]).as_nanos() as u32);
+                    lat.push(
+                        now.duration_since(submitted_at[r.cmd_id as usize])
+                            .as_nanos() as u32,
+                    );
                 })?;
                 if reaped > 0 {
                     break;

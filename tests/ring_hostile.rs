@@ -59,7 +59,9 @@ fn refused(what: &str, f: impl FnOnce(&SharedMem)) -> RingError {
 fn malformed_entries_are_refused() {
     let e = first_entry();
     refused("zero length", |m| m.write_u32(e, OP_CMD).unwrap());
-    refused("length past head", |m| m.write_u32(e, 4096 | OP_CMD).unwrap());
+    refused("length past head", |m| {
+        m.write_u32(e, 4096 | OP_CMD).unwrap()
+    });
     refused("unknown op", |m| {
         let l = m.read_u32(e).unwrap();
         m.write_u32(e, (l & !OP_MASK) | 5).unwrap()
@@ -139,11 +141,19 @@ fn bad_mailboxes_are_refused() {
         assert!(matches!(err, RingError::BadMailbox(_)), "{what}: {err}");
     };
     check("version", &|m| m.write_u16(MB_VERSION, 1).unwrap());
-    check("cmdr_off inside the mailbox", &|m| m.write_u32(MB_CMDR_OFF, 64).unwrap());
-    check("cmdr_off misaligned", &|m| m.write_u32(MB_CMDR_OFF, 130).unwrap());
+    check("cmdr_off inside the mailbox", &|m| {
+        m.write_u32(MB_CMDR_OFF, 64).unwrap()
+    });
+    check("cmdr_off misaligned", &|m| {
+        m.write_u32(MB_CMDR_OFF, 130).unwrap()
+    });
     check("cmdr_size zero", &|m| m.write_u32(MB_CMDR_SIZE, 0).unwrap());
-    check("ring beyond map", &|m| m.write_u32(MB_CMDR_SIZE, u32::MAX - 7).unwrap());
-    check("tail outside ring", &|m| m.write_u32(MB_CMD_TAIL, 8192).unwrap());
+    check("ring beyond map", &|m| {
+        m.write_u32(MB_CMDR_SIZE, u32::MAX - 7).unwrap()
+    });
+    check("tail outside ring", &|m| {
+        m.write_u32(MB_CMD_TAIL, 8192).unwrap()
+    });
     check("tail misaligned", &|m| m.write_u32(MB_CMD_TAIL, 4).unwrap());
 }
 
@@ -160,7 +170,10 @@ fn completions_for_unknown_ids_never_reach_the_kernel() {
         sense: &[],
         read_len: None,
     };
-    assert_eq!(ring.complete(bogus).unwrap_err(), RingError::NotInFlight(id + 7));
+    assert_eq!(
+        ring.complete(bogus).unwrap_err(),
+        RingError::NotInFlight(id + 7)
+    );
     assert!(!ring.publish().unwrap());
     // The real one completes; a second completion of it is refused.
     let good = Completion {
@@ -179,14 +192,21 @@ fn completions_for_unknown_ids_never_reach_the_kernel() {
 #[test]
 fn tmr_entries_are_reported_and_skipped() {
     let (mut emu, mut dev) = emu_device(small(), ram());
-    let a = emu.submit(&rw16(false, 0, 1), Data::FromDevice(512)).unwrap();
+    let a = emu
+        .submit(&rw16(false, 0, 1), Data::FromDevice(512))
+        .unwrap();
     emu.tmr(1, &[a, 9]).unwrap();
-    let b = emu.submit(&rw16(false, 1, 1), Data::FromDevice(512)).unwrap();
+    let b = emu
+        .submit(&rw16(false, 1, 1), Data::FromDevice(512))
+        .unwrap();
     dev.turn().unwrap();
     let mut seen = Vec::new();
     emu.reap(|r, _| seen.push((r.cmd_id, r.status))).unwrap();
     assert_eq!(seen, vec![(a, 0), (b, 0)]);
-    assert_eq!(dev.stats().tmrs.load(std::sync::atomic::Ordering::Relaxed), 1);
+    assert_eq!(
+        dev.stats().tmrs.load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
     // Only a TMR queued: its ring space is released without a completion.
     emu.tmr(5, &[]).unwrap();
     dev.turn().unwrap();
@@ -211,7 +231,10 @@ fn in_order_mailbox_gets_in_order_completions() {
     let (mut emu, mut dev) = emu_device(layout, held.clone());
     let mut ids = Vec::new();
     for i in 0..20 {
-        ids.push(emu.submit(&rw16(false, i, 1), Data::FromDevice(512)).unwrap());
+        ids.push(
+            emu.submit(&rw16(false, i, 1), Data::FromDevice(512))
+                .unwrap(),
+        );
     }
     dev.turn().unwrap();
     let mut rng = <rand::rngs::SmallRng as rand::SeedableRng>::seed_from_u64(3);
@@ -227,7 +250,8 @@ fn in_order_mailbox_gets_in_order_completions() {
 #[test]
 fn unknown_opcode_gets_invalid_command_sense() {
     let (mut emu, mut dev) = emu_device(small(), ram());
-    emu.submit(&[0xd9, 0, 0, 0, 0, 0, 0, 0, 0, 0], Data::None).unwrap();
+    emu.submit(&[0xd9, 0, 0, 0, 0, 0, 0, 0, 0, 0], Data::None)
+        .unwrap();
     dev.turn().unwrap();
     let mut got = None;
     emu.reap(|r, _| got = Some(r.clone())).unwrap();
@@ -237,20 +261,28 @@ fn unknown_opcode_gets_invalid_command_sense() {
     let s = r.sense.expect("sense");
     assert_eq!(s[0] & 0x7f, 0x70);
     assert_eq!(s[2] & 0x0f, 0x05, "ILLEGAL REQUEST");
-    assert_eq!((s[12], s[13]), (0x20, 0x00), "INVALID COMMAND OPERATION CODE");
+    assert_eq!(
+        (s[12], s[13]),
+        (0x20, 0x00),
+        "INVALID COMMAND OPERATION CODE"
+    );
 }
 
 #[test]
 fn restart_picks_up_entries_left_in_the_ring() {
     let mut emu = KernelEmu::with_layout(small()).unwrap();
-    let a = emu.submit(&rw16(false, 0, 1), Data::FromDevice(512)).unwrap();
+    let a = emu
+        .submit(&rw16(false, 0, 1), Data::FromDevice(512))
+        .unwrap();
     // A first process reads the entry and dies without completing it.
     {
         let mut r = ring_over(&emu);
         let mut out = Vec::new();
         assert_eq!(r.poll(&mut out).unwrap(), 1);
     }
-    let b = emu.submit(&rw16(false, 1, 1), Data::FromDevice(512)).unwrap();
+    let b = emu
+        .submit(&rw16(false, 1, 1), Data::FromDevice(512))
+        .unwrap();
     let mut r = ring_over(&emu);
     let mut out = Vec::new();
     assert_eq!(r.poll(&mut out).unwrap(), 2);
@@ -272,7 +304,10 @@ fn random_garbage_rings_never_panic() {
         let mut emu = KernelEmu::with_layout(small()).unwrap();
         let mut ring = ring_over(&emu);
         for _ in 0..rng.gen_range(1..6) {
-            let _ = emu.submit(&rw16(rng.gen(), rng.gen_range(0..100), 1), Data::FromDevice(512));
+            let _ = emu.submit(
+                &rw16(rng.gen(), rng.gen_range(0..100), 1),
+                Data::FromDevice(512),
+            );
         }
         // Flip random bytes in the command area and the mailbox head.
         for _ in 0..rng.gen_range(1..8) {
@@ -280,7 +315,9 @@ fn random_garbage_rings_never_panic() {
             emu.mem().write_u8(off, rng.gen()).unwrap();
         }
         if rng.gen_bool(0.2) {
-            emu.mem().write_u32(MB_CMD_HEAD, rng.gen_range(0..9000)).unwrap();
+            emu.mem()
+                .write_u32(MB_CMD_HEAD, rng.gen_range(0..9000))
+                .unwrap();
         }
         let mut out = Vec::new();
         if ring.poll(&mut out).is_ok() {

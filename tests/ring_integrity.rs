@@ -92,7 +92,9 @@ fn run_random(
         }
         dev.turn().expect("device turn");
         emu.reap(|r, data| {
-            let f = inflight.remove(&r.cmd_id).expect("reaped an id not in flight");
+            let f = inflight
+                .remove(&r.cmd_id)
+                .expect("reaped an id not in flight");
             let seq = issue_seq[&r.cmd_id];
             if seq < last_reaped_seq {
                 out_of_order += 1;
@@ -103,7 +105,12 @@ fn run_random(
                 let lo = (f.lba * BS) as usize;
                 let hi = lo + (u64::from(f.blocks) * BS) as usize;
                 assert_eq!(data.len(), hi - lo);
-                assert!(data == &model[lo..hi], "read of lba {} x{} returned wrong data", f.lba, f.blocks);
+                assert!(
+                    data == &model[lo..hi],
+                    "read of lba {} x{} returned wrong data",
+                    f.lba,
+                    f.blocks
+                );
             }
             completed += 1;
         })
@@ -112,10 +119,17 @@ fn run_random(
     assert!(inflight.is_empty());
     assert_eq!(emu.in_flight(), 0);
     assert!(emu.broken().is_none());
-    assert!(emu.wraps() > 20, "the ring wrapped only {} times", emu.wraps());
+    assert!(
+        emu.wraps() > 20,
+        "the ring wrapped only {} times",
+        emu.wraps()
+    );
     assert!(emu.pads() > 5, "only {} PADs", emu.pads());
     if ooo_expected {
-        assert!(out_of_order > ops / 10, "only {out_of_order} completions out of order");
+        assert!(
+            out_of_order > ops / 10,
+            "only {out_of_order} completions out of order"
+        );
     }
 }
 
@@ -175,8 +189,14 @@ fn random_io_file_backend_threads() {
         emu.kick();
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
         while !want.is_empty() {
-            assert!(std::time::Instant::now() < deadline, "commands never completed");
-            let mut fds = [nix::poll::PollFd::new(emu.doorbell_fd(), nix::poll::PollFlags::POLLIN)];
+            assert!(
+                std::time::Instant::now() < deadline,
+                "commands never completed"
+            );
+            let mut fds = [nix::poll::PollFd::new(
+                emu.doorbell_fd(),
+                nix::poll::PollFlags::POLLIN,
+            )];
             let _ = nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(100u16));
             emu.ack_doorbell();
             emu.reap(|r, data| {
@@ -196,5 +216,8 @@ fn random_io_file_backend_threads() {
     assert!(done > 1000);
     // What the initiator wrote is in the file.
     let on_disk = std::fs::read(&path).unwrap();
-    assert!(on_disk == model, "file contents differ from what was written");
+    assert!(
+        on_disk == model,
+        "file contents differ from what was written"
+    );
 }

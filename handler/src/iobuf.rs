@@ -122,6 +122,9 @@ impl IoBufs {
         if end > self.len {
             return None;
         }
+        if offset == 0 && len == self.len {
+            return Some(self.clone());
+        }
         let mut segs = Vec::new();
         let mut pos = 0usize;
         for iov in self.iovecs() {
@@ -209,7 +212,10 @@ mod tests {
         let mut a = vec![0u8; 5];
         let mut b = vec![0u8; 7];
         let bufs = unsafe {
-            IoBufs::from_raw(&[(a.as_mut_ptr(), a.len()), (b.as_mut_ptr(), b.len())], None)
+            IoBufs::from_raw(
+                &[(a.as_mut_ptr(), a.len()), (b.as_mut_ptr(), b.len())],
+                None,
+            )
         };
         assert_eq!(bufs.len(), 12);
         let src: Vec<u8> = (1..=12).collect();

@@ -302,7 +302,9 @@ impl Ring {
             let avail = (head + self.cmdr_size - pos) % self.cmdr_size;
             let to_end = self.cmdr_size - pos;
             if (to_end as usize) < HDR_SIZE || (avail as usize) < HDR_SIZE {
-                return Err(bad(format!("no room for a header (to end {to_end}, queued {avail})")));
+                return Err(bad(format!(
+                    "no room for a header (to end {to_end}, queued {avail})"
+                )));
             }
             let base = self.cmdr_off + pos as usize;
             let len_op = self.mem.read_u32(base + HDR_LEN_OP)?;
@@ -401,13 +403,18 @@ impl Ring {
         let need = cdb_len(&cdb[..head_len])
             .ok_or_else(|| format!("CDB area of {room} bytes too short"))?;
         if need > room {
-            return Err(format!("CDB of {need} bytes overruns the entry ({room} left)"));
+            return Err(format!(
+                "CDB of {need} bytes overruns the entry ({room} left)"
+            ));
         }
         let take = need.min(MAX_CDB);
         m.read_bytes(cdb_off, &mut cdb[..take]).map_err(e)?;
 
         // Data iovecs: offsets from the start of the map, inside the data area.
-        let mut segs: Vec<(*mut u8, usize)> = Vec::with_capacity(iov_cnt);
+        // Most commands carry one or two iovecs: keep those off the heap.
+        let mut inline: [(*mut u8, usize); 4] = [(std::ptr::null_mut(), 0); 4];
+        let mut heap: Vec<(*mut u8, usize)> = Vec::new();
+        let mut nseg = 0usize;
         for i in 0..iov_cnt {
             let at = base + REQ_IOV + i * IOVEC_SIZE;
             let ib = m.read_u64(at).map_err(e)?;
@@ -419,15 +426,28 @@ impl Ring {
                 .raw_range(ib, il)
                 .map_err(|_| format!("iovec {i} {ib:#x}+{il:#x} beyond the data area"))?;
             if il > 0 {
-                segs.push((p, il as usize));
+                if nseg < inline.len() {
+                    inline[nseg] = (p, il as usize);
+                } else {
+                    if heap.is_empty() {
+                        heap.extend_from_slice(&inline);
+                    }
+                    heap.push((p, il as usize));
+                }
+                nseg += 1;
             }
         }
+        let segs = if heap.is_empty() {
+            &inline[..nseg]
+        } else {
+            &heap[..]
+        };
         let keep: KeepAlive = self.mem.clone();
         // SAFETY: every segment was checked to lie inside the data area of
         // the mapping, which `keep` holds mapped. The kernel does not touch
         // a command's data blocks until it reaps the completion, and we
         // complete only after the backend is done with them.
-        let bufs = unsafe { IoBufs::from_raw(&segs, Some(keep)) };
+        let bufs = unsafe { IoBufs::from_raw(segs, Some(keep)) };
         Ok(Command {
             cmd_id,
             cdb,

@@ -16,7 +16,9 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 /// An offset or length fell outside the mapping, or was misaligned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-#[error("shared memory access at {offset:#x}+{len} outside the {map_len:#x}-byte mapping or misaligned")]
+#[error(
+    "shared memory access at {offset:#x}+{len} outside the {map_len:#x}-byte mapping or misaligned"
+)]
 pub struct OutOfBounds {
     /// Offset asked for.
     pub offset: u64,
@@ -227,7 +229,13 @@ mod tests {
     use super::*;
 
     fn mem(len: usize) -> SharedMem {
-        SharedMem::from_mmap(memmap2::MmapOptions::new().len(len).map_anon().unwrap().into())
+        SharedMem::from_mmap(
+            memmap2::MmapOptions::new()
+                .len(len)
+                .map_anon()
+                .unwrap()
+                .into(),
+        )
     }
 
     #[test]
