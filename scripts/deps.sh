@@ -14,11 +14,11 @@ if [ ${#missing[@]} -gt 0 ]; then
   apt-get install -y -q -o DPkg::Lock::Timeout=600 "${missing[@]}" >/dev/null
 fi
 if ! command -v cargo >/dev/null; then
-  echo "deps: no cargo on PATH; installing Debian's (needs Rust >= 1.77)" >&2
+  echo "deps: no cargo on PATH; installing Debian's (needs Rust >= 1.87)" >&2
   apt-get install -y -q -o DPkg::Lock::Timeout=600 cargo rustc >/dev/null
 fi
 v=$(rustc --version | awk '{print $2}')
-if [ "$(printf '%s\n1.77.0\n' "$v" | sort -V | head -1)" != "1.77.0" ]; then
-  echo "deps: rustc $v is too old; tcmu-rbd needs Rust 1.77 or newer" >&2
+if [ "$(printf '%s\n1.87.0\n' "$v" | sort -V | head -1)" != "1.87.0" ]; then
+  echo "deps: rustc $v is too old; tcmu-rbd needs Rust 1.87 or newer" >&2
   exit 1
 fi

@@ -122,17 +122,33 @@ pub struct Stats {
     pub notifies: AtomicU64,
 }
 
-/// Stops a running worker from another thread.
+/// A change run on the worker thread, between two turns of its loop.
+pub type ControlFn = Box<dyn FnOnce(&mut Device) + Send>;
+
+/// Stops or reconfigures a running worker from another thread.
 #[derive(Clone)]
 pub struct Stopper {
     flag: Arc<AtomicBool>,
     fd: Arc<OwnedFd>,
+    ctl: crossbeam_channel::Sender<ControlFn>,
 }
 
 impl Stopper {
     /// Asks the worker to drain and return.
     pub fn stop(&self) {
         self.flag.store(true, Ordering::SeqCst);
+        self.wake();
+    }
+
+    /// Runs `f` on the worker thread with the device (resize, reopen,
+    /// unit attentions). Returns false if the worker is gone.
+    pub fn control(&self, f: ControlFn) -> bool {
+        let ok = self.ctl.send(f).is_ok();
+        self.wake();
+        ok
+    }
+
+    fn wake(&self) {
         let _ = nix::unistd::write(&*self.fd, &1u64.to_ne_bytes());
     }
 }
@@ -169,6 +185,8 @@ pub struct Device {
     stats: Arc<Stats>,
     stop_flag: Arc<AtomicBool>,
     stop_fd: Arc<OwnedFd>,
+    ctl_tx: crossbeam_channel::Sender<ControlFn>,
+    ctl_rx: crossbeam_channel::Receiver<ControlFn>,
     options: WorkerOptions,
 }
 
@@ -194,9 +212,10 @@ impl Device {
         let stop_fd: OwnedFd = nix::sys::eventfd::EventFd::from_flags(
             nix::sys::eventfd::EfdFlags::EFD_CLOEXEC | nix::sys::eventfd::EfdFlags::EFD_NONBLOCK,
         )
-        .map_err(|e| std::io::Error::from(e))
+        .map_err(std::io::Error::from)
         .map_err(io("eventfd"))?
         .into();
+        let (ctl_tx, ctl_rx) = crossbeam_channel::unbounded();
         let mut pending = Vec::with_capacity(65536);
         pending.resize_with(65536, || None);
         Ok(Device {
@@ -211,6 +230,8 @@ impl Device {
             stats: Arc::new(Stats::default()),
             stop_flag: Arc::new(AtomicBool::new(false)),
             stop_fd: Arc::new(stop_fd),
+            ctl_tx,
+            ctl_rx,
             options: WorkerOptions::default(),
         })
     }
@@ -235,12 +256,39 @@ impl Device {
         Stopper {
             flag: self.stop_flag.clone(),
             fd: self.stop_fd.clone(),
+            ctl: self.ctl_tx.clone(),
         }
     }
 
     /// The LUN state (resize, unit attentions).
     pub fn lun_mut(&mut self) -> &mut Lun {
         &mut self.lun
+    }
+
+    /// Replaces the backend (reopen after a reconfiguration or after the
+    /// old one was fenced). Operations in flight on the old one finish
+    /// normally; new commands go to the new one.
+    pub fn set_backend(&mut self, backend: Arc<dyn Backend>) {
+        info!(dev = %self.name, old = %self.backend.name(), new = %backend.name(), "backend replaced");
+        self.backend = backend;
+    }
+
+    /// Online resize: the LUN reports `size` bytes from now on and raises
+    /// CAPACITY DATA HAS CHANGED.
+    pub fn resize(&mut self, size: u64) {
+        let mut geo = self.lun.info().geometry;
+        info!(dev = %self.name, old = geo.size, new = size, "resize");
+        geo.size = size;
+        self.lun.set_geometry(geo);
+    }
+
+    fn run_controls(&mut self) -> bool {
+        let mut any = false;
+        while let Ok(f) = self.ctl_rx.try_recv() {
+            f(self);
+            any = true;
+        }
+        any
     }
 
     fn ring_err(&self, source: RingError) -> DeviceError {
@@ -362,7 +410,8 @@ impl Device {
         info!(backend = %self.backend.name(), "serving");
         let mut idle = 0u32;
         while !self.stop_flag.load(Ordering::Relaxed) {
-            if self.turn()? {
+            let ctl = self.run_controls();
+            if self.turn()? || ctl {
                 idle = 0;
                 continue;
             }
@@ -404,6 +453,8 @@ impl Device {
         if bell_ready {
             self.bell.ack();
         }
+        let mut b = [0u8; 8];
+        let _ = nix::unistd::read(self.stop_fd.as_raw_fd(), &mut b);
         Ok(())
     }
 

@@ -6,8 +6,10 @@
 //! backend, [`emulator`] is the kernel's side of the ring for tests and
 //! benchmarks.
 
+pub mod backends;
 pub mod device;
 pub mod emulator;
 pub mod loadgen;
+pub mod registry;
 pub mod ring;
 pub mod scsi;

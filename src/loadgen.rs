@@ -125,7 +125,7 @@ impl Xorshift {
 pub fn run(backend: Arc<dyn Backend>, info: LunInfo, job: Job) -> Result<Report, LoadError> {
     let geo = backend.geometry();
     let bs = geo.block_size as usize;
-    if job.block_size == 0 || job.block_size % bs != 0 || job.queue_depth == 0 {
+    if job.block_size == 0 || !job.block_size.is_multiple_of(bs) || job.queue_depth == 0 {
         return Err(LoadError::Invalid(format!(
             "block size {} must be a multiple of {bs}, queue depth > 0",
             job.block_size

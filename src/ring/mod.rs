@@ -193,10 +193,12 @@ impl Ring {
         let flags = mem.read_u16(MB_FLAGS)?;
         let cmdr_off = mem.read_u32(MB_CMDR_OFF)? as usize;
         let cmdr_size = mem.read_u32(MB_CMDR_SIZE)?;
-        if cmdr_off < MB_SIZE || cmdr_off % OP_ALIGN != 0 {
+        if cmdr_off < MB_SIZE || !cmdr_off.is_multiple_of(OP_ALIGN) {
             return Err(bad(format!("cmdr_off {cmdr_off:#x}")));
         }
-        if (cmdr_size as usize) < 2 * CMD_ENTRY_SIZE || cmdr_size as usize % OP_ALIGN != 0 {
+        if (cmdr_size as usize) < 2 * CMD_ENTRY_SIZE
+            || !(cmdr_size as usize).is_multiple_of(OP_ALIGN)
+        {
             return Err(bad(format!("cmdr_size {cmdr_size:#x}")));
         }
         let data_off = cmdr_off as u64 + u64::from(cmdr_size);
@@ -207,7 +209,7 @@ impl Ring {
             )));
         }
         let tail = mem.read_u32(MB_CMD_TAIL)?;
-        if tail >= cmdr_size || tail as usize % OP_ALIGN != 0 {
+        if tail >= cmdr_size || !(tail as usize).is_multiple_of(OP_ALIGN) {
             return Err(bad(format!("cmd_tail {tail:#x}")));
         }
         let features = Features {
@@ -291,7 +293,7 @@ impl Ring {
 
     fn poll_inner(&mut self, out: &mut Vec<Entry>) -> Result<usize, RingError> {
         let head = self.mem.load_acquire_u32(MB_CMD_HEAD)?;
-        if head >= self.cmdr_size || head as usize % OP_ALIGN != 0 {
+        if head >= self.cmdr_size || !(head as usize).is_multiple_of(OP_ALIGN) {
             return Err(RingError::BadHead(head));
         }
         let mut n = 0;

@@ -78,7 +78,7 @@ impl SharedMem {
             map_len: self.len,
         };
         let end = offset.checked_add(len).ok_or(err)?;
-        if end > self.len as u64 || offset % align as u64 != 0 {
+        if end > self.len as u64 || !offset.is_multiple_of(align as u64) {
             return Err(err);
         }
         Ok(offset as usize)

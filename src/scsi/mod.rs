@@ -94,6 +94,11 @@ impl Lun {
         Lun { info }
     }
 
+    /// New size (online resize).
+    pub fn set_geometry(&mut self, geometry: Geometry) {
+        self.info.geometry = geometry;
+    }
+
     /// The LUN's identity and limits.
     pub fn info(&self) -> &LunInfo {
         &self.info

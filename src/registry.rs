@@ -1,0 +1,354 @@
+//! The devices this daemon serves: opening a TCMU device (map its ring,
+//! reset it through configfs, open its backend, start its worker),
+//! resizing, and closing.
+
+use crate::backends;
+use crate::device::{Device, Stats, Stopper, UioDoorbell};
+use crate::ring::shm::SharedMem;
+use crate::scsi::LunInfo;
+use std::collections::HashMap;
+use std::fs::OpenOptions;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use tcmu_handler::Backend;
+use tracing::{error, info, warn};
+
+/// Everything needed to open one TCMU device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceSpec {
+    /// The backstore's name in configfs (`disk0`).
+    pub name: String,
+    /// `/dev/uioN`.
+    pub uio_path: PathBuf,
+    /// Length of map0.
+    pub map_size: usize,
+    /// Handler subtype (`rbd`, `file`, `ram`).
+    pub subtype: String,
+    /// The config string after the subtype.
+    pub cfgstring: String,
+    /// The device's configfs directory
+    /// (`/sys/kernel/config/target/core/user_<hba>/<name>`), if mounted.
+    pub configfs_dir: Option<PathBuf>,
+    /// Device size in bytes, when known from netlink; else read from
+    /// configfs.
+    pub size: Option<u64>,
+}
+
+/// Why a device could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenDeviceError {
+    /// A file could not be opened, read or mapped.
+    #[error("{name}: {what} {path}: {source}")]
+    Io {
+        /// Device.
+        name: String,
+        /// What was being done.
+        what: &'static str,
+        /// The path.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The device's configuration is unusable.
+    #[error("{name}: {msg}")]
+    Config {
+        /// Device.
+        name: String,
+        /// What is wrong.
+        msg: String,
+    },
+    /// The backend refused.
+    #[error("{name}: {source}")]
+    Backend {
+        /// Device.
+        name: String,
+        /// Why.
+        source: backends::OpenError,
+    },
+    /// The ring was refused.
+    #[error(transparent)]
+    Device(#[from] crate::device::DeviceError),
+}
+
+fn read_trimmed(p: &Path) -> Option<String> {
+    std::fs::read_to_string(p)
+        .ok()
+        .map(|s| s.trim().to_string())
+}
+
+/// Attributes of a device read from configfs.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ConfigfsAttrs {
+    /// `attrib/dev_size`.
+    pub size: Option<u64>,
+    /// `attrib/hw_block_size`.
+    pub block_size: Option<u32>,
+    /// `attrib/hw_max_sectors`.
+    pub max_sectors: Option<u32>,
+    /// The unit serial from `wwn/vpd_unit_serial`.
+    pub serial: Option<String>,
+}
+
+/// Reads what the daemon needs from a device's configfs directory.
+pub fn read_configfs(dir: &Path) -> ConfigfsAttrs {
+    let num = |f: &str| read_trimmed(&dir.join(f)).and_then(|s| s.parse::<u64>().ok());
+    let num32 = |f: &str| num(f).and_then(|v| u32::try_from(v).ok());
+    let serial = read_trimmed(&dir.join("wwn/vpd_unit_serial")).and_then(|s| {
+        // "T10 VPD Unit Serial Number: <serial>"
+        s.rsplit(':')
+            .next()
+            .map(|v| v.trim().to_string())
+            .filter(|v| !v.is_empty())
+    });
+    ConfigfsAttrs {
+        size: num("attrib/dev_size"),
+        block_size: num32("attrib/hw_block_size"),
+        max_sectors: num32("attrib/hw_max_sectors"),
+        serial,
+    }
+}
+
+/// Runs a configfs action (`block_dev`, `reset_ring`) on a device.
+fn action(dir: &Path, name: &str, val: &str) -> std::io::Result<()> {
+    std::fs::write(dir.join("action").join(name), val)
+}
+
+struct Running {
+    stopper: Stopper,
+    stats: Arc<Stats>,
+    thread: JoinHandle<()>,
+    spec: DeviceSpec,
+}
+
+/// The set of devices being served.
+#[derive(Default)]
+pub struct Registry {
+    devices: Mutex<HashMap<String, Running>>,
+}
+
+/// A device's state for status output.
+#[derive(Debug, Clone)]
+pub struct DeviceStatus {
+    /// Name.
+    pub name: String,
+    /// Subtype/cfgstring.
+    pub config: String,
+    /// Commands taken from the ring.
+    pub commands: u64,
+    /// Commands completed.
+    pub completed: u64,
+    /// CHECK CONDITIONs sent.
+    pub check_conditions: u64,
+}
+
+impl Registry {
+    /// An empty registry.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Opens `spec` and starts serving it. A device already served under
+    /// that name is left alone.
+    pub fn add(&self, spec: DeviceSpec) -> Result<(), OpenDeviceError> {
+        let Ok(mut devs) = self.devices.lock() else {
+            return Err(OpenDeviceError::Config {
+                name: spec.name.clone(),
+                msg: "registry lock poisoned".into(),
+            });
+        };
+        if devs.contains_key(&spec.name) {
+            info!(dev = %spec.name, "already served");
+            return Ok(());
+        }
+        let running = open_device(&spec)?;
+        devs.insert(spec.name.clone(), running);
+        Ok(())
+    }
+
+    /// Stops serving `name`: in-flight commands are drained first.
+    pub fn remove(&self, name: &str) -> bool {
+        let r = self.devices.lock().ok().and_then(|mut d| d.remove(name));
+        match r {
+            Some(r) => {
+                r.stopper.stop();
+                if r.thread.join().is_err() {
+                    error!(dev = %name, "worker thread panicked");
+                }
+                info!(dev = %name, "removed");
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Applies a new size (online resize): the LUN reports the new
+    /// capacity and raises CAPACITY DATA HAS CHANGED.
+    pub fn resize(&self, name: &str, size: u64) -> bool {
+        let Ok(devs) = self.devices.lock() else {
+            return false;
+        };
+        let Some(r) = devs.get(name) else {
+            return false;
+        };
+        r.stopper.control(Box::new(move |d: &mut Device| {
+            d.resize(size);
+        }))
+    }
+
+    /// Names of the devices served.
+    pub fn names(&self) -> Vec<String> {
+        self.devices
+            .lock()
+            .map(|d| d.keys().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// Status of every device.
+    pub fn status(&self) -> Vec<DeviceStatus> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let Ok(devs) = self.devices.lock() else {
+            return Vec::new();
+        };
+        devs.values()
+            .map(|r| DeviceStatus {
+                name: r.spec.name.clone(),
+                config: format!("{}/{}", r.spec.subtype, r.spec.cfgstring),
+                commands: r.stats.commands.load(Relaxed),
+                completed: r.stats.completed.load(Relaxed),
+                check_conditions: r.stats.check_conditions.load(Relaxed),
+            })
+            .collect()
+    }
+
+    /// Stops every device (SIGTERM).
+    pub fn stop_all(&self) {
+        for n in self.names() {
+            self.remove(&n);
+        }
+    }
+}
+
+fn open_device(spec: &DeviceSpec) -> Result<Running, OpenDeviceError> {
+    let name = spec.name.clone();
+    let io = |what: &'static str, path: &Path| {
+        let name = name.clone();
+        let path = path.to_owned();
+        move |source| OpenDeviceError::Io {
+            name,
+            what,
+            path,
+            source,
+        }
+    };
+    let attrs = spec
+        .configfs_dir
+        .as_deref()
+        .map(read_configfs)
+        .unwrap_or_default();
+    let size = spec
+        .size
+        .or(attrs.size)
+        .ok_or_else(|| OpenDeviceError::Config {
+            name: name.clone(),
+            msg: "device size unknown (no dev_size in netlink or configfs)".into(),
+        })?;
+    let block_size = attrs.block_size.unwrap_or(512);
+    let backend =
+        backends::open(&spec.subtype, &spec.cfgstring, size, block_size).map_err(|source| {
+            OpenDeviceError::Backend {
+                name: name.clone(),
+                source,
+            }
+        })?;
+
+    // Commands a previous process left in the ring may have had their
+    // completions half-recorded: fail them back (BUSY, the initiator
+    // retries) and start from an empty ring.
+    if let Some(dir) = &spec.configfs_dir {
+        if let Err(e) = action(dir, "block_dev", "1")
+            .and_then(|_| action(dir, "reset_ring", "1"))
+            .and_then(|_| action(dir, "block_dev", "0"))
+        {
+            warn!(dev = %name, error = %e, "could not reset the ring through configfs");
+        }
+    }
+
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(&spec.uio_path)
+        .map_err(io("open", &spec.uio_path))?;
+    let map = memmap2::MmapOptions::new()
+        .len(spec.map_size)
+        .map_raw(&file)
+        .map_err(io("mmap", &spec.uio_path))?;
+    let mem = Arc::new(SharedMem::from_mmap(map));
+    let info = lun_info(spec, &attrs, &*backend, mem.len());
+    let mut dev = Device::new(
+        name.clone(),
+        mem,
+        Box::new(UioDoorbell::new(file)),
+        backend,
+        info,
+    )?;
+    let stopper = dev.stopper();
+    let stats = dev.stats();
+    let thread = std::thread::Builder::new()
+        .name(format!("tcmu-{}", truncate(&name, 10)))
+        .spawn(move || {
+            if let Err(e) = dev.run() {
+                error!(error = %e, "device stopped");
+            }
+        })
+        .map_err(io("spawn worker for", &spec.uio_path))?;
+    info!(dev = %name, subtype = %spec.subtype, cfg = %spec.cfgstring, size, block_size, "device opened");
+    Ok(Running {
+        stopper,
+        stats,
+        thread,
+        spec: spec.clone(),
+    })
+}
+
+fn truncate(s: &str, n: usize) -> &str {
+    match s.char_indices().nth(n) {
+        Some((i, _)) => &s[..i],
+        None => s,
+    }
+}
+
+/// The LUN identity for a device: the serial LIO assigned (the same on
+/// every gateway when the admin set the wwn), else one derived from the
+/// config string, so that it is stable across restarts.
+pub fn lun_info(
+    spec: &DeviceSpec,
+    attrs: &ConfigfsAttrs,
+    backend: &dyn Backend,
+    map_len: usize,
+) -> LunInfo {
+    let serial = attrs.serial.clone().unwrap_or_else(|| {
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for b in format!("{}/{}", spec.subtype, spec.cfgstring).bytes() {
+            h = (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3);
+        }
+        format!("{h:016x}")
+    });
+    let geo = backend.geometry();
+    // A command's data must fit the data area with room to spare.
+    let data_area = map_len.saturating_sub(crate::ring::abi::KERNEL_CMDR_AREA) as u64;
+    let by_area = (data_area / 4 / u64::from(geo.block_size)).max(1);
+    let by_attr = attrs.max_sectors.map_or(u64::MAX, u64::from);
+    let max_transfer_blocks = by_area.min(by_attr).min(u64::from(u32::MAX)) as u32;
+    LunInfo {
+        vendor: "LIO-ORG".into(),
+        product: "TCMU device".into(),
+        revision: "0002".into(),
+        serial,
+        geometry: geo,
+        caps: backend.caps(),
+        max_transfer_blocks,
+    }
+}
