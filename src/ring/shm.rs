@@ -216,6 +216,14 @@ impl SharedMem {
         Ok(())
     }
 
+    /// Whether `[ptr, ptr+len)` lies inside the mapping at or after
+    /// `from` (tests and fuzzers check handed-out buffers with it).
+    pub fn contains(&self, from: usize, ptr: *const u8, len: usize) -> bool {
+        let base = self.base as usize;
+        let p = ptr as usize;
+        p >= base + from && p.checked_add(len).is_some_and(|e| e <= base + self.len)
+    }
+
     /// A raw pointer to `[offset, offset+len)`, for data buffers handed to
     /// backends as [`tcmu_handler::IoBufs`]; checked, never dereferenced here.
     pub fn raw_range(&self, offset: u64, len: u64) -> Result<*mut u8, OutOfBounds> {
