@@ -7,6 +7,7 @@
 //! benchmarks.
 
 pub mod backends;
+pub mod daemon_main;
 pub mod device;
 pub mod emulator;
 pub mod loadgen;
