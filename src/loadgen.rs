@@ -213,15 +213,13 @@ pub fn run(backend: Arc<dyn Backend>, info: LunInfo, job: Job) -> Result<Report,
             // Wait for the doorbell: spin briefly, then sleep in poll().
             let mut reaped = 0;
             for _ in 0..=job.spin.max(1) {
-                let now = Instant::now();
+                let mut now: Option<Instant> = None;
                 reaped = emu.reap(|r, _| {
                     if r.status != 0 {
                         errors += 1;
                     }
-                    lat.push(
-                        now.duration_since(submitted_at[r.cmd_id as usize])
-                            .as_nanos() as u32,
-                    );
+                    let t = *now.get_or_insert_with(Instant::now);
+                    lat.push(t.duration_since(submitted_at[r.cmd_id as usize]).as_nanos() as u32);
                 })?;
                 if reaped > 0 {
                     break;
