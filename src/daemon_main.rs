@@ -154,6 +154,7 @@ pub fn run(args: Vec<String>) -> i32 {
                 reg.remove(&n);
             }
         }
+        reg.poll_resizes();
         std::thread::sleep(rescan);
     }
     info!("stopping: draining devices");

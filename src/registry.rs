@@ -120,6 +120,8 @@ struct Running {
     stats: Arc<Stats>,
     thread: JoinHandle<()>,
     spec: DeviceSpec,
+    /// Size the LUN reports now.
+    size: u64,
 }
 
 /// The set of devices being served.
@@ -186,15 +188,39 @@ impl Registry {
     /// Applies a new size (online resize): the LUN reports the new
     /// capacity and raises CAPACITY DATA HAS CHANGED.
     pub fn resize(&self, name: &str, size: u64) -> bool {
-        let Ok(devs) = self.devices.lock() else {
+        let Ok(mut devs) = self.devices.lock() else {
             return false;
         };
-        let Some(r) = devs.get(name) else {
+        let Some(r) = devs.get_mut(name) else {
             return false;
         };
+        if r.size == size {
+            return true;
+        }
+        r.size = size;
         r.stopper.control(Box::new(move |d: &mut Device| {
             d.resize(size);
         }))
+    }
+
+    /// For devices with a configfs directory, applies a `dev_size` changed
+    /// there (the kernel updates it before telling anyone), so online
+    /// resize works even without the netlink channel.
+    pub fn poll_resizes(&self) {
+        let todo: Vec<(String, u64)> = match self.devices.lock() {
+            Ok(devs) => devs
+                .values()
+                .filter_map(|r| {
+                    let dir = r.spec.configfs_dir.as_deref()?;
+                    let size = read_configfs(dir).size?;
+                    (size != r.size && size > 0).then(|| (r.spec.name.clone(), size))
+                })
+                .collect(),
+            Err(_) => return,
+        };
+        for (n, size) in todo {
+            self.resize(&n, size);
+        }
     }
 
     /// Names of the devices served.
@@ -296,6 +322,7 @@ fn open_device(spec: &DeviceSpec) -> Result<Running, OpenDeviceError> {
     )?;
     let stopper = dev.stopper();
     let stats = dev.stats();
+    let lun_size = size;
     let thread = std::thread::Builder::new()
         .name(format!("tcmu-{}", truncate(&name, 10)))
         .spawn(move || {
@@ -310,6 +337,7 @@ fn open_device(spec: &DeviceSpec) -> Result<Running, OpenDeviceError> {
         stats,
         thread,
         spec: spec.clone(),
+        size: lun_size,
     })
 }
 
