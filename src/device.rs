@@ -277,6 +277,10 @@ impl Device {
     /// CAPACITY DATA HAS CHANGED.
     pub fn resize(&mut self, size: u64) {
         let mut geo = self.lun.info().geometry;
+        if let Err(e) = self.backend.resize(size) {
+            error!(dev = %self.name, old = geo.size, new = size, error = %e, "backend cannot resize; capacity unchanged");
+            return;
+        }
         info!(dev = %self.name, old = geo.size, new = size, "resize");
         geo.size = size;
         self.lun.set_geometry(geo);

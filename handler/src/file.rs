@@ -12,6 +12,7 @@ use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
 /// Errors opening a file backend.
@@ -43,7 +44,8 @@ pub enum FileOpenError {
 struct Inner {
     file: File,
     path: PathBuf,
-    geometry: Geometry,
+    size: AtomicU64,
+    block_size: u32,
     is_block: bool,
     caw_lock: RwLock<()>,
 }
@@ -101,7 +103,8 @@ impl FileBackend {
         let inner = Arc::new(Inner {
             file,
             path: path.to_owned(),
-            geometry: Geometry { size, block_size },
+            size: AtomicU64::new(size),
+            block_size,
             is_block,
             caw_lock: RwLock::new(()),
         });
@@ -158,7 +161,7 @@ fn errno_err(what: &str) -> IoError {
 impl Inner {
     fn check(&self, offset: u64, len: u64) -> IoResult {
         match offset.checked_add(len) {
-            Some(end) if end <= self.geometry.size => Ok(()),
+            Some(end) if end <= self.size.load(Ordering::Acquire) => Ok(()),
             _ => Err(IoError::OutOfRange),
         }
     }
@@ -334,11 +337,40 @@ impl Inner {
 }
 
 impl Backend for FileBackend {
+    fn resize(&self, size: u64) -> Result<(), IoError> {
+        let have = if self.inner.is_block {
+            block_device_size(&self.inner.file).map_err(|e| {
+                IoError::errno(e.raw_os_error().unwrap_or(libc::EIO), "BLKGETSIZE64")
+            })?
+        } else {
+            let len = self
+                .inner
+                .file
+                .metadata()
+                .map_err(|e| IoError::errno(e.raw_os_error().unwrap_or(libc::EIO), "fstat"))?
+                .len();
+            if len < size {
+                self.inner.file.set_len(size).map_err(|e| {
+                    IoError::errno(e.raw_os_error().unwrap_or(libc::EIO), "ftruncate")
+                })?;
+            }
+            size.max(len)
+        };
+        if have < size {
+            return Err(IoError::NoSpace);
+        }
+        self.inner.size.store(size, Ordering::Release);
+        Ok(())
+    }
+
     fn name(&self) -> String {
         format!("file:{}", self.inner.path.display())
     }
     fn geometry(&self) -> Geometry {
-        self.inner.geometry
+        Geometry {
+            size: self.inner.size.load(Ordering::Acquire),
+            block_size: self.inner.block_size,
+        }
     }
     fn caps(&self) -> Caps {
         Caps {

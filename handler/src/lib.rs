@@ -167,6 +167,13 @@ pub trait Backend: Send + Sync {
     /// Starts `op`; never blocks on I/O. `done` must be completed exactly
     /// once, possibly before this returns.
     fn submit(&self, op: Op, done: Done);
+    /// Online resize to `size` bytes (the kernel's dev_size changed). A
+    /// backend that cannot serve the new size refuses, and the LUN keeps
+    /// its old capacity.
+    fn resize(&self, size: u64) -> Result<(), IoError> {
+        let _ = size;
+        Err(IoError::Unsupported)
+    }
 }
 
 /// Performs a compare-and-write with plain reads and writes, for backends

@@ -6,12 +6,14 @@
 //! devices may share one store.
 
 use crate::{compare_then_write, Backend, Caps, Done, Geometry, IoBufs, IoError, IoResult, Op};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::RwLock;
 
 /// An in-memory LUN.
 pub struct RamBackend {
     store: RwLock<memmap2::MmapMut>,
-    geometry: Geometry,
+    size: AtomicU64,
+    block_size: u32,
 }
 
 impl RamBackend {
@@ -34,13 +36,14 @@ impl RamBackend {
         let map = opts.map_anon()?;
         Ok(RamBackend {
             store: RwLock::new(map),
-            geometry: Geometry { size, block_size },
+            size: AtomicU64::new(size),
+            block_size,
         })
     }
 
     fn range(&self, offset: u64, len: u64) -> Result<std::ops::Range<usize>, IoError> {
         let end = offset.checked_add(len).ok_or(IoError::OutOfRange)?;
-        if end > self.geometry.size {
+        if end > self.size.load(Ordering::Acquire) {
             return Err(IoError::OutOfRange);
         }
         Ok(offset as usize..end as usize)
@@ -131,10 +134,13 @@ fn poisoned() -> IoError {
 
 impl Backend for RamBackend {
     fn name(&self) -> String {
-        format!("ram:{}", self.geometry.size)
+        format!("ram:{}", self.size.load(Ordering::Relaxed))
     }
     fn geometry(&self) -> Geometry {
-        self.geometry
+        Geometry {
+            size: self.size.load(Ordering::Acquire),
+            block_size: self.block_size,
+        }
     }
     fn caps(&self) -> Caps {
         Caps {
@@ -145,5 +151,29 @@ impl Backend for RamBackend {
     }
     fn submit(&self, op: Op, done: Done) {
         done.complete(self.run(op));
+    }
+    fn resize(&self, size: u64) -> Result<(), IoError> {
+        let len = usize::try_from(size).map_err(|_| IoError::OutOfRange)?;
+        let mut store = self.store.write().map_err(|_| poisoned())?;
+        if len > store.len() {
+            // Grow into a new anonymous map; untouched pages cost nothing.
+            let mut bigger = memmap2::MmapOptions::new()
+                .len(len)
+                .map_anon()
+                .map_err(|e| {
+                    IoError::errno(e.raw_os_error().unwrap_or(libc::ENOMEM), "grow ram LUN")
+                })?;
+            let keep = store.len().min(self.size.load(Ordering::Acquire) as usize);
+            bigger[..keep].copy_from_slice(&store[..keep]);
+            *store = bigger;
+        } else if len < self.size.load(Ordering::Acquire) as usize {
+            // Shrinking: what lies past the new end must read as zeros if
+            // the LUN grows again.
+            let old = self.size.load(Ordering::Acquire) as usize;
+            let end = old.min(store.len());
+            store[len..end].fill(0);
+        }
+        self.size.store(size, Ordering::Release);
+        Ok(())
     }
 }
