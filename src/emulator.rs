@@ -87,6 +87,9 @@ impl Default for Layout {
 struct EmuCmd {
     blocks: Vec<u32>,
     data_in: usize,
+    /// Timed out (`TCMU_CMD_BIT_EXPIRED`): the initiator already got an
+    /// error; a late completion only frees the id and the data blocks.
+    expired: bool,
 }
 
 /// A reaped completion.
@@ -436,6 +439,7 @@ impl KernelEmu {
         self.commands[id as usize] = Some(EmuCmd {
             blocks,
             data_in: if let Data::FromDevice(n) = data { n } else { 0 },
+            expired: false,
         });
         self.live += 1;
         self.queued.push_back(self.head);
@@ -446,6 +450,24 @@ impl KernelEmu {
     /// Pokes userspace (after [`queue`](Self::queue)).
     pub fn kick(&self) {
         self.notify_user();
+    }
+
+    /// Times a command out as the kernel's cmd_time_out does
+    /// (`tcmu_check_expired_ring_cmd`): the initiator gets CHECK
+    /// CONDITION now; the id stays allocated until userspace completes it.
+    /// Returns false if the id is not in flight.
+    pub fn expire(&mut self, cmd_id: u16) -> bool {
+        match self
+            .commands
+            .get_mut(cmd_id as usize)
+            .and_then(|c| c.as_mut())
+        {
+            Some(c) if !c.expired => {
+                c.expired = true;
+                true
+            }
+            _ => false,
+        }
     }
 
     /// Queues a TMR notification (`queue_tmr_ring`).
@@ -548,7 +570,9 @@ impl KernelEmu {
                 data_len,
                 unknown_op,
             };
-            on_done(&r, &buf[..data_len]);
+            if !cmd.expired {
+                on_done(&r, &buf[..data_len]);
+            }
             self.set_id(id, false);
             self.free_blocks(&cmd.blocks);
             self.live -= 1;

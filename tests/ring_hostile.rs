@@ -338,3 +338,33 @@ fn random_garbage_rings_never_panic() {
         }
     }
 }
+
+#[test]
+fn late_completion_of_a_timed_out_command_is_accepted() {
+    let held = Held::new(ram());
+    let (mut emu, mut dev) = emu_device(small(), held.clone());
+    let slow = emu
+        .submit(&rw16(false, 0, 1), Data::FromDevice(512))
+        .unwrap();
+    dev.turn().unwrap();
+    // The kernel gives up on it (cmd_time_out) while the backend is stuck.
+    assert!(emu.expire(slow));
+    let fast = emu
+        .submit(&rw16(false, 1, 1), Data::FromDevice(512))
+        .unwrap();
+    dev.turn().unwrap();
+    let mut rng = <rand::rngs::SmallRng as rand::SeedableRng>::seed_from_u64(5);
+    held.release_random(&mut rng, 2);
+    dev.turn().unwrap();
+    let mut seen = Vec::new();
+    emu.reap(|r, _| seen.push(r.cmd_id)).unwrap();
+    // Only the live command reaches the initiator; the late one just frees
+    // its id and blocks, and the ring stays healthy.
+    assert_eq!(seen, vec![fast]);
+    assert_eq!(emu.in_flight(), 0);
+    assert!(emu.broken().is_none());
+    let again = emu
+        .submit(&rw16(false, 2, 1), Data::FromDevice(512))
+        .unwrap();
+    assert_eq!(again, slow, "the expired id is free again (lowest free id)");
+}
