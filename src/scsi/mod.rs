@@ -177,3 +177,39 @@ impl Lun {
         }
     }
 }
+
+/// Runs one arbitrary CDB (the fuzzer's input) against a small LUN: the
+/// SCSI core must answer without panicking, and any backend operation it
+/// produces must lie inside the device.
+pub fn fuzz_one(cdb: &[u8]) {
+    let geometry = Geometry {
+        size: 1 << 20,
+        block_size: 512,
+    };
+    let mut lun = Lun::new(LunInfo {
+        vendor: "FUZZ".into(),
+        product: "LUN".into(),
+        revision: "0001".into(),
+        serial: "fuzz".into(),
+        geometry,
+        caps: Caps {
+            discard: true,
+            discard_zeroes: true,
+            write_cache: true,
+        },
+        max_transfer_blocks: 128,
+    });
+    let bufs = IoBufs::from_vec(vec![0u8; 64 * 1024]);
+    if let Outcome::Submit(op, _) = lun.execute(cdb, &bufs) {
+        let end = match &op {
+            Op::Read { offset, bufs } | Op::Write { offset, bufs, .. } => {
+                offset + bufs.len() as u64
+            }
+            Op::WriteZeroes { offset, len, .. } | Op::WriteSame { offset, len, .. } => offset + len,
+            Op::CompareAndWrite { offset, write, .. } => offset + write.len() as u64,
+            Op::Discard { ranges } => ranges.iter().map(|(o, l)| o + l).max().unwrap_or(0),
+            Op::Flush => 0,
+        };
+        assert!(end <= geometry.size, "operation past the end: {op:?}");
+    }
+}
