@@ -209,24 +209,24 @@ t_vpd_lbpv() {
 }
 # zeros_at LBA N: the N blocks at LBA read back as zeros.
 zeros_at() {
-  dd if="/dev/$DEV" bs=512 skip="$1" count="$2" iflag=direct status=none >"$S/z" || return 1
+  dd if="/dev/$DEV" bs=$(($2 * 512)) skip=$(($1 * 512)) count=1 iflag=direct,skip_bytes status=none >"$S/z" || return 1
   cmp -n $(($2 * 512)) "$S/z" /dev/zero
 }
 write_pat() { # LBA N
   head -c $(($2 * 512)) /dev/urandom >"$S/wp"
-  dd if="$S/wp" of="/dev/$DEV" bs=512 seek="$1" oflag=direct conv=fsync status=none
+  dd if="$S/wp" of="/dev/$DEV" bs=$(($2 * 512)) seek=$(($1 * 512)) oflag=direct,seek_bytes conv=fsync status=none
 }
 t_unmap() {
   ok write_pat 2048 256 || return 1
   if zeros_at 2048 256; then why="pattern did not land"; return 1; fi
-  ok sg_unmap --lba=2048 --num=256 "/dev/$DEV" || return 1
+  ok sg_unmap --force --lba=2048 --num=256 "/dev/$DEV" || return 1
   zeros_at 2048 256 || { why="unmapped range does not read zeros"; return 1; }
 }
 t_write_same() {
   head -c 512 /dev/urandom >"$S/blk"
   ok sg_write_same --16 --in="$S/blk" --lba=4096 --num=64 "/dev/$DEV" || return 1
   for _ in $(seq 64); do cat "$S/blk"; done >"$S/ws_want"
-  ok dd if="/dev/$DEV" of="$S/ws_got" bs=512 skip=4096 count=64 iflag=direct status=none || return 1
+  ok dd if="/dev/$DEV" of="$S/ws_got" bs=32k skip=$((4096 * 512)) count=1 iflag=direct,skip_bytes status=none || return 1
   ok cmp "$S/ws_want" "$S/ws_got"
 }
 t_caw() {
