@@ -8,7 +8,10 @@
 #
 # /tmp/out/env (written by the host) sets:
 #   BIN     the tcmu-rbd binary
-#   SUITES  which groups to run: local (file, ram, resize, removal, restart)
+#   SUITES  which groups to run: local (file, ram, resize, removal,
+#           restart), rbd (the same on an rbd image), compare (fio 4K QD32,
+#           tcmu-rbd vs tcmu-runner on one image)
+#   CEPH_CONF_GUEST  the guest's ceph.conf (rbd, compare)
 set -u
 OUT=/tmp/out
 # shellcheck source=/dev/null
@@ -310,7 +313,7 @@ t_remove_idle() { # NAME WWN
 t_remove_busy() { # NAME WWN
   local fpid rc
   timeout 120 fio --name=busy --filename="/dev/$DEV" --direct=1 --ioengine=libaio --iodepth=32 \
-    --rw=randrw --bs=4k --time_based --runtime=60 >"$S/busy.out" 2>&1 &
+    --rw=randrw --bs=4k --size=32m --time_based --runtime=60 >"$S/busy.out" 2>&1 &
   fpid=$!
   sleep 3
   kill -0 $fpid || { why="fio did not start"; cat "$S/busy.out"; return 1; }
@@ -352,6 +355,80 @@ suite_local() {
   suite ram ram - $((128 << 20)) naa.5001405000000020 "write through"
   check_dev ram.remove_busy t_remove_busy ram naa.5001405000000020
   check daemon_alive_at_end ok daemon_alive
+}
+
+# --- rbd -------------------------------------------------------------------
+rbd_cli() { timeout 120 rbd -c "$CEPH_CONF_GUEST" --id admin "$@"; }
+t_rbd_pattern() {
+  # Left at 64 MiB, which no other check touches; the host reads the image
+  # back with rbd export after the run and compares.
+  head -c 4M /dev/urandom >"$OUT/rbd_pattern" || return 1
+  ok dd if="$OUT/rbd_pattern" of="/dev/$DEV" bs=1M seek=64 oflag=direct conv=fsync status=none || return 1
+  ok dd if="/dev/$DEV" of="$S/rp" bs=1M skip=64 count=4 iflag=direct status=none || return 1
+  ok cmp "$OUT/rbd_pattern" "$S/rp" || return 1
+  echo $((64 << 20)) >"$OUT/rbd_pattern_offset"
+}
+t_rbd_resize() { # NAME IMAGE NEWSIZE
+  ok rbd_cli resize --size "$(($3 >> 20))M" "$2" || return 1
+  t_resize "$1" "$3"
+}
+suite_rbd() {
+  local cfg="rbd/img0;conf=$CEPH_CONF_GUEST;id=admin" sz=$((256 << 20))
+  check rbd.cluster_reachable ok rbd_cli info rbd/img0 || return 1
+  suite rbd rbd "$cfg" $sz naa.5001405000000030 "write through"
+  check_dev rbd.export_pattern t_rbd_pattern
+  check_dev rbd.resize t_rbd_resize rbd rbd/img0 $((320 << 20))
+  check_dev rbd.daemon_restart t_restart rbd
+  check_dev rbd.remove_busy t_remove_busy rbd naa.5001405000000030
+}
+
+# --- comparison: tcmu-rbd vs tcmu-runner ----------------------------------
+bench_fio() { # LABEL
+  local rw
+  for rw in randwrite randread; do
+    ok timeout 120 fio --name="$rw" --filename="/dev/$DEV" --direct=1 --ioengine=libaio \
+      --iodepth=32 --rw=$rw --bs=4k --size=256m --time_based --runtime=20 --ramp_time=3 \
+      --randrepeat=0 --output-format=json --output="$OUT/compare.$1.$rw.json" || return 1
+  done
+}
+start_tcmu_runner() {
+  mkdir -p "$OUT/tcmu-runner"
+  tcmu-runner --tcmu-log-dir "$OUT/tcmu-runner" >>"$OUT/tcmu-runner/stdout.log" 2>&1 &
+  DPID=$!
+  sleep 1
+  daemon_alive
+}
+stop_daemon() {
+  daemon_alive || return 0
+  kill -TERM "$DPID"
+  wait_for 30 sh -c "! kill -0 $DPID" || { why="pid $DPID did not exit on SIGTERM"; return 1; }
+  wait "$DPID" 2>/dev/null
+  DPID=
+}
+# One side of the comparison: export rbd/bench through DAEMON's backstore,
+# run the fio jobs, take it down again.
+compare_one() { # LABEL
+  local cfg="rbd/bench;conf=$CEPH_CONF_GUEST;id=admin" w=naa.5001405000000040
+  if check "compare.$1.create" mk_backstore bench rbd "$cfg" $((1 << 30)) &&
+    check "compare.$1.export" mk_loop bench $w; then
+    check_dev "compare.$1.fio" bench_fio "$1"
+    check "compare.$1.remove" t_remove_idle bench $w
+  else
+    # Leave nothing behind for the other daemon.
+    rm_loop bench $w >/dev/null 2>&1
+    rm_backstore bench >/dev/null 2>&1
+    return 1
+  fi
+}
+suite_compare() {
+  # tcmu-rbd first: tcmu-runner turns on netlink replies for devices made
+  # after it starts, which this daemon does not send yet.
+  daemon_alive || check compare.tcmu-rbd.start start_daemon
+  compare_one tcmu-rbd
+  check compare.tcmu-rbd.stop stop_daemon || return 1
+  check compare.tcmu-runner.start start_tcmu_runner || return 1
+  compare_one tcmu-runner
+  check compare.tcmu-runner.stop stop_daemon
 }
 
 say "start $(date +%T), kernel $(uname -r)"
