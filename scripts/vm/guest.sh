@@ -135,7 +135,12 @@ mk_loop() {
     return 1
   fi
   DEV=$(basename /sys/class/scsi_disk/"$h":0:1:0/device/block/sd*)
-  wait_for 10 test -b "/dev/$DEV" || { why="/dev/$DEV not created"; return 1; }
+  if ! wait_for 5 test -b "/dev/$DEV"; then
+    # devtmpfs can lose a node whose name was just freed by a removed disk
+    # (deferred delete of the old node after the create of the new one).
+    echo "/dev/$DEV missing; creating it from /sys/block/$DEV/dev"
+    ok mknod "/dev/$DEV" b $(tr : ' ' <"/sys/block/$DEV/dev") || return 1
+  fi
   echo "$1 is /dev/$DEV"
 }
 rm_loop() {
