@@ -417,3 +417,57 @@ fn explicit_blocklist_fences_a_client() {
     };
     assert_eq!(errno, libc::ESHUTDOWN);
 }
+
+#[test]
+#[ignore = "needs the live Ceph cluster: scripts/test-rbd.sh runs it"]
+fn update_watch_sees_resize() {
+    let r = connect(None);
+    let t = TestImage::new(&r, "watch", 8 << 20);
+    let a = t.open();
+    let fired = Arc::new(AtomicUsize::new(0));
+    let f = fired.clone();
+    let h = a
+        .update_watch(move || {
+            f.fetch_add(1, Ordering::SeqCst);
+        })
+        .unwrap();
+    let r2 = connect(None);
+    let b = Image::open(&r2.ioctx(&pool()).unwrap(), &t.name).unwrap();
+    b.resize(16 << 20).unwrap();
+    let t0 = std::time::Instant::now();
+    while fired.load(Ordering::SeqCst) == 0 && t0.elapsed() < Duration::from_secs(20) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(fired.load(Ordering::SeqCst) > 0, "no update notification");
+    assert_eq!(a.size().unwrap(), 16 << 20);
+    a.update_unwatch(h).unwrap();
+    assert!(a.update_unwatch(h).is_err());
+}
+
+#[test]
+#[ignore = "needs the live Ceph cluster: scripts/test-rbd.sh runs it"]
+fn errors_name_the_fault() {
+    let r = connect(None);
+    let e = r.ioctx("no-such-pool").unwrap_err();
+    assert_eq!(e.errno, libc::ENOENT);
+    assert!(e.to_string().contains("no-such-pool"), "{e}");
+    let io = r.ioctx(&pool()).unwrap();
+    let e = Image::open(&io, "no-such-image").unwrap_err();
+    assert_eq!(e.errno, libc::ENOENT);
+    assert!(e.to_string().contains("no-such-image"), "{e}");
+    assert!(!io.rbd_namespace_exists("no-such-ns").unwrap());
+    // A client with no key cannot connect.
+    let e = RadosBuilder::new(Some("nobody"))
+        .and_then(|b| b.read_conf(Some(std::path::Path::new(&conf()))))
+        .and_then(|b| b.set("client_mount_timeout", "10"))
+        .and_then(|b| b.connect())
+        .unwrap_err();
+    assert!(e.to_string().contains("client.nobody"), "{e}");
+    // Service registration works without a mgr (it is kept for later).
+    r.service_register("tcmu-rbd-test", "ffi-test", &[("k", "v")])
+        .unwrap();
+    r.service_update_status(&[("state", "ok")]).unwrap();
+    // Config read back.
+    assert_eq!(r.conf_get("rados_osd_op_timeout").unwrap(), "30");
+    assert!(r.conf_get("no_such_option").is_err());
+}
