@@ -32,7 +32,7 @@ pub mod sys;
 
 pub use image::Image;
 pub use image::{AioBuf, CawError, ImageInfo, LockMode, LockOwners, OwnedBuf, WatchHandle};
-pub use rados::{IoCtx, Rados, RadosBuilder};
+pub use rados::{IoCtx, Rados, RadosBuilder, WeakRados};
 
 /// A failed librados/librbd call: what was attempted and the errno.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -141,6 +141,13 @@ impl Rados {
         &self.inner.name
     }
 
+    /// A handle that does not keep the connection open.
+    pub fn downgrade(&self) -> WeakRados {
+        WeakRados {
+            inner: Arc::downgrade(&self.inner),
+        }
+    }
+
     /// True when both values are the same connection.
     pub fn same(&self, other: &Rados) -> bool {
         Arc::ptr_eq(&self.inner, &other.inner)
@@ -272,6 +279,19 @@ impl Rados {
             pool: pool.to_string(),
             namespace: String::new(),
         })
+    }
+}
+
+/// A non-owning reference to a [`Rados`] (for connection caches).
+#[derive(Clone, Default)]
+pub struct WeakRados {
+    inner: std::sync::Weak<Inner>,
+}
+
+impl WeakRados {
+    /// The connection, if something still holds it open.
+    pub fn upgrade(&self) -> Option<Rados> {
+        self.inner.upgrade().map(|inner| Rados { inner })
     }
 }
 
