@@ -36,7 +36,7 @@ pub use rados::{IoCtx, Rados, RadosBuilder, WeakRados};
 
 /// A failed librados/librbd call: what was attempted and the errno.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{op}: {} (errno {errno})", std::io::Error::from_raw_os_error(*errno))]
+#[error("{op}: {} (errno {errno})", strerror(*errno))]
 pub struct Error {
     /// What was attempted, with its arguments.
     pub op: String,
@@ -50,6 +50,15 @@ impl Error {
             op: op.into(),
             errno: errno.abs(),
         }
+    }
+}
+
+/// The errno's description, without std's "(os error N)" suffix.
+fn strerror(errno: i32) -> String {
+    let s = std::io::Error::from_raw_os_error(errno).to_string();
+    match s.find(" (os error") {
+        Some(i) => s[..i].to_string(),
+        None => s,
     }
 }
 
@@ -112,7 +121,11 @@ mod tests {
         assert_eq!(e.errno, libc::ENOENT);
         let s = e.to_string();
         assert!(s.starts_with("rbd_open(rbd/x): "), "{s}");
-        assert!(s.contains("No such file") && s.contains("errno 2"), "{s}");
+        assert!(
+            s.contains("No such file") && s.ends_with("(errno 2)"),
+            "{s}"
+        );
+        assert!(!s.contains("os error"), "{s}");
     }
 
     #[test]

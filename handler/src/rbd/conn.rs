@@ -126,16 +126,17 @@ fn connect(key: &ConnKey, timeout: Duration) -> Result<Rados, String> {
         );
     }
     let r = b.connect().map_err(|e| {
-        let hint = match e.errno {
-            libc::EACCES | libc::EPERM => "bad or missing credentials",
-            libc::ENOENT => "no keyring holds a key for this user",
-            libc::ETIMEDOUT => "no monitor answered",
-            _ => "cannot connect",
-        };
-        format!(
-            "rbd: {hint} for {who} (conf {}): {e}",
-            conf_name(key.conf.as_deref())
-        )
+        let conf = conf_name(key.conf.as_deref());
+        match e.errno {
+            libc::EACCES | libc::EPERM => format!(
+                "rbd: bad credentials: the cluster refused the key of {who} (conf {conf}): {e}"
+            ),
+            libc::ENOENT => {
+                format!("rbd: bad credentials: no keyring holds a key for {who} (conf {conf}): {e}")
+            }
+            libc::ETIMEDOUT => format!("rbd: no monitor answered {who} (conf {conf}): {e}"),
+            _ => format!("rbd: {who} cannot connect (conf {conf}): {e}"),
+        }
     })?;
     info!(client = %who, instance = r.instance_id(), "connected to the ceph cluster");
     Ok(r)

@@ -283,6 +283,12 @@ impl RbdBackend {
         (s.rados.name().to_string(), s.rados.instance_id())
     }
 
+    /// The addresses of the client serving the image (what `osd blocklist
+    /// add` takes).
+    pub fn client_addrs(&self) -> Result<String, String> {
+        self.session().rados.addrs().map_err(|e| e.to_string())
+    }
+
     fn session(&self) -> Arc<Session> {
         Arc::clone(
             &self
