@@ -111,6 +111,7 @@ do_start() {
 fsid = $fsid
 mon host = [v2:$addr:$mon_port,v1:$addr:$mon_port1]
 public addr = $addr
+cluster addr = $addr
 ms bind port min = ${osd_ports%-*}
 ms bind port max = ${osd_ports#*-}
 auth cluster required = cephx
