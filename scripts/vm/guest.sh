@@ -77,7 +77,9 @@ wait_for() {
 daemon_alive() { [ -n "$DPID" ] && kill -0 "$DPID" 2>/dev/null; }
 start_daemon() {
   echo "--- daemon start $(date +%T)" >>"$DLOG"
-  NO_COLOR=1 RUST_LOG=${RUST_LOG:-info} "$BIN" --rescan-ms 200 >>"$DLOG" 2>&1 &
+  # Netlink on (the kernel's add/remove/reconfigure events, with replies);
+  # no D-Bus in this guest.
+  NO_COLOR=1 "$BIN" --log-stderr --no-dbus --run-dir /run/tcmu-rbd >>"$DLOG" 2>&1 &
   DPID=$!
   sleep 0.3
   daemon_alive
@@ -300,10 +302,11 @@ suite() {
 # --- lifecycle checks ----------------------------------------------------
 t_resize() { # NAME NEWSIZE
   local d=$T/core/user_0/$1 got
-  ok sh -c "echo -n dev_size=$2 > $d/control" || return 1
+  # As an admin (or ceph-iscsi) resizes: the kernel sends the daemon a
+  # netlink RECONFIG with the new size and waits for its reply.
+  ok sh -c "echo -n $2 > $d/attrib/dev_size" || return 1
   ok expect attrib/dev_size "$(cat "$d/attrib/dev_size")" "$2" || return 1
-  # The daemon sees the new size (netlink or its configfs poll) and the
-  # initiator is told by a unit attention; a rescan reads the capacity.
+  # The initiator is told by a unit attention; a rescan reads the capacity.
   wait_for 20 sh -c "echo 1 > /sys/block/$DEV/device/rescan; [ \$(( \$(cat /sys/block/$DEV/size) * 512 )) -eq $2 ]" ||
     { why="capacity is $(($(cat /sys/block/"$DEV"/size) * 512)), want $2"; return 1; }
   # The new end is usable.
@@ -426,8 +429,7 @@ compare_one() { # LABEL
   fi
 }
 suite_compare() {
-  # tcmu-rbd first: tcmu-runner turns on netlink replies for devices made
-  # after it starts, which this daemon does not send yet.
+  # One daemon at a time: both would claim user:rbd devices.
   daemon_alive || check compare.tcmu-rbd.start start_daemon
   compare_one tcmu-rbd
   check compare.tcmu-rbd.stop stop_daemon || return 1
