@@ -22,6 +22,7 @@ LOG=$OUT/checks.log
 DLOG=$OUT/daemon.log
 S=/tmp/scratch
 mkdir -p "$S"
+cd "$S" || exit 1 # fio keeps state files in its working directory
 exec 3>>"$OUT/results"
 DPID=
 DEV=
@@ -79,7 +80,9 @@ start_daemon() {
   echo "--- daemon start $(date +%T)" >>"$DLOG"
   # Netlink on (the kernel's add/remove/reconfigure events, with replies);
   # no D-Bus in this guest.
-  NO_COLOR=1 "$BIN" --log-stderr --no-dbus --run-dir /run/tcmu-rbd >>"$DLOG" 2>&1 &
+  local dbus=--no-dbus
+  [ "${DAEMON_DBUS:-0}" = 1 ] && dbus=
+  NO_COLOR=1 "$BIN" --log-stderr $dbus --run-dir /run/tcmu-rbd >>"$DLOG" 2>&1 &
   DPID=$!
   sleep 0.3
   daemon_alive
@@ -102,6 +105,15 @@ served() {
   ls -l /proc/"$DPID"/fd 2>/dev/null | grep -q "/dev/$u\$"
 }
 
+# bs_dir NAME: backstore NAME's configfs directory (targetcli may put it
+# under another user_N HBA than user_0).
+bs_dir() {
+  local d
+  for d in "$T"/core/user_*/"$1"; do
+    [ -d "$d" ] && { echo "$d"; return 0; }
+  done
+  echo "$T/core/user_0/$1"
+}
 # mk_backstore NAME SUBTYPE CFG SIZE: a user:SUBTYPE backstore, enabled,
 # then waits for the daemon to serve it.
 mk_backstore() {
@@ -130,7 +142,7 @@ mk_loop() {
   local tp=$T/loopback/$2/tpgt_1 h
   ok mkdir -p "$tp/lun/lun_0" || return 1
   ok sh -c "echo -n $INITIATOR > $tp/nexus" || return 1
-  ok ln -s "$T/core/user_0/$1" "$tp/lun/lun_0/$1" || return 1
+  ok ln -s "$(bs_dir "$1")" "$tp/lun/lun_0/$1" || return 1
   h=$(cut -d: -f1 "$tp/address") || { why="no tcm_loop address"; return 1; }
   if ! wait_for 40 has_disk "$h"; then
     why="no disk appeared on scsi host $h within 40 s"
@@ -150,7 +162,7 @@ rm_loop() {
   ok timeout 60 rm "$tp/lun/lun_0/$1" || return 1
   ok timeout 30 rmdir "$tp/lun/lun_0" "$tp" "$T/loopback/$2"
 }
-rm_backstore() { ok timeout 60 rmdir "$T/core/user_0/$1"; }
+rm_backstore() { ok timeout 60 rmdir "$(bs_dir "$1")"; }
 
 # --- I/O checks -------------------------------------------------------
 t_dd() {
@@ -184,7 +196,7 @@ t_vpd_pages() {
 }
 t_vpd_serial() {
   local o want
-  want=$(sed 's/.*: *//' "$T/core/user_0/$1/wwn/vpd_unit_serial")
+  want=$(sed 's/.*: *//' "$(bs_dir "$1")/wwn/vpd_unit_serial")
   o=$(sg_vpd -p sn "/dev/$DEV") || { why="sg_vpd -p sn failed"; return 1; }
   echo "$o"
   echo "$o" | grep -q "Unit serial number: $want" || { why="serial is not the configfs one ($want)"; return 1; }
@@ -390,6 +402,61 @@ suite_rbd() {
   check_dev rbd.resize t_rbd_resize rbd rbd/img0 $((320 << 20))
   check_dev rbd.daemon_restart t_restart rbd
   check_dev rbd.remove_busy t_remove_busy rbd naa.5001405000000030
+}
+
+# --- targetcli through the daemon's D-Bus service --------------------------
+start_dbus() {
+  mkdir -p /run/dbus
+  # The host's system bus configuration, policies included (tcmu-runner's
+  # package installs the one that lets root own org.kernel.TCMUService1).
+  dbus-daemon --system --fork --print-pid >"$S/dbus.pid" 2>>"$OUT/dbus.log" || return 1
+  wait_for 10 test -S /run/dbus/system_bus_socket
+}
+tcli() { HOME=/tmp timeout 120 targetcli "$@"; }
+on_bus() {
+  dbus-send --system --print-reply --dest=org.freedesktop.DBus /org/freedesktop/DBus \
+    org.freedesktop.DBus.NameHasOwner string:org.kernel.TCMUService1 | grep -q "boolean true"
+}
+t_tcli_handlers() {
+  local o
+  o=$(tcli ls /backstores 2>&1)
+  echo "$o"
+  echo "$o" | grep -q "user:rbd" || { why="targetcli does not list user:rbd"; return 1; }
+}
+t_tcli_create() { # CFG
+  local o
+  o=$(tcli /backstores/user:rbd create name=disk0 size=1G "cfgstring=$1" 2>&1)
+  echo "$o"
+  echo "$o" | grep -q "Created user-backed storage object disk0" ||
+    { why="targetcli did not create disk0: $(echo "$o" | tail -1)"; return 1; }
+  wait_for 20 served disk0 || { why="daemon does not serve disk0"; return 1; }
+}
+t_tcli_bad() { # CFG
+  local o want
+  # What the daemon says about this config string is what targetcli shows.
+  want=$("$BIN" check-config "rbd/$1" 2>&1)
+  [ -n "$want" ] || { why="check-config gave no message for rbd/$1"; return 1; }
+  o=$(tcli /backstores/user:rbd create name=bad0 size=1G "cfgstring=$1" 2>&1)
+  echo "$o"
+  echo "$o" | grep -qF "$want" || { why="targetcli output lacks the daemon's message '$want'"; return 1; }
+  [ ! -e "$(bs_dir bad0)" ] || { why="a backstore was created for a bad cfgstring"; return 1; }
+}
+suite_targetcli() {
+  local cfg="rbd/tcli;conf=$CEPH_CONF_GUEST;id=admin" w=naa.5001405000000050
+  check targetcli.dbus_daemon start_dbus || return 1
+  # The daemon again, now on the system bus.
+  check targetcli.daemon_stop stop_daemon || return 1
+  DAEMON_DBUS=1 check targetcli.daemon_start start_daemon || return 1
+  wait_for 20 on_bus || { fail targetcli.bus_name "org.kernel.TCMUService1 not on the bus after 20 s"; return 1; }
+  tcli set global auto_save_on_exit=false >>"$LOG" 2>&1
+  check targetcli.handlers_listed t_tcli_handlers || return 1
+  check targetcli.bad_cfgstring_refused t_tcli_bad "rbd/tcli;bogus=1"
+  if check targetcli.create t_tcli_create "$cfg" && check targetcli.export mk_loop disk0 $w; then
+    check_dev targetcli.dd_pattern t_dd
+    check_dev targetcli.fio_verify_4k t_fio 4k 4m
+    rm_loop disk0 $w >>"$LOG" 2>&1
+    check targetcli.delete ok tcli /backstores/user:rbd delete disk0
+  fi
 }
 
 # --- comparison: tcmu-rbd vs tcmu-runner ----------------------------------
