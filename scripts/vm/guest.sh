@@ -149,11 +149,12 @@ mk_loop() {
     return 1
   fi
   DEV=$(basename /sys/class/scsi_disk/"$h":0:1:0/device/block/sd*)
-  if ! wait_for 5 test -b "/dev/$DEV"; then
+  if ! wait_for 10 test -b "/dev/$DEV"; then
     # devtmpfs can lose a node whose name was just freed by a removed disk
     # (deferred delete of the old node after the create of the new one).
-    echo "/dev/$DEV missing; creating it from /sys/block/$DEV/dev"
-    ok mknod "/dev/$DEV" b $(tr : ' ' <"/sys/block/$DEV/dev") || return 1
+    echo "/dev/$DEV missing after 10 s; creating it from /sys/block/$DEV/dev"
+    mknod "/dev/$DEV" b $(tr : ' ' <"/sys/block/$DEV/dev") || test -b "/dev/$DEV" ||
+      { why="no /dev/$DEV"; return 1; }
   fi
   echo "$1 is /dev/$DEV"
 }
@@ -327,9 +328,12 @@ t_resize() { # NAME NEWSIZE
   ok dd if=/dev/urandom of="/dev/$DEV" bs=512 seek=$(($2 / 512 - 8)) count=8 oflag=direct status=none
 }
 t_remove_idle() { # NAME WWN
+  local u
+  u=$(uio_of "$1") || { why="no uio device for $1"; return 1; }
   rm_loop "$1" "$2" || return 1
   rm_backstore "$1" || return 1
-  wait_for 10 sh -c "! ls -l /proc/$DPID/fd | grep -q uio" || { why="daemon still holds a uio fd"; return 1; }
+  wait_for 10 sh -c "! ls -l /proc/$DPID/fd | grep -q '/dev/$u\$'" ||
+    { why="daemon still holds /dev/$u of the removed $1"; return 1; }
   ok daemon_alive
 }
 t_remove_busy() { # NAME WWN
@@ -451,12 +455,13 @@ suite_targetcli() {
   tcli set global auto_save_on_exit=false >>"$LOG" 2>&1
   check targetcli.handlers_listed t_tcli_handlers || return 1
   check targetcli.bad_cfgstring_refused t_tcli_bad "rbd/tcli;bogus=1"
-  if check targetcli.create t_tcli_create "$cfg" && check targetcli.export mk_loop disk0 $w; then
+  check targetcli.create t_tcli_create "$cfg" || return 1
+  if check targetcli.export mk_loop disk0 $w; then
     check_dev targetcli.dd_pattern t_dd
     check_dev targetcli.fio_verify_4k t_fio 4k 4m
-    rm_loop disk0 $w >>"$LOG" 2>&1
-    check targetcli.delete ok tcli /backstores/user:rbd delete disk0
   fi
+  rm_loop disk0 $w >>"$LOG" 2>&1
+  check targetcli.delete ok tcli /backstores/user:rbd delete disk0
 }
 
 # --- comparison: tcmu-rbd vs tcmu-runner ----------------------------------
@@ -472,6 +477,9 @@ start_tcmu_runner() {
   mkdir -p "$OUT/tcmu-runner"
   tcmu-runner --tcmu-log-dir "$OUT/tcmu-runner" >>"$OUT/tcmu-runner/stdout.log" 2>&1 &
   DPID=$!
+  # Ready once its handlers are loaded (it then listens to netlink).
+  wait_for 30 grep -q "Handler rbd is registered" "$OUT/tcmu-runner/tcmu-runner.log" ||
+    { why="tcmu-runner did not load its rbd handler in 30 s"; return 1; }
   sleep 1
   daemon_alive
 }
