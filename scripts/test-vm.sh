@@ -210,7 +210,7 @@ def iops(label, rw):
     job = j["jobs"][0]
     side = "write" if "write" in rw else "read"
     return job[side]["iops"], job[side]["clat_ns"]["percentile"].get("99.000000", 0) / 1000
-print("comparison (fio 4K QD32, 20 s, guest via tcm_loop, rbd/bench, same kernel and cluster):")
+print("comparison (fio 4K QD32, 15 s, guest via tcm_loop, rbd/bench, same kernel and cluster):")
 print(f"  {'pattern':<10} {'tcmu-rbd IOPS':>14} {'p99 us':>8} {'tcmu-runner IOPS':>17} {'p99 us':>8} {'ratio':>6}")
 for rw in ("randwrite", "randread"):
     a, b = iops("tcmu-rbd", rw), iops("tcmu-runner", rw)

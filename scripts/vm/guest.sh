@@ -248,7 +248,9 @@ t_unmap() {
 t_write_same() {
   head -c 512 /dev/urandom >"$S/blk"
   ok sg_write_same --16 --in="$S/blk" --lba=4096 --num=64 "/dev/$DEV" || return 1
-  for _ in $(seq 64); do cat "$S/blk"; done >"$S/ws_want"
+  # 64 copies by doubling (a process per copy costs seconds under emulation).
+  cp "$S/blk" "$S/ws_want"
+  for _ in 1 2 3 4 5 6; do cat "$S/ws_want" "$S/ws_want" >"$S/ws_2" && mv "$S/ws_2" "$S/ws_want"; done
   ok dd if="/dev/$DEV" of="$S/ws_got" bs=32k skip=$((4096 * 512)) count=1 iflag=direct,skip_bytes status=none || return 1
   ok cmp "$S/ws_want" "$S/ws_got"
 }
@@ -458,7 +460,6 @@ suite_targetcli() {
   check targetcli.create t_tcli_create "$cfg" || return 1
   if check targetcli.export mk_loop disk0 $w; then
     check_dev targetcli.dd_pattern t_dd
-    check_dev targetcli.fio_verify_4k t_fio 4k 4m
   fi
   rm_loop disk0 $w >>"$LOG" 2>&1
   check targetcli.delete ok tcli /backstores/user:rbd delete disk0
@@ -469,7 +470,7 @@ bench_fio() { # LABEL
   local rw
   for rw in randwrite randread; do
     ok timeout 120 fio --name="$rw" --filename="/dev/$DEV" --direct=1 --ioengine=libaio \
-      --iodepth=32 --rw=$rw --bs=4k --size=256m --time_based --runtime=20 --ramp_time=3 \
+      --iodepth=32 --rw=$rw --bs=4k --size=256m --time_based --runtime=15 --ramp_time=2 \
       --randrepeat=0 --output-format=json --output="$OUT/compare.$1.$rw.json" || return 1
   done
 }
