@@ -51,8 +51,16 @@ fn random_cdbs_and_parameter_lists() {
             // A plausible UNMAP/STPG/MODE SELECT header.
             rest[1] = (plen - 2) as u8;
             rest[3] = ((plen - 8) & 0xf0) as u8;
-            rest[8 + 7] = rng.gen_range(0..8);
-            rest[8 + 11] = rng.gen_range(0..8);
+            // Descriptors near the LUN's end (2048 blocks) or far past it.
+            for d in rest[8..].chunks_exact_mut(16).take(4) {
+                let lba: u64 = match rng.gen_range(0..3) {
+                    0 => rng.gen_range(0..16),
+                    1 => rng.gen_range(2030..2060),
+                    _ => rng.gen(),
+                };
+                d[..8].copy_from_slice(&lba.to_be_bytes());
+                d[8..12].copy_from_slice(&rng.gen_range(0u32..40).to_be_bytes());
+            }
         }
         input.extend(rest);
         tcmu_rbd::scsi::fuzz_one(&input);
