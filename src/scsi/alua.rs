@@ -11,6 +11,46 @@
 //!
 //! TCMU devices carry `TRANSPORT_FLAG_PASSTHROUGH_ALUA`: the kernel neither
 //! checks ALUA states nor answers RTPG/STPG itself; this module does.
+//!
+//! How Linux initiators (dm-multipath with `hardware_handler "1 alua"`,
+//! drivers/scsi/device_handler/scsi_dh_alua.c) react, which decides how a
+//! failover driver should use this:
+//! - I/O is never sent down a path whose group the host last saw as
+//!   Standby, Unavailable or Offline (`alua_prep_fn` fails it locally).
+//! - When multipath switches to such a path group it "activates" it: with
+//!   explicit ALUA (TPGS 2 or 3) that is a SET TARGET PORT GROUPS asking
+//!   Active/Optimized for that group, then REPORT TARGET PORT GROUPS until
+//!   the state is no longer Transitioning (for up to the IMPLICIT
+//!   TRANSITION TIME); with implicit-only ALUA it only re-reads the states.
+//!   So standby gateways need explicit ALUA (install [`SharedAlua::on_stpg`]
+//!   to start taking the lock and report Transitioning), or, for I/O-driven
+//!   implicit failover as tcmu-runner does it, non-owners must report
+//!   Active/Non-optimized so that I/O reaches them and
+//!   [`AluaSource::request_active`] runs.
+//! - NOT READY / ASYMMETRIC ACCESS STATE TRANSITION (02/04/0A) makes the
+//!   host retry the command and re-read the states; LOGICAL UNIT NOT
+//!   ACCESSIBLE, TARGET PORT IN STANDBY STATE (02/04/0B) fails the path
+//!   (multipath's TUR checker shows it as a ghost) and the I/O moves on.
+//! - The states in an RTPG answer update every port group the host knows,
+//!   not only the one asked through: the gateway that takes the lock
+//!   should also mark the previous owner's group Standby.
+//!
+//! Wiring, for a device worker:
+//! ```no_run
+//! # use std::sync::Arc;
+//! # use tcmu_rbd::scsi::{alua::*, Lun};
+//! # fn f(lun: &mut Lun, dev_dir: &std::path::Path) -> Result<(), AluaConfigError> {
+//! if let Some(cfg) = AluaConfig::from_configfs(dev_dir)? {
+//!     let alua = SharedAlua::new(cfg);
+//!     let handle = alua.handle(); // for the lock watcher thread
+//!     alua.on_request_active(move || {
+//!         // kick the exclusive-lock acquisition; never block here
+//!         handle.set_local_state(AccessState::Transitioning);
+//!     });
+//!     lun.set_alua(Arc::new(alua));
+//! }
+//! # Ok(()) }
+//! ```
 
 use super::sense::{self, Sense};
 use std::path::{Path, PathBuf};
