@@ -332,7 +332,8 @@ impl AluaConfig {
     /// `alua_support_*` flags and `members` (`fabric/wwn/tpgt_N/lun_M`
     /// lines). A member port's relative target port id is the LUN's
     /// `statistics/scsi_port/indx` and its TPG's `enable` says whether it
-    /// is on this host, as tcmu-runner reads them. The local port is the
+    /// is on this host, as tcmu-runner reads them (a TPG without `enable`,
+    /// as tcm_loop's, counts as enabled). The local port is the
     /// first enabled member. `default_tg_pt_gp` is ignored: LIO creates it
     /// for every device, so it alone means ALUA was not configured.
     /// Returns `None` when no group is configured.
@@ -475,7 +476,8 @@ fn member_port(root: &Path, line: &str) -> Result<Option<(u16, bool)>, AluaConfi
         path: indx,
         value: port.to_string(),
     })?;
-    let enabled = read_num_or(&tpg_dir.join("enable"), 0)? != 0;
+    // Fabrics without an `enable` attribute (tcm_loop) are always live.
+    let enabled = read_num_or(&tpg_dir.join("enable"), 1)? != 0;
     Ok(Some((port, enabled)))
 }
 
