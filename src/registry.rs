@@ -186,21 +186,71 @@ impl Registry {
     }
 
     /// Applies a new size (online resize): the LUN reports the new
-    /// capacity and raises CAPACITY DATA HAS CHANGED.
-    pub fn resize(&self, name: &str, size: u64) -> bool {
-        let Ok(mut devs) = self.devices.lock() else {
-            return false;
+    /// capacity and raises CAPACITY DATA HAS CHANGED. Waits for the
+    /// worker; an error says why the capacity is unchanged.
+    pub fn resize(&self, name: &str, size: u64) -> Result<(), String> {
+        let Some(cur) = self.spec(name).and_then(|s| s.size) else {
+            return Err(format!("{name}: not served"));
         };
-        let Some(r) = devs.get_mut(name) else {
-            return false;
-        };
-        if r.size == size {
-            return true;
+        if cur == size {
+            return Ok(());
         }
-        r.size = size;
-        r.stopper.control(Box::new(move |d: &mut Device| {
-            d.resize(size);
-        }))
+        let got = self
+            .run_on_worker(name, move |d: &mut Device| {
+                d.resize(size);
+                d.lun_mut().info().geometry.size
+            })
+            .ok_or_else(|| format!("{name}: worker did not answer"))?;
+        if got != size {
+            return Err(format!(
+                "{name}: backend cannot serve {size} bytes; capacity stays {got}"
+            ));
+        }
+        if let Ok(mut devs) = self.devices.lock() {
+            if let Some(r) = devs.get_mut(name) {
+                r.size = size;
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs `f` on `name`'s worker thread, between two turns of its loop,
+    /// and waits for the result (reopen, write cache, resize). `None` if
+    /// no such device, or its worker is gone or did not answer within
+    /// the drain timeout.
+    pub fn run_on_worker<R: Send + 'static>(
+        &self,
+        name: &str,
+        f: impl FnOnce(&mut Device) -> R + Send + 'static,
+    ) -> Option<R> {
+        let stopper = self.devices.lock().ok()?.get(name)?.stopper.clone();
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        let sent = stopper.control(Box::new(move |d: &mut Device| {
+            let _ = tx.send(f(d));
+        }));
+        if !sent {
+            return None;
+        }
+        rx.recv_timeout(crate::device::WorkerOptions::default().drain_timeout)
+            .ok()
+    }
+
+    /// The spec `name` is served with; `size` is the LUN's current size.
+    pub fn spec(&self, name: &str) -> Option<DeviceSpec> {
+        let devs = self.devices.lock().ok()?;
+        let r = devs.get(name)?;
+        let mut s = r.spec.clone();
+        s.size = Some(r.size);
+        Some(s)
+    }
+
+    /// Records `name`'s config string after a reopen.
+    pub fn set_cfgstring(&self, name: &str, cfgstring: &str) {
+        if let Ok(mut devs) = self.devices.lock() {
+            if let Some(r) = devs.get_mut(name) {
+                r.spec.cfgstring = cfgstring.to_string();
+            }
+        }
     }
 
     /// For devices with a configfs directory, applies a `dev_size` changed
@@ -219,7 +269,9 @@ impl Registry {
             Err(_) => return,
         };
         for (n, size) in todo {
-            self.resize(&n, size);
+            if let Err(e) = self.resize(&n, size) {
+                warn!(dev = %n, error = %e, "resize refused");
+            }
         }
     }
 
