@@ -190,9 +190,12 @@ pub fn serve(
         .serve_at(HANDLER_MANAGER_PATH, HandlerManager)?
         .build()?;
     use zbus::fdo::{RequestNameFlags, RequestNameReply};
-    match conn.request_name_with_flags(BUS_NAME, RequestNameFlags::DoNotQueue.into())? {
-        RequestNameReply::PrimaryOwner | RequestNameReply::AlreadyOwner => Ok(conn),
-        RequestNameReply::Exists | RequestNameReply::InQueue => Err(DbusError::NameTaken),
+    match conn.request_name_with_flags(BUS_NAME, RequestNameFlags::DoNotQueue.into()) {
+        Ok(RequestNameReply::PrimaryOwner | RequestNameReply::AlreadyOwner) => Ok(conn),
+        Ok(RequestNameReply::Exists | RequestNameReply::InQueue) | Err(zbus::Error::NameTaken) => {
+            Err(DbusError::NameTaken)
+        }
+        Err(e) => Err(e.into()),
     }
 }
 

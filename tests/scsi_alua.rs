@@ -471,6 +471,35 @@ fn configfs_groups() {
 }
 
 #[test]
+fn configfs_tcm_loop_port_without_enable() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dev = tmp.path().join("target/core/user_1/disk1");
+    write(&dev, "alua/gwb/tg_pt_gp_id", "22");
+    write(&dev, "alua/gwb/alua_access_type", "3");
+    write(&dev, "alua/gwb/alua_access_state", "1");
+    write(
+        &dev,
+        "alua/gwb/members",
+        "loopback/naa.500140512345678a/tpgt_1/lun_0",
+    );
+    let tpg = tmp
+        .path()
+        .join("target/loopback/naa.500140512345678a/tpgt_1");
+    write(&tpg, "lun/lun_0/statistics/scsi_port/indx", "0x3");
+    let cfg = AluaConfig::from_configfs(&dev).unwrap().expect("group");
+    assert_eq!(
+        cfg.local,
+        LocalPort {
+            group: 22,
+            rel_port: 3
+        }
+    );
+    assert_eq!(cfg.groups[0].mode, BOTH);
+    assert_eq!(cfg.groups[0].state, AccessState::ActiveNonOptimized);
+    assert_eq!(cfg.groups[0].supported, support::DEFAULT);
+}
+
+#[test]
 fn configfs_without_alua_and_with_bad_values() {
     let tmp = tempfile::tempdir().unwrap();
     let dev = tmp.path().join("target/core/user_0/d");

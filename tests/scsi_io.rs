@@ -572,3 +572,56 @@ fn capacity_unit_attention_once_after_resize() {
     let s = t.sense(&rw16(true, 3000, 1), vec![0; 512]);
     assert_sense(&s, 5, 0x21, 0);
 }
+
+#[test]
+fn backend_errors_map_to_sense() {
+    use tcmu_handler::IoError;
+    let t = T::new(1000);
+    let mut lun = Lun::new(info(&*t.be, "s"));
+    let bufs = IoBufs::from_vec(vec![0u8; 512]);
+    let mut fail = |cdb: &[u8], e: IoError| -> [u8; 18] {
+        let Outcome::Submit(_, p) = lun.execute(cdb, &bufs) else {
+            panic!("{cdb:02x?} should reach the backend");
+        };
+        match lun.finish(p, Err(e)) {
+            Outcome::Done(r) => {
+                assert_eq!(r.status, 2);
+                r.sense.unwrap().to_fixed()
+            }
+            Outcome::Submit(op, _) => panic!("no follow-up after an error: {op:?}"),
+        }
+    };
+    let read = rw16(false, 0, 1);
+    let write = rw16(true, 0, 1);
+    let io = || IoError::Io {
+        errno: 5,
+        msg: "eio".into(),
+    };
+    assert_sense(&fail(&read, io()), 0x03, 0x11, 0x00);
+    assert_sense(&fail(&write, io()), 0x03, 0x0c, 0x00);
+    assert_sense(&fail(&write, IoError::NoSpace), 0x07, 0x27, 0x07);
+    assert_sense(&fail(&read, IoError::Timeout), 0x0b, 0x00, 0x00);
+    assert_sense(
+        &fail(&write, IoError::Fenced("blocklisted".into())),
+        0x02,
+        0x04,
+        0x00,
+    );
+    assert_sense(&fail(&read, IoError::OutOfRange), 0x05, 0x21, 0x00);
+    // A failed flush after a FUA COMPARE AND WRITE is a write error.
+    let mut c = [0u8; 16];
+    c[0] = 0x89;
+    c[1] = 0x08;
+    c[13] = 1;
+    let big = IoBufs::from_vec(vec![0u8; 1024]);
+    let Outcome::Submit(_, p) = lun.execute(&c, &big) else {
+        panic!("CAW should reach the backend");
+    };
+    let Outcome::Submit(Op::Flush, p) = lun.finish(p, Ok(())) else {
+        panic!("FUA CAW must flush");
+    };
+    let Outcome::Done(r) = lun.finish(p, Err(io())) else {
+        panic!("done after the flush");
+    };
+    assert_sense(&r.sense.unwrap().to_fixed(), 0x03, 0x0c, 0x00);
+}

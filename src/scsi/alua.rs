@@ -11,6 +11,46 @@
 //!
 //! TCMU devices carry `TRANSPORT_FLAG_PASSTHROUGH_ALUA`: the kernel neither
 //! checks ALUA states nor answers RTPG/STPG itself; this module does.
+//!
+//! How Linux initiators (dm-multipath with `hardware_handler "1 alua"`,
+//! drivers/scsi/device_handler/scsi_dh_alua.c) react, which decides how a
+//! failover driver should use this:
+//! - I/O is never sent down a path whose group the host last saw as
+//!   Standby, Unavailable or Offline (`alua_prep_fn` fails it locally).
+//! - When multipath switches to such a path group it "activates" it: with
+//!   explicit ALUA (TPGS 2 or 3) that is a SET TARGET PORT GROUPS asking
+//!   Active/Optimized for that group, then REPORT TARGET PORT GROUPS until
+//!   the state is no longer Transitioning (for up to the IMPLICIT
+//!   TRANSITION TIME); with implicit-only ALUA it only re-reads the states.
+//!   So standby gateways need explicit ALUA (install [`SharedAlua::on_stpg`]
+//!   to start taking the lock and report Transitioning), or, for I/O-driven
+//!   implicit failover as tcmu-runner does it, non-owners must report
+//!   Active/Non-optimized so that I/O reaches them and
+//!   [`AluaSource::request_active`] runs.
+//! - NOT READY / ASYMMETRIC ACCESS STATE TRANSITION (02/04/0A) makes the
+//!   host retry the command and re-read the states; LOGICAL UNIT NOT
+//!   ACCESSIBLE, TARGET PORT IN STANDBY STATE (02/04/0B) fails the path
+//!   (multipath's TUR checker shows it as a ghost) and the I/O moves on.
+//! - The states in an RTPG answer update every port group the host knows,
+//!   not only the one asked through: the gateway that takes the lock
+//!   should also mark the previous owner's group Standby.
+//!
+//! Wiring, for a device worker:
+//! ```no_run
+//! # use std::sync::Arc;
+//! # use tcmu_rbd::scsi::{alua::*, Lun};
+//! # fn f(lun: &mut Lun, dev_dir: &std::path::Path) -> Result<(), AluaConfigError> {
+//! if let Some(cfg) = AluaConfig::from_configfs(dev_dir)? {
+//!     let alua = SharedAlua::new(cfg);
+//!     let handle = alua.handle(); // for the lock watcher thread
+//!     alua.on_request_active(move || {
+//!         // kick the exclusive-lock acquisition; never block here
+//!         handle.set_local_state(AccessState::Transitioning);
+//!     });
+//!     lun.set_alua(Arc::new(alua));
+//! }
+//! # Ok(()) }
+//! ```
 
 use super::sense::{self, Sense};
 use std::path::{Path, PathBuf};
@@ -292,7 +332,8 @@ impl AluaConfig {
     /// `alua_support_*` flags and `members` (`fabric/wwn/tpgt_N/lun_M`
     /// lines). A member port's relative target port id is the LUN's
     /// `statistics/scsi_port/indx` and its TPG's `enable` says whether it
-    /// is on this host, as tcmu-runner reads them. The local port is the
+    /// is on this host, as tcmu-runner reads them (a TPG without `enable`,
+    /// as tcm_loop's, counts as enabled). The local port is the
     /// first enabled member. `default_tg_pt_gp` is ignored: LIO creates it
     /// for every device, so it alone means ALUA was not configured.
     /// Returns `None` when no group is configured.
@@ -435,7 +476,8 @@ fn member_port(root: &Path, line: &str) -> Result<Option<(u16, bool)>, AluaConfi
         path: indx,
         value: port.to_string(),
     })?;
-    let enabled = read_num_or(&tpg_dir.join("enable"), 0)? != 0;
+    // Fabrics without an `enable` attribute (tcm_loop) are always live.
+    let enabled = read_num_or(&tpg_dir.join("enable"), 1)? != 0;
     Ok(Some((port, enabled)))
 }
 
@@ -555,11 +597,21 @@ impl SharedAlua {
 
 impl AluaHandle {
     /// Sets group `id`'s state and status code; false if no such group.
+    /// A change is logged (in the caller's span, which names the device).
     pub fn set_state(&self, id: u16, state: AccessState, status: u8) -> bool {
         match self.inner.slots.iter().find(|s| s.cfg.id == id) {
             Some(s) => {
                 s.status.store(status, Ordering::Relaxed);
-                s.state.store(state as u8, Ordering::Release);
+                let old = s.state.swap(state as u8, Ordering::AcqRel);
+                if old != state as u8 {
+                    tracing::info!(
+                        group = id,
+                        name = %s.cfg.name,
+                        old = ?AccessState::from_u8(old),
+                        new = ?state,
+                        "ALUA state change"
+                    );
+                }
                 true
             }
             None => false,

@@ -62,60 +62,67 @@ pub fn group_len(opcode: u8) -> Option<usize> {
     }
 }
 
-/// A CDB of at most 16 bytes, zero padded.
+/// A CDB of at least its opcode group's length. Readers return 0 past
+/// the end, so no decoder can index past what the initiator sent.
 #[derive(Clone, Copy)]
-pub struct Cdb {
-    b: [u8; 16],
+pub struct Cdb<'a> {
+    b: &'a [u8],
 }
 
-impl Cdb {
-    /// Copies `cdb`; `None` if it is shorter than its opcode's group
+impl<'a> Cdb<'a> {
+    /// Wraps `cdb`; `None` if it is shorter than its opcode's group
     /// length or from a group this LUN does not serve.
     #[inline]
-    pub fn parse(cdb: &[u8]) -> Option<Cdb> {
+    pub fn parse(cdb: &'a [u8]) -> Option<Cdb<'a>> {
         let need = group_len(*cdb.first()?)?;
         if cdb.len() < need {
             return None;
         }
-        let mut b = [0u8; 16];
-        b[..need].copy_from_slice(&cdb[..need]);
-        Some(Cdb { b })
+        Some(Cdb { b: &cdb[..need] })
     }
 
     /// The operation code.
     #[inline]
     pub fn opcode(&self) -> u8 {
-        self.b[0]
+        self.u8(0)
     }
     /// Byte `i` (0 past the CDB's end).
     #[inline]
     pub fn u8(&self, i: usize) -> u8 {
         self.b.get(i).copied().unwrap_or(0)
     }
+    #[inline]
+    fn bytes<const N: usize>(&self, i: usize) -> [u8; N] {
+        match self.b.get(i..i + N) {
+            Some(s) => s.try_into().unwrap_or([0; N]),
+            None => [0; N],
+        }
+    }
     /// Big-endian 16-bit field at `i`.
     #[inline]
     pub fn be16(&self, i: usize) -> u16 {
-        u16::from_be_bytes([self.u8(i), self.u8(i + 1)])
+        u16::from_be_bytes(self.bytes(i))
     }
     /// Big-endian 24-bit field at `i`.
     #[inline]
     pub fn be24(&self, i: usize) -> u32 {
-        u32::from_be_bytes([0, self.u8(i), self.u8(i + 1), self.u8(i + 2)])
+        let [a, b, c] = self.bytes(i);
+        u32::from_be_bytes([0, a, b, c])
     }
     /// Big-endian 32-bit field at `i`.
     #[inline]
     pub fn be32(&self, i: usize) -> u32 {
-        u32::from_be_bytes([self.u8(i), self.u8(i + 1), self.u8(i + 2), self.u8(i + 3)])
+        u32::from_be_bytes(self.bytes(i))
     }
     /// Big-endian 64-bit field at `i`.
     #[inline]
     pub fn be64(&self, i: usize) -> u64 {
-        (u64::from(self.be32(i)) << 32) | u64::from(self.be32(i + 4))
+        u64::from_be_bytes(self.bytes(i))
     }
     /// The service action (byte 1, bits 4..0).
     #[inline]
     pub fn service_action(&self) -> u8 {
-        self.b[1] & 0x1f
+        self.u8(1) & 0x1f
     }
 }
 
@@ -138,7 +145,7 @@ pub struct Transfer {
 /// Decodes the LBA and length of the READ/WRITE/VERIFY/WRITE SAME/SYNC
 /// CACHE family; `None` for other opcodes.
 #[inline]
-pub fn transfer(c: &Cdb) -> Option<Transfer> {
+pub fn transfer(c: &Cdb<'_>) -> Option<Transfer> {
     let t = |lba, blocks, lba_field, len_field| Transfer {
         lba,
         blocks,

@@ -213,20 +213,42 @@ impl Lun {
 
     /// Decodes and runs one command against `bufs` (the data-in or data-out
     /// buffer the kernel allocated for it).
+    #[inline]
     pub fn execute(&mut self, cdb: &[u8], bufs: &IoBufs) -> Outcome {
         let Some(&opcode) = cdb.first() else {
             return Outcome::check(INVALID_OPCODE);
         };
+        if self.ua_capacity || self.alua_mode.enabled() {
+            if let Some(refused) = self.gate(opcode, cdb) {
+                return refused;
+            }
+        }
+        if let Some(o) = self.fast_rw(cdb, bufs) {
+            return o;
+        }
+        self.execute_other(opcode, cdb, bufs)
+    }
+
+    /// A pending unit attention, or a port state that refuses `cdb`.
+    #[cold]
+    fn gate(&mut self, opcode: u8, cdb: &[u8]) -> Option<Outcome> {
         if self.ua_capacity && !matches!(opcode, op::INQUIRY | op::REPORT_LUNS | op::REQUEST_SENSE)
         {
             self.ua_capacity = false;
-            return Outcome::check(sense::CAPACITY_CHANGED);
+            return Some(Outcome::check(sense::CAPACITY_CHANGED));
         }
         if self.alua_mode.enabled() {
             if let alua::Access::Refuse(s) = alua::check(&*self.alua, self.alua_mode, cdb) {
-                return Outcome::check(s);
+                return Some(Outcome::check(s));
             }
         }
+        None
+    }
+
+    /// Everything but the READ/WRITE(10/16) fast path; kept out of line so
+    /// the hot path stays small.
+    #[inline(never)]
+    fn execute_other(&mut self, opcode: u8, cdb: &[u8], bufs: &IoBufs) -> Outcome {
         let Some(c) = Cdb::parse(cdb) else {
             return Outcome::check(if cdb::group_len(opcode).is_none() {
                 INVALID_OPCODE
@@ -392,7 +414,19 @@ impl Lun {
 
     /// Turns a backend result into the response for the command that
     /// produced `pending`, or into a follow-up operation.
+    #[inline]
     pub fn finish(&mut self, pending: Pending, result: IoResult) -> Outcome {
+        if result.is_ok()
+            && !pending.flush_after
+            && matches!(pending.kind, Kind::Read | Kind::Write)
+        {
+            return Outcome::Done(Response::good());
+        }
+        self.finish_slow(pending, result)
+    }
+
+    #[cold]
+    fn finish_slow(&mut self, pending: Pending, result: IoResult) -> Outcome {
         let Pending { kind, flush_after } = pending;
         if let Err(e) = result {
             return Outcome::check(self.error_sense(&kind, &e));

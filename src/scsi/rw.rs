@@ -53,7 +53,7 @@ impl Lun {
     /// The common checks of a transfer: no protection information asked
     /// for (byte 1 bits 7..5), within MAXIMUM TRANSFER LENGTH, inside the
     /// LUN.
-    #[inline]
+    #[inline(always)]
     fn check_transfer(&self, t: &Transfer, protect: bool) -> Result<(), Sense> {
         if protect && t.flags & 0xe0 != 0 {
             return Err(invalid_cdb(1, Some(7)));
@@ -67,7 +67,7 @@ impl Lun {
     /// The first `blocks` blocks of `bufs`, or INVALID FIELD IN CDB
     /// (pointing at the transfer length) when the buffer is shorter than
     /// the transfer.
-    #[inline]
+    #[inline(always)]
     fn view(&self, bufs: &IoBufs, blocks: u64, t: &Transfer) -> Result<IoBufs, Sense> {
         let len =
             usize::try_from(blocks * self.bs).map_err(|_| invalid_cdb(t.len_field, Some(7)))?;
@@ -75,56 +75,93 @@ impl Lun {
             .ok_or_else(|| invalid_cdb(t.len_field, Some(7)))
     }
 
-    #[inline]
-    pub(super) fn read(&mut self, c: &Cdb, bufs: &IoBufs) -> Outcome {
-        let Some(t) = transfer(c) else {
-            return Outcome::check(sense::INVALID_OPCODE);
+    /// The hot path: READ/WRITE(10/16) decoded straight from the CDB
+    /// (no generic decoding, no allocation). `None` for anything else.
+    #[inline(always)]
+    pub(super) fn fast_rw(&mut self, cdb: &[u8], bufs: &IoBufs) -> Option<Outcome> {
+        let (write, t) = match cdb.first_chunk::<16>() {
+            Some(c) if c[0] == op::READ_16 || c[0] == op::WRITE_16 => (
+                c[0] == op::WRITE_16,
+                Transfer {
+                    lba: u64::from_be_bytes([c[2], c[3], c[4], c[5], c[6], c[7], c[8], c[9]]),
+                    blocks: u32::from_be_bytes([c[10], c[11], c[12], c[13]]),
+                    flags: c[1],
+                    lba_field: 2,
+                    len_field: 10,
+                },
+            ),
+            _ => match cdb.first_chunk::<10>() {
+                Some(c) if c[0] == op::READ_10 || c[0] == op::WRITE_10 => (
+                    c[0] == op::WRITE_10,
+                    Transfer {
+                        lba: u64::from(u32::from_be_bytes([c[2], c[3], c[4], c[5]])),
+                        blocks: u32::from(u16::from_be_bytes([c[7], c[8]])),
+                        flags: c[1],
+                        lba_field: 2,
+                        len_field: 7,
+                    },
+                ),
+                _ => return None,
+            },
         };
-        if let Err(s) = self.check_transfer(&t, c.opcode() != op::READ_6) {
+        let fua = write && (t.flags & 0x08 != 0 || self.write_through());
+        Some(self.transfer_data(&t, true, write, fua, bufs))
+    }
+
+    /// Checks a read or write and builds its backend operation.
+    #[inline(always)]
+    fn transfer_data(
+        &self,
+        t: &Transfer,
+        protect: bool,
+        write: bool,
+        fua: bool,
+        bufs: &IoBufs,
+    ) -> Outcome {
+        if let Err(s) = self.check_transfer(t, protect) {
             return Outcome::check(s);
         }
         if t.blocks == 0 {
             return Outcome::Done(Response::good());
         }
-        match self.view(bufs, u64::from(t.blocks), &t) {
-            Ok(view) => Outcome::Submit(
-                Op::Read {
-                    offset: t.lba * self.bs,
+        let view = match self.view(bufs, u64::from(t.blocks), t) {
+            Ok(v) => v,
+            Err(s) => return Outcome::check(s),
+        };
+        let offset = t.lba * self.bs;
+        if write {
+            Outcome::Submit(
+                Op::Write {
+                    offset,
                     bufs: view,
+                    fua,
                 },
-                Pending::new(Kind::Read),
-            ),
-            Err(s) => Outcome::check(s),
+                Pending::new(Kind::Write),
+            )
+        } else {
+            Outcome::Submit(Op::Read { offset, bufs: view }, Pending::new(Kind::Read))
         }
     }
 
-    /// WRITE(6/10/12/16) and WRITE AND VERIFY(10/16) (a write with FUA:
-    /// what reached the backend's stable storage verifies by definition).
-    #[inline]
+    /// READ(6/12) (and 10/16 when they miss the fast path).
+    pub(super) fn read(&mut self, c: &Cdb, bufs: &IoBufs) -> Outcome {
+        let Some(t) = transfer(c) else {
+            return Outcome::check(sense::INVALID_OPCODE);
+        };
+        self.transfer_data(&t, c.opcode() != op::READ_6, false, false, bufs)
+    }
+
+    /// WRITE(6/12) (10/16 normally take the fast path) and WRITE AND
+    /// VERIFY(10/16) (a write with FUA: what reached the backend's stable
+    /// storage verifies by definition).
     pub(super) fn write(&mut self, c: &Cdb, bufs: &IoBufs) -> Outcome {
         let Some(t) = transfer(c) else {
             return Outcome::check(sense::INVALID_OPCODE);
         };
         let opc = c.opcode();
-        if let Err(s) = self.check_transfer(&t, opc != op::WRITE_6) {
-            return Outcome::check(s);
-        }
-        if t.blocks == 0 {
-            return Outcome::Done(Response::good());
-        }
         let verify = matches!(opc, op::WRITE_VERIFY_10 | op::WRITE_VERIFY_16);
         let fua = verify || (opc != op::WRITE_6 && t.flags & 0x08 != 0) || self.write_through();
-        match self.view(bufs, u64::from(t.blocks), &t) {
-            Ok(view) => Outcome::Submit(
-                Op::Write {
-                    offset: t.lba * self.bs,
-                    bufs: view,
-                    fua,
-                },
-                Pending::new(Kind::Write),
-            ),
-            Err(s) => Outcome::check(s),
-        }
+        self.transfer_data(&t, opc != op::WRITE_6, true, fua, bufs)
     }
 
     /// VERIFY(10/16): BYTCHK 00b checks the range only (the backend has no
