@@ -103,6 +103,7 @@ out=$(mktemp -d /tmp/tcmu-vm.XXXXXX)
 chmod 777 "$out"
 cat >"$out/env" <<EOF
 BIN=$bin
+TOP=$top
 SUITES="$SUITES"
 EOF
 : >"$out/results"

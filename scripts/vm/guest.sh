@@ -8,6 +8,7 @@
 #
 # /tmp/out/env (written by the host) sets:
 #   BIN     the tcmu-rbd binary
+#   TOP     the repository (systemd/ holds the D-Bus policy)
 #   SUITES  which groups to run: local (file, ram, resize, removal,
 #           restart), rbd (the same on an rbd image), compare (fio 4K QD32,
 #           tcmu-rbd vs tcmu-runner on one image)
@@ -413,9 +414,39 @@ suite_rbd() {
 # --- targetcli through the daemon's D-Bus service --------------------------
 start_dbus() {
   mkdir -p /run/dbus
-  # The host's system bus configuration, policies included (tcmu-runner's
-  # package installs the one that lets root own org.kernel.TCMUService1).
-  dbus-daemon --system --fork --print-pid >"$S/dbus.pid" 2>>"$OUT/dbus.log" || return 1
+  # Debian's system bus default policy (deny owning names and calling
+  # methods), plus only the project's own policy file: the daemon gets its
+  # name through that file, not through another package's (tcmu-runner's
+  # policy in /etc/dbus-1/system.d is not read).
+  cat >"$S/system-bus.conf" <<EOF
+<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
+ "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
+<busconfig>
+  <type>system</type>
+  <user>messagebus</user>
+  <fork/>
+  <pidfile>/run/dbus/pid</pidfile>
+  <auth>EXTERNAL</auth>
+  <listen>unix:path=/run/dbus/system_bus_socket</listen>
+  <policy context="default">
+    <allow user="*"/>
+    <deny own="*"/>
+    <deny send_type="method_call"/>
+    <allow send_type="signal"/>
+    <allow send_requested_reply="true" send_type="method_return"/>
+    <allow send_requested_reply="true" send_type="error"/>
+    <allow receive_type="method_call"/>
+    <allow receive_type="method_return"/>
+    <allow receive_type="error"/>
+    <allow receive_type="signal"/>
+    <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus"/>
+    <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus.Introspectable"/>
+    <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus.Properties"/>
+  </policy>
+  <include>$TOP/systemd/org.kernel.TCMUService1.conf</include>
+</busconfig>
+EOF
+  dbus-daemon --config-file="$S/system-bus.conf" --print-pid >"$S/dbus.pid" 2>>"$OUT/dbus.log" || return 1
   wait_for 10 test -S /run/dbus/system_bus_socket
 }
 tcli() { HOME=/tmp timeout 120 targetcli "$@"; }
