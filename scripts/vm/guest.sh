@@ -364,6 +364,7 @@ t_restart() { # NAME
   dd if="$S/rs" of="/dev/$DEV" bs=1M seek=8 oflag=direct conv=fsync status=none &
   wpid=$!
   sleep 2
+  kill -0 $wpid 2>/dev/null || { why="a write completed while no daemon ran"; return 1; }
   ok start_daemon || return 1
   wait_for 20 served "$1" || { why="restarted daemon did not pick $1 up"; return 1; }
   # ...and completes once the new daemon resets the ring (BUSY, retried).
