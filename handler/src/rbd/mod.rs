@@ -34,6 +34,7 @@
 
 pub mod config;
 pub mod conn;
+pub mod lock;
 
 use crate::{Backend, Caps, Done, Geometry, IoBufs, IoError, IoResult, Op};
 use config::RbdConfig;
