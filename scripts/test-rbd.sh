@@ -39,4 +39,7 @@ run() {
 run -p rbd-ffi --test live -- --ignored
 run -p tcmu-rbd --test rbd_live -- --ignored
 run -p tcmu-rbd --test rbd_outage -- --ignored --test-threads=1
+# HA failover drills: two gateway processes per drill on one image; one
+# drill at a time so the failover times are not skewed by the others.
+run -p tcmu-rbd --test alua_failover -- --ignored --test-threads=1 --nocapture
 echo "rbd: PASS"

@@ -340,6 +340,10 @@ impl Control {
                 if let Some(r) = why {
                     line.push_str(&format!(" reason={r:?}"));
                 }
+                if let Some(a) = &d.alua {
+                    line.push(' ');
+                    line.push_str(a);
+                }
                 line
             })
             .collect()

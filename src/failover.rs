@@ -533,3 +533,47 @@ impl Backend for Gated {
         self.shared.backend.resize(size)
     }
 }
+
+/// An rbd device served by an HA gateway: the gated backend, the ALUA
+/// source to install on the LUN, and the manager driving it.
+pub struct HaRbd {
+    /// The backend to serve the device with.
+    pub backend: Arc<dyn Backend>,
+    /// The ALUA source ([`crate::scsi::Lun::set_alua`]).
+    pub alua: Arc<SharedAlua>,
+    /// The failover manager (keep it as long as the device is served).
+    pub failover: Failover,
+}
+
+/// Opens the rbd image `cfgstring` for device `name` as an HA gateway with
+/// the ALUA groups `config` (from configfs): the exclusive lock decides
+/// which gateway is Active/Optimized.
+pub fn open_rbd(
+    name: &str,
+    cfgstring: &str,
+    size: u64,
+    block_size: u32,
+    config: crate::scsi::alua::AluaConfig,
+    opts: FailoverOptions,
+) -> Result<HaRbd, crate::backends::OpenError> {
+    use crate::backends::OpenError;
+    if block_size == 0 || !block_size.is_power_of_two() {
+        return Err(OpenError::BadConfig(format!(
+            "block size {block_size} is not a power of two"
+        )));
+    }
+    if size == 0 || !size.is_multiple_of(u64::from(block_size)) {
+        return Err(OpenError::BadConfig(format!(
+            "device size {size} is not a positive multiple of the block size {block_size}"
+        )));
+    }
+    let rbd = Arc::new(RbdBackend::open(cfgstring, size, block_size).map_err(OpenError::Open)?);
+    let alua = SharedAlua::new(config);
+    let failover =
+        Failover::start(name, rbd, &alua, opts).map_err(|e| OpenError::Open(e.to_string()))?;
+    Ok(HaRbd {
+        backend: failover.backend(),
+        alua: Arc::new(alua),
+        failover,
+    })
+}

@@ -167,6 +167,8 @@ struct Running {
     spec: DeviceSpec,
     /// Size the LUN reports now.
     size: u64,
+    /// HA failover on the rbd exclusive lock (rbd devices with ALUA groups).
+    failover: Option<crate::failover::Failover>,
 }
 
 /// The set of devices being served.
@@ -188,6 +190,9 @@ pub struct DeviceStatus {
     pub completed: u64,
     /// CHECK CONDITIONs sent.
     pub check_conditions: u64,
+    /// HA gateways: ALUA state and exclusive-lock owner
+    /// ([`crate::failover::FailoverStatus`]); None without ALUA groups.
+    pub alua: Option<String>,
 }
 
 impl Registry {
@@ -341,6 +346,7 @@ impl Registry {
                 commands: r.stats.commands.load(Relaxed),
                 completed: r.stats.completed.load(Relaxed),
                 check_conditions: r.stats.check_conditions.load(Relaxed),
+                alua: r.failover.as_ref().map(|f| f.status().to_string()),
             })
             .collect()
     }
@@ -378,13 +384,39 @@ fn open_device(spec: &DeviceSpec) -> Result<Running, OpenDeviceError> {
             msg: "device size unknown (no dev_size in netlink or configfs)".into(),
         })?;
     let block_size = attrs.block_size.unwrap_or(512);
-    let backend =
-        backends::open(&spec.subtype, &spec.cfgstring, size, block_size).map_err(|source| {
-            OpenDeviceError::Backend {
+    let backend_err = |source| OpenDeviceError::Backend {
+        name: name.clone(),
+        source,
+    };
+    // An rbd device with ALUA groups in configfs is an HA gateway: its
+    // ALUA states follow the image's exclusive lock.
+    let alua_cfg = match &spec.configfs_dir {
+        Some(dir) if spec.subtype == "rbd" => crate::scsi::alua::AluaConfig::from_configfs(dir)
+            .map_err(|e| OpenDeviceError::Config {
                 name: name.clone(),
-                source,
-            }
-        })?;
+                msg: format!("ALUA groups: {e}"),
+            })?,
+        _ => None,
+    };
+    let (backend, ha) = match alua_cfg {
+        Some(cfg) => {
+            let ha = crate::failover::open_rbd(
+                &name,
+                &spec.cfgstring,
+                size,
+                block_size,
+                cfg,
+                crate::failover::FailoverOptions::default(),
+            )
+            .map_err(backend_err)?;
+            (ha.backend.clone(), Some(ha))
+        }
+        None => (
+            backends::open(&spec.subtype, &spec.cfgstring, size, block_size)
+                .map_err(backend_err)?,
+            None,
+        ),
+    };
 
     // Commands a previous process left in the ring may have had their
     // completions half-recorded: fail them back (BUSY, the initiator
@@ -412,6 +444,10 @@ fn open_device(spec: &DeviceSpec) -> Result<Running, OpenDeviceError> {
         backend,
         info,
     )?;
+    let failover = ha.map(|ha| {
+        dev.lun_mut().set_alua(ha.alua);
+        ha.failover
+    });
     let stopper = dev.stopper();
     let stats = dev.stats();
     let lun_size = size;
@@ -430,6 +466,7 @@ fn open_device(spec: &DeviceSpec) -> Result<Running, OpenDeviceError> {
         thread,
         spec: spec.clone(),
         size: lun_size,
+        failover,
     })
 }
 

@@ -617,3 +617,131 @@ fn drill_split_brain_then_failback() {
     eprintln!("FAILOVER failback after split brain: {} ms", ms(fo));
     assert!(fo < TARGET, "failback took {fo:?}");
 }
+
+fn put(p: &std::path::Path, rel: &str, v: &str) {
+    let f = p.join(rel);
+    std::fs::create_dir_all(f.parent().expect("parent")).expect("mkdir");
+    std::fs::write(f, format!("{v}\n")).expect("write");
+}
+
+/// A configfs tree of a tcm_loop-exported device with two ALUA groups.
+fn configfs_two_groups(root: &std::path::Path) -> std::path::PathBuf {
+    let dev = root.join("target/core/user_1/disk0");
+    for (name, id, wwn, indx) in [("gw1", 1, "naa.5001", 3), ("gw2", 2, "naa.5002", 4)] {
+        let g = format!("alua/{name}");
+        put(&dev, &format!("{g}/tg_pt_gp_id"), &id.to_string());
+        put(&dev, &format!("{g}/alua_access_state"), "0");
+        put(
+            &dev,
+            &format!("{g}/alua_access_type"),
+            "Implicit and Explicit",
+        );
+        put(
+            &dev,
+            &format!("{g}/members"),
+            &format!("loopback/{wwn}/tpgt_1/lun_0"),
+        );
+        let tpg = root.join(format!("target/loopback/{wwn}/tpgt_1"));
+        put(
+            &tpg,
+            "lun/lun_0/statistics/scsi_port/indx",
+            &indx.to_string(),
+        );
+    }
+    dev
+}
+
+fn wait_status(f: &tcmu_rbd::failover::Failover, want: &str) -> tcmu_rbd::failover::FailoverStatus {
+    let t0 = Instant::now();
+    loop {
+        let s = f.status();
+        if s.to_string().contains(want) {
+            return s;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(15),
+            "status never showed {want:?}: {s}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// What the registry does for an rbd device with ALUA groups in configfs:
+/// the groups come from configfs, the states from the exclusive lock; a
+/// gateway whose lock is taken stops serving at once.
+#[test]
+#[ignore = "needs the live Ceph cluster: scripts/test-rbd.sh runs it"]
+fn configfs_groups_make_an_ha_device() {
+    use tcmu_rbd::failover::{open_rbd, FailoverOptions};
+    use tcmu_rbd::scsi::alua::{AccessState, AluaConfig, AluaSource};
+    let _ = tracing_subscriber::fmt()
+        .with_test_writer()
+        .with_env_filter("info")
+        .try_init();
+    let img = TestImage::new("alua-cfgfs", 8 << 20);
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dev = configfs_two_groups(tmp.path());
+    // Each gateway has its own rados client: devices of one process with
+    // the same (conf, id) share one, so the second gateway uses client.tcmu.
+    let open = |extra: &str| {
+        let cfg = AluaConfig::from_configfs(&dev)
+            .expect("configfs")
+            .expect("groups");
+        open_rbd(
+            "disk0",
+            &img.cfg(extra),
+            img.size,
+            512,
+            cfg,
+            FailoverOptions::default(),
+        )
+        .unwrap_or_else(|e| panic!("open: {e}"))
+    };
+    let one = open("");
+    assert_eq!(one.alua.groups().len(), 2);
+    assert_eq!(one.alua.local_port().group, 1);
+    // Not the owner yet: standby, and the gate refuses I/O.
+    assert_eq!(one.failover.status().state, AccessState::Standby);
+    let mut d1 = Direct::new(one.backend.clone());
+    assert!(matches!(
+        d1.write(0, &pattern(1, 4096)),
+        Err(tcmu_handler::IoError::Fenced(_))
+    ));
+    one.failover.request_active();
+    let s = wait_status(&one.failover, "alua=active/optimized lock=mine");
+    assert!(s.serving && s.takeovers == 1, "{s}");
+    assert_eq!(one.alua.groups()[1].state, AccessState::Standby);
+    d1.write(0, &pattern(1, 4096)).expect("write as the owner");
+
+    // Another device of the same gateway (same client) must not fence the
+    // gateway itself: its takeover fails, the owner keeps serving.
+    let same = open("");
+    same.failover.request_active();
+    std::thread::sleep(Duration::from_millis(500));
+    wait_status(&same.failover, "alua=standby");
+    assert!(one.failover.status().serving);
+    d1.write(0, &pattern(1, 4096))
+        .expect("the owner still writes");
+    drop(same);
+
+    // A second gateway takes the lock: the first loses it.
+    let two = open(";id=tcmu");
+    two.failover.request_active();
+    wait_status(&two.failover, "alua=active/optimized lock=mine");
+    let lost = wait_status(&one.failover, "alua=standby");
+    assert_eq!(lost.losses, 1, "{lost}");
+    assert!(matches!(
+        d1.write(0, &pattern(2, 4096)),
+        Err(tcmu_handler::IoError::Fenced(_))
+    ));
+    let mut d2 = Direct::new(two.backend.clone());
+    assert_eq!(d2.read(0, 4096).expect("read"), pattern(1, 4096));
+    // The first reopens on a fresh client and can take the lock back.
+    wait_status(&one.failover, "generation=2");
+    one.failover.request_active();
+    wait_status(&one.failover, "alua=active/optimized lock=mine");
+    wait_status(&two.failover, "alua=standby");
+    d1.write(0, &pattern(3, 4096))
+        .expect("write after taking the lock back");
+    assert_eq!(d1.read(0, 4096).expect("read"), pattern(3, 4096));
+}

@@ -42,6 +42,16 @@ pub enum LockError {
         /// The error.
         source: rbd_ffi::Error,
     },
+    /// The lock is held by another image handle of this very client (a
+    /// second device of this daemon on the same image and connection):
+    /// blocklisting it would fence this gateway itself.
+    #[error("{image}: the lock is held by this gateway's own client ({owner}), another device of this daemon")]
+    OwnClient {
+        /// The image.
+        image: String,
+        /// The owner address.
+        owner: String,
+    },
     /// The lock was acquired but librbd does not report this client as
     /// the owner (another gateway took it in between).
     #[error("{image}: lock acquired but not owned afterwards")]
@@ -192,6 +202,13 @@ impl RbdBackend {
             .image
             .lock_owners()
             .map_err(self.call_err("lock_get_owners"))?;
+        let mine = s.rados.addrs().map_err(self.call_err("rados_getaddrs"))?;
+        if let Some(owner) = owners.owners.iter().find(|o| same_client(o, &mine)) {
+            return Err(LockError::OwnClient {
+                image,
+                owner: owner.clone(),
+            });
+        }
         let mut fenced = Vec::new();
         for owner in owners.owners {
             warn!(image = %image, owner = %owner, expire = blocklist_expire_secs, "fencing the lock owner: osd blocklist add");
@@ -238,5 +255,45 @@ impl RbdBackend {
             Err(e) if e.errno == libc::EINVAL || e.errno == libc::ENOENT => Ok(()),
             Err(e) => Err(self.call_err("lock_release")(e)),
         }
+    }
+}
+
+/// The `ip:port/nonce` parts of an address list as librados prints it
+/// (`[v2:127.0.0.1:0/12,v1:127.0.0.1:0/12]`, or one bare address).
+fn addr_parts(list: &str) -> Vec<&str> {
+    list.trim_matches(|c| c == '[' || c == ']')
+        .split(',')
+        .map(|a| {
+            let a = a.trim();
+            a.strip_prefix("v2:")
+                .or_else(|| a.strip_prefix("v1:"))
+                .or_else(|| a.strip_prefix("any:"))
+                .unwrap_or(a)
+        })
+        .filter(|a| !a.is_empty())
+        .collect()
+}
+
+/// Whether lock owner `owner` is the client with addresses `mine`.
+fn same_client(owner: &str, mine: &str) -> bool {
+    let m = addr_parts(mine);
+    addr_parts(owner).iter().any(|o| m.contains(o))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn owner_matches_own_addresses() {
+        let mine = "[v2:127.0.0.1:0/2411341891,v1:127.0.0.1:0/2411341891]";
+        assert!(same_client("127.0.0.1:0/2411341891", mine));
+        assert!(same_client(
+            "127.0.0.1:0/2411341891",
+            "127.0.0.1:0/2411341891"
+        ));
+        assert!(!same_client("127.0.0.1:0/2411341892", mine));
+        assert!(!same_client("10.0.0.1:0/2411341891", mine));
+        assert!(!same_client("", mine));
     }
 }
