@@ -676,6 +676,7 @@ fn configfs_groups_make_an_ha_device() {
     use tcmu_rbd::scsi::alua::{AccessState, AluaConfig, AluaSource};
     let _ = tracing_subscriber::fmt()
         .with_test_writer()
+        .with_ansi(false)
         .with_env_filter("info")
         .try_init();
     let img = TestImage::new("alua-cfgfs", 8 << 20);
