@@ -375,12 +375,12 @@ impl Shared {
         if let Err(e) = self.backend.release_lock() {
             warn!(error = %e, "lock release failed");
         }
-        self.set_local(AccessState::Standby, "lock released (STPG)");
+        self.set_local(AccessState::Standby, "lock released");
     }
 }
 
-/// The failover manager of one device. Dropping it stops its thread; the
-/// lock is left as it is (a restarted gateway fences the old client).
+/// The failover manager of one device. Dropping it (after the device's
+/// worker stopped) releases the lock if held and stops its thread.
 pub struct Failover {
     shared: Arc<Shared>,
     thread: Option<JoinHandle<()>>,
@@ -492,6 +492,11 @@ impl Failover {
 
 impl Drop for Failover {
     fn drop(&mut self) {
+        // A clean stop (device removed, daemon stopping; its worker has
+        // drained) hands the lock over instead of waiting to be fenced.
+        if self.shared.serving.load(Ordering::Acquire) {
+            let _ = self.shared.tx.send(Msg::Release);
+        }
         let _ = self.shared.tx.send(Msg::Stop);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
