@@ -41,6 +41,16 @@ struct Gw {
 
 impl Gw {
     fn spawn(name: &'static str, group: u16, img: &TestImage, test: &str) -> Gw {
+        Self::spawn_with(name, group, img, test, &[])
+    }
+
+    fn spawn_with(
+        name: &'static str,
+        group: u16,
+        img: &TestImage,
+        test: &str,
+        extra: &[&str],
+    ) -> Gw {
         let dir = format!("{}/alua-drills", env!("CARGO_TARGET_TMPDIR"));
         std::fs::create_dir_all(&dir).expect("log dir");
         let log = format!("{dir}/{test}-{name}.log");
@@ -49,6 +59,7 @@ impl Gw {
             .args(["--cfg", &img.cfg(";osd_op_timeout=30")])
             .args(["--size", &img.size.to_string()])
             .args(["--group", &group.to_string(), "--name", name])
+            .args(extra)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(logf)
@@ -527,7 +538,9 @@ fn drill_crash_takeover_by_io() {
 fn drill_split_brain_then_failback() {
     use nix::sys::signal::Signal;
     let img = TestImage::new("alua-split", SIZE);
-    let mut a = Gw::spawn("A", 1, &img, "split");
+    // A long I/O hold-off on A, so that the check below that stale I/O
+    // does not steal the lock back cannot race its expiry.
+    let mut a = Gw::spawn_with("A", 1, &img, "split", &["--holdoff-ms", "60000"]);
     let mut b = Gw::spawn("B", 2, &img, "split");
     let mut w = Writer::new(3_000_000);
     let t0 = Instant::now();
@@ -601,6 +614,17 @@ fn drill_split_brain_then_failback() {
     assert!(st.contains("losses=1"), "A: {st}");
     a.wait_state("generation=2", Duration::from_secs(15));
     assert_eq!(a.call("tur"), "sense 02/04/0b");
+    // Stale I/O reaching the fenced gateway is refused with the standby
+    // sense and does not take the lock back from B.
+    assert_eq!(
+        a.call(&format!("write {late_base} {WB} 9999999")),
+        "sense 02/04/0b"
+    );
+    b.wait_state("alua=active/optimized lock=mine", Duration::from_secs(1));
+    assert!(
+        a.state().contains("alua=standby"),
+        "A took the lock back on stale I/O"
+    );
     let late_blocks: Vec<u64> = late
         .values()
         .flat_map(|&l| (l..l + WB).collect::<Vec<_>>())
