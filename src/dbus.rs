@@ -169,10 +169,12 @@ pub fn serve(
     handlers: &[HandlerDesc],
     changer: Option<Arc<dyn MediumChanger>>,
 ) -> Result<zbus::blocking::Connection, DbusError> {
-    let mut b = match bus {
+    let b = match bus {
         Bus::System => zbus::blocking::connection::Builder::system()?,
         Bus::Address(a) => zbus::blocking::connection::Builder::address(a.as_str())?,
     };
+    // A wedged bus must not keep the daemon from serving its devices.
+    let mut b = b.method_timeout(std::time::Duration::from_secs(10));
     let mut objects = Vec::new();
     for h in handlers {
         let p = path(&format!("{ROOT_PATH}/{}", h.subtype))?;
