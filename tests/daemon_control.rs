@@ -1,0 +1,192 @@
+//! The daemon's handling of the kernel's device events, applied to a
+//! device served through the emulated kernel: online resize, reopen with
+//! a new config string, a reopen that fails (the device refuses I/O with
+//! sense, the daemon carries on, a later good reopen recovers it), write
+//! cache, removal. The same handlers the netlink loop calls.
+
+mod common;
+
+use common::*;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tcmu_handler::ram::RamBackend;
+use tcmu_handler::Backend;
+use tcmu_rbd::control::{Control, DevState};
+use tcmu_rbd::emulator::{Data, KernelEmu};
+use tcmu_rbd::netlink::{Event, EventKind};
+use tcmu_rbd::registry::{DeviceSpec, Registry};
+
+const MIB: u64 = 1 << 20;
+
+/// Runs one command to completion: (status, sense key, data). A unit
+/// attention (the resize announces itself) is consumed and retried.
+fn io(emu: &mut KernelEmu, cdb: &[u8], data: Data<'_>) -> (u8, Option<u8>, Vec<u8>) {
+    for _ in 0..2 {
+        let d = match &data {
+            Data::None => Data::None,
+            Data::ToDevice(b) => Data::ToDevice(b),
+            Data::FromDevice(n) => Data::FromDevice(*n),
+        };
+        emu.submit(cdb, d).expect("submit");
+        let mut got = None;
+        let end = Instant::now() + Duration::from_secs(10);
+        while got.is_none() {
+            assert!(Instant::now() < end, "command never completed");
+            emu.reap(|r, bytes| {
+                got = Some((
+                    r.status,
+                    r.sense.as_ref().map(|s| s[2] & 0xf),
+                    bytes.to_vec(),
+                ))
+            })
+            .expect("reap");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let got = got.unwrap();
+        if got.1 == Some(0x6) {
+            continue;
+        }
+        return got;
+    }
+    panic!("unit attention on every try");
+}
+
+fn event(kind: EventKind) -> Event {
+    Event {
+        kind,
+        version: 2,
+        device: "tcm-user/1/test/ram/first".into(),
+        minor: 0,
+        device_id: Some(1),
+    }
+}
+
+fn served() -> (KernelEmu, Control) {
+    let ram: Arc<dyn Backend> = Arc::new(RamBackend::new(MIB, 512).unwrap());
+    let (emu, dev) = emu_device(small_layout(), ram);
+    let reg = Arc::new(Registry::new());
+    reg.adopt(
+        DeviceSpec {
+            name: "test".into(),
+            uio_path: PathBuf::from("/dev/null"),
+            map_size: 0,
+            subtype: "ram".into(),
+            cfgstring: "first".into(),
+            configfs_dir: None,
+            size: Some(MIB),
+        },
+        dev,
+    )
+    .unwrap();
+    let t = std::env::temp_dir();
+    (emu, Control::new(reg, &t, &t))
+}
+
+#[test]
+fn resize_reopen_failed_reopen_recovery_and_removal() {
+    let (mut emu, ctl) = served();
+    let pattern = vec![0xa5u8; 512];
+
+    // Online resize: block 2048 (past 1 MiB) becomes readable.
+    assert_eq!(
+        io(&mut emu, &rw16(false, 2048, 1), Data::FromDevice(512)).0,
+        2
+    );
+    assert_eq!(ctl.handle(&event(EventKind::ReconfigSize(2 * MIB))), 0);
+    let (st, _, _) = io(&mut emu, &rw16(true, 2048, 1), Data::ToDevice(&pattern));
+    assert_eq!(st, 0);
+    let (st, _, data) = io(&mut emu, &rw16(false, 2048, 1), Data::FromDevice(512));
+    assert_eq!((st, &data[..]), (0, &pattern[..]));
+    assert!(
+        ctl.status_lines()[0].contains("size=2097152"),
+        "{:?}",
+        ctl.status_lines()
+    );
+
+    // Write cache: the ram backend reports none; asking for one is refused.
+    assert_eq!(ctl.handle(&event(EventKind::ReconfigWriteCache(false))), 0);
+    assert_eq!(
+        ctl.handle(&event(EventKind::ReconfigWriteCache(true))),
+        -libc::EOPNOTSUPP
+    );
+
+    // Reopen with a new config: a fresh ram backend, so the data is gone
+    // and the size is kept.
+    assert_eq!(
+        ctl.handle(&event(EventKind::ReconfigCfg("ram/second\n".into()))),
+        0
+    );
+    let (st, _, data) = io(&mut emu, &rw16(false, 2048, 1), Data::FromDevice(512));
+    assert_eq!(st, 0);
+    assert!(data.iter().all(|&b| b == 0), "old backend still answering");
+    assert!(ctl.status_lines()[0].contains("config=\"ram/second\""));
+
+    // A handler change is refused outright; nothing changes.
+    assert_eq!(
+        ctl.handle(&event(EventKind::ReconfigCfg("file//tmp/x".into()))),
+        -libc::EINVAL
+    );
+    assert_eq!(ctl.state("test"), Some(DevState::Serving));
+
+    // A reopen whose backend cannot be opened: the device stays, refuses
+    // I/O with sense, and says why in its status.
+    let t = tempfile::tempdir().unwrap();
+    let missing = t.path().join("gone/disk.img");
+    let (mut emu2, ctl2) = served_file(&t.path().join("lun.img"));
+    let ev = |c: String| Event {
+        kind: EventKind::ReconfigCfg(c),
+        version: 2,
+        device: "tcm-user/1/test/file/x".into(),
+        minor: 0,
+        device_id: Some(2),
+    };
+    let st = ctl2.handle(&ev(format!("file/{}", missing.display())));
+    assert!(st < 0, "a failed reopen must be reported to the kernel");
+    let (st, key, _) = io(&mut emu2, &rw16(false, 0, 1), Data::FromDevice(512));
+    assert_eq!(st, 2, "I/O must be refused");
+    assert!(key.is_some(), "with sense data");
+    let line = &ctl2.status_lines()[0];
+    assert!(
+        line.contains("state=offline") && line.contains("reason="),
+        "{line}"
+    );
+    // Still alive: a good reopen brings it back.
+    let good = t.path().join("lun2.img");
+    assert_eq!(ctl2.handle(&ev(format!("file/{}", good.display()))), 0);
+    let (st, _, _) = io(&mut emu2, &rw16(true, 0, 1), Data::ToDevice(&pattern));
+    assert_eq!(st, 0);
+    assert_eq!(ctl2.state("test"), Some(DevState::Serving));
+    assert!(ctl2.status_lines()[0].contains("state=serving"));
+
+    // Removal drains and forgets the device.
+    assert_eq!(ctl.handle(&event(EventKind::Removed)), 0);
+    assert!(ctl.registry().names().is_empty());
+    assert!(ctl.status_lines().is_empty());
+    assert_eq!(
+        ctl.handle(&event(EventKind::ReconfigSize(MIB))),
+        -libc::ENODEV
+    );
+}
+
+fn served_file(path: &std::path::Path) -> (KernelEmu, Control) {
+    let b: Arc<dyn Backend> =
+        Arc::new(tcmu_handler::file::FileBackend::open(path, Some(MIB), 512, 2).unwrap());
+    let (emu, dev) = emu_device(small_layout(), b);
+    let reg = Arc::new(Registry::new());
+    reg.adopt(
+        DeviceSpec {
+            name: "test".into(),
+            uio_path: PathBuf::from("/dev/null"),
+            map_size: 0,
+            subtype: "file".into(),
+            cfgstring: path.display().to_string(),
+            configfs_dir: None,
+            size: Some(MIB),
+        },
+        dev,
+    )
+    .unwrap();
+    let t = std::env::temp_dir();
+    (emu, Control::new(reg, &t, &t))
+}
