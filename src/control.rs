@@ -6,7 +6,7 @@
 //! reply: 0 or a negative errno.
 
 use crate::backends;
-use crate::netlink::{Event, EventKind};
+use crate::netlink::{Event, EventKind, Incoming};
 use crate::registry::{DeviceSpec, OpenDeviceError, Registry};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -273,6 +273,32 @@ impl Control {
             (EventKind::ReconfigCfg(c), Some(n)) => self.reopen(&n, c),
             (EventKind::ReconfigSize(s), Some(n)) => self.resize(&n, *s),
             (EventKind::ReconfigWriteCache(w), Some(n)) => self.write_cache(&n, *w),
+        }
+    }
+
+    /// Handles one decoded datagram item from the netlink channel;
+    /// returns the reply the kernel waits for: `(done command, device
+    /// id, status)`.
+    pub fn answer(&self, inc: &Incoming) -> Option<(u8, u32, i32)> {
+        match inc {
+            Incoming::Event(ev) => {
+                let span = tracing::info_span!("event", dev = %ev.device);
+                let _g = span.enter();
+                info!(kind = ?ev.kind, minor = ev.minor, "kernel event");
+                let st = self.handle(ev);
+                if st != 0 {
+                    warn!(status = st, "event failed");
+                }
+                ev.reply_to().map(|(done, id)| (done, id, st))
+            }
+            Incoming::Bad(b) => {
+                warn!(error = %b, "malformed kernel event ignored");
+                b.reply.map(|(done, id)| (done, id, -libc::EINVAL))
+            }
+            Incoming::ReplyRefused(err, seq) => {
+                warn!(errno = err, seq, "the kernel refused a reply");
+                None
+            }
         }
     }
 

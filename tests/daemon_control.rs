@@ -190,3 +190,60 @@ fn served_file(path: &std::path::Path) -> (KernelEmu, Control) {
     let t = std::env::temp_dir();
     (emu, Control::new(reg, &t, &t))
 }
+
+/// From the kernel's bytes to the reply's bytes, as the netlink loop
+/// does it: a DEV_SIZE reconfiguration, a malformed event that still
+/// names its device id, an event for an unknown device.
+#[test]
+fn netlink_datagrams_to_replies() {
+    use tcmu_rbd::netlink::{attr, cmd, decode_datagram, reply_msg, MsgBuilder};
+    let (mut emu, ctl) = served();
+    const FAM: u16 = 0x1c;
+    let ev = |c: u8| {
+        MsgBuilder::genl(FAM, 0, 0, c, 2)
+            .attr_str(attr::DEVICE, "tcm-user/1/test/ram/first")
+            .attr(attr::MINOR, &0u32.to_ne_bytes())
+            .attr(attr::DEVICE_ID, &42u32.to_ne_bytes())
+    };
+    let mut d = ev(cmd::RECONFIG_DEVICE)
+        .attr(attr::DEV_SIZE, &(4 * MIB).to_ne_bytes())
+        .finish();
+    // A second message in the same datagram: WRITECACHE with a 4-byte
+    // payload where the kernel sends one byte.
+    d.extend(
+        ev(cmd::RECONFIG_DEVICE)
+            .attr(attr::WRITECACHE, &[1, 0, 0, 0])
+            .finish(),
+    );
+    let mut inc = Vec::new();
+    decode_datagram(&d, FAM, &mut inc);
+    let replies: Vec<_> = inc.iter().filter_map(|i| ctl.answer(i)).collect();
+    assert_eq!(
+        replies,
+        vec![
+            (cmd::RECONFIG_DEVICE_DONE, 42, 0),
+            (cmd::RECONFIG_DEVICE_DONE, 42, -libc::EINVAL)
+        ]
+    );
+    // The resize took effect.
+    let (st, _, _) = io(&mut emu, &rw16(false, 8191, 1), Data::FromDevice(512));
+    assert_eq!(st, 0);
+    // The reply bytes carry the status and the id.
+    let (done, id, status) = replies[1];
+    let m = reply_msg(FAM, 7, done, id, status);
+    assert_eq!(&m[16..18], &[cmd::RECONFIG_DEVICE_DONE, 2]);
+    assert_eq!(&m[24..28], &(-libc::EINVAL).to_ne_bytes());
+    assert_eq!(&m[32..36], &42u32.to_ne_bytes());
+
+    // Removal of a device nobody serves is still answered (0), so the
+    // kernel never waits forever.
+    let d = MsgBuilder::genl(FAM, 0, 0, cmd::REMOVED_DEVICE, 2)
+        .attr_str(attr::DEVICE, "tcm-user/1/other/ram/x")
+        .attr(attr::MINOR, &3u32.to_ne_bytes())
+        .attr(attr::DEVICE_ID, &43u32.to_ne_bytes())
+        .finish();
+    let mut inc = Vec::new();
+    decode_datagram(&d, FAM, &mut inc);
+    assert_eq!(ctl.answer(&inc[0]), Some((cmd::REMOVED_DEVICE_DONE, 43, 0)));
+    assert_eq!(ctl.registry().names(), vec!["test".to_string()]);
+}
