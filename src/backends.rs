@@ -6,7 +6,8 @@
 //!   `cfgstring=/var/lib/lun0.img`); a regular file is grown sparsely to
 //!   the device size, a block device must be at least that large;
 //! - `ram`: cfgstring is ignored; a zeroed in-memory LUN (volatile!);
-//! - `rbd`: see the rbd handler.
+//! - `rbd`: cfgstring is `pool/[namespace/]image[;osd_op_timeout=N][;conf=PATH][;id=USER]`
+//!   (see `tcmu_handler::rbd`); the image must be exactly the device size.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -35,6 +36,11 @@ pub fn handlers() -> Vec<HandlerDesc> {
             subtype: "ram",
             config_desc: "Volatile in-memory LUN; the config string is ignored.",
         },
+        HandlerDesc {
+            subtype: "rbd",
+            config_desc: "Ceph RBD image: \
+                pool/[namespace/]image[;osd_op_timeout=SECONDS][;conf=/etc/ceph/ceph.conf][;id=USER]",
+        },
     ]
 }
 
@@ -42,7 +48,7 @@ pub fn handlers() -> Vec<HandlerDesc> {
 #[derive(Debug, thiserror::Error)]
 pub enum OpenError {
     /// No handler for this subtype.
-    #[error("no handler for subtype {0:?} (this daemon serves: file, ram)")]
+    #[error("no handler for subtype {0:?} (this daemon serves: file, ram, rbd)")]
     UnknownSubtype(String),
     /// The config string is wrong.
     #[error("{0}")]
@@ -85,6 +91,11 @@ pub fn open(
         "ram" => {
             let b = tcmu_handler::ram::RamBackend::new(size, block_size)
                 .map_err(|e| OpenError::Open(format!("cannot allocate {size} bytes: {e}")))?;
+            Ok(Arc::new(b))
+        }
+        "rbd" => {
+            let b = tcmu_handler::rbd::RbdBackend::open(cfgstring, size, block_size)
+                .map_err(OpenError::Open)?;
             Ok(Arc::new(b))
         }
         other => Err(OpenError::UnknownSubtype(other.to_string())),
@@ -132,6 +143,7 @@ pub fn check_config(subtype: &str, cfgstring: &str) -> Result<(), String> {
             }
         }
         "ram" => Ok(()),
+        "rbd" => tcmu_handler::rbd::check_config(cfgstring),
         other => Err(OpenError::UnknownSubtype(other.to_string()).to_string()),
     }
 }

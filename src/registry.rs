@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use tcmu_handler::Backend;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 /// Everything needed to open one TCMU device.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -113,6 +113,51 @@ pub fn read_configfs(dir: &Path) -> ConfigfsAttrs {
 /// Runs a configfs action (`block_dev`, `reset_ring`) on a device.
 fn action(dir: &Path, name: &str, val: &str) -> std::io::Result<()> {
     std::fs::write(dir.join("action").join(name), val)
+}
+
+/// What [`reset_ring`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RingReset {
+    /// Blocked, reset (commands left behind failed BUSY), unblocked.
+    Done,
+    /// The kernel refused `block_dev` with EINVAL: the device is still
+    /// being added (the kernel is waiting for our netlink reply), so its
+    /// ring is fresh and there is nothing to reset.
+    NotConfigured,
+    /// The reset failed; the device was unblocked again where it had been
+    /// blocked.
+    Failed,
+}
+
+/// Resets a device's ring through configfs: `block_dev` 1, `reset_ring` 1
+/// (in-flight commands fail BUSY; the initiator retries), `block_dev` 0.
+/// Once blocked, the device is always unblocked again, or it would queue
+/// every command until cmd_time_out.
+pub fn reset_ring(dir: &Path, name: &str) -> RingReset {
+    match action(dir, "block_dev", "1") {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+            debug!(dev = %name, "device not configured yet (being added): fresh ring, no reset");
+            return RingReset::NotConfigured;
+        }
+        Err(e) => {
+            warn!(dev = %name, error = %e, "could not block the device to reset its ring");
+            return RingReset::Failed;
+        }
+    }
+    let reset = action(dir, "reset_ring", "1");
+    let unblock = action(dir, "block_dev", "0");
+    if let Err(e) = &unblock {
+        error!(dev = %name, error = %e, "could not unblock the device after a ring reset");
+    }
+    match reset {
+        Err(e) => {
+            warn!(dev = %name, error = %e, "could not reset the ring through configfs");
+            RingReset::Failed
+        }
+        Ok(()) if unblock.is_err() => RingReset::Failed,
+        Ok(()) => RingReset::Done,
+    }
 }
 
 struct Running {
@@ -365,12 +410,7 @@ fn open_device(spec: &DeviceSpec) -> Result<Running, OpenDeviceError> {
     // completions half-recorded: fail them back (BUSY, the initiator
     // retries) and start from an empty ring.
     if let Some(dir) = &spec.configfs_dir {
-        if let Err(e) = action(dir, "block_dev", "1")
-            .and_then(|_| action(dir, "reset_ring", "1"))
-            .and_then(|_| action(dir, "block_dev", "0"))
-        {
-            warn!(dev = %name, error = %e, "could not reset the ring through configfs");
-        }
+        reset_ring(dir, &name);
     }
 
     let file = OpenOptions::new()
@@ -459,5 +499,43 @@ pub fn lun_info(
         geometry: geo,
         caps: backend.caps(),
         max_transfer_blocks,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn action_dir() -> tempfile::TempDir {
+        let d = tempfile::tempdir().expect("tempdir");
+        std::fs::create_dir(d.path().join("action")).expect("mkdir action");
+        d
+    }
+    fn read(d: &Path, f: &str) -> String {
+        std::fs::read_to_string(d.join("action").join(f)).unwrap_or_default()
+    }
+
+    #[test]
+    fn reset_ring_blocks_resets_unblocks() {
+        let d = action_dir();
+        assert_eq!(reset_ring(d.path(), "t"), RingReset::Done);
+        assert_eq!(read(d.path(), "reset_ring"), "1");
+        assert_eq!(read(d.path(), "block_dev"), "0", "left blocked");
+    }
+
+    #[test]
+    fn failed_reset_still_unblocks() {
+        let d = action_dir();
+        // A directory where the attribute should be: the write fails.
+        std::fs::create_dir(d.path().join("action/reset_ring")).expect("mkdir");
+        assert_eq!(reset_ring(d.path(), "t"), RingReset::Failed);
+        assert_eq!(read(d.path(), "block_dev"), "0", "left blocked");
+    }
+
+    #[test]
+    fn no_action_dir_is_a_failure_not_a_panic() {
+        let d = tempfile::tempdir().expect("tempdir");
+        assert_eq!(reset_ring(d.path(), "t"), RingReset::Failed);
+        assert!(!d.path().join("action/block_dev").exists());
     }
 }

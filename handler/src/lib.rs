@@ -12,6 +12,7 @@ pub mod completion;
 pub mod file;
 pub mod iobuf;
 pub mod ram;
+pub mod rbd;
 
 pub use completion::{Completion, CompletionQueue, Done};
 pub use iobuf::{IoBufs, KeepAlive};

@@ -1,0 +1,169 @@
+//! One rados connection per (ceph.conf, cephx id), shared by every device
+//! that uses it, as long as one does.
+//!
+//! A connection that was blocklisted is replaced, not reused: the first
+//! device to notice asks for a fresh one in place of the fenced one, and
+//! the others find the fresh one when they reopen.
+
+use rbd_ffi::{Rados, RadosBuilder, WeakRados};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, OnceLock};
+use std::time::Duration;
+use tracing::{info, warn};
+
+/// The service name gateways register under (`ceph -s` lists it).
+pub const SERVICE: &str = "tcmu-rbd";
+
+/// What identifies a shareable connection.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ConnKey {
+    /// The ceph.conf (None: librados' default search).
+    pub conf: Option<PathBuf>,
+    /// The cephx id.
+    pub id: String,
+}
+
+struct Entry {
+    rados: WeakRados,
+    /// The op timeout the connection was made with (it cannot change).
+    timeout: Duration,
+}
+
+fn cache() -> &'static Mutex<HashMap<ConnKey, Entry>> {
+    static CACHE: OnceLock<Mutex<HashMap<ConnKey, Entry>>> = OnceLock::new();
+    CACHE.get_or_init(|| Mutex::new(HashMap::new()))
+}
+
+/// The default op timeout, as tcmu-runner picks it: longer than the time
+/// the cluster takes to mark a dead OSD down (heartbeat grace 20 s +
+/// interval 6 s), so an op is retried on another OSD before it fails.
+pub const DEFAULT_OP_TIMEOUT: Duration = Duration::from_secs(31);
+
+/// The shared connection for `key`, connecting if there is none (or if the
+/// cached one is `stale`, e.g. blocklisted).
+pub fn get(key: &ConnKey, timeout: Duration, stale: Option<&Rados>) -> Result<Rados, String> {
+    let mut map = cache().lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(e) = map.get(key) {
+        if let Some(r) = e.rados.upgrade() {
+            if !stale.is_some_and(|s| s.same(&r)) {
+                if e.timeout != timeout {
+                    warn!(
+                        id = %key.id,
+                        shared = ?e.timeout,
+                        wanted = ?timeout,
+                        "the connection is shared and keeps the osd_op_timeout it was made with"
+                    );
+                }
+                return Ok(r);
+            }
+        }
+    }
+    // Connecting while holding the lock serialises device opens on one
+    // cache; they are rare and each waits at most the mount timeout.
+    let r = connect(key, timeout)?;
+    register_service(&r, key);
+    map.insert(
+        key.clone(),
+        Entry {
+            rados: r.downgrade(),
+            timeout,
+        },
+    );
+    map.retain(|_, e| e.rados.upgrade().is_some());
+    Ok(r)
+}
+
+fn connect(key: &ConnKey, timeout: Duration) -> Result<Rados, String> {
+    let secs = timeout.as_secs().max(1).to_string();
+    let who = format!("client.{}", key.id);
+    let b = RadosBuilder::new(Some(&key.id)).map_err(|e| format!("rbd: {e}"))?;
+    let b = match &key.conf {
+        Some(p) => {
+            if !p.exists() {
+                return Err(format!("rbd: ceph config {} does not exist", p.display()));
+            }
+            b.read_conf(Some(p))
+                .map_err(|e| format!("rbd: cannot read ceph config {}: {e}", p.display()))?
+        }
+        None => b.read_conf(None).map_err(|e| {
+            format!(
+                "rbd: no readable default ceph config (/etc/ceph/ceph.conf); give conf=PATH: {e}"
+            )
+        })?,
+    };
+    let set = |b: RadosBuilder, k: &str, v: &str| {
+        b.set(k, v)
+            .map_err(|e| format!("rbd: cannot set {k}={v}: {e}"))
+    };
+    // No client-side cache: a completed write is on the OSDs, which is what
+    // a SCSI target without a volatile write cache promises.
+    let b = set(b, "rbd_cache", "false")?;
+    // Discards smaller than the discard granularity would otherwise be
+    // dropped; UNMAP'd blocks must read back as zeros (LBPRZ).
+    let b = set(b, "rbd_skip_partial_discard", "false")?;
+    let b = set(b, "rados_osd_op_timeout", &secs)?;
+    let b = set(b, "rados_mon_op_timeout", &secs)?;
+    let b = set(b, "client_mount_timeout", &secs)?;
+    let grace: u64 = b
+        .get("osd_heartbeat_grace")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20);
+    let interval: u64 = b
+        .get("osd_heartbeat_interval")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(6);
+    if timeout.as_secs() <= grace + interval {
+        warn!(
+            id = %key.id,
+            timeout = timeout.as_secs(),
+            grace,
+            interval,
+            "osd_op_timeout is not longer than osd heartbeat grace + interval: ops to a dead OSD \
+             fail before the cluster re-routes them (the initiator retries)"
+        );
+    }
+    let r = b.connect().map_err(|e| {
+        let conf = conf_name(key.conf.as_deref());
+        match e.errno {
+            libc::EACCES | libc::EPERM => format!(
+                "rbd: bad credentials: the cluster refused the key of {who} (conf {conf}): {e}"
+            ),
+            libc::ENOENT => {
+                format!("rbd: bad credentials: no keyring holds a key for {who} (conf {conf}): {e}")
+            }
+            libc::ETIMEDOUT => format!("rbd: no monitor answered {who} (conf {conf}): {e}"),
+            _ => format!("rbd: {who} cannot connect (conf {conf}): {e}"),
+        }
+    })?;
+    info!(client = %who, instance = r.instance_id(), "connected to the ceph cluster");
+    Ok(r)
+}
+
+fn conf_name(p: Option<&Path>) -> String {
+    p.map_or("default".into(), |p| p.display().to_string())
+}
+
+/// Registers the connection as a gateway daemon in the service map (shown
+/// by `ceph -s` where a mgr runs); failure only costs visibility.
+fn register_service(r: &Rados, key: &ConnKey) {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "localhost".into());
+    let daemon = if key.id == "admin" {
+        host.clone()
+    } else {
+        format!("{host}:{}", key.id)
+    };
+    let meta = [
+        ("hostname", host.as_str()),
+        ("daemon_type", "gateway"),
+        ("version", env!("CARGO_PKG_VERSION")),
+    ];
+    match r.service_register(SERVICE, &daemon, &meta) {
+        Ok(()) => info!(service = SERVICE, daemon = %daemon, "registered with the service map"),
+        Err(e) => warn!(service = SERVICE, daemon = %daemon, "service registration failed: {e}"),
+    }
+}

@@ -1,0 +1,761 @@
+//! The rbd backend: a LUN served from a Ceph RBD image through librbd's
+//! asynchronous API.
+//!
+//! - READ/WRITE go to `rbd_aio_readv`/`rbd_aio_writev` on the command's
+//!   data-area iovecs (no copy); the completion closure only hands the
+//!   result to the ring worker's queue.
+//! - Discard and WriteZeroes{unmap} go to `rbd_aio_discard` /
+//!   `rbd_aio_write_zeroes`, WriteZeroes without unmap to a thick
+//!   write-zeroes (the range stays allocated), WriteSame to
+//!   `rbd_aio_writesame`.
+//! - CompareAndWrite goes to librbd's atomic `rbd_aio_compare_and_write`
+//!   when the range lies inside one 512-byte sector (librbd refuses more);
+//!   larger ranges run on a per-device thread as read, compare, write,
+//!   serialised against each other (as tcmu-runner's emulation is).
+//! - Flush and Write{fua} add `rbd_aio_flush`; the flush is issued right
+//!   after the write, and librbd completes a flush only after the writes
+//!   issued before it, so no callback has to submit anything.
+//! - A blocklisted client (ESHUTDOWN) fails the commands that saw it with
+//!   [`IoError::Fenced`] and makes the backend reopen its image on a
+//!   fresh rados client in the background, instead of failing forever.
+//!
+//! Errors map to [`IoError`] as follows (the SCSI layer turns them into
+//! sense data):
+//!
+//! | librbd errno | IoError |
+//! |---|---|
+//! | EILSEQ (compare-and-write) | `Miscompare { offset }` |
+//! | ETIMEDOUT (osd_op_timeout expired) | `Timeout` |
+//! | ESHUTDOWN (client blocklisted) | `Fenced` (and the image is reopened) |
+//! | EROFS (another client holds the exclusive lock) | `Fenced` |
+//! | ENOSPC, EDQUOT | `NoSpace` |
+//! | EOPNOTSUPP | `Unsupported` |
+//! | anything else | `Io { errno }` |
+
+pub mod config;
+pub mod conn;
+
+use crate::{Backend, Caps, Done, Geometry, IoBufs, IoError, IoResult, Op};
+use config::RbdConfig;
+use conn::ConnKey;
+use rbd_ffi::{AioBuf, CawError, Image, OwnedBuf, Rados};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex, RwLock, Weak};
+use std::time::Duration;
+use tracing::{error, info, warn};
+
+pub use config::{parse, CONFIG_DESC};
+
+/// The ring's data buffers handed to librbd.
+struct RingBufs(IoBufs);
+
+// SAFETY: an IoBufs' segments stay valid and exclusively the command's for
+// as long as the IoBufs lives (the invariant of `IoBufs::from_raw`, upheld by
+// the ring layer and its keep-alive); the value is moved into the pending
+// operation and dropped only after librbd's completion.
+unsafe impl AioBuf for RingBufs {
+    fn iovecs(&self) -> &[libc::iovec] {
+        self.0.iovecs()
+    }
+}
+
+/// A contiguous copy when the buffers have several segments (pattern and
+/// compare-and-write buffers: librbd takes one pointer for those).
+enum Contig {
+    Ring(RingBufs),
+    Owned(OwnedBuf),
+}
+
+// SAFETY: delegates to the two implementations above.
+unsafe impl AioBuf for Contig {
+    fn iovecs(&self) -> &[libc::iovec] {
+        match self {
+            Contig::Ring(r) => r.iovecs(),
+            Contig::Owned(o) => o.iovecs(),
+        }
+    }
+}
+
+fn contiguous(b: IoBufs) -> Contig {
+    if b.iovecs().len() == 1 {
+        Contig::Ring(RingBufs(b))
+    } else {
+        Contig::Owned(OwnedBuf::new(b.to_vec()))
+    }
+}
+
+/// An open image on one connection.
+struct Session {
+    /// Counts reopens; completions report which session they ran on.
+    generation: u64,
+    // Field order: the image closes before the connection is released.
+    image: Image,
+    rados: Rados,
+}
+
+/// State shared with librbd callbacks: plain atomics only, so a callback
+/// never holds (and never drops) an image or a connection.
+#[derive(Default)]
+struct Signals {
+    /// Generation of the session that saw ESHUTDOWN (0: none).
+    fenced: AtomicU64,
+    /// Header updates seen by the watch (resize, lock changes).
+    header_updates: AtomicU64,
+    /// Operations in flight in librbd.
+    inflight: AtomicUsize,
+}
+
+struct Shared {
+    cfg: RbdConfig,
+    key: ConnKey,
+    timeout: Duration,
+    geometry: Mutex<Geometry>,
+    session: RwLock<Arc<Session>>,
+    signals: Arc<Signals>,
+    reopening: AtomicBool,
+    reopens: AtomicU64,
+    caw: Mutex<Option<mpsc::Sender<Box<CawJob>>>>,
+}
+
+struct CawJob {
+    offset: u64,
+    compare: IoBufs,
+    write: IoBufs,
+    done: Done,
+}
+
+/// A LUN backed by an RBD image.
+pub struct RbdBackend {
+    shared: Arc<Shared>,
+    name: Arc<str>,
+}
+
+impl std::fmt::Debug for RbdBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RbdBackend")
+            .field("name", &self.name)
+            .finish()
+    }
+}
+
+/// Maps a librbd error to the backend's error type (see the module table).
+pub fn map_errno(errno: i32, what: impl Into<String>) -> IoError {
+    match errno {
+        libc::EROFS => IoError::Fenced(format!(
+            "{}: another client holds the image's exclusive lock",
+            what.into()
+        )),
+        libc::ESHUTDOWN => IoError::Fenced(format!("{}: this client is blocklisted", what.into())),
+        _ => IoError::errno(errno, what),
+    }
+}
+
+/// Opens the connection, pool, namespace and image of `cfg`; each failure
+/// names its cause.
+fn open_session(
+    cfg: &RbdConfig,
+    key: &ConnKey,
+    timeout: Duration,
+    stale: Option<&Rados>,
+    generation: u64,
+) -> Result<Session, String> {
+    let rados = conn::get(key, timeout, stale)?;
+    let mut io = rados.ioctx(&cfg.pool).map_err(|e| match e.errno {
+        libc::ENOENT => format!("rbd: pool {:?} does not exist", cfg.pool),
+        libc::EACCES | libc::EPERM => format!(
+            "rbd: client.{} may not use pool {:?}: {e}",
+            key.id, cfg.pool
+        ),
+        _ => format!("rbd: cannot open pool {:?}: {e}", cfg.pool),
+    })?;
+    if let Some(ns) = &cfg.namespace {
+        match io.rbd_namespace_exists(ns) {
+            Ok(true) => {}
+            Ok(false) => {
+                return Err(format!(
+                    "rbd: namespace {ns:?} does not exist in pool {:?}",
+                    cfg.pool
+                ))
+            }
+            Err(e) => return Err(format!("rbd: cannot look up namespace {ns:?}: {e}")),
+        }
+        io.set_namespace(ns)
+            .map_err(|e| format!("rbd: namespace {ns:?}: {e}"))?;
+    }
+    let image = Image::open(&io, &cfg.image).map_err(|e| match e.errno {
+        libc::ENOENT => format!(
+            "rbd: image {:?} does not exist in pool {:?}{}",
+            cfg.image,
+            cfg.pool,
+            cfg.namespace
+                .as_ref()
+                .map_or(String::new(), |n| format!(" namespace {n:?}"))
+        ),
+        libc::EACCES | libc::EPERM => format!(
+            "rbd: client.{} may not open image {}: {e}",
+            key.id,
+            cfg.image_spec()
+        ),
+        _ => format!("rbd: cannot open image {}: {e}", cfg.image_spec()),
+    })?;
+    Ok(Session {
+        generation,
+        image,
+        rados,
+    })
+}
+
+fn key_of(cfg: &RbdConfig) -> ConnKey {
+    ConnKey {
+        conf: cfg.conf.clone(),
+        id: cfg.id.clone().unwrap_or_else(|| "admin".into()),
+    }
+}
+
+/// Checks a config string as far as possible without a device: syntax,
+/// cluster access, pool, namespace and image (for targetcli's CheckConfig).
+pub fn check_config(cfgstring: &str) -> Result<(), String> {
+    let cfg = config::parse(cfgstring)?;
+    let key = key_of(&cfg);
+    let timeout = cfg.osd_op_timeout.unwrap_or(conn::DEFAULT_OP_TIMEOUT);
+    open_session(&cfg, &key, timeout, None, 0).map(|_| ())
+}
+
+impl RbdBackend {
+    /// Opens the image `cfgstring` names for a LUN of `size` bytes in
+    /// blocks of `block_size`. The image must be exactly `size` bytes.
+    pub fn open(cfgstring: &str, size: u64, block_size: u32) -> Result<RbdBackend, String> {
+        let cfg = config::parse(cfgstring)?;
+        let key = key_of(&cfg);
+        let timeout = cfg.osd_op_timeout.unwrap_or(conn::DEFAULT_OP_TIMEOUT);
+        let session = open_session(&cfg, &key, timeout, None, 1)?;
+        let spec = cfg.image_spec();
+        let image_size = session
+            .image
+            .size()
+            .map_err(|e| format!("rbd: cannot read the size of {spec}: {e}"))?;
+        if image_size != size {
+            return Err(format!(
+                "rbd: image {spec} is {image_size} bytes but the device is {size} bytes; \
+                 resize one to match"
+            ));
+        }
+        match session.image.has_exclusive_lock_feature() {
+            Ok(true) => {}
+            Ok(false) => warn!(image = %spec, "exclusive-lock is not enabled: no HA failover"),
+            Err(e) => warn!(image = %spec, "cannot read image features: {e}"),
+        }
+        let signals = Arc::new(Signals::default());
+        watch(&session, &signals, &spec);
+        info!(image = %spec, client = %session.rados.name(), size, block_size, "rbd image opened");
+        let shared = Arc::new(Shared {
+            cfg,
+            key,
+            timeout,
+            geometry: Mutex::new(Geometry { size, block_size }),
+            session: RwLock::new(Arc::new(session)),
+            signals,
+            reopening: AtomicBool::new(false),
+            reopens: AtomicU64::new(0),
+            caw: Mutex::new(None),
+        });
+        Ok(RbdBackend {
+            name: format!("rbd:{spec}").into(),
+            shared,
+        })
+    }
+
+    /// How many times the image was reopened after blocklisting.
+    pub fn reopens(&self) -> u64 {
+        self.shared.reopens.load(Ordering::SeqCst)
+    }
+
+    /// Header updates (resize, lock changes) seen since open.
+    pub fn header_updates(&self) -> u64 {
+        self.shared.signals.header_updates.load(Ordering::SeqCst)
+    }
+
+    /// The client currently serving the image (`client.admin`) and its
+    /// instance id.
+    pub fn client(&self) -> (String, u64) {
+        let s = self.session();
+        (s.rados.name().to_string(), s.rados.instance_id())
+    }
+
+    /// The addresses of the client serving the image (what `osd blocklist
+    /// add` takes).
+    pub fn client_addrs(&self) -> Result<String, String> {
+        self.session().rados.addrs().map_err(|e| e.to_string())
+    }
+
+    fn session(&self) -> Arc<Session> {
+        Arc::clone(
+            &self
+                .shared
+                .session
+                .read()
+                .unwrap_or_else(|e| e.into_inner()),
+        )
+    }
+
+    /// Completion for one librbd call: maps the result, notes fencing.
+    fn finisher(
+        &self,
+        gen: u64,
+        what: &'static str,
+    ) -> impl Fn(Result<(), rbd_ffi::Error>) -> IoResult + Send + 'static {
+        let signals = Arc::clone(&self.shared.signals);
+        let name = Arc::clone(&self.name);
+        move |r| match r {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                if e.errno == libc::ESHUTDOWN {
+                    signals.fenced.store(gen, Ordering::SeqCst);
+                }
+                Err(map_errno(e.errno, format!("{name}: {what}: {e}")))
+            }
+        }
+    }
+}
+
+/// Counts a header update; runs on librbd's notification thread.
+fn watch(s: &Session, signals: &Arc<Signals>, spec: &str) {
+    let sig = Arc::clone(signals);
+    if let Err(e) = s.image.update_watch(move || {
+        sig.header_updates.fetch_add(1, Ordering::SeqCst);
+    }) {
+        warn!(image = %spec, "no update watch (resize notifications): {e}");
+    }
+}
+
+/// Collects the results of several librbd calls that make up one
+/// operation and completes it once, with the first error.
+struct Join {
+    left: AtomicUsize,
+    first_err: Mutex<Option<IoError>>,
+    done: Mutex<Option<Done>>,
+}
+
+impl Join {
+    fn new(parts: usize, done: Done) -> Arc<Join> {
+        Arc::new(Join {
+            left: AtomicUsize::new(parts),
+            first_err: Mutex::new(None),
+            done: Mutex::new(Some(done)),
+        })
+    }
+
+    fn part(&self, r: IoResult) {
+        if let Err(e) = r {
+            let mut f = self.first_err.lock().unwrap_or_else(|e| e.into_inner());
+            if f.is_none() {
+                *f = Some(e);
+            }
+        }
+        if self.left.fetch_sub(1, Ordering::AcqRel) == 1 {
+            let err = self
+                .first_err
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .take();
+            if let Some(d) = self.done.lock().unwrap_or_else(|e| e.into_inner()).take() {
+                d.complete(err.map_or(Ok(()), Err));
+            }
+        }
+    }
+}
+
+/// Decrements the in-flight count when the operation's closure is done.
+struct InflightGuard(Arc<Signals>);
+
+impl Drop for InflightGuard {
+    fn drop(&mut self) {
+        self.0.inflight.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+impl RbdBackend {
+    fn inflight(&self) -> InflightGuard {
+        self.shared.signals.inflight.fetch_add(1, Ordering::SeqCst);
+        InflightGuard(Arc::clone(&self.shared.signals))
+    }
+
+    /// Starts a background reopen on a fresh client (once at a time).
+    fn start_reopen(&self) {
+        if self.shared.reopening.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let weak = Arc::downgrade(&self.shared);
+        let name = self.name.to_string();
+        let spawned = std::thread::Builder::new()
+            .name("rbd-reopen".into())
+            .spawn(move || reopen(weak, name));
+        if let Err(e) = spawned {
+            error!(image = %self.name, "cannot start the reopen thread: {e}");
+            self.shared.reopening.store(false, Ordering::SeqCst);
+        }
+    }
+
+    fn submit_caw(&self, s: &Session, offset: u64, compare: IoBufs, write: IoBufs, done: Done) {
+        let len = compare.len() as u64;
+        if len != write.len() as u64 {
+            done.complete(Err(IoError::Io {
+                errno: libc::EINVAL,
+                msg: format!("{}: compare and write buffers differ in length", self.name),
+            }));
+            return;
+        }
+        if len == 0 {
+            done.complete(Ok(()));
+            return;
+        }
+        // librbd's native compare-and-write covers one 512-byte sector.
+        if len <= 512 && offset / 512 == (offset + len - 1) / 512 {
+            let fin = self.finisher(s.generation, "compare and write");
+            let g = self.inflight();
+            s.image.aio_compare_and_write(
+                offset,
+                contiguous(compare),
+                contiguous(write),
+                move |r, _bufs| {
+                    drop(g);
+                    let res = match r {
+                        Ok(()) => Ok(()),
+                        Err(CawError::Miscompare { offset }) => Err(IoError::Miscompare { offset }),
+                        Err(CawError::Other(e)) => fin(Err(e)),
+                    };
+                    done.complete(res);
+                },
+            );
+            return;
+        }
+        let tx = {
+            let mut caw = self.shared.caw.lock().unwrap_or_else(|e| e.into_inner());
+            if caw.is_none() {
+                let (tx, rx) = mpsc::channel::<Box<CawJob>>();
+                let weak = Arc::downgrade(&self.shared);
+                let name = self.name.to_string();
+                match std::thread::Builder::new()
+                    .name("rbd-caw".into())
+                    .spawn(move || caw_thread(weak, name, rx))
+                {
+                    Ok(_) => *caw = Some(tx),
+                    Err(e) => {
+                        done.complete(Err(IoError::Io {
+                            errno: libc::EAGAIN,
+                            msg: format!(
+                                "{}: cannot start the compare-and-write thread: {e}",
+                                self.name
+                            ),
+                        }));
+                        return;
+                    }
+                }
+            }
+            caw.clone()
+        };
+        let job = CawJob {
+            offset,
+            compare,
+            write,
+            done,
+        };
+        let sent = match tx {
+            Some(t) => t.send(Box::new(job)).map_err(|mpsc::SendError(j)| j),
+            None => Err(Box::new(job)),
+        };
+        if let Err(job) = sent {
+            job.done.complete(Err(IoError::Io {
+                errno: libc::EIO,
+                msg: format!("{}: the compare-and-write thread is gone", self.name),
+            }));
+        }
+    }
+}
+
+/// Emulated compare-and-write for ranges librbd cannot do natively:
+/// synchronous read, compare, write, one at a time.
+fn caw_thread(shared: Weak<Shared>, name: String, rx: mpsc::Receiver<Box<CawJob>>) {
+    while let Ok(job) = rx.recv() {
+        let Some(sh) = shared.upgrade() else {
+            job.done.complete(Err(IoError::Io {
+                errno: libc::ENODEV,
+                msg: format!("{name}: device closed"),
+            }));
+            continue;
+        };
+        let s = Arc::clone(&sh.session.read().unwrap_or_else(|e| e.into_inner()));
+        drop(sh);
+        let map =
+            |e: rbd_ffi::Error, what: &str| map_errno(e.errno, format!("{name}: {what}: {e}"));
+        let res = crate::compare_then_write(
+            |buf| {
+                s.image
+                    .read_at(job.offset, buf)
+                    .map_err(|e| map(e, "compare and write (read)"))
+                    .and_then(|n| {
+                        if n == buf.len() {
+                            Ok(())
+                        } else {
+                            Err(IoError::OutOfRange)
+                        }
+                    })
+            },
+            |w| {
+                s.image
+                    .write_at(job.offset, &w.to_vec())
+                    .map(|_| ())
+                    .map_err(|e| map(e, "compare and write (write)"))
+            },
+            &job.compare,
+            &job.write,
+        );
+        job.done.complete(res);
+    }
+}
+
+/// Reopens the image on a fresh connection after this client was
+/// blocklisted; retries until it works or the backend is gone.
+fn reopen(shared: Weak<Shared>, name: String) {
+    let mut delay = Duration::from_millis(200);
+    loop {
+        let Some(sh) = shared.upgrade() else { return };
+        let old = Arc::clone(&sh.session.read().unwrap_or_else(|e| e.into_inner()));
+        let gen = old.generation + 1;
+        warn!(image = %name, client = %old.rados.name(), "client blocklisted; reopening the image on a fresh client");
+        match open_session(&sh.cfg, &sh.key, sh.timeout, Some(&old.rados), gen) {
+            Ok(s) => {
+                let size = s.image.size().unwrap_or(0);
+                let want = sh.geometry.lock().map(|g| g.size).unwrap_or(0);
+                if size != want {
+                    warn!(image = %name, size, want, "reopened image has another size; serving the device size");
+                }
+                watch(&s, &sh.signals, &name);
+                info!(image = %name, instance = s.rados.instance_id(), generation = gen, "image reopened");
+                *sh.session.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(s);
+                sh.signals.fenced.store(0, Ordering::SeqCst);
+                sh.reopens.fetch_add(1, Ordering::SeqCst);
+                sh.reopening.store(false, Ordering::SeqCst);
+                drop(sh);
+                // Close the fenced image here, not on the ring worker: wait
+                // for the worker's short-lived clones to go.
+                let mut old = old;
+                for _ in 0..500 {
+                    match Arc::try_unwrap(old) {
+                        Ok(s) => {
+                            drop(s);
+                            return;
+                        }
+                        Err(o) => {
+                            old = o;
+                            std::thread::sleep(Duration::from_millis(10));
+                        }
+                    }
+                }
+                return;
+            }
+            Err(e) => {
+                drop(old);
+                drop(sh);
+                error!(image = %name, "reopen failed, retrying in {delay:?}: {e}");
+                std::thread::sleep(delay);
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+impl Backend for RbdBackend {
+    fn name(&self) -> String {
+        self.name.to_string()
+    }
+
+    fn geometry(&self) -> Geometry {
+        *self
+            .shared
+            .geometry
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn caps(&self) -> Caps {
+        Caps {
+            discard: true,
+            discard_zeroes: true,
+            write_cache: false,
+        }
+    }
+
+    fn submit(&self, op: Op, done: Done) {
+        let s = self.session();
+        let fenced = self.shared.signals.fenced.load(Ordering::SeqCst);
+        if fenced != 0 && fenced == s.generation {
+            // The session is known blocklisted: fail fast (the initiator
+            // retries) and make sure a reopen is under way.
+            self.start_reopen();
+            done.complete(Err(IoError::Fenced(format!(
+                "{}: client blocklisted, reopening the image",
+                self.name
+            ))));
+            return;
+        }
+        let gen = s.generation;
+        match op {
+            Op::Read { offset, bufs } => {
+                if bufs.is_empty() {
+                    return done.complete(Ok(()));
+                }
+                let want = bufs.len();
+                let fin = self.finisher(gen, "read");
+                let g = self.inflight();
+                s.image.aio_readv(offset, RingBufs(bufs), move |r, _| {
+                    drop(g);
+                    let res = match r {
+                        Ok(n) if n == want => Ok(()),
+                        Ok(n) => Err(IoError::Io {
+                            errno: libc::EIO,
+                            msg: format!("short read: {n} of {want} bytes"),
+                        }),
+                        Err(e) => fin(Err(e)),
+                    };
+                    done.complete(res);
+                });
+            }
+            Op::Write { offset, bufs, fua } => {
+                if bufs.is_empty() {
+                    return done.complete(Ok(()));
+                }
+                let fin = self.finisher(gen, "write");
+                if fua {
+                    let j = Join::new(2, done);
+                    let j2 = Arc::clone(&j);
+                    let g = self.inflight();
+                    s.image.aio_writev(offset, RingBufs(bufs), move |r, _| {
+                        drop(g);
+                        j2.part(fin(r.map(|_| ())));
+                    });
+                    let fin = self.finisher(gen, "flush (FUA)");
+                    let g = self.inflight();
+                    s.image.aio_flush(move |r| {
+                        drop(g);
+                        j.part(fin(r));
+                    });
+                } else {
+                    let g = self.inflight();
+                    s.image.aio_writev(offset, RingBufs(bufs), move |r, _| {
+                        drop(g);
+                        done.complete(fin(r.map(|_| ())));
+                    });
+                }
+            }
+            Op::Flush => {
+                let fin = self.finisher(gen, "flush");
+                let g = self.inflight();
+                s.image.aio_flush(move |r| {
+                    drop(g);
+                    done.complete(fin(r));
+                });
+            }
+            Op::Discard { ranges } => {
+                let ranges: Vec<_> = ranges.into_iter().filter(|r| r.1 > 0).collect();
+                if ranges.is_empty() {
+                    return done.complete(Ok(()));
+                }
+                let j = Join::new(ranges.len(), done);
+                for (off, len) in ranges {
+                    let j = Arc::clone(&j);
+                    let fin = self.finisher(gen, "discard");
+                    let g = self.inflight();
+                    s.image.aio_discard(off, len, move |r| {
+                        drop(g);
+                        j.part(fin(r));
+                    });
+                }
+            }
+            Op::WriteZeroes { offset, len, unmap } => {
+                if len == 0 {
+                    return done.complete(Ok(()));
+                }
+                let fin = self.finisher(gen, "write zeroes");
+                let g = self.inflight();
+                let cb = move |r| {
+                    drop(g);
+                    done.complete(fin(r));
+                };
+                if unmap {
+                    s.image.aio_discard(offset, len, cb);
+                } else {
+                    s.image.aio_write_zeroes(offset, len, true, cb);
+                }
+            }
+            Op::WriteSame {
+                offset,
+                len,
+                pattern,
+            } => {
+                if len == 0 {
+                    return done.complete(Ok(()));
+                }
+                if pattern.is_empty() || len % pattern.len() as u64 != 0 {
+                    return done.complete(Err(IoError::Io {
+                        errno: libc::EINVAL,
+                        msg: format!(
+                            "{}: write same of {len} bytes with a {}-byte pattern",
+                            self.name,
+                            pattern.len()
+                        ),
+                    }));
+                }
+                let fin = self.finisher(gen, "write same");
+                let g = self.inflight();
+                s.image
+                    .aio_writesame(offset, len, contiguous(pattern), move |r, _| {
+                        drop(g);
+                        done.complete(fin(r));
+                    });
+            }
+            Op::CompareAndWrite {
+                offset,
+                compare,
+                write,
+            } => self.submit_caw(&s, offset, compare, write, done),
+        }
+    }
+
+    fn resize(&self, size: u64) -> Result<(), IoError> {
+        let s = self.session();
+        let image_size = s
+            .image
+            .size()
+            .map_err(|e| map_errno(e.errno, format!("{}: size: {e}", self.name)))?;
+        if image_size < size {
+            // The LUN grew first: grow the image to match.
+            s.image
+                .resize(size)
+                .map_err(|e| map_errno(e.errno, format!("{}: resize to {size}: {e}", self.name)))?;
+        } else if image_size > size {
+            // Never shrink data away from under the initiator.
+            return Err(IoError::OutOfRange);
+        }
+        self.shared
+            .geometry
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .size = size;
+        info!(image = %self.name, size, "resized");
+        Ok(())
+    }
+}
+
+impl Drop for RbdBackend {
+    fn drop(&mut self) {
+        // Stop the compare-and-write thread; the session closes with the
+        // last reference (the reopen thread may still hold one).
+        self.shared
+            .caw
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+    }
+}

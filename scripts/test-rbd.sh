@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# The rbd stage: starts a Ceph micro cluster in a temporary directory,
+# runs the live-cluster tests (ignored in plain `cargo test`, run here
+# with --ignored), and stops the cluster whatever happens.
+#
+#   scripts/test-rbd.sh             all rbd tests
+#   KEEP_CLUSTER=DIR scripts/test-rbd.sh   reuse a running cluster in DIR
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ -n "${KEEP_CLUSTER:-}" ]; then
+  dir=$KEEP_CLUSTER
+else
+  # A port block no other cluster on this machine listens in (several
+  # test runs may share it): mon at base, OSD ports base+10..base+99.
+  if [ -z "${CEPH_MON_PORT:-}" ]; then
+    for base in $(seq 13300 100 16200); do
+      if ! ss -Hltn | awk -v b="$base" '{n = split($4, a, ":"); p = a[n] + 0} p >= b && p < b + 100 {f = 1} END {exit !f}'; then
+        export CEPH_MON_PORT=$base CEPH_OSD_PORTS="$((base + 10))-$((base + 99))"
+        break
+      fi
+    done
+  fi
+  dir=$(mktemp -d /tmp/tcmu-rbd-ceph.XXXXXX)
+  rmdir "$dir"
+  trap 'scripts/ceph-cluster.sh stop "$dir" || true' EXIT
+  t0=$(date +%s)
+  scripts/ceph-cluster.sh start "$dir"
+  echo "rbd: cluster up in $(( $(date +%s) - t0 )) s"
+fi
+eval "$(scripts/ceph-cluster.sh env "$dir")"
+
+run() {
+  echo "rbd: cargo test $*"
+  cargo test "$@"
+}
+# The bindings, then the backend through the ring; the outage tests stop
+# cluster daemons, so they run alone and one at a time.
+run -p rbd-ffi --test live -- --ignored
+run -p tcmu-rbd --test rbd_live -- --ignored
+run -p tcmu-rbd --test rbd_outage -- --ignored --test-threads=1
+echo "rbd: PASS"

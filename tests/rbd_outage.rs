@@ -1,0 +1,259 @@
+//! Failures on the live micro cluster: the OSD killed during I/O (errors
+//! within osd_op_timeout, not a hang; recovery after restart) and a
+//! blocklisted client (the image reopens on a fresh client). These stop
+//! cluster daemons, so scripts/test-rbd.sh runs this file alone, one test
+//! at a time.
+
+mod common;
+mod rbd_util;
+
+use common::*;
+use rbd_util::*;
+use std::collections::HashMap;
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tcmu_handler::rbd::RbdBackend;
+use tcmu_handler::{Backend, IoError};
+use tcmu_rbd::emulator::{Data, KernelEmu};
+
+const BS: u64 = 512;
+const OP_TIMEOUT: u64 = 5;
+
+fn cluster(cmd: &str) {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/ceph-cluster.sh");
+    let st = Command::new(script)
+        .arg(cmd)
+        .arg(cluster_dir())
+        .status()
+        .unwrap_or_else(|e| panic!("{script}: {e}"));
+    assert!(st.success(), "ceph-cluster.sh {cmd} failed");
+}
+
+/// Restarts the OSD if a test fails with it stopped.
+struct OsdGuard(bool);
+impl Drop for OsdGuard {
+    fn drop(&mut self) {
+        if self.0 {
+            cluster("start-osd");
+        }
+    }
+}
+
+struct Outcome {
+    write: bool,
+    lba: u64,
+    ok: bool,
+    latency: Duration,
+    data: Vec<u8>,
+}
+
+/// Queues `n` commands (alternating write/read, 8 blocks, at distinct
+/// LBAs) and waits for all of them, at most `limit`.
+fn round(emu: &mut KernelEmu, seed: u64, n: u64, limit: Duration) -> Vec<Outcome> {
+    let mut want: HashMap<u16, (bool, u64, Vec<u8>, Instant)> = HashMap::new();
+    for i in 0..n {
+        let lba = (seed * n + i) % 4000 * 8;
+        let write = i % 2 == 0;
+        let data = pattern(seed * 1000 + i, 8 * BS as usize);
+        let id = if write {
+            emu.queue(&rw16(true, lba, 8), Data::ToDevice(&data))
+        } else {
+            emu.queue(&rw16(false, lba, 8), Data::FromDevice(8 * BS as usize))
+        }
+        .expect("queue");
+        want.insert(id, (write, lba, data, Instant::now()));
+    }
+    emu.kick();
+    let t0 = Instant::now();
+    let mut out = Vec::new();
+    while !want.is_empty() {
+        assert!(
+            t0.elapsed() < limit,
+            "{} commands still pending after {limit:?}: a hang past osd_op_timeout",
+            want.len()
+        );
+        let mut fds = [nix::poll::PollFd::new(
+            emu.doorbell_fd(),
+            nix::poll::PollFlags::POLLIN,
+        )];
+        let _ = nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(100u16));
+        emu.ack_doorbell();
+        emu.reap(|r, data| {
+            let (write, lba, wdata, t) = want.remove(&r.cmd_id).expect("unknown id");
+            out.push(Outcome {
+                write,
+                lba,
+                ok: r.status == 0,
+                latency: t.elapsed(),
+                data: if write { wdata } else { data.to_vec() },
+            });
+        })
+        .expect("reap");
+    }
+    out
+}
+
+#[test]
+#[ignore = "needs the live Ceph cluster: scripts/test-rbd.sh runs it"]
+fn osd_stopped_during_io_fails_within_timeout_then_recovers() {
+    let img = TestImage::new("outage", 32 << 20);
+    let be = tcmu_rbd::backends::open(
+        "rbd",
+        &img.cfg(&format!(";osd_op_timeout={OP_TIMEOUT}")),
+        img.size,
+        BS as u32,
+    )
+    .unwrap_or_else(|e| panic!("open: {e}"));
+    let (mut emu, mut dev) = emu_device(small_layout(), be);
+    let stop = dev.stopper();
+    let worker = std::thread::spawn(move || dev.run());
+    // What each 8-block chunk holds; None where a failed write leaves it
+    // unknown (it may or may not have reached the OSD).
+    let mut model: HashMap<u64, Option<Vec<u8>>> = HashMap::new();
+    let check = |outs: &[Outcome], model: &mut HashMap<u64, Option<Vec<u8>>>| {
+        for o in outs {
+            if o.write {
+                model.insert(o.lba, if o.ok { Some(o.data.clone()) } else { None });
+            } else if o.ok {
+                match model.get(&o.lba) {
+                    Some(Some(d)) => assert!(&o.data == d, "lba {} read wrong data", o.lba),
+                    Some(None) => {}
+                    None => assert!(o.data.iter().all(|&b| b == 0), "lba {} not zero", o.lba),
+                }
+            }
+        }
+    };
+    let limit = Duration::from_secs(OP_TIMEOUT + 15);
+    let mut seed = 1;
+    for _ in 0..20 {
+        let outs = round(&mut emu, seed, 16, limit);
+        assert!(outs.iter().all(|o| o.ok), "I/O failed with the cluster up");
+        check(&outs, &mut model);
+        seed += 1;
+    }
+
+    // Kill the OSD with commands in flight.
+    let mut guard = OsdGuard(true);
+    let killer = std::thread::spawn(|| {
+        std::thread::sleep(Duration::from_millis(300));
+        cluster("kill-osd");
+    });
+    let t_kill = Instant::now();
+    let mut failed = 0;
+    let mut worst = Duration::ZERO;
+    while t_kill.elapsed() < Duration::from_secs(OP_TIMEOUT * 3) || failed == 0 {
+        assert!(
+            t_kill.elapsed() < Duration::from_secs(120),
+            "no command failed 2 minutes after the OSD was killed"
+        );
+        let outs = round(&mut emu, seed, 16, limit);
+        seed += 1;
+        for o in &outs {
+            worst = worst.max(o.latency);
+            if !o.ok {
+                failed += 1;
+            }
+        }
+        check(&outs, &mut model);
+    }
+    killer.join().expect("killer");
+    assert!(failed > 0);
+    // A read is one OSD op; a write to an object the object map does not
+    // know yet is two in a row (the object-map update times out, then
+    // librbd's attempt to flag the map invalid does), so 2 x the timeout.
+    assert!(
+        worst < Duration::from_secs(2 * OP_TIMEOUT + 3),
+        "a command took {worst:?} with osd_op_timeout={OP_TIMEOUT}"
+    );
+    eprintln!("OSD down: {failed} commands failed, slowest {worst:?}");
+
+    // Restart it: I/O works again, and what was acknowledged is there.
+    cluster("start-osd");
+    guard.0 = false;
+    let t_up = Instant::now();
+    loop {
+        let outs = round(&mut emu, seed, 16, limit);
+        seed += 1;
+        let all_ok = outs.iter().all(|o| o.ok);
+        check(&outs, &mut model);
+        if all_ok {
+            break;
+        }
+        assert!(
+            t_up.elapsed() < Duration::from_secs(90),
+            "I/O still fails 90 s after the OSD restarted"
+        );
+    }
+    eprintln!("recovered {:?} after the OSD restart", t_up.elapsed());
+    for _ in 0..5 {
+        let outs = round(&mut emu, seed, 16, limit);
+        assert!(outs.iter().all(|o| o.ok));
+        check(&outs, &mut model);
+        seed += 1;
+    }
+    stop.stop();
+    worker.join().expect("worker").expect("run");
+    // Every acknowledged write is in the image.
+    let exported = img.export();
+    for (lba, d) in &model {
+        if let Some(d) = d {
+            let lo = (*lba * BS) as usize;
+            assert!(
+                exported[lo..lo + d.len()] == d[..],
+                "lba {lba} lost an acknowledged write"
+            );
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs the live Ceph cluster: scripts/test-rbd.sh runs it"]
+fn blocklisted_client_reopens_on_a_fresh_client() {
+    let img = TestImage::new("fenced", 8 << 20);
+    // Its own user, so the blocklisting fences no other test's connection.
+    let rbd = Arc::new(
+        RbdBackend::open(&img.cfg(";id=tcmu;osd_op_timeout=10"), img.size, 512)
+            .unwrap_or_else(|e| panic!("open: {e}")),
+    );
+    let be: Arc<dyn Backend> = rbd.clone();
+    let mut d = Direct::new(be);
+    let first = pattern(1, 65536);
+    d.write(0, &first).unwrap();
+    let (_, instance) = rbd.client();
+    let addrs = rbd.client_addrs().unwrap();
+    for a in addrs.trim_matches(|c| c == '[' || c == ']').split(',') {
+        cli("ceph", &["osd", "blocklist", "add", a, "600"]);
+    }
+    // Writes fail as fenced (once the OSD has the new map), then succeed
+    // again on a fresh client.
+    let t0 = Instant::now();
+    let mut fenced = 0;
+    let mut n = 0u64;
+    loop {
+        n += 1;
+        let r = d.write(65536 * (1 + n % 60), &pattern(100 + n, 4096));
+        match r {
+            Ok(()) if fenced > 0 => break,
+            Ok(()) => {}
+            Err(IoError::Fenced(msg)) => {
+                fenced += 1;
+                assert!(msg.contains("blocklisted"), "{msg}");
+            }
+            Err(e) => panic!("unexpected error {e:?}"),
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "no recovery 60 s after blocklisting (fenced {fenced} times)"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    eprintln!("fenced {fenced} writes, reopened in {:?}", t0.elapsed());
+    assert_eq!(rbd.reopens(), 1);
+    assert_ne!(rbd.client().1, instance, "still the blocklisted client");
+    // Data from before the fence is intact; new writes land.
+    assert_eq!(d.read(0, 65536).unwrap(), first);
+    let last = pattern(7, 4096);
+    d.write(1 << 20, &last).unwrap();
+    assert_eq!(&img.export()[1 << 20..(1 << 20) + 4096], &last[..]);
+}
