@@ -63,24 +63,28 @@ fn event(kind: EventKind) -> Event {
 }
 
 fn served() -> (KernelEmu, Control) {
+    served_with(None)
+}
+
+fn served_with(configfs_dir: Option<PathBuf>) -> (KernelEmu, Control) {
     let ram: Arc<dyn Backend> = Arc::new(RamBackend::new(MIB, 512).unwrap());
     let (emu, dev) = emu_device(small_layout(), ram);
-    let reg = Arc::new(Registry::new());
-    reg.adopt(
+    let t = std::env::temp_dir();
+    let ctl = Control::new(Arc::new(Registry::new()), &t, &t);
+    let st = ctl.adopt(
         DeviceSpec {
             name: "test".into(),
             uio_path: PathBuf::from("/dev/null"),
             map_size: 0,
             subtype: "ram".into(),
             cfgstring: "first".into(),
-            configfs_dir: None,
+            configfs_dir,
             size: Some(MIB),
         },
         dev,
-    )
-    .unwrap();
-    let t = std::env::temp_dir();
-    (emu, Control::new(reg, &t, &t))
+    );
+    assert_eq!(st, 0);
+    (emu, ctl)
 }
 
 #[test]
@@ -246,4 +250,26 @@ fn netlink_datagrams_to_replies() {
     decode_datagram(&d, FAM, &mut inc);
     assert_eq!(ctl.answer(&inc[0]), Some((cmd::REMOVED_DEVICE_DONE, 43, 0)));
     assert_eq!(ctl.registry().names(), vec!["test".to_string()]);
+}
+
+/// A device enabled while no daemon had negotiated replies
+/// (attrib/nl_reply_supported = 0) gets none: the kernel would log an
+/// error for each. One that expects replies gets them.
+#[test]
+fn no_replies_for_devices_that_expect_none() {
+    use tcmu_rbd::netlink::cmd;
+    for (mode, want) in [
+        ("0\n", None),
+        ("1\n", Some((cmd::RECONFIG_DEVICE_DONE, 1, 0))),
+    ] {
+        let t = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(t.path().join("attrib")).unwrap();
+        std::fs::write(t.path().join("attrib/nl_reply_supported"), mode).unwrap();
+        let (_emu, ctl) = served_with(Some(t.path().to_owned()));
+        let inc = tcmu_rbd::netlink::Incoming::Event(event(EventKind::ReconfigSize(2 * MIB)));
+        assert_eq!(ctl.answer(&inc), want, "nl_reply_supported={mode}");
+        let rm = tcmu_rbd::netlink::Incoming::Event(event(EventKind::Removed));
+        assert_eq!(ctl.answer(&rm).is_some(), want.is_some());
+        assert!(ctl.registry().names().is_empty());
+    }
 }
