@@ -284,3 +284,52 @@ fn missing_config_file_means_defaults() {
     );
     assert!(err.contains("stopped"), "{err}");
 }
+
+/// Under systemd (JOURNAL_STREAM set) logs go to journald; where the
+/// journal socket is absent the daemon says so on stderr and logs there,
+/// and writes no log file.
+#[test]
+fn journald_target_falls_back_to_stderr() {
+    if Path::new("/run/systemd/journal/socket").exists() {
+        eprintln!("SKIPPED: journald is running here; its absence cannot be tested");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let conf = dir.path().join("tcmu.conf");
+    std::fs::write(
+        &conf,
+        format!("log_dir = \"{}\"\n", dir.path().join("log").display()),
+    )
+    .unwrap();
+    let child = Command::new(BIN)
+        .args([
+            "--config",
+            conf.to_str().unwrap(),
+            "--run-dir",
+            dir.path().join("run").to_str().unwrap(),
+            "--sysfs-root",
+            dir.path().to_str().unwrap(),
+            "--no-dbus",
+            "--no-netlink",
+        ])
+        .env("JOURNAL_STREAM", "8:12345")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("journald unreachable; logging to stderr"),
+        "{err}"
+    );
+    assert!(err.contains("tcmu-rbd starting"), "{err}");
+    assert!(!dir.path().join("log/tcmu-rbd.log").exists());
+}
