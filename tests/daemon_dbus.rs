@@ -405,3 +405,58 @@ fn policy_file_lets_root_only() {
     assert!(!o.status.success(), "nobody could own the name");
     assert!(err.contains("AccessDenied"), "{err}");
 }
+
+/// A slow CheckConfig (rbd, monitors unreachable: it waits for its
+/// timeout) does not hold up other calls, e.g. targetcli listing the
+/// handlers meanwhile.
+#[test]
+fn a_slow_check_does_not_block_other_calls() {
+    if !handlers().iter().any(|h| h.subtype == "rbd") {
+        eprintln!("SKIPPED: no rbd handler compiled in");
+        return;
+    }
+    let Some(bus) = private_bus() else { return };
+    let _d = start_daemon(&bus);
+    let conn = connect(&bus);
+    wait_for_name(&conn);
+    let t = tempfile::tempdir().unwrap();
+    let conf = t.path().join("ceph.conf");
+    // Port 1 on loopback: nothing listens, the client waits for its timeout.
+    std::fs::write(&conf, "[global]\nmon host = 127.0.0.1:1\n").unwrap();
+    let cfg = format!("rbd/rbd/img;conf={};osd_op_timeout=3", conf.display());
+    let slow = {
+        let conn = conn.clone();
+        std::thread::spawn(move || {
+            let start = Instant::now();
+            let r: (bool, String) = call(
+                &conn,
+                "/org/kernel/TCMUService1/rbd",
+                "org.kernel.TCMUService1",
+                "CheckConfig",
+                &(cfg.as_str(),),
+            );
+            (r, start.elapsed())
+        })
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    let start = Instant::now();
+    let objs: Managed = call(
+        &conn,
+        "/org/kernel/TCMUService1",
+        "org.freedesktop.DBus.ObjectManager",
+        "GetManagedObjects",
+        &(),
+    );
+    let quick = start.elapsed();
+    assert_eq!(objs.len(), handlers().len());
+    let ((ok, msg), took) = slow.join().unwrap();
+    assert!(!ok, "{msg}");
+    assert!(
+        quick < Duration::from_secs(1),
+        "listing took {quick:?} while a check was running"
+    );
+    assert!(
+        took > quick + Duration::from_millis(500),
+        "check took {took:?}, listing {quick:?}: the check was not slow, the test proves nothing"
+    );
+}
