@@ -72,8 +72,11 @@ struct Handler {
 /// zbus's executor: a CheckConfig on rbd connects to the cluster, which
 /// can take seconds, and must not stall every other D-Bus call.
 struct Blocking<T> {
-    slot: Arc<Mutex<(Option<T>, Option<Waker>)>>,
+    slot: Arc<Mutex<Slot<T>>>,
 }
+
+/// The value once computed, and who to wake for it.
+type Slot<T> = (Option<T>, Option<Waker>);
 
 impl<T> Future for Blocking<T> {
     type Output = T;
@@ -97,7 +100,7 @@ fn blocking<T: Send + 'static>(
     let put = {
         let slot = slot.clone();
         move |v: Result<T, String>| {
-            let mut s: std::sync::MutexGuard<'_, (Option<Result<T, String>>, Option<Waker>)> =
+            let mut s: std::sync::MutexGuard<'_, Slot<Result<T, String>>> =
                 slot.lock().unwrap_or_else(|e| e.into_inner());
             s.0 = Some(v);
             if let Some(w) = s.1.take() {
