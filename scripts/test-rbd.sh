@@ -38,5 +38,6 @@ run() {
 # cluster daemons, so they run alone and one at a time.
 run -p rbd-ffi --test live -- --ignored
 run -p tcmu-rbd --test rbd_live -- --ignored
+run -p tcmu-rbd --test scsi_rbd -- --ignored
 run -p tcmu-rbd --test rbd_outage -- --ignored --test-threads=1
 echo "rbd: PASS"
