@@ -3,12 +3,15 @@
 //! fio's own librbd engine (`ioengine=rbd`). Prints IOPS and p99 latency of
 //! both and the ratios.
 //!
-//! tcmu-rbd-vs-fio --conf PATH [--pool rbd] [--image NAME] [--size 1G]
+//! tcmu-rbd-vs-fio --conf PATH [--pool rbd] [--image NAME] [--size 1G] [--direct]
 //!                 [--seconds 10] [--repeat 3]
 //!                 [--cases randwrite:4k:32,randread:4k:32,write:64k:32,read:64k:32]
 //!
 //! Each case alternates the two `--repeat` times and reports the median
 //! run of each (by IOPS), so load drifting on a shared machine hits both.
+//! `--direct` also drives the rbd backend alone (no ring), once per case.
+//! fio's client gets the backend's librbd settings (rbd_cache=false, the
+//! same op timeouts); `--fio-defaults` adds a run with librbd's defaults.
 //! The image is created if missing and filled once (so reads hit real
 //! objects). The two never run at once: each holds the image's exclusive
 //! lock while it runs.
@@ -34,7 +37,7 @@ struct Measured {
 fn usage() -> ! {
     eprintln!(
         "usage: tcmu-rbd-vs-fio --conf PATH [--pool rbd] [--image NAME] [--size 1G] \
-         [--seconds 10] [--cases rw:bs:qd,...]"
+         [--seconds 10] [--repeat 3] [--direct] [--fio-defaults] [--spin N] [--cases rw:bs:qd,...]"
     );
     std::process::exit(2)
 }
@@ -68,10 +71,25 @@ fn rbd_cli(conf: &str, args: &[&str]) -> Result<String, String> {
     }
 }
 
+/// The librbd settings the backend uses (handler/src/rbd/conn.rs), given
+/// to fio's client too. librbd's default cache policy (writearound)
+/// acknowledges writes before the OSDs have them, which a SCSI target
+/// without a volatile cache must not do.
+const SAME_AS_BACKEND: &str =
+    "--rbd_cache=false --rados_osd_op_timeout=31 --rados_mon_op_timeout=31";
+
 /// Runs fio's rbd engine; returns IOPS and p99 completion latency.
-fn fio(conf: &str, pool: &str, image: &str, c: &Case, secs: u64) -> Result<Measured, String> {
+fn fio(
+    conf: &str,
+    ceph_args: &str,
+    pool: &str,
+    image: &str,
+    c: &Case,
+    secs: u64,
+) -> Result<Measured, String> {
     let out = Command::new("fio")
         .env("CEPH_CONF", conf)
+        .env("CEPH_ARGS", ceph_args)
         .args([
             "--name=rbd",
             "--ioengine=rbd",
@@ -117,7 +135,78 @@ fn fio(conf: &str, pool: &str, image: &str, c: &Case, secs: u64) -> Result<Measu
     Ok(Measured { iops, p99_us: p99 })
 }
 
-fn ours(cfg: &str, size: u64, c: &Case, secs: u64) -> Result<Measured, String> {
+/// The rbd backend alone, without the ring: QD operations kept in flight
+/// through a completion queue (shows what the ring path adds).
+fn direct(cfg: &str, size: u64, c: &Case, secs: u64) -> Result<Measured, String> {
+    use tcmu_handler::{CompletionQueue, IoBufs, Op};
+    let be = tcmu_rbd::backends::open("rbd", cfg, size, 512).map_err(|e| e.to_string())?;
+    let q = CompletionQueue::new().map_err(|e| e.to_string())?;
+    let slots = size / c.bs as u64;
+    let write = matches!(c.pattern, Pattern::RandWrite | Pattern::SeqWrite);
+    let random = matches!(c.pattern, Pattern::RandRead | Pattern::RandWrite);
+    let bufs: Vec<IoBufs> = (0..c.qd)
+        .map(|i| IoBufs::from_vec(vec![i as u8; c.bs]))
+        .collect();
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut seq = 0u64;
+    let mut next_off = || {
+        let slot = if random {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x % slots
+        } else {
+            seq = (seq + 1) % slots;
+            seq
+        };
+        slot * c.bs as u64
+    };
+    let mut started = vec![std::time::Instant::now(); c.qd];
+    let submit = |i: usize, off: u64| {
+        let bufs = bufs[i].clone();
+        let op = if write {
+            Op::Write {
+                offset: off,
+                bufs,
+                fua: false,
+            }
+        } else {
+            Op::Read { offset: off, bufs }
+        };
+        be.submit(op, q.done(i as u64));
+    };
+    for (i, t) in started.iter_mut().enumerate() {
+        *t = std::time::Instant::now();
+        submit(i, next_off());
+    }
+    let t0 = std::time::Instant::now();
+    let end = t0 + Duration::from_secs(secs);
+    let mut lat = Vec::new();
+    let mut inflight = c.qd;
+    while inflight > 0 {
+        let Some(done) = q.recv_timeout(Duration::from_secs(60)) else {
+            return Err("no completion in 60 s".into());
+        };
+        done.result.map_err(|e| e.to_string())?;
+        let i = done.tag as usize;
+        lat.push(started[i].elapsed());
+        if std::time::Instant::now() < end {
+            started[i] = std::time::Instant::now();
+            submit(i, next_off());
+        } else {
+            inflight -= 1;
+        }
+    }
+    let elapsed = t0.elapsed();
+    lat.sort();
+    let p99 = lat[(lat.len() * 99 / 100).min(lat.len() - 1)];
+    Ok(Measured {
+        iops: lat.len() as f64 / elapsed.as_secs_f64(),
+        p99_us: p99.as_secs_f64() * 1e6,
+    })
+}
+
+fn ours(cfg: &str, size: u64, c: &Case, secs: u64, spin: u32) -> Result<Measured, String> {
     let be = tcmu_rbd::backends::open("rbd", cfg, size, 512).map_err(|e| e.to_string())?;
     let spec = DeviceSpec {
         name: "bench".into(),
@@ -139,8 +228,7 @@ fn ours(cfg: &str, size: u64, c: &Case, secs: u64) -> Result<Measured, String> {
         block_size: c.bs,
         queue_depth: c.qd,
         duration: Duration::from_secs(secs),
-        // Two cores serve librbd, the OSD and the ring here: do not spin.
-        spin: 0,
+        spin,
     };
     let r = run(Arc::clone(&be), info, job).map_err(|e| e.to_string())?;
     if r.errors > 0 {
@@ -166,6 +254,11 @@ fn main() {
     let mut size: u64 = 1 << 30;
     let mut secs = 10u64;
     let mut repeat = 3usize;
+    let mut with_direct = false;
+    let mut fio_defaults = false;
+    // Two cores serve librbd, the OSD and the ring here: no spinning by
+    // default.
+    let mut spin = 0u32;
     let mut cases = "randwrite:4k:32,randread:4k:32,write:64k:32,read:64k:32".to_string();
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -177,6 +270,9 @@ fn main() {
             "--size" => size = parse_size(&val()).unwrap_or_else(|| usage()),
             "--seconds" => secs = val().parse().unwrap_or_else(|_| usage()),
             "--cases" => cases = val(),
+            "--direct" => with_direct = true,
+            "--fio-defaults" => fio_defaults = true,
+            "--spin" => spin = val().parse().unwrap_or_else(|_| usage()),
             "--repeat" => repeat = val().parse().unwrap_or_else(|_| usage()),
             _ => usage(),
         }
@@ -240,7 +336,10 @@ fn main() {
         })
         .unwrap_or(size);
     let cfg = format!("{spec};conf={conf}");
-    println!("image {spec} ({real} bytes), {secs} s per run, same image, one after the other");
+    println!(
+        "image {spec} ({real} bytes), {secs} s per run, median of {repeat}, same image, \
+         one after the other; fio CEPH_ARGS: {SAME_AS_BACKEND}"
+    );
     println!(
         "{:<10} {:>5} {:>3} | {:>9} {:>9} | {:>9} {:>9} | {:>6} {:>6}",
         "pattern", "bs", "qd", "ours IOPS", "fio IOPS", "ours p99", "fio p99", "IOPS x", "p99 x"
@@ -250,14 +349,18 @@ fn main() {
         let mut fs = Vec::new();
         for _ in 0..repeat.max(1) {
             os.push(
-                ours(&cfg, real, c, secs).unwrap_or_else(|e| fail(format!("{}: ours: {e}", c.rw))),
+                ours(&cfg, real, c, secs, spin)
+                    .unwrap_or_else(|e| fail(format!("{}: ours: {e}", c.rw))),
             );
             fs.push(
-                fio(&conf, &pool, &image, c, secs)
+                fio(&conf, SAME_AS_BACKEND, &pool, &image, c, secs)
                     .unwrap_or_else(|e| fail(format!("{}: fio: {e}", c.rw))),
             );
         }
         let (o, f) = (median(os), median(fs));
+        let d = with_direct.then(|| {
+            direct(&cfg, real, c, secs).unwrap_or_else(|e| fail(format!("{}: direct: {e}", c.rw)))
+        });
         println!(
             "{:<10} {:>5} {:>3} | {:>9.0} {:>9.0} | {:>7.0}us {:>7.0}us | {:>6.3} {:>6.3}",
             c.rw,
@@ -270,5 +373,19 @@ fn main() {
             o.iops / f.iops.max(1e-9),
             o.p99_us / f.p99_us.max(1e-9)
         );
+        if fio_defaults {
+            let f = fio(&conf, "", &pool, &image, c, secs)
+                .unwrap_or_else(|e| fail(format!("{}: fio: {e}", c.rw)));
+            println!(
+                "  (fio with librbd's default cache, writes acknowledged early: {:.0} IOPS, p99 {:.0}us)",
+                f.iops, f.p99_us
+            );
+        }
+        if let Some(d) = d {
+            println!(
+                "  (backend alone, no ring: {:.0} IOPS, p99 {:.0}us)",
+                d.iops, d.p99_us
+            );
+        }
     }
 }
