@@ -257,3 +257,32 @@ fn blocklisted_client_reopens_on_a_fresh_client() {
     d.write(1 << 20, &last).unwrap();
     assert_eq!(&img.export()[1 << 20..(1 << 20) + 4096], &last[..]);
 }
+
+#[test]
+#[ignore = "needs the live Ceph cluster: scripts/test-rbd.sh runs it"]
+fn service_registration_waits_for_a_mgr() {
+    // The test cluster starts without a mgr: opening works all the same.
+    let img = TestImage::new("service", 8 << 20);
+    let rbd = RbdBackend::open(&img.cfg(";id=tcmu"), img.size, 512)
+        .unwrap_or_else(|e| panic!("open without a mgr: {e}"));
+    // (The service map itself lives in the mgr: nothing to query yet.)
+    // Once a mgr runs, the gateway shows in the service map.
+    cluster("start-mgr");
+    let t0 = Instant::now();
+    loop {
+        let dump = cli("ceph", &["service", "dump", "--format", "json"]);
+        if dump.contains("\"tcmu-rbd\"") && dump.contains(":tcmu\"") {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(90),
+            "tcmu-rbd not in the service map 90 s after the mgr started: {dump}"
+        );
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    eprintln!(
+        "in the service map {:?} after the mgr started",
+        t0.elapsed()
+    );
+    drop(rbd);
+}
