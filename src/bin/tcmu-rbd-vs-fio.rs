@@ -32,6 +32,18 @@ struct Case {
 struct Measured {
     iops: f64,
     p99_us: f64,
+    /// Process CPU time (all threads, librbd's included) per I/O.
+    cpu_us_per_io: f64,
+}
+
+/// CPU time used so far by this process, or by its reaped children.
+fn cpu_time(who: libc::c_int) -> Duration {
+    // SAFETY: getrusage fills the struct we pass; zeroed is a valid start.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: valid pointer to a rusage.
+    unsafe { libc::getrusage(who, &mut ru) };
+    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    tv(ru.ru_utime) + tv(ru.ru_stime)
 }
 
 fn usage() -> ! {
@@ -87,6 +99,7 @@ fn fio(
     c: &Case,
     secs: u64,
 ) -> Result<Measured, String> {
+    let cpu0 = cpu_time(libc::RUSAGE_CHILDREN);
     let out = Command::new("fio")
         .env("CEPH_CONF", conf)
         .env("CEPH_ARGS", ceph_args)
@@ -132,7 +145,12 @@ fn fio(
         .flatten()
         .find_map(|v| v.strip_prefix("99.000000%=")?.parse::<f64>().ok())
         .ok_or_else(|| format!("no p99 in fio terse line: {line}"))?;
-    Ok(Measured { iops, p99_us: p99 })
+    let cpu = cpu_time(libc::RUSAGE_CHILDREN) - cpu0;
+    Ok(Measured {
+        iops,
+        p99_us: p99,
+        cpu_us_per_io: cpu.as_secs_f64() * 1e6 / (iops * secs as f64).max(1.0),
+    })
 }
 
 /// The rbd backend alone, without the ring: QD operations kept in flight
@@ -161,6 +179,7 @@ fn direct(cfg: &str, size: u64, c: &Case, secs: u64) -> Result<Measured, String>
         };
         slot * c.bs as u64
     };
+    let cpu0 = cpu_time(libc::RUSAGE_SELF);
     let mut started = vec![std::time::Instant::now(); c.qd];
     let submit = |i: usize, off: u64| {
         let bufs = bufs[i].clone();
@@ -200,9 +219,11 @@ fn direct(cfg: &str, size: u64, c: &Case, secs: u64) -> Result<Measured, String>
     let elapsed = t0.elapsed();
     lat.sort();
     let p99 = lat[(lat.len() * 99 / 100).min(lat.len() - 1)];
+    let cpu = cpu_time(libc::RUSAGE_SELF) - cpu0;
     Ok(Measured {
         iops: lat.len() as f64 / elapsed.as_secs_f64(),
         p99_us: p99.as_secs_f64() * 1e6,
+        cpu_us_per_io: cpu.as_secs_f64() * 1e6 / lat.len() as f64,
     })
 }
 
@@ -230,13 +251,16 @@ fn ours(cfg: &str, size: u64, c: &Case, secs: u64, spin: u32) -> Result<Measured
         duration: Duration::from_secs(secs),
         spin,
     };
+    let cpu0 = cpu_time(libc::RUSAGE_SELF);
     let r = run(Arc::clone(&be), info, job).map_err(|e| e.to_string())?;
+    let cpu = cpu_time(libc::RUSAGE_SELF) - cpu0;
     if r.errors > 0 {
         return Err(format!("{} commands failed", r.errors));
     }
     Ok(Measured {
         iops: r.iops(),
         p99_us: r.p99.as_secs_f64() * 1e6,
+        cpu_us_per_io: cpu.as_secs_f64() * 1e6 / (r.ops as f64).max(1.0),
     })
 }
 
@@ -341,8 +365,17 @@ fn main() {
          one after the other; fio CEPH_ARGS: {SAME_AS_BACKEND}"
     );
     println!(
-        "{:<10} {:>5} {:>3} | {:>9} {:>9} | {:>9} {:>9} | {:>6} {:>6}",
-        "pattern", "bs", "qd", "ours IOPS", "fio IOPS", "ours p99", "fio p99", "IOPS x", "p99 x"
+        "{:<10} {:>5} {:>3} | {:>9} {:>9} | {:>9} {:>9} | {:>6} {:>6} | {:>9}",
+        "pattern",
+        "bs",
+        "qd",
+        "ours IOPS",
+        "fio IOPS",
+        "ours p99",
+        "fio p99",
+        "IOPS x",
+        "p99 x",
+        "CPU us/IO"
     );
     for c in &cases {
         let mut os = Vec::new();
@@ -362,7 +395,7 @@ fn main() {
             direct(&cfg, real, c, secs).unwrap_or_else(|e| fail(format!("{}: direct: {e}", c.rw)))
         });
         println!(
-            "{:<10} {:>5} {:>3} | {:>9.0} {:>9.0} | {:>7.0}us {:>7.0}us | {:>6.3} {:>6.3}",
+            "{:<10} {:>5} {:>3} | {:>9.0} {:>9.0} | {:>7.0}us {:>7.0}us | {:>6.3} {:>6.3} | {:>4.0}/{:<4.0}",
             c.rw,
             format!("{}k", c.bs / 1024),
             c.qd,
@@ -371,20 +404,22 @@ fn main() {
             o.p99_us,
             f.p99_us,
             o.iops / f.iops.max(1e-9),
-            o.p99_us / f.p99_us.max(1e-9)
+            o.p99_us / f.p99_us.max(1e-9),
+            o.cpu_us_per_io,
+            f.cpu_us_per_io
         );
         if fio_defaults {
             let f = fio(&conf, "", &pool, &image, c, secs)
                 .unwrap_or_else(|e| fail(format!("{}: fio: {e}", c.rw)));
             println!(
-                "  (fio with librbd's default cache, writes acknowledged early: {:.0} IOPS, p99 {:.0}us)",
-                f.iops, f.p99_us
+                "  (fio with librbd's default cache, writes acknowledged early: {:.0} IOPS, p99 {:.0}us, {:.0} CPU us/IO)",
+                f.iops, f.p99_us, f.cpu_us_per_io
             );
         }
         if let Some(d) = d {
             println!(
-                "  (backend alone, no ring: {:.0} IOPS, p99 {:.0}us)",
-                d.iops, d.p99_us
+                "  (backend alone, no ring: {:.0} IOPS, p99 {:.0}us, {:.0} CPU us/IO)",
+                d.iops, d.p99_us, d.cpu_us_per_io
             );
         }
     }
