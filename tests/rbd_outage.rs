@@ -256,6 +256,7 @@ fn blocklisted_client_reopens_on_a_fresh_client() {
     let last = pattern(7, 4096);
     d.write(1 << 20, &last).unwrap();
     assert_eq!(&img.export()[1 << 20..(1 << 20) + 4096], &last[..]);
+    assert_eq!(rbd.ops_in_flight(), 0, "operations left counted in flight");
 }
 
 #[test]
