@@ -369,6 +369,48 @@ fn every_bad_config_string_names_its_fault() {
             "bad credentials: the cluster refused the key of client.bogus",
         ),
     ];
+    // A cluster that does not answer: the same conf with a dead mon
+    // address fails within osd_op_timeout.
+    let dead_dir = tempfile::tempdir().expect("tempdir");
+    let dead = dead_dir.path().join("ceph.conf");
+    let text = std::fs::read_to_string(&c).expect("read conf");
+    let text: String = text
+        .lines()
+        .map(|l| {
+            if l.starts_with("mon host") {
+                "mon host = 127.0.0.1:9".to_string()
+            } else {
+                l.to_string()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+        + "\n";
+    std::fs::write(&dead, text).expect("write conf");
+    let t0 = Instant::now();
+    let e = tcmu_rbd::backends::check_config(
+        "rbd",
+        &format!("{p}/{};conf={};osd_op_timeout=3", img.name, dead.display()),
+    )
+    .expect_err("a dead cluster passed");
+    assert!(e.contains("no monitor answered client.admin"), "{e}");
+    assert!(
+        t0.elapsed() < Duration::from_secs(10),
+        "took {:?}",
+        t0.elapsed()
+    );
+    // A conf librados cannot parse (its last line lacks the newline).
+    let broken = dead_dir.path().join("broken.conf");
+    std::fs::write(&broken, "[global]\nmon host = 127.0.0.1:9").expect("write conf");
+    let e = tcmu_rbd::backends::check_config(
+        "rbd",
+        &format!("{p}/{};conf={}", img.name, broken.display()),
+    )
+    .expect_err("a broken conf passed");
+    assert!(
+        e.contains("a syntax error, or no newline at the end"),
+        "{e}"
+    );
     // A keyring entry for a user the cluster does not know.
     let bogus = format!("{}/client.bogus.keyring", cluster_dir());
     let st = std::process::Command::new("ceph-authtool")
