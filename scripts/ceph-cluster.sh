@@ -102,13 +102,15 @@ kill_daemon() {
 }
 
 do_start() {
-  for b in ceph-mon ceph-osd ceph ceph-authtool monmaptool rbd; do
+  # ceph-mgr only runs on request (start-mgr, CEPH_WITH_MGR), but the
+  # service-map test asks for it.
+  for b in ceph-mon ceph-osd ceph-mgr ceph ceph-authtool monmaptool rbd; do
     command -v $b >/dev/null || missing=1
   done
   if [ "${missing:-0}" = 1 ]; then
-    echo "ceph-cluster: installing ceph-mon ceph-osd ceph-common" >&2
+    echo "ceph-cluster: installing ceph-mon ceph-osd ceph-mgr ceph-common" >&2
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q -o DPkg::Lock::Timeout=600 \
-      ceph-mon ceph-osd ceph-common >/dev/null
+      ceph-mon ceph-osd ceph-mgr ceph-common >/dev/null
   fi
   [ ! -e "$dir/ceph.conf" ] || die "$dir already holds a cluster (stop it first)"
   # mon.a must not exist before mkfs (it refuses a non-empty dir).
