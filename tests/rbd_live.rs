@@ -481,3 +481,45 @@ fn resize_grows_the_image_and_refuses_to_shrink() {
     }
     assert!(be.header_updates() > before, "no header update seen");
 }
+
+#[test]
+#[ignore = "needs the live Ceph cluster: scripts/test-rbd.sh runs it"]
+fn namespace_images_are_served() {
+    let ns = format!("ns{}", std::process::id());
+    let p = pool();
+    let _ = std::process::Command::new("rbd")
+        .args(["-c", &conf(), "namespace", "create", &format!("{p}/{ns}")])
+        .output();
+    // The same name in the default namespace is another image.
+    let plain = TestImage::new("nsimg", 8 << 20);
+    let spec = format!("{p}/{ns}/{}", plain.name);
+    cli("rbd", &["create", "--size", "8M", &spec]);
+    let cfg = format!("{spec};conf={}", conf());
+    let be = tcmu_rbd::backends::open("rbd", &cfg, 8 << 20, 512)
+        .unwrap_or_else(|e| panic!("open {cfg}: {e}"));
+    assert_eq!(be.name(), format!("rbd:{spec}"));
+    let mut d = Direct::new(be);
+    let data = pattern(5, 8192);
+    d.write(4096, &data).unwrap();
+    assert_eq!(d.read(4096, 8192).unwrap(), data);
+    drop(d);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = dir.path().join("ns.img");
+    cli(
+        "rbd",
+        &[
+            "export",
+            "--no-progress",
+            &spec,
+            out.to_str().expect("utf-8"),
+        ],
+    );
+    let img = std::fs::read(&out).expect("read export");
+    assert_eq!(&img[4096..4096 + 8192], &data[..]);
+    assert!(
+        plain.export().iter().all(|&b| b == 0),
+        "wrote to the default namespace"
+    );
+    cli("rbd", &["rm", "--no-progress", &spec]);
+    cli("rbd", &["namespace", "remove", &format!("{p}/{ns}")]);
+}
