@@ -1,205 +1,733 @@
-//! The daemon's top level: find the TCMU devices this process serves,
-//! serve them, follow the kernel's add/remove/reconfigure events, stop
-//! cleanly on SIGTERM.
+//! The daemon's top level: command line, configuration and logging,
+//! signals, the kernel's netlink events (or a sysfs rescan where the
+//! TCMU family is absent), the D-Bus service, systemd notification and
+//! the status file.
+//!
+//! One thread runs everything here, sleeping in poll() on a signalfd, the
+//! netlink socket and an inotify watch of the config directory; each
+//! device has its own ring worker; zbus runs the D-Bus service on its own
+//! thread. Signals are blocked in every thread and read from the
+//! signalfd, so no handler runs asynchronously.
 
-use crate::registry::{DeviceSpec, Registry};
+use crate::config::{self, Config, LogTarget, Logging};
+use crate::control::Control;
+use crate::dbus;
+use crate::netlink::{Incoming, NlError, TcmuChannel};
+use crate::registry::Registry;
+use nix::poll::{PollFd, PollFlags, PollTimeout};
+use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
+use nix::sys::signal::{SigSet, Signal};
+use nix::sys::signalfd::{SfdFlags, SignalFd};
+use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
-use tracing::{error, info, warn};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tracing::{debug, error, info, warn};
+
+pub use crate::control::parse_uio_name;
 
 /// Subtypes this daemon serves.
-pub const SUBTYPES: &[&str] = &["file", "ram", "rbd"];
-
-/// Parses a UIO device name `tcm-user/<hba>/<name>/<subtype>/<cfgstring>`.
-pub fn parse_uio_name(name: &str) -> Option<(u32, String, String, String)> {
-    let rest = name.strip_prefix("tcm-user/")?;
-    let mut it = rest.splitn(4, '/');
-    let hba = it.next()?.parse().ok()?;
-    let dev = it.next()?.to_string();
-    let subtype = it.next()?.to_string();
-    let cfg = it.next().unwrap_or("").to_string();
-    if dev.is_empty() || subtype.is_empty() {
-        return None;
-    }
-    Some((hba, dev, subtype, cfg))
+pub fn subtypes() -> Vec<&'static str> {
+    crate::control::subtypes()
 }
 
-/// Scans `sysfs/class/uio` for TCMU devices of the subtypes served.
-pub fn scan(sysfs: &Path, configfs: &Path) -> Vec<DeviceSpec> {
-    let mut out = Vec::new();
-    let Ok(rd) = std::fs::read_dir(sysfs.join("class/uio")) else {
-        return out;
+/// Where the pid and status files go by default.
+pub const DEFAULT_RUN_DIR: &str = "/run/tcmu-rbd";
+const PID_FILE: &str = "tcmu-rbd.pid";
+const STATUS_FILE: &str = "status";
+
+const USAGE: &str = "\
+usage: tcmu-rbd [OPTIONS]                 serve TCMU devices (file, ram, rbd)
+       tcmu-rbd check-config SUBTYPE/CFGSTRING
+       tcmu-rbd status [--run-dir DIR]
+       tcmu-rbd --help | --version
+
+options:
+  -c, --config PATH       tcmu.conf to read (default /etc/tcmu/tcmu.conf);
+                          reloaded when it changes and on SIGHUP
+  -d, --debug             log at DEBUG whatever tcmu.conf says
+      --log-stderr        log to stderr only (no journald, no log file)
+      --run-dir DIR       pid and status files (default /run/tcmu-rbd)
+      --no-dbus           do not register org.kernel.TCMUService1
+      --dbus-address ADDR use this D-Bus instead of the system bus
+      --no-netlink        do not listen to the kernel; rescan sysfs instead
+      --rescan-ms N       sysfs rescan period without netlink (default 500)
+      --sysfs-root DIR    (tests) sysfs mount point (default /sys)
+      --configfs-root DIR (tests) configfs mount point (default /sys/kernel/config)
+
+signals: SIGTERM/SIGINT drain every device and exit; SIGHUP reloads tcmu.conf;
+         SIGUSR1 logs device status and rewrites RUN_DIR/status.
+check-config exits 0 when valid, 1 when not (the reason on stderr), 2 on usage errors.
+status exits 0, 1 when the daemon did not answer, 3 when it is not running.
+";
+
+#[derive(Debug, Clone)]
+struct Opts {
+    config: PathBuf,
+    debug: bool,
+    log_stderr: bool,
+    run_dir: PathBuf,
+    dbus: Option<dbus::Bus>,
+    netlink: bool,
+    rescan: Duration,
+    sysfs: PathBuf,
+    configfs: PathBuf,
+}
+
+enum Cmd {
+    Serve(Opts),
+    CheckConfig(String),
+    Status(PathBuf),
+    Exit(i32),
+}
+
+fn usage_error(msg: &str) -> Cmd {
+    eprintln!("tcmu-rbd: {msg}\n{USAGE}");
+    Cmd::Exit(2)
+}
+
+fn parse_args(args: Vec<String>) -> Cmd {
+    let mut o = Opts {
+        config: PathBuf::from(config::DEFAULT_PATH),
+        debug: false,
+        log_stderr: false,
+        run_dir: PathBuf::from(DEFAULT_RUN_DIR),
+        dbus: Some(dbus::Bus::System),
+        netlink: true,
+        rescan: Duration::from_millis(500),
+        sysfs: PathBuf::from("/sys"),
+        configfs: PathBuf::from("/sys/kernel/config"),
     };
-    for e in rd.flatten() {
-        let d = e.path();
-        let Some(uio) = d.file_name().and_then(|n| n.to_str()).map(str::to_string) else {
-            continue;
+    let mut it = args.into_iter().skip(1);
+    let mut status = false;
+    while let Some(a) = it.next() {
+        let mut val = |name: &str| it.next().ok_or_else(|| format!("{name} needs a value"));
+        let r: Result<(), String> = match a.as_str() {
+            "--version" | "-V" => {
+                println!("tcmu-rbd {}", env!("CARGO_PKG_VERSION"));
+                return Cmd::Exit(0);
+            }
+            "--help" | "-h" => {
+                print!("{USAGE}");
+                return Cmd::Exit(0);
+            }
+            "check-config" => {
+                let Some(cfg) = it.next() else {
+                    return usage_error("check-config needs SUBTYPE/CFGSTRING");
+                };
+                if let Some(extra) = it.next() {
+                    return usage_error(&format!("unexpected argument {extra:?}"));
+                }
+                return Cmd::CheckConfig(cfg);
+            }
+            "status" => {
+                status = true;
+                Ok(())
+            }
+            "-c" | "--config" => val(&a).map(|v| o.config = v.into()),
+            "-d" | "--debug" => {
+                o.debug = true;
+                Ok(())
+            }
+            "--log-stderr" => {
+                o.log_stderr = true;
+                Ok(())
+            }
+            "--run-dir" => val(&a).map(|v| o.run_dir = v.into()),
+            "--no-dbus" => {
+                o.dbus = None;
+                Ok(())
+            }
+            "--dbus-address" => val(&a).map(|v| o.dbus = Some(dbus::Bus::Address(v))),
+            "--no-netlink" => {
+                o.netlink = false;
+                Ok(())
+            }
+            "--rescan-ms" => val(&a).and_then(|v| {
+                v.parse()
+                    .ok()
+                    .filter(|&n| n > 0)
+                    .map(|n| o.rescan = Duration::from_millis(n))
+                    .ok_or(format!("--rescan-ms wants a positive number, got {v:?}"))
+            }),
+            "--sysfs-root" => val(&a).map(|v| o.sysfs = v.into()),
+            "--configfs-root" => val(&a).map(|v| o.configfs = v.into()),
+            other => Err(format!("unknown argument {other:?}")),
         };
-        let Ok(name) = std::fs::read_to_string(d.join("name")) else {
-            continue;
-        };
-        let Some((hba, dev, subtype, cfg)) = parse_uio_name(name.trim_end_matches('\n')) else {
-            continue;
-        };
-        if !SUBTYPES.contains(&subtype.as_str()) {
-            continue;
+        if let Err(m) = r {
+            return usage_error(&m);
         }
-        let size = std::fs::read_to_string(d.join("maps/map0/size"))
-            .ok()
-            .and_then(|s| usize::from_str_radix(s.trim().trim_start_matches("0x"), 16).ok());
-        let Some(map_size) = size else {
-            warn!(uio = %uio, "no map0 size; skipped");
-            continue;
-        };
-        let cfs = configfs.join(format!("target/core/user_{hba}/{dev}"));
-        out.push(DeviceSpec {
-            name: dev,
-            uio_path: PathBuf::from("/dev").join(&uio),
-            map_size,
-            subtype,
-            cfgstring: cfg,
-            configfs_dir: cfs.is_dir().then_some(cfs),
-            size: None,
-        });
     }
-    out
-}
-
-fn usage() -> i32 {
-    eprintln!(
-        "usage: tcmu-rbd [--sysfs-root DIR] [--configfs-root DIR] [--rescan-ms N]\n       tcmu-rbd check-config SUBTYPE/CFGSTRING\n       tcmu-rbd --version"
-    );
-    2
+    if status {
+        Cmd::Status(o.run_dir)
+    } else {
+        Cmd::Serve(o)
+    }
 }
 
 /// Entry point; returns the exit code.
 pub fn run(args: Vec<String>) -> i32 {
-    let mut sysfs = PathBuf::from("/sys");
-    let mut configfs = PathBuf::from("/sys/kernel/config");
-    let mut rescan = Duration::from_millis(500);
-    let mut it = args.into_iter().skip(1);
-    while let Some(a) = it.next() {
-        match a.as_str() {
-            "--version" | "-V" => {
-                println!("tcmu-rbd {}", env!("CARGO_PKG_VERSION"));
-                return 0;
-            }
-            "--help" | "-h" => {
-                usage();
-                return 0;
-            }
-            "--sysfs-root" => match it.next() {
-                Some(v) => sysfs = v.into(),
-                None => return usage(),
-            },
-            "--configfs-root" => match it.next() {
-                Some(v) => configfs = v.into(),
-                None => return usage(),
-            },
-            "--rescan-ms" => match it.next().and_then(|v| v.parse().ok()) {
-                Some(v) => rescan = Duration::from_millis(v),
-                None => return usage(),
-            },
-            "check-config" => {
-                let Some(cfg) = it.next() else { return usage() };
-                let Some((sub, rest)) = cfg.split_once('/') else {
-                    eprintln!("config string {cfg:?} has no SUBTYPE/ prefix");
-                    return 1;
-                };
-                return match crate::backends::check_config(sub, rest) {
-                    Ok(()) => {
-                        println!("valid");
-                        0
-                    }
-                    Err(m) => {
-                        eprintln!("{m}");
-                        1
-                    }
-                };
-            }
-            _ => return usage(),
+    match parse_args(args) {
+        Cmd::Exit(c) => c,
+        Cmd::CheckConfig(c) => check_config_cmd(&c),
+        Cmd::Status(dir) => status_cmd(&dir),
+        Cmd::Serve(o) => serve(o),
+    }
+}
+
+fn check_config_cmd(cfg: &str) -> i32 {
+    let Some((sub, _)) = cfg.split_once('/') else {
+        eprintln!("config string {cfg:?} has no SUBTYPE/ prefix (e.g. rbd/pool/image, file//path)");
+        return 2;
+    };
+    if !subtypes().contains(&sub) {
+        eprintln!(
+            "no handler for subtype {sub:?} (this daemon serves: {})",
+            subtypes().join(", ")
+        );
+        return 1;
+    }
+    let (ok, msg) = dbus::check(sub, cfg);
+    if ok {
+        println!("valid");
+        0
+    } else {
+        eprintln!("{msg}");
+        1
+    }
+}
+
+/// Tells systemd (Type=notify) about a state change; a no-op outside
+/// systemd.
+pub fn sd_notify(msg: &str) {
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let r = (|| -> std::io::Result<()> {
+        let sock = std::os::unix::net::UnixDatagram::unbound()?;
+        let bytes = std::os::unix::ffi::OsStrExt::as_bytes(path.as_os_str());
+        if let Some(abs) = bytes.strip_prefix(b"@") {
+            use std::os::linux::net::SocketAddrExt;
+            let addr = std::os::unix::net::SocketAddr::from_abstract_name(abs)?;
+            sock.send_to_addr(msg.as_bytes(), &addr)?;
+        } else {
+            sock.send_to(msg.as_bytes(), &path)?;
+        }
+        Ok(())
+    })();
+    if let Err(e) = r {
+        warn!(error = %e, msg, "sd_notify failed");
+    }
+}
+
+fn load_config(path: &Path) -> Option<(Config, Vec<config::Note>)> {
+    match config::load(path) {
+        Ok(r) => Some(r),
+        Err(e) if e.source.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => {
+            warn!(error = %e, "cannot read the configuration");
+            None
         }
     }
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+}
+
+struct Status {
+    dir: PathBuf,
+    generation: u64,
+}
+
+impl Status {
+    fn write(&mut self, header: &str, lines: &[String]) {
+        self.generation += 1;
+        let mut text = format!("{header} generation={}\n", self.generation);
+        for l in lines {
+            text.push_str(l);
+            text.push('\n');
+        }
+        let tmp = self.dir.join(format!(".{STATUS_FILE}.tmp"));
+        let r = std::fs::write(&tmp, text)
+            .and_then(|_| std::fs::rename(&tmp, self.dir.join(STATUS_FILE)));
+        if let Err(e) = r {
+            warn!(dir = %self.dir.display(), error = %e, "cannot write the status file");
+        }
+    }
+}
+
+fn generation(dir: &Path) -> Option<u64> {
+    let s = std::fs::read_to_string(dir.join(STATUS_FILE)).ok()?;
+    let first = s.lines().next()?;
+    first
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("generation="))
+        .and_then(|g| g.parse().ok())
+}
+
+fn status_cmd(dir: &Path) -> i32 {
+    let pid = std::fs::read_to_string(dir.join(PID_FILE))
+        .ok()
+        .and_then(|s| s.trim().parse::<i32>().ok())
+        .filter(|&p| p > 0);
+    let Some(pid) = pid else {
+        eprintln!("tcmu-rbd is not running (no pid file in {})", dir.display());
+        return 3;
+    };
+    let before = generation(dir);
+    let pid = nix::unistd::Pid::from_raw(pid);
+    if let Err(e) = nix::sys::signal::kill(pid, Signal::SIGUSR1) {
+        eprintln!("tcmu-rbd (pid {pid}) is not running: {e}");
+        return 3;
+    }
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < deadline {
+        if generation(dir).is_some() && generation(dir) != before {
+            if let Ok(s) = std::fs::read_to_string(dir.join(STATUS_FILE)) {
+                print!("{s}");
+                return 0;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    eprintln!("tcmu-rbd (pid {pid}) did not refresh its status in 3 s");
+    if let Ok(s) = std::fs::read_to_string(dir.join(STATUS_FILE)) {
+        print!("{s}");
+    }
+    1
+}
+
+/// `ChangeMedium` through configfs: writing `dev_config` and `dev_size`
+/// makes the kernel send RECONFIG events, which the main loop applies and
+/// answers; the kernel returns that answer as the write's result, and
+/// keeps its own view of the device in step with ours.
+struct ConfigfsMedium {
+    reg: Arc<Registry>,
+}
+
+impl dbus::MediumChanger for ConfigfsMedium {
+    fn change_medium(
+        &self,
+        name: &str,
+        size: u64,
+        subtype: &str,
+        cfgstring: &str,
+    ) -> Result<(), (i32, String)> {
+        let Some(spec) = self.reg.spec(name) else {
+            return Err((-libc::ENODEV, format!("no device {name:?} is served")));
+        };
+        if spec.subtype != subtype {
+            return Err((
+                -libc::EINVAL,
+                format!("{name} is a {} device, not {subtype}", spec.subtype),
+            ));
+        }
+        let Some(dir) = spec.configfs_dir else {
+            return Err((-libc::ENODEV, format!("{name} has no configfs directory")));
+        };
+        let write = |attr: &str, val: String| {
+            std::fs::write(dir.join("attrib").join(attr), &val).map_err(|e| {
+                (
+                    -e.raw_os_error().unwrap_or(libc::EIO),
+                    format!("{name}: setting {attr}={val}: {e}"),
+                )
+            })
+        };
+        write("dev_config", format!("{subtype}/{cfgstring}"))?;
+        if spec.size != Some(size) {
+            write("dev_size", size.to_string())?;
+        }
+        Ok(())
+    }
+}
+
+fn block_signals() -> nix::Result<SignalFd> {
+    let mut mask = SigSet::empty();
+    for s in [
+        Signal::SIGTERM,
+        Signal::SIGINT,
+        Signal::SIGHUP,
+        Signal::SIGUSR1,
+    ] {
+        mask.add(s);
+    }
+    // Threads spawned from here on inherit the mask: signals only ever
+    // arrive through the signalfd.
+    mask.thread_block()?;
+    SignalFd::with_flags(&mask, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC)
+}
+
+fn watch_config(path: &Path) -> Option<Inotify> {
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty())?;
+    let ino = match Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC) {
+        Ok(i) => i,
+        Err(e) => {
+            warn!(error = %e, "inotify unavailable; tcmu.conf is reloaded on SIGHUP only");
+            return None;
+        }
+    };
+    // The directory, not the file: editors replace files by renaming.
+    let flags = AddWatchFlags::IN_CLOSE_WRITE
+        | AddWatchFlags::IN_MOVED_TO
+        | AddWatchFlags::IN_CREATE
+        | AddWatchFlags::IN_DELETE;
+    match ino.add_watch(dir, flags) {
+        Ok(_) => Some(ino),
+        Err(e) => {
+            info!(dir = %dir.display(), error = %e, "cannot watch the config directory; reload with SIGHUP");
+            None
+        }
+    }
+}
+
+fn config_changed(ino: &Inotify, path: &Path) -> bool {
+    let name = path.file_name();
+    let mut hit = false;
+    while let Ok(evs) = ino.read_events() {
+        if evs.is_empty() {
+            break;
+        }
+        hit |= evs.iter().any(|e| e.name.as_deref() == name);
+    }
+    hit
+}
+
+struct Daemon {
+    o: Opts,
+    ctl: Arc<Control>,
+    logging: Logging,
+    cfg: Config,
+    nl: Option<TcmuChannel>,
+    status: Status,
+    dbus_up: bool,
+}
+
+impl Daemon {
+    fn header(&self) -> String {
+        format!(
+            "tcmu-rbd {} pid={} netlink={} dbus={} config={} log_level={}",
+            env!("CARGO_PKG_VERSION"),
+            std::process::id(),
+            if self.nl.is_some() { "yes" } else { "no" },
+            if self.dbus_up { "yes" } else { "no" },
+            self.o.config.display(),
+            self.cfg.log_level
         )
-        .with_writer(std::io::stderr)
-        .try_init();
-    use nix::sys::signal::Signal;
-    for sig in [Signal::SIGTERM, Signal::SIGINT] {
-        if let Err(e) = install_signal(sig) {
-            error!(error = %e, "cannot install signal handler");
+    }
+
+    fn write_status(&mut self, log: bool) {
+        let lines = self.ctl.status_lines();
+        let header = self.header();
+        if log {
+            info!("status: {header}");
+            for l in &lines {
+                info!("status: {l}");
+            }
+        }
+        self.status.write(&header, &lines);
+    }
+
+    fn reload(&mut self, why: &str) {
+        let (cfg, notes) = match config::load(&self.o.config) {
+            Ok(r) => r,
+            Err(e) => {
+                warn!(error = %e, "config reload ({why}): cannot read it; settings unchanged");
+                return;
+            }
+        };
+        config::report(&self.o.config, &notes);
+        self.logging.apply(&cfg);
+        info!(reason = why, log_level = cfg.log_level, log_dir = %cfg.log_dir.display(), "configuration reloaded");
+        debug!("debug logging is on");
+        self.cfg = cfg;
+        self.write_status(false);
+    }
+
+    fn open_netlink(&mut self) {
+        match TcmuChannel::open() {
+            Ok(ch) => {
+                info!(
+                    family = ch.family(),
+                    "listening to the kernel's TCMU netlink events"
+                );
+                self.nl = Some(ch);
+            }
+            Err(NlError::NoFamily(f)) => {
+                debug!(family = %f, "TCMU netlink family absent; rescanning sysfs instead");
+            }
+            Err(e) => warn!(error = %e, "TCMU netlink unavailable; rescanning sysfs instead"),
+        }
+    }
+
+    fn netlink_ready(&mut self) {
+        let Some(ch) = self.nl.as_mut() else { return };
+        let incoming = match ch.poll_events() {
+            Ok(v) => v,
+            Err(e) => {
+                // ENOBUFS: the socket overflowed and events were lost;
+                // sysfs has the truth.
+                error!(error = %e, "netlink receive failed; rescanning sysfs");
+                self.ctl.rescan();
+                return;
+            }
+        };
+        let mut changed = false;
+        for inc in incoming {
+            let (reply, status) = match inc {
+                Incoming::Event(ev) => {
+                    let span = tracing::info_span!("event", dev = %ev.device);
+                    let _g = span.enter();
+                    info!(kind = ?ev.kind, minor = ev.minor, "kernel event");
+                    let st = self.ctl.handle(&ev);
+                    changed = true;
+                    if st != 0 {
+                        warn!(status = st, "event failed");
+                    }
+                    (ev.reply_to(), st)
+                }
+                Incoming::Bad(b) => {
+                    warn!(error = %b, "malformed kernel event ignored");
+                    (b.reply, -libc::EINVAL)
+                }
+                Incoming::ReplyRefused(err, seq) => {
+                    warn!(errno = err, seq, "the kernel refused a reply");
+                    (None, 0)
+                }
+            };
+            if let (Some((done, id)), Some(ch)) = (reply, self.nl.as_mut()) {
+                if let Err(e) = ch.reply(done, id, status) {
+                    error!(error = %e, device_id = id, "cannot reply to the kernel");
+                }
+            }
+        }
+        if changed {
+            self.write_status(false);
+        }
+    }
+}
+
+fn serve(o: Opts) -> i32 {
+    let loaded = load_config(&o.config);
+    let cfg = loaded.as_ref().map(|l| l.0.clone()).unwrap_or_default();
+    let target = if o.log_stderr {
+        LogTarget::Stderr
+    } else {
+        config::default_target()
+    };
+    let logging = Logging::init(&cfg, target, o.debug.then_some(4));
+    info!(version = env!("CARGO_PKG_VERSION"), config = %o.config.display(), "tcmu-rbd starting");
+    match &loaded {
+        Some((_, notes)) => config::report(&o.config, notes),
+        None => info!(config = %o.config.display(), "no configuration file; using defaults"),
+    }
+    let sigfd = match block_signals() {
+        Ok(s) => s,
+        Err(e) => {
+            error!(error = %e, "cannot set up signal handling");
             return 1;
         }
+    };
+    if let Err(e) = std::fs::create_dir_all(&o.run_dir).and_then(|_| {
+        std::fs::write(
+            o.run_dir.join(PID_FILE),
+            format!("{}\n", std::process::id()),
+        )
+    }) {
+        error!(dir = %o.run_dir.display(), error = %e, "cannot write the pid file");
+        return 1;
     }
-    let reg = Registry::new();
-    info!(version = env!("CARGO_PKG_VERSION"), "tcmu-rbd starting");
-    while !STOP.load(Ordering::SeqCst) {
-        let found = scan(&sysfs, &configfs);
-        let names: Vec<String> = found.iter().map(|s| s.name.clone()).collect();
-        for spec in found {
-            if reg.names().contains(&spec.name) {
-                continue;
-            }
-            if let Err(e) = reg.add(spec) {
-                error!(error = %e, "cannot open device");
+    let reg = Arc::new(Registry::new());
+    let ctl = Arc::new(Control::new(reg.clone(), &o.sysfs, &o.configfs));
+    let mut d = Daemon {
+        status: Status {
+            dir: o.run_dir.clone(),
+            generation: 0,
+        },
+        o,
+        ctl,
+        logging,
+        cfg,
+        nl: None,
+        dbus_up: false,
+    };
+    if d.o.netlink {
+        d.open_netlink();
+    }
+    let _dbus = match &d.o.dbus {
+        None => None,
+        Some(bus) => {
+            let changer: Arc<dyn dbus::MediumChanger> =
+                Arc::new(ConfigfsMedium { reg: reg.clone() });
+            match dbus::serve(bus, &crate::backends::handlers(), Some(changer)) {
+                Ok(c) => {
+                    info!(name = dbus::BUS_NAME, "D-Bus service registered");
+                    d.dbus_up = true;
+                    Some(c)
+                }
+                Err(e @ dbus::DbusError::NameTaken) => {
+                    error!(error = %e, "refusing to run next to another TCMU daemon");
+                    let _ = std::fs::remove_file(d.o.run_dir.join(PID_FILE));
+                    return 1;
+                }
+                Err(e) => {
+                    warn!(error = %e, "D-Bus unavailable: targetcli cannot list user: backstores");
+                    None
+                }
             }
         }
-        for n in reg.names() {
-            if !names.contains(&n) {
-                info!(dev = %n, "device gone");
-                reg.remove(&n);
-            }
-        }
-        reg.poll_resizes();
-        std::thread::sleep(rescan);
-    }
-    info!("stopping: draining devices");
-    reg.stop_all();
-    0
-}
-
-static STOP: AtomicBool = AtomicBool::new(false);
-
-extern "C" fn on_signal(_: libc::c_int) {
-    // Only an atomic store: async-signal-safe.
-    STOP.store(true, Ordering::SeqCst);
-}
-
-fn install_signal(sig: nix::sys::signal::Signal) -> std::io::Result<()> {
-    let action = nix::sys::signal::SigAction::new(
-        nix::sys::signal::SigHandler::Handler(on_signal),
-        nix::sys::signal::SaFlags::SA_RESTART,
-        nix::sys::signal::SigSet::empty(),
+    };
+    // Devices created before we started (or while we were down).
+    d.ctl.rescan();
+    d.write_status(false);
+    let ino = watch_config(&d.o.config);
+    sd_notify("READY=1");
+    info!(
+        devices = reg.names().len(),
+        netlink = d.nl.is_some(),
+        "ready"
     );
-    // SAFETY: the handler only does an atomic store (see on_signal).
-    unsafe { nix::sys::signal::sigaction(sig, &action) }.map_err(std::io::Error::from)?;
-    Ok(())
+
+    let mut last_scan = Instant::now();
+    let mut last_nl_try = Instant::now();
+    loop {
+        let timeout = if d.nl.is_some() {
+            Duration::from_secs(5)
+        } else {
+            d.o.rescan
+        };
+        let (sig_ready, nl_ready, ino_ready) = {
+            let mut fds = vec![PollFd::new(sigfd.as_fd(), PollFlags::POLLIN)];
+            if let Some(ch) = &d.nl {
+                fds.push(PollFd::new(ch.fd(), PollFlags::POLLIN));
+            }
+            let ino_idx = ino.as_ref().map(|i| {
+                fds.push(PollFd::new(i.as_fd(), PollFlags::POLLIN));
+                fds.len() - 1
+            });
+            let ms = u16::try_from(timeout.as_millis()).unwrap_or(u16::MAX);
+            if let Err(e) = nix::poll::poll(&mut fds, PollTimeout::from(ms)) {
+                if e != nix::errno::Errno::EINTR {
+                    error!(error = %e, "poll failed");
+                    break;
+                }
+            }
+            let ready = |i: usize| {
+                fds.get(i)
+                    .and_then(|f| f.revents())
+                    .is_some_and(|r| !r.is_empty())
+            };
+            (
+                ready(0),
+                d.nl.is_some() && ready(1),
+                ino_idx.is_some_and(ready),
+            )
+        };
+        let mut stop = false;
+        if sig_ready {
+            while let Ok(Some(si)) = sigfd.read_signal() {
+                match Signal::try_from(si.ssi_signo as i32) {
+                    Ok(Signal::SIGTERM | Signal::SIGINT) => {
+                        info!(signal = si.ssi_signo, "stopping");
+                        stop = true;
+                    }
+                    Ok(Signal::SIGHUP) => d.reload("SIGHUP"),
+                    Ok(Signal::SIGUSR1) => d.write_status(true),
+                    _ => {}
+                }
+            }
+        }
+        if stop {
+            break;
+        }
+        if nl_ready {
+            d.netlink_ready();
+        }
+        if ino_ready {
+            if let Some(i) = &ino {
+                if config_changed(i, &d.o.config) {
+                    d.reload("file changed");
+                }
+            }
+        }
+        if d.nl.is_none() {
+            if last_scan.elapsed() >= d.o.rescan {
+                d.ctl.rescan();
+                reg.poll_resizes();
+                last_scan = Instant::now();
+            }
+            // The module may be loaded after we started.
+            if d.o.netlink && last_nl_try.elapsed() >= Duration::from_secs(10) {
+                last_nl_try = Instant::now();
+                d.open_netlink();
+                if d.nl.is_some() {
+                    d.ctl.rescan();
+                }
+            }
+        }
+    }
+    sd_notify("STOPPING=1");
+    info!("draining devices");
+    // Devices created while no daemon runs must not wait for a reply
+    // nobody will send; the next daemon picks them up from sysfs.
+    if let Some(ch) = d.nl.as_mut() {
+        if let Err(e) = ch.set_reply_support(false) {
+            warn!(error = %e, "cannot withdraw netlink reply support");
+        }
+    }
+    reg.stop_all();
+    d.write_status(false);
+    let _ = std::fs::remove_file(d.o.run_dir.join(PID_FILE));
+    info!("stopped");
+    0
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn args(a: &[&str]) -> Vec<String> {
+        std::iter::once("tcmu-rbd")
+            .chain(a.iter().copied())
+            .map(String::from)
+            .collect()
+    }
+
     #[test]
-    fn uio_names() {
-        assert_eq!(
-            parse_uio_name("tcm-user/1/disk0/rbd/rbd/img;osd_op_timeout=30"),
-            Some((
-                1,
-                "disk0".into(),
-                "rbd".into(),
-                "rbd/img;osd_op_timeout=30".into()
-            ))
-        );
-        assert_eq!(
-            parse_uio_name("tcm-user/0/d/file//tmp/x.img"),
-            Some((0, "d".into(), "file".into(), "/tmp/x.img".into()))
-        );
-        assert_eq!(parse_uio_name("uio_pci_generic"), None);
-        assert_eq!(parse_uio_name("tcm-user/x/d/file/a"), None);
+    fn argument_parsing() {
+        assert!(matches!(parse_args(args(&["--bogus"])), Cmd::Exit(2)));
+        assert!(matches!(
+            parse_args(args(&["--rescan-ms", "x"])),
+            Cmd::Exit(2)
+        ));
+        assert!(matches!(parse_args(args(&["--config"])), Cmd::Exit(2)));
+        assert!(matches!(parse_args(args(&["check-config"])), Cmd::Exit(2)));
+        assert!(matches!(
+            parse_args(args(&["check-config", "ram/x", "extra"])),
+            Cmd::Exit(2)
+        ));
+        match parse_args(args(&["-c", "/x.conf", "--no-dbus", "--rescan-ms", "50"])) {
+            Cmd::Serve(o) => {
+                assert_eq!(o.config, PathBuf::from("/x.conf"));
+                assert_eq!(o.dbus, None);
+                assert_eq!(o.rescan, Duration::from_millis(50));
+                assert!(o.netlink);
+            }
+            _ => panic!("expected serve"),
+        }
+        match parse_args(args(&["status", "--run-dir", "/r"])) {
+            Cmd::Status(d) => assert_eq!(d, PathBuf::from("/r")),
+            _ => panic!("expected status"),
+        }
+    }
+
+    #[test]
+    fn status_generation_is_read_back() {
+        let t = tempfile::tempdir().unwrap();
+        let mut s = Status {
+            dir: t.path().to_owned(),
+            generation: 0,
+        };
+        assert_eq!(generation(t.path()), None);
+        s.write("hdr", &["device a".into()]);
+        assert_eq!(generation(t.path()), Some(1));
+        s.write("hdr", &[]);
+        assert_eq!(generation(t.path()), Some(2));
     }
 }

@@ -381,8 +381,15 @@ impl Device {
             error!(dev = %self.name, cmd_id = id, "completion for no pending command dropped");
             return;
         };
-        let r = self.lun.finish(p, c.result);
-        self.respond(id, r);
+        match self.lun.finish(p, c.result) {
+            Outcome::Done(r) => self.respond(id, r),
+            // A follow-up operation (e.g. the flush after a FUA write):
+            // the command stays in flight under the same id.
+            Outcome::Submit(op, p) => {
+                self.pending[id as usize] = Some(p);
+                self.backend.submit(op, self.cq.done(u64::from(id)));
+            }
+        }
     }
 
     fn respond(&mut self, id: u16, r: Response) {

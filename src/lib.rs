@@ -7,10 +7,14 @@
 //! benchmarks.
 
 pub mod backends;
+pub mod config;
+pub mod control;
 pub mod daemon_main;
+pub mod dbus;
 pub mod device;
 pub mod emulator;
 pub mod loadgen;
+pub mod netlink;
 pub mod registry;
 pub mod ring;
 pub mod scsi;

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use tcmu_handler::Backend;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 /// Everything needed to open one TCMU device.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -115,6 +115,51 @@ fn action(dir: &Path, name: &str, val: &str) -> std::io::Result<()> {
     std::fs::write(dir.join("action").join(name), val)
 }
 
+/// What [`reset_ring`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RingReset {
+    /// Blocked, reset (commands left behind failed BUSY), unblocked.
+    Done,
+    /// The kernel refused `block_dev` with EINVAL: the device is still
+    /// being added (the kernel is waiting for our netlink reply), so its
+    /// ring is fresh and there is nothing to reset.
+    NotConfigured,
+    /// The reset failed; the device was unblocked again where it had been
+    /// blocked.
+    Failed,
+}
+
+/// Resets a device's ring through configfs: `block_dev` 1, `reset_ring` 1
+/// (in-flight commands fail BUSY; the initiator retries), `block_dev` 0.
+/// Once blocked, the device is always unblocked again, or it would queue
+/// every command until cmd_time_out.
+pub fn reset_ring(dir: &Path, name: &str) -> RingReset {
+    match action(dir, "block_dev", "1") {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+            debug!(dev = %name, "device not configured yet (being added): fresh ring, no reset");
+            return RingReset::NotConfigured;
+        }
+        Err(e) => {
+            warn!(dev = %name, error = %e, "could not block the device to reset its ring");
+            return RingReset::Failed;
+        }
+    }
+    let reset = action(dir, "reset_ring", "1");
+    let unblock = action(dir, "block_dev", "0");
+    if let Err(e) = &unblock {
+        error!(dev = %name, error = %e, "could not unblock the device after a ring reset");
+    }
+    match reset {
+        Err(e) => {
+            warn!(dev = %name, error = %e, "could not reset the ring through configfs");
+            RingReset::Failed
+        }
+        Ok(()) if unblock.is_err() => RingReset::Failed,
+        Ok(()) => RingReset::Done,
+    }
+}
+
 struct Running {
     stopper: Stopper,
     stats: Arc<Stats>,
@@ -186,21 +231,71 @@ impl Registry {
     }
 
     /// Applies a new size (online resize): the LUN reports the new
-    /// capacity and raises CAPACITY DATA HAS CHANGED.
-    pub fn resize(&self, name: &str, size: u64) -> bool {
-        let Ok(mut devs) = self.devices.lock() else {
-            return false;
+    /// capacity and raises CAPACITY DATA HAS CHANGED. Waits for the
+    /// worker; an error says why the capacity is unchanged.
+    pub fn resize(&self, name: &str, size: u64) -> Result<(), String> {
+        let Some(cur) = self.spec(name).and_then(|s| s.size) else {
+            return Err(format!("{name}: not served"));
         };
-        let Some(r) = devs.get_mut(name) else {
-            return false;
-        };
-        if r.size == size {
-            return true;
+        if cur == size {
+            return Ok(());
         }
-        r.size = size;
-        r.stopper.control(Box::new(move |d: &mut Device| {
-            d.resize(size);
-        }))
+        let got = self
+            .run_on_worker(name, move |d: &mut Device| {
+                d.resize(size);
+                d.lun_mut().info().geometry.size
+            })
+            .ok_or_else(|| format!("{name}: worker did not answer"))?;
+        if got != size {
+            return Err(format!(
+                "{name}: backend cannot serve {size} bytes; capacity stays {got}"
+            ));
+        }
+        if let Ok(mut devs) = self.devices.lock() {
+            if let Some(r) = devs.get_mut(name) {
+                r.size = size;
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs `f` on `name`'s worker thread, between two turns of its loop,
+    /// and waits for the result (reopen, write cache, resize). `None` if
+    /// no such device, or its worker is gone or did not answer within
+    /// the drain timeout.
+    pub fn run_on_worker<R: Send + 'static>(
+        &self,
+        name: &str,
+        f: impl FnOnce(&mut Device) -> R + Send + 'static,
+    ) -> Option<R> {
+        let stopper = self.devices.lock().ok()?.get(name)?.stopper.clone();
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        let sent = stopper.control(Box::new(move |d: &mut Device| {
+            let _ = tx.send(f(d));
+        }));
+        if !sent {
+            return None;
+        }
+        rx.recv_timeout(crate::device::WorkerOptions::default().drain_timeout)
+            .ok()
+    }
+
+    /// The spec `name` is served with; `size` is the LUN's current size.
+    pub fn spec(&self, name: &str) -> Option<DeviceSpec> {
+        let devs = self.devices.lock().ok()?;
+        let r = devs.get(name)?;
+        let mut s = r.spec.clone();
+        s.size = Some(r.size);
+        Some(s)
+    }
+
+    /// Records `name`'s config string after a reopen.
+    pub fn set_cfgstring(&self, name: &str, cfgstring: &str) {
+        if let Ok(mut devs) = self.devices.lock() {
+            if let Some(r) = devs.get_mut(name) {
+                r.spec.cfgstring = cfgstring.to_string();
+            }
+        }
     }
 
     /// For devices with a configfs directory, applies a `dev_size` changed
@@ -219,7 +314,9 @@ impl Registry {
             Err(_) => return,
         };
         for (n, size) in todo {
-            self.resize(&n, size);
+            if let Err(e) = self.resize(&n, size) {
+                warn!(dev = %n, error = %e, "resize refused");
+            }
         }
     }
 
@@ -293,12 +390,7 @@ fn open_device(spec: &DeviceSpec) -> Result<Running, OpenDeviceError> {
     // completions half-recorded: fail them back (BUSY, the initiator
     // retries) and start from an empty ring.
     if let Some(dir) = &spec.configfs_dir {
-        if let Err(e) = action(dir, "block_dev", "1")
-            .and_then(|_| action(dir, "reset_ring", "1"))
-            .and_then(|_| action(dir, "block_dev", "0"))
-        {
-            warn!(dev = %name, error = %e, "could not reset the ring through configfs");
-        }
+        reset_ring(dir, &name);
     }
 
     let file = OpenOptions::new()
@@ -378,5 +470,43 @@ pub fn lun_info(
         geometry: geo,
         caps: backend.caps(),
         max_transfer_blocks,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn action_dir() -> tempfile::TempDir {
+        let d = tempfile::tempdir().expect("tempdir");
+        std::fs::create_dir(d.path().join("action")).expect("mkdir action");
+        d
+    }
+    fn read(d: &Path, f: &str) -> String {
+        std::fs::read_to_string(d.join("action").join(f)).unwrap_or_default()
+    }
+
+    #[test]
+    fn reset_ring_blocks_resets_unblocks() {
+        let d = action_dir();
+        assert_eq!(reset_ring(d.path(), "t"), RingReset::Done);
+        assert_eq!(read(d.path(), "reset_ring"), "1");
+        assert_eq!(read(d.path(), "block_dev"), "0", "left blocked");
+    }
+
+    #[test]
+    fn failed_reset_still_unblocks() {
+        let d = action_dir();
+        // A directory where the attribute should be: the write fails.
+        std::fs::create_dir(d.path().join("action/reset_ring")).expect("mkdir");
+        assert_eq!(reset_ring(d.path(), "t"), RingReset::Failed);
+        assert_eq!(read(d.path(), "block_dev"), "0", "left blocked");
+    }
+
+    #[test]
+    fn no_action_dir_is_a_failure_not_a_panic() {
+        let d = tempfile::tempdir().expect("tempdir");
+        assert_eq!(reset_ring(d.path(), "t"), RingReset::Failed);
+        assert!(!d.path().join("action/block_dev").exists());
     }
 }

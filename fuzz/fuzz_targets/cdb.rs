@@ -1,5 +1,8 @@
-//! Arbitrary CDBs through the SCSI core: no panic, and no backend
-//! operation outside the device.
+//! Arbitrary CDBs (first 16 bytes of the input) with arbitrary data-out
+//! buffers (the rest; its first byte also picks an ALUA setup) through
+//! the SCSI core, following each command through its backend operations:
+//! no panic, data-in within the buffer, and no backend operation outside
+//! the device or the command's buffer.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;

@@ -5,12 +5,34 @@
 //! answers at once ([`Outcome::Done`], any data already copied into the
 //! command's buffers) or hands back a backend [`Op`] with a [`Pending`] token;
 //! when the backend finishes, [`Lun::finish`] turns the result into the
-//! response.
+//! response, or into one more operation (a flush after a write that must
+//! be stable, the compare of a VERIFY).
+//!
+//! Modules, one idea each: [`cdb`] (decoding), [`sense`], [`inquiry`]
+//! (standard data and VPD), [`mode`] (mode pages), [`rw`] (reads, writes,
+//! verify, cache sync, capacity), [`provision`] (UNMAP, WRITE SAME),
+//! [`caw`] (COMPARE AND WRITE), [`alua`], [`opcodes`] (REPORT SUPPORTED
+//! OPERATION CODES), [`limits`].
 
+pub mod alua;
+pub mod caw;
+pub mod cdb;
+pub mod inquiry;
+pub mod limits;
+pub mod mode;
+pub mod opcodes;
+pub mod provision;
+pub mod rw;
 pub mod sense;
 
-use sense::{key, Sense, CHECK_CONDITION, GOOD};
+use alua::{AluaMode, AluaSource, SharedAlua};
+use cdb::{op, sa, Cdb};
+use limits::Limits;
+use sense::{invalid_cdb, key, Sense, CHECK_CONDITION, GOOD};
+use std::sync::Arc;
 use tcmu_handler::{Caps, Geometry, IoBufs, IoError, IoResult, Op};
+
+pub use sense::{INVALID_FIELD_IN_CDB, INVALID_OPCODE, LBA_OUT_OF_RANGE};
 
 /// Identity and limits of a LUN, fixed when the device is opened.
 #[derive(Clone, Debug)]
@@ -21,7 +43,8 @@ pub struct LunInfo {
     pub product: String,
     /// Product revision (4 chars).
     pub revision: String,
-    /// Unit serial number (VPD 0x80); the same on every gateway of an image.
+    /// Unit serial number (VPD 0x80); the same on every gateway of an
+    /// image. The NAA designator (VPD 0x83) is derived from it.
     pub serial: String,
     /// Size and block size.
     pub geometry: Geometry,
@@ -59,15 +82,46 @@ impl Response {
             read_len: None,
         }
     }
+    /// GOOD with `n` bytes of data-in.
+    pub fn data(n: usize) -> Self {
+        Response {
+            status: GOOD,
+            sense: None,
+            read_len: Some(u32::try_from(n).unwrap_or(u32::MAX)),
+        }
+    }
+}
+
+/// What a backend operation was for (error mapping, follow-up work).
+#[derive(Debug)]
+enum Kind {
+    Read,
+    Write,
+    Flush,
+    Caw,
+    /// VERIFY with BYTCHK: the media was read into `media`; compare.
+    Verify(Box<rw::Verify>),
 }
 
 /// What to do after [`Lun::finish`] for a command that went to the backend.
-#[derive(Clone, Copy, Debug)]
+#[derive(Debug)]
 pub struct Pending {
-    opcode: u8,
+    kind: Kind,
+    /// Flush after success: the write must be stable before GOOD (FUA on
+    /// an operation without one, or write-through with WCE off).
+    flush_after: bool,
 }
 
-/// The result of [`Lun::execute`].
+impl Pending {
+    fn new(kind: Kind) -> Self {
+        Pending {
+            kind,
+            flush_after: false,
+        }
+    }
+}
+
+/// The result of [`Lun::execute`] and [`Lun::finish`].
 #[derive(Debug)]
 pub enum Outcome {
     /// Answer now.
@@ -76,27 +130,63 @@ pub enum Outcome {
     Submit(Op, Pending),
 }
 
-/// INVALID COMMAND OPERATION CODE.
-pub const INVALID_OPCODE: Sense = Sense::new(key::ILLEGAL_REQUEST, 0x20, 0x00);
-/// LOGICAL BLOCK ADDRESS OUT OF RANGE.
-pub const LBA_OUT_OF_RANGE: Sense = Sense::new(key::ILLEGAL_REQUEST, 0x21, 0x00);
-/// INVALID FIELD IN CDB (without a field pointer).
-pub const INVALID_FIELD_IN_CDB: Sense = Sense::new(key::ILLEGAL_REQUEST, 0x24, 0x00);
+impl Outcome {
+    fn check(s: Sense) -> Self {
+        Outcome::Done(Response::check(s))
+    }
+}
 
 /// The state of one LUN.
 pub struct Lun {
     info: LunInfo,
+    limits: Limits,
+    blocks: u64,
+    bs: u64,
+    /// Write cache enabled (caching mode page); only meaningful with a
+    /// backend write cache.
+    wce: bool,
+    /// CAPACITY DATA HAS CHANGED is pending.
+    ua_capacity: bool,
+    alua: Arc<dyn AluaSource>,
+    alua_mode: AluaMode,
 }
 
 impl Lun {
-    /// A LUN with `info`.
+    /// A LUN with `info`, ALUA off.
     pub fn new(info: LunInfo) -> Self {
-        Lun { info }
+        Lun {
+            limits: Limits::new(&info),
+            blocks: info.geometry.blocks(),
+            bs: u64::from(info.geometry.block_size.max(1)),
+            wce: info.caps.write_cache,
+            ua_capacity: false,
+            alua: Arc::new(SharedAlua::off()),
+            alua_mode: AluaMode::default(),
+            info,
+        }
     }
 
-    /// New size (online resize).
+    /// Uses `source` for ALUA groups and states from now on.
+    pub fn set_alua(&mut self, source: Arc<dyn AluaSource>) {
+        self.alua_mode = source.mode();
+        self.alua = source;
+    }
+
+    /// The ALUA source.
+    pub fn alua(&self) -> &Arc<dyn AluaSource> {
+        &self.alua
+    }
+
+    /// New size (online resize); the next command (other than INQUIRY,
+    /// REPORT LUNS, REQUEST SENSE) gets CAPACITY DATA HAS CHANGED.
     pub fn set_geometry(&mut self, geometry: Geometry) {
+        if geometry != self.info.geometry {
+            self.ua_capacity = true;
+        }
         self.info.geometry = geometry;
+        self.blocks = geometry.blocks();
+        self.bs = u64::from(geometry.block_size.max(1));
+        self.limits = Limits::new(&self.info);
     }
 
     /// The LUN's identity and limits.
@@ -104,112 +194,383 @@ impl Lun {
         &self.info
     }
 
+    /// The limits advertised in the Block Limits VPD page.
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    /// Whether the write cache is enabled (caching mode page WCE).
+    pub fn write_cache_enabled(&self) -> bool {
+        self.wce
+    }
+
+    /// Writes must reach stable storage before GOOD: the backend caches
+    /// and the initiator turned WCE off.
+    #[inline]
+    fn write_through(&self) -> bool {
+        self.info.caps.write_cache && !self.wce
+    }
+
     /// Decodes and runs one command against `bufs` (the data-in or data-out
     /// buffer the kernel allocated for it).
+    #[inline]
     pub fn execute(&mut self, cdb: &[u8], bufs: &IoBufs) -> Outcome {
-        let Some(&op) = cdb.first() else {
-            return Outcome::Done(Response::check(INVALID_OPCODE));
+        let Some(&opcode) = cdb.first() else {
+            return Outcome::check(INVALID_OPCODE);
         };
-        match op {
-            0x00 => Outcome::Done(Response::good()),
-            0x28 | 0x2a | 0x88 | 0x8a => self.rw(cdb, bufs),
-            _ => Outcome::Done(Response::check(INVALID_OPCODE)),
+        if self.ua_capacity || self.alua_mode.enabled() {
+            if let Some(refused) = self.gate(opcode, cdb) {
+                return refused;
+            }
+        }
+        if let Some(o) = self.fast_rw(cdb, bufs) {
+            return o;
+        }
+        self.execute_other(opcode, cdb, bufs)
+    }
+
+    /// A pending unit attention, or a port state that refuses `cdb`.
+    #[cold]
+    fn gate(&mut self, opcode: u8, cdb: &[u8]) -> Option<Outcome> {
+        if self.ua_capacity && !matches!(opcode, op::INQUIRY | op::REPORT_LUNS | op::REQUEST_SENSE)
+        {
+            self.ua_capacity = false;
+            return Some(Outcome::check(sense::CAPACITY_CHANGED));
+        }
+        if self.alua_mode.enabled() {
+            if let alua::Access::Refuse(s) = alua::check(&*self.alua, self.alua_mode, cdb) {
+                return Some(Outcome::check(s));
+            }
+        }
+        None
+    }
+
+    /// Everything but the READ/WRITE(10/16) fast path; kept out of line so
+    /// the hot path stays small.
+    #[inline(never)]
+    fn execute_other(&mut self, opcode: u8, cdb: &[u8], bufs: &IoBufs) -> Outcome {
+        let Some(c) = Cdb::parse(cdb) else {
+            return Outcome::check(if cdb::group_len(opcode).is_none() {
+                INVALID_OPCODE
+            } else {
+                INVALID_FIELD_IN_CDB
+            });
+        };
+        match opcode {
+            op::READ_10 | op::READ_16 | op::READ_6 | op::READ_12 => self.read(&c, bufs),
+            op::WRITE_10 | op::WRITE_16 | op::WRITE_6 | op::WRITE_12 => self.write(&c, bufs),
+            op::TEST_UNIT_READY => Outcome::Done(Response::good()),
+            op::REQUEST_SENSE => self.request_sense(&c, bufs),
+            op::INQUIRY => self.data_in(
+                inquiry::inquiry(&c, &self.info, &self.limits, &*self.alua),
+                usize::from(c.be16(3)),
+                bufs,
+            ),
+            op::MODE_SENSE_6 => self.data_in(
+                mode::mode_sense(&c, false, &self.info, self.wce),
+                usize::from(c.u8(4)),
+                bufs,
+            ),
+            op::MODE_SENSE_10 => self.data_in(
+                mode::mode_sense(&c, true, &self.info, self.wce),
+                usize::from(c.be16(7)),
+                bufs,
+            ),
+            op::MODE_SELECT_6 | op::MODE_SELECT_10 => {
+                self.mode_select(&c, opcode == op::MODE_SELECT_10, bufs)
+            }
+            op::READ_CAPACITY_10 => self.data_in(self.read_capacity_10(&c), 8, bufs),
+            op::SERVICE_ACTION_IN_16 if c.service_action() == sa::READ_CAPACITY_16 => {
+                self.data_in(Ok(self.read_capacity_16()), c.be32(10) as usize, bufs)
+            }
+            op::SERVICE_ACTION_IN_16 => Outcome::check(invalid_cdb(1, Some(4))),
+            op::WRITE_VERIFY_10 | op::WRITE_VERIFY_16 => self.write(&c, bufs),
+            op::VERIFY_10 | op::VERIFY_16 => self.verify(&c, bufs),
+            op::SYNC_CACHE_10 | op::SYNC_CACHE_16 => self.sync_cache(&c),
+            op::UNMAP => self.unmap(&c, bufs),
+            op::WRITE_SAME_10 | op::WRITE_SAME_16 => self.write_same(&c, bufs),
+            op::COMPARE_AND_WRITE => self.compare_and_write(&c, bufs),
+            op::MAINTENANCE_IN => self.maintenance_in(&c, bufs),
+            op::MAINTENANCE_OUT => self.maintenance_out(&c, bufs),
+            _ => Outcome::check(INVALID_OPCODE),
         }
     }
 
-    fn rw(&mut self, cdb: &[u8], bufs: &IoBufs) -> Outcome {
-        let (lba, blocks, fua) = match cdb[0] {
-            0x28 | 0x2a if cdb.len() >= 10 => (
-                u64::from(u32::from_be_bytes([cdb[2], cdb[3], cdb[4], cdb[5]])),
-                u32::from(u16::from_be_bytes([cdb[7], cdb[8]])),
-                cdb[1] & 0x08 != 0,
-            ),
-            0x88 | 0x8a if cdb.len() >= 16 => {
-                let mut l = [0u8; 8];
-                l.copy_from_slice(&cdb[2..10]);
-                (
-                    u64::from_be_bytes(l),
-                    u32::from_be_bytes([cdb[10], cdb[11], cdb[12], cdb[13]]),
-                    cdb[1] & 0x08 != 0,
-                )
+    /// Copies data-in: at most the allocation length and the buffer,
+    /// with `read_len` set to what was copied.
+    fn data_in(&self, data: Result<Vec<u8>, Sense>, alloc: usize, bufs: &IoBufs) -> Outcome {
+        match data {
+            Ok(d) => {
+                let n = d.len().min(alloc).min(bufs.len());
+                let n = bufs.copy_in(0, &d[..n]);
+                Outcome::Done(Response::data(n))
             }
-            _ => return Outcome::Done(Response::check(INVALID_FIELD_IN_CDB)),
-        };
-        let bs = u64::from(self.info.geometry.block_size);
-        let nblocks = self.info.geometry.blocks();
-        match lba.checked_add(u64::from(blocks)) {
-            Some(end) if end <= nblocks => {}
-            _ => return Outcome::Done(Response::check(LBA_OUT_OF_RANGE)),
+            Err(s) => Outcome::check(s),
         }
-        if blocks == 0 {
+    }
+
+    /// Copies the first `len` bytes of a data-out buffer; `None` if the
+    /// buffer is shorter.
+    fn data_out(bufs: &IoBufs, len: usize) -> Option<Vec<u8>> {
+        if bufs.len() < len {
+            return None;
+        }
+        let mut v = vec![0u8; len];
+        bufs.copy_out(0, &mut v);
+        Some(v)
+    }
+
+    fn request_sense(&mut self, c: &Cdb, bufs: &IoBufs) -> Outcome {
+        if c.u8(1) & 0x01 != 0 {
+            // DESC: descriptor-format sense is not supported.
+            return Outcome::check(invalid_cdb(1, Some(0)));
+        }
+        // A pending unit attention is reported (and cleared) here; else
+        // the port's ALUA condition; else NO SENSE.
+        let s = if std::mem::take(&mut self.ua_capacity) {
+            sense::CAPACITY_CHANGED
+        } else if self.alua_mode.enabled() {
+            alua::state_sense(self.alua.local_state()).unwrap_or(Sense::new(key::NO_SENSE, 0, 0))
+        } else {
+            Sense::new(key::NO_SENSE, 0, 0)
+        };
+        self.data_in(Ok(s.to_fixed().to_vec()), usize::from(c.u8(4)), bufs)
+    }
+
+    fn mode_select(&mut self, c: &Cdb, ten: bool, bufs: &IoBufs) -> Outcome {
+        let len = mode::select_len(c, ten);
+        let Some(list) = Self::data_out(bufs, len) else {
+            return Outcome::check(sense::PARAM_LIST_LENGTH_ERROR);
+        };
+        match mode::mode_select(c, ten, &self.info, &list, self.wce) {
+            Ok(wce) => {
+                if wce != self.wce {
+                    tracing::info!(wce, "write cache setting changed by MODE SELECT");
+                }
+                self.wce = wce;
+                Outcome::Done(Response::good())
+            }
+            Err(s) => Outcome::check(s),
+        }
+    }
+
+    fn maintenance_in(&mut self, c: &Cdb, bufs: &IoBufs) -> Outcome {
+        let alloc = c.be32(6) as usize;
+        match c.service_action() {
+            sa::REPORT_SUPPORTED_OPCODES => {
+                let discard = self.info.caps.discard;
+                let mode = self.alua_mode;
+                let r = opcodes::report(c, |n| match n {
+                    opcodes::Needs::Always => true,
+                    opcodes::Needs::Discard => discard,
+                    opcodes::Needs::Alua => mode.enabled(),
+                    opcodes::Needs::ExplicitAlua => mode.explicit,
+                });
+                self.data_in(r, alloc, bufs)
+            }
+            sa::REPORT_TARGET_PGS if self.alua_mode.enabled() => {
+                let extended = match c.u8(1) >> 5 {
+                    0 => false,
+                    1 => true,
+                    _ => return Outcome::check(invalid_cdb(1, Some(7))),
+                };
+                self.data_in(Ok(alua::rtpg_data(&*self.alua, extended)), alloc, bufs)
+            }
+            _ => Outcome::check(INVALID_OPCODE),
+        }
+    }
+
+    fn maintenance_out(&mut self, c: &Cdb, bufs: &IoBufs) -> Outcome {
+        if c.service_action() != sa::SET_TARGET_PGS || !self.alua_mode.explicit {
+            return Outcome::check(INVALID_OPCODE);
+        }
+        let len = c.be32(6) as usize;
+        if len == 0 {
             return Outcome::Done(Response::good());
         }
-        let len = u64::from(blocks) * bs;
-        let Some(view) = bufs.slice(0, len as usize) else {
-            return Outcome::Done(Response::check(INVALID_FIELD_IN_CDB));
+        // STPG lists are a few descriptors; refuse absurd lengths before
+        // copying.
+        if len > 4 + 4 * 1024 {
+            return Outcome::check(sense::PARAM_LIST_LENGTH_ERROR);
+        }
+        let Some(list) = Self::data_out(bufs, len) else {
+            return Outcome::check(sense::PARAM_LIST_LENGTH_ERROR);
         };
-        let offset = lba * bs;
-        let op = if cdb[0] == 0x28 || cdb[0] == 0x88 {
-            Op::Read { offset, bufs: view }
-        } else {
-            Op::Write {
-                offset,
-                bufs: view,
-                fua,
+        let reqs = match alua::parse_stpg(&list) {
+            Ok(r) => r,
+            Err(s) => return Outcome::check(s),
+        };
+        match self.alua.set_target_port_groups(&reqs) {
+            Ok(()) => {
+                tracing::info!(requests = ?reqs, "set target port groups");
+                Outcome::Done(Response::good())
             }
-        };
-        Outcome::Submit(op, Pending { opcode: cdb[0] })
+            Err(e) => {
+                tracing::warn!(error = %e, "set target port groups refused");
+                Outcome::check(alua::stpg_error_sense(&e))
+            }
+        }
     }
 
     /// Turns a backend result into the response for the command that
-    /// produced `pending`.
-    pub fn finish(&mut self, pending: Pending, result: IoResult) -> Response {
-        let _ = pending.opcode;
-        match result {
-            Ok(()) => Response::good(),
-            Err(IoError::Miscompare { offset }) => {
-                let mut s = Sense::new(key::MISCOMPARE, 0x1d, 0x00);
-                s.info = u32::try_from(offset).ok();
-                Response::check(s)
+    /// produced `pending`, or into a follow-up operation.
+    #[inline]
+    pub fn finish(&mut self, pending: Pending, result: IoResult) -> Outcome {
+        if result.is_ok()
+            && !pending.flush_after
+            && matches!(pending.kind, Kind::Read | Kind::Write)
+        {
+            return Outcome::Done(Response::good());
+        }
+        self.finish_slow(pending, result)
+    }
+
+    #[cold]
+    fn finish_slow(&mut self, pending: Pending, result: IoResult) -> Outcome {
+        let Pending { kind, flush_after } = pending;
+        if let Err(e) = result {
+            return Outcome::check(self.error_sense(&kind, &e));
+        }
+        if flush_after {
+            return Outcome::Submit(Op::Flush, Pending::new(kind));
+        }
+        match kind {
+            Kind::Verify(v) => Outcome::Done(v.compare()),
+            _ => Outcome::Done(Response::good()),
+        }
+    }
+
+    fn error_sense(&self, kind: &Kind, e: &IoError) -> Sense {
+        match e {
+            IoError::Miscompare { offset } => {
+                sense::MISCOMPARE.with_info(u32::try_from(*offset).unwrap_or(u32::MAX))
             }
-            Err(IoError::OutOfRange) => Response::check(LBA_OUT_OF_RANGE),
-            Err(_) => Response::check(Sense::new(key::MEDIUM_ERROR, 0x11, 0x00)),
+            IoError::OutOfRange => LBA_OUT_OF_RANGE,
+            IoError::NoSpace => sense::SPACE_ALLOCATION_FAILED,
+            // Transient: the initiator retries, then fails the path over.
+            IoError::Timeout => Sense::new(key::ABORTED_COMMAND, 0x00, 0x00),
+            // This gateway lost the image: send the initiator elsewhere.
+            IoError::Fenced(_) if self.alua_mode.enabled() => sense::ALUA_STANDBY,
+            IoError::Fenced(_) => sense::NOT_READY,
+            IoError::Unsupported => INVALID_OPCODE,
+            IoError::Io { .. } => match kind {
+                Kind::Read | Kind::Verify(_) => sense::MEDIUM_ERROR,
+                Kind::Write | Kind::Flush | Kind::Caw => sense::WRITE_ERROR,
+            },
         }
     }
 }
 
-/// Runs one arbitrary CDB (the fuzzer's input) against a small LUN: the
-/// SCSI core must answer without panicking, and any backend operation it
-/// produces must lie inside the device.
-pub fn fuzz_one(cdb: &[u8]) {
-    let geometry = Geometry {
-        size: 1 << 20,
-        block_size: 512,
-    };
-    let mut lun = Lun::new(LunInfo {
+/// A small LUN for the fuzzer and for tests: 1 MiB of 512-byte blocks,
+/// discard and write cache, 128-block transfers.
+pub fn fuzz_lun() -> Lun {
+    Lun::new(LunInfo {
         vendor: "FUZZ".into(),
         product: "LUN".into(),
         revision: "0001".into(),
         serial: "fuzz".into(),
-        geometry,
+        geometry: Geometry {
+            size: 1 << 20,
+            block_size: 512,
+        },
         caps: Caps {
             discard: true,
             discard_zeroes: true,
             write_cache: true,
         },
         max_transfer_blocks: 128,
-    });
-    let bufs = IoBufs::from_vec(vec![0u8; 64 * 1024]);
-    if let Outcome::Submit(op, _) = lun.execute(cdb, &bufs) {
-        let end = match &op {
-            Op::Read { offset, bufs } | Op::Write { offset, bufs, .. } => {
-                offset + bufs.len() as u64
+    })
+}
+
+/// Runs one arbitrary input through the SCSI core: its first 16 bytes are
+/// the CDB, the rest the data-out buffer (and the data-in buffer's size).
+/// The core must answer without panicking, data-in must fit the buffer,
+/// and any backend operation it produces must lie inside the device and
+/// inside the command's buffer. The first byte after the CDB also picks
+/// ALUA on/off, its mode and the port state, so the ALUA paths are reached.
+pub fn fuzz_one(data: &[u8]) {
+    let mut lun = fuzz_lun();
+    let size = lun.info().geometry.size;
+    let (cdb, rest) = data.split_at(data.len().min(16));
+    if let Some(&sel) = rest.first() {
+        if sel & 0x80 != 0 {
+            let g = |id, state| alua::GroupConfig {
+                name: format!("g{id}"),
+                id,
+                state,
+                status: 0,
+                preferred: false,
+                supported: alua::support::DEFAULT,
+                mode: AluaMode {
+                    implicit: sel & 1 != 0,
+                    explicit: sel & 2 != 0,
+                },
+                implicit_trans_secs: 5,
+                ports: vec![(id, true)],
+            };
+            let state =
+                alua::AccessState::from_u8((sel >> 2) & 0x0f).unwrap_or(alua::AccessState::Standby);
+            lun.set_alua(Arc::new(SharedAlua::new(alua::AluaConfig {
+                groups: vec![g(1, state), g(2, alua::AccessState::ActiveOptimized)],
+                local: alua::LocalPort {
+                    group: 1,
+                    rel_port: 1,
+                },
+            })));
+        }
+    }
+    let mut buf = rest.to_vec();
+    buf.resize(rest.len().max(4096), 0);
+    let buf_len = buf.len() as u64;
+    let bufs = IoBufs::from_vec(buf);
+    let mut outcome = lun.execute(cdb, &bufs);
+    // Follow each command through its backend operations, failing the
+    // last one with a miscompare to reach the error paths too.
+    for round in 0..3 {
+        let (op, pending) = match outcome {
+            Outcome::Done(r) => {
+                if let Some(n) = r.read_len {
+                    assert!(u64::from(n) <= buf_len, "read_len {n} past the buffer");
+                }
+                return;
             }
-            Op::WriteZeroes { offset, len, .. } | Op::WriteSame { offset, len, .. } => offset + len,
-            Op::CompareAndWrite { offset, write, .. } => offset + write.len() as u64,
-            Op::Discard { ranges } => ranges.iter().map(|(o, l)| o + l).max().unwrap_or(0),
-            Op::Flush => 0,
+            Outcome::Submit(op, p) => (op, p),
         };
-        assert!(end <= geometry.size, "operation past the end: {op:?}");
+        let (end, data_len) = match &op {
+            Op::Read { offset, bufs } | Op::Write { offset, bufs, .. } => {
+                (offset + bufs.len() as u64, bufs.len() as u64)
+            }
+            Op::WriteZeroes { offset, len, .. } => (offset + len, 0),
+            Op::WriteSame {
+                offset,
+                len,
+                pattern,
+            } => {
+                assert_eq!(len % pattern.len().max(1) as u64, 0, "{op:?}");
+                (offset + len, pattern.len() as u64)
+            }
+            Op::CompareAndWrite {
+                offset,
+                write,
+                compare,
+            } => (
+                offset + write.len() as u64,
+                (compare.len() + write.len()) as u64,
+            ),
+            Op::Discard { ranges } => (ranges.iter().map(|(o, l)| o + l).max().unwrap_or(0), 0),
+            Op::Flush => (0, 0),
+        };
+        assert!(end <= size, "operation past the end: {op:?}");
+        // VERIFY reads into its own scratch buffer; everything else must
+        // stay inside the command's buffer.
+        if !matches!(pending.kind, Kind::Verify(_)) {
+            assert!(data_len <= buf_len, "operation past the buffer: {op:?}");
+        }
+        let result = if round == 2 {
+            Err(IoError::Miscompare { offset: 3 })
+        } else {
+            Ok(())
+        };
+        outcome = lun.finish(pending, result);
     }
 }

@@ -1,0 +1,240 @@
+#!/usr/bin/env bash
+# The VM stage: the daemon against Debian's own kernel (linux-image-amd64),
+# under QEMU (software emulation), with the tools a storage admin uses.
+#
+# The guest is a busybox initramfs holding the modules needed to reach the
+# host (virtio, 9p) and to serve LUNs (configfs, target_core_user,
+# tcm_loop, sd_mod, ...). It mounts the host's / read-only over 9p and
+# chroots into it, so the host's fio, sg3-utils and the freshly built daemon
+# run against the guest's kernel (scripts/vm/init, scripts/vm/guest.sh).
+# Results come back over a second, writable 9p share.
+#
+# Environment:
+#   VM_SUITES   guest check groups (default: "local rbd compare"):
+#               local    file and ram LUNs: I/O, SCSI, resize, removal, restart
+#               rbd      an rbd LUN on a Ceph micro cluster the guest reaches
+#                        over a bridge in a network namespace of this run;
+#                        the image is read back on the host with rbd export
+#               compare  fio 4K randread/randwrite QD32: tcmu-rbd vs
+#                        tcmu-runner (handler_rbd) on the same image
+#   VM_PROFILE  cargo profile of the daemon under test (default: release)
+#   VM_CACHE    initramfs cache (default: target/vm-cache), keyed on kernel
+#               version and the init script
+#   VM_KEEP=1   keep the result directory
+set -euo pipefail
+cd "$(dirname "$0")/.."
+top=$PWD
+t0=$(date +%s)
+SUITES=${VM_SUITES:-local rbd compare}
+PROFILE=${VM_PROFILE:-release}
+CACHE=${VM_CACHE:-$top/target/vm-cache}
+log() { echo "vm: $*"; }
+die() { echo "vm: FAIL: $*" >&2; exit 1; }
+
+# What the guest build and the checks need, from Debian packages only.
+want_rbd=0
+case " $SUITES " in *" rbd "* | *" compare "*) want_rbd=1 ;; esac
+extra=()
+[ $want_rbd = 1 ] && extra=(ceph-mon ceph-osd ceph-common iproute2 tcmu-runner)
+scripts/deps.sh qemu-system-x86 linux-image-amd64 busybox-static kmod cpio \
+  fio sg3-utils util-linux "${extra[@]}"
+
+# The kernel: Debian's newest installed (not the host's running kernel).
+kver=$(ls /lib/modules | grep -E -- '-amd64$' | sort -V | tail -1)
+[ -n "$kver" ] && [ -f "/boot/vmlinuz-$kver" ] || die "no Debian amd64 kernel in /boot and /lib/modules"
+kernel=/boot/vmlinuz-$kver
+log "kernel $kver"
+
+# The daemon under test.
+if [ "$PROFILE" = release ]; then
+  cargo build --release --bin tcmu-rbd
+  bin=$top/target/release/tcmu-rbd
+else
+  cargo build --bin tcmu-rbd
+  bin=$top/target/debug/tcmu-rbd
+fi
+[ -x "$bin" ] || die "no daemon binary at $bin"
+
+# --- initramfs (cached) ---------------------------------------------------
+mods="virtio_pci 9pnet_virtio 9p configfs target_core_user tcm_loop sd_mod scsi_dh_alua
+  dm_multipath virtio_net"
+busybox=$(command -v busybox)
+key=$( (echo "$kver $mods"; cat scripts/vm/init; sha256sum "$busybox" "$kernel") | sha256sum | cut -c1-16)
+initrd=$CACHE/$kver/initrd-$key.cpio.gz
+if [ ! -f "$initrd" ]; then
+  log "building initramfs $initrd"
+  tb=$(date +%s)
+  root=$(mktemp -d)
+  mkdir -p "$root"/{bin,proc,sys,dev,host,lib/modules}
+  file -L "$busybox" 2>/dev/null | grep -q "statically linked" ||
+    ldd "$busybox" 2>&1 | grep -q "not a dynamic" || die "$busybox is not static (busybox-static)"
+  cp "$busybox" "$root/bin/busybox"
+  cp scripts/vm/init "$root/init"
+  chmod +x "$root/init"
+  : >"$root/modules.load"
+  # Every module with its dependencies, in load order, each once.
+  for m in $mods; do
+    modprobe -S "$kver" --show-depends "$m" | awk '$1 == "insmod" {print $2}'
+  done | awk '!seen[$0]++' | while read -r ko; do
+    mkdir -p "$root$(dirname "$ko")"
+    case "$ko" in
+      *.ko) cp "$ko" "$root$ko" ;;
+      *.ko.xz) xz -dc "$ko" >"$root${ko%.xz}"; ko=${ko%.xz} ;;
+      *.ko.zst) zstd -qdc "$ko" >"$root${ko%.zst}"; ko=${ko%.zst} ;;
+      *) die "unexpected module file $ko" ;;
+    esac
+    echo "$ko" >>"$root/modules.load"
+  done
+  depmod -b "$root" "$kver"
+  mkdir -p "$CACHE/$kver"
+  (cd "$root" && find . | cpio -o -H newc --quiet | gzip -1) >"$initrd.tmp"
+  mv "$initrd.tmp" "$initrd"
+  rm -rf "$root"
+  log "initramfs built in $(($(date +%s) - tb)) s ($(du -h "$initrd" | cut -f1))"
+else
+  log "initramfs from cache $initrd"
+fi
+
+# --- run the guest --------------------------------------------------------
+out=$(mktemp -d /tmp/tcmu-vm.XXXXXX)
+chmod 777 "$out"
+cat >"$out/env" <<EOF
+BIN=$bin
+SUITES="$SUITES"
+EOF
+: >"$out/results"
+ns=
+cdir=
+cleanup() {
+  if [ -n "$cdir" ]; then
+    ip netns exec "$ns" scripts/ceph-cluster.sh stop "$cdir" >/dev/null 2>&1 || true
+  fi
+  [ -n "$ns" ] && ip netns del "$ns" 2>/dev/null
+  if [ "${VM_KEEP:-0}" = 1 ]; then log "results kept in $out"; else rm -rf "$out"; fi
+}
+trap cleanup EXIT
+
+# --- network namespace, bridge, tap, Ceph micro cluster (rbd suites) ------
+qnet=()
+append_net=
+if [ $want_rbd = 1 ]; then
+  [ -x scripts/ceph-cluster.sh ] || die "scripts/ceph-cluster.sh is missing (rbd suites need it)"
+  ns=tcmu-vm-$$
+  br_addr=10.77.0.1
+  guest_addr=10.77.0.2
+  ip netns add "$ns"
+  ip -n "$ns" link set lo up
+  ip -n "$ns" link add br0 type bridge
+  ip -n "$ns" addr add $br_addr/24 dev br0
+  ip -n "$ns" link set br0 up
+  ip -n "$ns" tuntap add dev tap0 mode tap
+  ip -n "$ns" link set tap0 master br0 up
+  # Not under /tmp: the guest mounts its own tmpfs there.
+  cdir=$top/target/vm-ceph-$$
+  log "starting the Ceph micro cluster at $br_addr (netns $ns)"
+  tc=$(date +%s)
+  ip netns exec "$ns" env CEPH_BIND_ADDR=$br_addr CEPH_OSD_SIZE=8G \
+    scripts/ceph-cluster.sh start "$cdir" || die "the Ceph micro cluster did not start"
+  rbd_() { ip netns exec "$ns" timeout 120 rbd -c "$cdir/ceph.conf" "$@"; }
+  rbd_ create --size 256M rbd/img0
+  rbd_ create --size 1G rbd/bench
+  log "cluster up in $(($(date +%s) - tc)) s; images rbd/img0 (256M), rbd/bench (1G)"
+  # The guest's client config: the cluster's address and key, but logs and
+  # sockets in the guest's own writable /tmp and /run.
+  mon_host=$(sed -n 's/^mon host = //p' "$cdir/ceph.conf")
+  cat >"$out/guest.conf" <<EOF
+[global]
+mon host = $mon_host
+auth client required = cephx
+keyring = $cdir/client.admin.keyring
+log file = /tmp/ceph-\$name.\$pid.log
+admin socket = /run/ceph-\$name.\$pid.asok
+log to syslog = false
+EOF
+  echo "CEPH_CONF_GUEST=/tmp/out/guest.conf" >>"$out/env"
+  qnet=(-netdev tap,id=n0,ifname=tap0,script=no,downscript=no -device virtio-net-pci,netdev=n0)
+  append_net=" vmtest.net=$guest_addr/24"
+fi
+
+log "booting guest (suites: $SUITES)"
+tg=$(date +%s)
+set +e
+netns_exec=()
+[ -n "$ns" ] && netns_exec=(ip netns exec "$ns")
+timeout 900 "${netns_exec[@]}" qemu-system-x86_64 -machine q35 -accel tcg,thread=multi -cpu max -m 1024 -smp 2 \
+  -nographic -no-reboot -kernel "$kernel" -initrd "$initrd" \
+  -append "console=ttyS0 panic=-1 loglevel=5 vmtest.script=$top/scripts/vm/guest.sh$append_net" \
+  -virtfs local,path=/,mount_tag=host,security_model=none,readonly=on,multidevs=remap \
+  -virtfs local,path="$out",mount_tag=out,security_model=none "${qnet[@]}" \
+  </dev/null >"$out/console.log" 2>&1 &
+qpid=$!
+# Follow the results as they come.
+tail -n +1 -f "$out/results" --pid=$qpid 2>/dev/null | grep --line-buffered -E '^(PASS|FAIL) ' &
+wait $qpid
+qrc=$?
+set -e
+sleep 0.5
+log "guest ran $(($(date +%s) - tg)) s (qemu exit $qrc)"
+
+# The rbd image, read back on the host, holds what the guest wrote.
+host_check() { echo "$1 $2${3:+: $3}" | tee -a "$out/results"; }
+if [ -s "$out/rbd_pattern_offset" ]; then
+  off=$(cat "$out/rbd_pattern_offset")
+  if rbd_ export rbd/img0 "$out/img0.export" >/dev/null 2>&1 &&
+    cmp -n "$(stat -c %s "$out/rbd_pattern")" -i "$off:0" "$out/img0.export" "$out/rbd_pattern"; then
+    host_check PASS rbd.host_export_matches
+  else
+    host_check FAIL rbd.host_export_matches "rbd export of rbd/img0 differs from what the guest wrote at $off"
+  fi
+  rm -f "$out/img0.export"
+elif [[ " $SUITES " == *" rbd "* ]]; then
+  host_check FAIL rbd.host_export_matches "the guest wrote no pattern to compare"
+fi
+
+# The comparison run: IOPS of each daemon and their ratio.
+if [[ " $SUITES " == *" compare "* ]]; then
+  python3 - "$out" <<'PY' | tee "$out/compare.txt"
+import json, sys, os
+out = sys.argv[1]
+def iops(label, rw):
+    p = os.path.join(out, f"compare.{label}.{rw}.json")
+    try:
+        with open(p) as f:
+            j = json.load(f)
+    except (OSError, ValueError):
+        return None
+    job = j["jobs"][0]
+    side = "write" if "write" in rw else "read"
+    return job[side]["iops"], job[side]["clat_ns"]["percentile"].get("99.000000", 0) / 1000
+print("comparison (fio 4K QD32, 20 s, guest via tcm_loop, rbd/bench, same kernel and cluster):")
+print(f"  {'pattern':<10} {'tcmu-rbd IOPS':>14} {'p99 us':>8} {'tcmu-runner IOPS':>17} {'p99 us':>8} {'ratio':>6}")
+for rw in ("randwrite", "randread"):
+    a, b = iops("tcmu-rbd", rw), iops("tcmu-runner", rw)
+    if a is None or b is None:
+        print(f"  {rw:<10} missing result (tcmu-rbd: {a}, tcmu-runner: {b})")
+        continue
+    ratio = a[0] / b[0] if b[0] else float("inf")
+    print(f"  {rw:<10} {a[0]:>14.0f} {a[1]:>8.0f} {b[0]:>17.0f} {b[1]:>8.0f} {ratio:>6.2f}")
+PY
+fi
+
+npass=$(grep -c '^PASS ' "$out/results" || true)
+nfail=$(grep -c '^FAIL ' "$out/results" || true)
+done_ok=0
+grep -qx DONE "$out/results" && done_ok=1
+if [ "$nfail" -gt 0 ] || [ "$done_ok" != 1 ] || [ "$qrc" != 0 ]; then
+  echo
+  echo "===== guest console ($out/console.log)"
+  cat "$out/console.log"
+  echo "===== guest kernel log"
+  cat "$out/dmesg.log" 2>/dev/null || true
+  echo "===== daemon log"
+  cat "$out/daemon.log" 2>/dev/null || true
+  echo "===== check output (last 200 lines)"
+  tail -n 200 "$out/checks.log" 2>/dev/null || true
+  echo "===== results"
+  cat "$out/results"
+  [ "$done_ok" = 1 ] || echo "vm: the guest did not finish (qemu exit $qrc; 124 = timed out)"
+  die "$nfail check(s) failed, $npass passed; stage took $(($(date +%s) - t0)) s"
+fi
+log "PASS: all $npass guest checks passed; stage took $(($(date +%s) - t0)) s"

@@ -1,0 +1,453 @@
+#!/bin/bash
+# The VM stage's guest side. Runs inside the test guest (scripts/vm/init),
+# chrooted into the host's / over 9p, so the host's fio, sg3-utils and the
+# daemon binary run against Debian's kernel. Each check prints
+# "PASS name" or "FAIL name: why" to the console and to /tmp/out/results;
+# command output goes to /tmp/out/checks.log, the daemon's log to
+# /tmp/out/daemon.log. The host (scripts/test-vm.sh) judges the results.
+#
+# /tmp/out/env (written by the host) sets:
+#   BIN     the tcmu-rbd binary
+#   SUITES  which groups to run: local (file, ram, resize, removal,
+#           restart), rbd (the same on an rbd image), compare (fio 4K QD32,
+#           tcmu-rbd vs tcmu-runner on one image)
+#   CEPH_CONF_GUEST  the guest's ceph.conf (rbd, compare)
+set -u
+OUT=/tmp/out
+# shellcheck source=/dev/null
+. "$OUT/env"
+CFS=/sys/kernel/config
+T=$CFS/target
+LOG=$OUT/checks.log
+DLOG=$OUT/daemon.log
+S=/tmp/scratch
+mkdir -p "$S"
+exec 3>>"$OUT/results"
+DPID=
+DEV=
+INITIATOR=naa.5001405000000001
+
+say() { echo "vm-guest: $*"; }
+pass() { echo "PASS $1"; echo "PASS $1" >&3; }
+fail() { echo "FAIL $1: $2"; echo "FAIL $1: $2" >&3; }
+
+# check NAME FUNC ARGS...: one named check. FUNC runs in this shell with
+# its output in checks.log; on failure it leaves the reason in $why.
+check() {
+  local name=$1 rc
+  shift
+  why=
+  echo "=== $name ($(date +%T))" >>"$LOG"
+  "$@" >>"$LOG" 2>&1
+  rc=$?
+  if [ $rc -eq 0 ]; then pass "$name"; else fail "$name" "${why:-exit status $rc}"; fi
+  return $rc
+}
+# check_dev NAME FUNC ARGS...: a check that needs the exported disk.
+check_dev() {
+  if [ -z "$DEV" ] || [ ! -b "/dev/$DEV" ]; then
+    fail "$1" "not run: no disk exported"
+    return 1
+  fi
+  check "$@"
+}
+# ok CMD...: run CMD; on failure record it as the reason.
+ok() {
+  "$@" && return 0
+  why="failed ($?): $*"
+  return 1
+}
+# expect WHAT ACTUAL WANTED
+expect() {
+  [ "$2" = "$3" ] && return 0
+  why="$1: got '$2', want '$3'"
+  return 1
+}
+# wait_for SECONDS CMD...: poll CMD every 0.2 s until it succeeds or
+# SECONDS (wall clock) pass.
+wait_for() {
+  local end=$((SECONDS + $1))
+  shift
+  until "$@" 2>/dev/null; do
+    [ $SECONDS -ge $end ] && return 1
+    sleep 0.2
+  done
+}
+
+daemon_alive() { [ -n "$DPID" ] && kill -0 "$DPID" 2>/dev/null; }
+start_daemon() {
+  echo "--- daemon start $(date +%T)" >>"$DLOG"
+  # Netlink on (the kernel's add/remove/reconfigure events, with replies);
+  # no D-Bus in this guest.
+  NO_COLOR=1 "$BIN" --log-stderr --no-dbus --run-dir /run/tcmu-rbd >>"$DLOG" 2>&1 &
+  DPID=$!
+  sleep 0.3
+  daemon_alive
+}
+
+# uio_of NAME: the uioN the kernel made for backstore NAME.
+uio_of() {
+  local f
+  for f in /sys/class/uio/uio*/name; do
+    [ -e "$f" ] || continue
+    case "$(cat "$f")" in tcm-user/*/"$1"/*) basename "$(dirname "$f")"; return 0 ;; esac
+  done
+  return 1
+}
+# served NAME: the daemon holds NAME's /dev/uioN open.
+served() {
+  local u
+  u=$(uio_of "$1") || return 1
+  daemon_alive || return 1
+  ls -l /proc/"$DPID"/fd 2>/dev/null | grep -q "/dev/$u\$"
+}
+
+# mk_backstore NAME SUBTYPE CFG SIZE: a user:SUBTYPE backstore, enabled,
+# then waits for the daemon to serve it.
+mk_backstore() {
+  local d=$T/core/user_0/$1
+  ok mkdir -p "$d" || return 1
+  ok sh -c "echo -n 'dev_size=$4,dev_config=$2/$3,hw_max_sectors=1024' > $d/control" || return 1
+  # Like targetcli: the unit serial is set before the LUN is exported.
+  ok sh -c "echo -n '$(cat /proc/sys/kernel/random/uuid)' > $d/wwn/vpd_unit_serial" || return 1
+  ok sh -c "echo -n 1 > $d/enable" || return 1
+  if ! wait_for 20 served "$1"; then
+    why="daemon did not open $1's uio device within 20 s"
+    return 1
+  fi
+}
+# has_disk H: SCSI host H's LUN 0 has a block device.
+has_disk() {
+  local b
+  for b in /sys/class/scsi_disk/"$1":0:1:0/device/block/sd*; do
+    [ -e "$b" ] && return 0
+  done
+  return 1
+}
+# mk_loop NAME WWN: export backstore NAME through a tcm_loop target and
+# wait for its disk; sets DEV (sdX).
+mk_loop() {
+  local tp=$T/loopback/$2/tpgt_1 h
+  ok mkdir -p "$tp/lun/lun_0" || return 1
+  ok sh -c "echo -n $INITIATOR > $tp/nexus" || return 1
+  ok ln -s "$T/core/user_0/$1" "$tp/lun/lun_0/$1" || return 1
+  h=$(cut -d: -f1 "$tp/address") || { why="no tcm_loop address"; return 1; }
+  if ! wait_for 40 has_disk "$h"; then
+    why="no disk appeared on scsi host $h within 40 s"
+    return 1
+  fi
+  DEV=$(basename /sys/class/scsi_disk/"$h":0:1:0/device/block/sd*)
+  if ! wait_for 5 test -b "/dev/$DEV"; then
+    # devtmpfs can lose a node whose name was just freed by a removed disk
+    # (deferred delete of the old node after the create of the new one).
+    echo "/dev/$DEV missing; creating it from /sys/block/$DEV/dev"
+    ok mknod "/dev/$DEV" b $(tr : ' ' <"/sys/block/$DEV/dev") || return 1
+  fi
+  echo "$1 is /dev/$DEV"
+}
+rm_loop() {
+  local tp=$T/loopback/$2/tpgt_1
+  ok timeout 60 rm "$tp/lun/lun_0/$1" || return 1
+  ok timeout 30 rmdir "$tp/lun/lun_0" "$tp" "$T/loopback/$2"
+}
+rm_backstore() { ok timeout 60 rmdir "$T/core/user_0/$1"; }
+
+# --- I/O checks -------------------------------------------------------
+t_dd() {
+  head -c 4M /dev/urandom >"$S/pat" || return 1
+  ok dd if="$S/pat" of="/dev/$DEV" bs=1M seek=3 oflag=direct conv=fsync status=none || return 1
+  ok dd if="/dev/$DEV" of="$S/back" bs=1M skip=3 count=4 iflag=direct status=none || return 1
+  ok cmp "$S/pat" "$S/back"
+}
+t_fio() { # BS SIZE
+  ok timeout 600 fio --name="verify-$1" --filename="/dev/$DEV" --direct=1 --ioengine=libaio \
+    --iodepth=16 --rw=randwrite --bs="$1" --size="$2" --verify=crc32c --do_verify=1 \
+    --verify_fatal=1 --randrepeat=0 --norandommap=0 --group_reporting
+}
+
+# --- SCSI checks (sg3-utils) -------------------------------------------
+t_inq_std() {
+  local o
+  o=$(sg_inq "/dev/$DEV") || { why="sg_inq failed"; return 1; }
+  echo "$o"
+  echo "$o" | grep -q "Vendor identification: LIO-ORG" || { why="vendor is not LIO-ORG"; return 1; }
+  echo "$o" | grep -q "Peripheral device type: disk" || { why="not a disk"; return 1; }
+}
+t_vpd_pages() {
+  local o p
+  o=$(sg_inq -p 0x00 "/dev/$DEV") || { why="VPD 0x00 failed"; return 1; }
+  echo "$o"
+  for p in 0x80 0x83 0xb0 0xb1 0xb2; do
+    echo "$o" | grep -qi "\[$p\]\|$p" || { why="page $p not listed in VPD 0x00"; return 1; }
+    sg_inq -p "$p" "/dev/$DEV" || { why="VPD page $p failed"; return 1; }
+  done
+}
+t_vpd_serial() {
+  local o want
+  want=$(sed 's/.*: *//' "$T/core/user_0/$1/wwn/vpd_unit_serial")
+  o=$(sg_vpd -p sn "/dev/$DEV") || { why="sg_vpd -p sn failed"; return 1; }
+  echo "$o"
+  echo "$o" | grep -q "Unit serial number: $want" || { why="serial is not the configfs one ($want)"; return 1; }
+}
+t_vpd_devid() {
+  local o
+  o=$(sg_vpd -p di "/dev/$DEV") || { why="sg_vpd -p di failed"; return 1; }
+  echo "$o"
+  echo "$o" | grep -q "NAA" || { why="no NAA designator"; return 1; }
+}
+t_readcap() { # SIZE
+  local o
+  o=$(sg_readcap -l "/dev/$DEV") || { why="sg_readcap -l failed"; return 1; }
+  echo "$o"
+  echo "$o" | grep -q "Logical block length=512 bytes" || { why="block length is not 512"; return 1; }
+  echo "$o" | grep -q "Last LBA=$(($1 / 512 - 1)) " || { why="last LBA is not $(($1 / 512 - 1))"; return 1; }
+  echo "$o" | grep -q "lbpme=1" || { why="LBPME not set"; return 1; }
+  echo "$o" | grep -q "lbprz=1" || { why="LBPRZ not set"; return 1; }
+}
+t_vpd_bl() {
+  local o n
+  o=$(sg_vpd -p bl "/dev/$DEV") || { why="sg_vpd -p bl failed"; return 1; }
+  echo "$o"
+  n=$(echo "$o" | sed -n 's/.*Maximum unmap LBA count: *\([0-9]*\).*/\1/p')
+  [ -n "$n" ] && [ "$n" -gt 0 ] || { why="maximum unmap LBA count is '${n}'"; return 1; }
+}
+t_vpd_lbpv() {
+  local o
+  o=$(sg_vpd -p lbpv "/dev/$DEV") || { why="sg_vpd -p lbpv failed"; return 1; }
+  echo "$o"
+  echo "$o" | grep -q "Unmap command supported (LBPU): 1" || { why="LBPU not set"; return 1; }
+}
+# zeros_at LBA N: the N blocks at LBA read back as zeros.
+zeros_at() {
+  dd if="/dev/$DEV" bs=$(($2 * 512)) skip=$(($1 * 512)) count=1 iflag=direct,skip_bytes status=none >"$S/z" || return 1
+  cmp -n $(($2 * 512)) "$S/z" /dev/zero
+}
+write_pat() { # LBA N
+  head -c $(($2 * 512)) /dev/urandom >"$S/wp"
+  dd if="$S/wp" of="/dev/$DEV" bs=$(($2 * 512)) seek=$(($1 * 512)) oflag=direct,seek_bytes conv=fsync status=none
+}
+t_unmap() {
+  ok write_pat 2048 256 || return 1
+  if zeros_at 2048 256; then why="pattern did not land"; return 1; fi
+  ok sg_unmap --force --lba=2048 --num=256 "/dev/$DEV" || return 1
+  zeros_at 2048 256 || { why="unmapped range does not read zeros"; return 1; }
+}
+t_write_same() {
+  head -c 512 /dev/urandom >"$S/blk"
+  ok sg_write_same --16 --in="$S/blk" --lba=4096 --num=64 "/dev/$DEV" || return 1
+  for _ in $(seq 64); do cat "$S/blk"; done >"$S/ws_want"
+  ok dd if="/dev/$DEV" of="$S/ws_got" bs=32k skip=$((4096 * 512)) count=1 iflag=direct,skip_bytes status=none || return 1
+  ok cmp "$S/ws_want" "$S/ws_got"
+}
+t_caw() {
+  local rc
+  ok write_pat 8192 1 || return 1
+  cp "$S/wp" "$S/old"
+  head -c 512 /dev/urandom >"$S/new"
+  cat "$S/old" "$S/new" >"$S/cw"
+  ok sg_compare_and_write --in="$S/cw" --lba=8192 --num=1 "/dev/$DEV" || return 1
+  ok dd if="/dev/$DEV" of="$S/got" bs=512 skip=8192 count=1 iflag=direct status=none || return 1
+  cmp "$S/new" "$S/got" || { why="CAW success did not write the new data"; return 1; }
+  # Miscompare: the compare half no longer matches ("old" was replaced).
+  head -c 512 /dev/urandom >"$S/other"
+  cat "$S/old" "$S/other" >"$S/cw2"
+  sg_compare_and_write --in="$S/cw2" --lba=8192 --num=1 "/dev/$DEV"
+  rc=$?
+  [ $rc -eq 14 ] || { why="miscompare: sg_compare_and_write exit $rc, want 14 (MISCOMPARE)"; return 1; }
+  ok dd if="/dev/$DEV" of="$S/got" bs=512 skip=8192 count=1 iflag=direct status=none || return 1
+  cmp "$S/new" "$S/got" || { why="a miscompared CAW changed the block"; return 1; }
+}
+t_blkdiscard() {
+  ok write_pat 20480 2048 || return 1
+  ok blkdiscard -o $((20480 * 512)) -l $((2048 * 512)) "/dev/$DEV" || return 1
+  zeros_at 20480 2048 || { why="discarded range does not read zeros"; return 1; }
+}
+t_sd_thin() {
+  local q=/sys/block/$DEV/queue m
+  m=$(cat /sys/block/"$DEV"/device/scsi_disk/*/provisioning_mode)
+  echo "discard_max_bytes=$(cat $q/discard_max_bytes) provisioning_mode=$m"
+  [ "$(cat $q/discard_max_bytes)" -gt 0 ] || { why="discard_max_bytes is 0"; return 1; }
+  expect provisioning_mode "$m" unmap
+}
+t_sd_cache() { # WANT ("write back" / "write through")
+  expect cache_type "$(cat /sys/block/"$DEV"/device/scsi_disk/*/cache_type)" "$1"
+}
+
+# suite NAME SUBTYPE CFG SIZE WWN CACHE: a backstore through tcm_loop, every
+# I/O and SCSI check on it. Leaves it exported (DEV set).
+suite() {
+  local n=$1
+  check "$n.create" mk_backstore "$1" "$2" "$3" "$4" || return 1
+  check "$n.export" mk_loop "$1" "$5" || DEV=
+  check_dev "$n.dd_pattern" t_dd
+  check_dev "$n.fio_verify_4k" t_fio 4k 16m
+  check_dev "$n.fio_verify_64k" t_fio 64k 32m
+  check_dev "$n.sg_inq_std" t_inq_std
+  check_dev "$n.sg_inq_vpd_pages" t_vpd_pages
+  check_dev "$n.vpd_serial" t_vpd_serial "$1"
+  check_dev "$n.vpd_devid" t_vpd_devid
+  check_dev "$n.sg_readcap" t_readcap "$4"
+  check_dev "$n.vpd_block_limits" t_vpd_bl
+  check_dev "$n.vpd_lbpv" t_vpd_lbpv
+  check_dev "$n.sg_unmap" t_unmap
+  check_dev "$n.sg_write_same" t_write_same
+  check_dev "$n.sg_compare_and_write" t_caw
+  check_dev "$n.sg_sync" ok sg_sync "/dev/$DEV"
+  check_dev "$n.blkdiscard" t_blkdiscard
+  check_dev "$n.sd_thin_provisioning" t_sd_thin
+  check_dev "$n.sd_write_cache" t_sd_cache "$6"
+  check "$n.daemon_alive" ok daemon_alive
+}
+
+# --- lifecycle checks ----------------------------------------------------
+t_resize() { # NAME NEWSIZE
+  local d=$T/core/user_0/$1 got
+  # As an admin (or ceph-iscsi) resizes: the kernel sends the daemon a
+  # netlink RECONFIG with the new size and waits for its reply.
+  ok sh -c "echo -n $2 > $d/attrib/dev_size" || return 1
+  ok expect attrib/dev_size "$(cat "$d/attrib/dev_size")" "$2" || return 1
+  # The initiator is told by a unit attention; a rescan reads the capacity.
+  wait_for 20 sh -c "echo 1 > /sys/block/$DEV/device/rescan; [ \$(( \$(cat /sys/block/$DEV/size) * 512 )) -eq $2 ]" ||
+    { why="capacity is $(($(cat /sys/block/"$DEV"/size) * 512)), want $2"; return 1; }
+  # The new end is usable.
+  ok dd if=/dev/urandom of="/dev/$DEV" bs=512 seek=$(($2 / 512 - 8)) count=8 oflag=direct status=none
+}
+t_remove_idle() { # NAME WWN
+  rm_loop "$1" "$2" || return 1
+  rm_backstore "$1" || return 1
+  wait_for 10 sh -c "! ls -l /proc/$DPID/fd | grep -q uio" || { why="daemon still holds a uio fd"; return 1; }
+  ok daemon_alive
+}
+t_remove_busy() { # NAME WWN
+  local fpid rc
+  timeout 120 fio --name=busy --filename="/dev/$DEV" --direct=1 --ioengine=libaio --iodepth=32 \
+    --rw=randrw --bs=4k --size=32m --time_based --runtime=60 >"$S/busy.out" 2>&1 &
+  fpid=$!
+  sleep 3
+  kill -0 $fpid || { why="fio did not start"; cat "$S/busy.out"; return 1; }
+  rm_loop "$1" "$2" || return 1
+  rm_backstore "$1" || return 1
+  # fio sees errors (its disk is gone) but must finish, not hang.
+  wait_for 60 sh -c "! kill -0 $fpid" || { why="fio still hung 60 s after removal"; return 1; }
+  wait $fpid
+  rc=$?
+  echo "fio exit $rc (errors are expected: its disk was removed)"
+  ok daemon_alive
+}
+t_restart() { # NAME
+  local wpid rc
+  head -c 8M /dev/urandom >"$S/rs"
+  kill -9 "$DPID"
+  wait "$DPID" 2>/dev/null
+  # I/O issued while no daemon runs waits in the ring...
+  dd if="$S/rs" of="/dev/$DEV" bs=1M seek=8 oflag=direct conv=fsync status=none &
+  wpid=$!
+  sleep 2
+  ok start_daemon || return 1
+  wait_for 20 served "$1" || { why="restarted daemon did not pick $1 up"; return 1; }
+  # ...and completes once the new daemon resets the ring (BUSY, retried).
+  wait_for 60 sh -c "! kill -0 $wpid" || { why="write still stuck 60 s after restart"; return 1; }
+  wait $wpid
+  rc=$?
+  [ $rc -eq 0 ] || { why="write across the restart failed (dd exit $rc)"; return 1; }
+  ok dd if="/dev/$DEV" of="$S/rs_back" bs=1M skip=8 count=8 iflag=direct status=none || return 1
+  ok cmp "$S/rs" "$S/rs_back" || return 1
+  ok t_dd
+}
+
+suite_local() {
+  suite file file "$S/file0.img" $((256 << 20)) naa.5001405000000010 "write back"
+  check_dev file.resize t_resize file $((384 << 20))
+  check_dev file.daemon_restart t_restart file
+  check_dev file.remove_idle t_remove_idle file naa.5001405000000010
+  suite ram ram - $((128 << 20)) naa.5001405000000020 "write through"
+  check_dev ram.remove_busy t_remove_busy ram naa.5001405000000020
+  check daemon_alive_at_end ok daemon_alive
+}
+
+# --- rbd -------------------------------------------------------------------
+rbd_cli() { timeout 120 rbd -c "$CEPH_CONF_GUEST" --id admin "$@"; }
+t_rbd_pattern() {
+  # Left at 64 MiB, which no other check touches; the host reads the image
+  # back with rbd export after the run and compares.
+  head -c 4M /dev/urandom >"$OUT/rbd_pattern" || return 1
+  ok dd if="$OUT/rbd_pattern" of="/dev/$DEV" bs=1M seek=64 oflag=direct conv=fsync status=none || return 1
+  ok dd if="/dev/$DEV" of="$S/rp" bs=1M skip=64 count=4 iflag=direct status=none || return 1
+  ok cmp "$OUT/rbd_pattern" "$S/rp" || return 1
+  echo $((64 << 20)) >"$OUT/rbd_pattern_offset"
+}
+t_rbd_resize() { # NAME IMAGE NEWSIZE
+  ok rbd_cli resize --size "$(($3 >> 20))M" "$2" || return 1
+  t_resize "$1" "$3"
+}
+suite_rbd() {
+  local cfg="rbd/img0;conf=$CEPH_CONF_GUEST;id=admin" sz=$((256 << 20))
+  check rbd.cluster_reachable ok rbd_cli info rbd/img0 || return 1
+  suite rbd rbd "$cfg" $sz naa.5001405000000030 "write through"
+  check_dev rbd.export_pattern t_rbd_pattern
+  check_dev rbd.resize t_rbd_resize rbd rbd/img0 $((320 << 20))
+  check_dev rbd.daemon_restart t_restart rbd
+  check_dev rbd.remove_busy t_remove_busy rbd naa.5001405000000030
+}
+
+# --- comparison: tcmu-rbd vs tcmu-runner ----------------------------------
+bench_fio() { # LABEL
+  local rw
+  for rw in randwrite randread; do
+    ok timeout 120 fio --name="$rw" --filename="/dev/$DEV" --direct=1 --ioengine=libaio \
+      --iodepth=32 --rw=$rw --bs=4k --size=256m --time_based --runtime=20 --ramp_time=3 \
+      --randrepeat=0 --output-format=json --output="$OUT/compare.$1.$rw.json" || return 1
+  done
+}
+start_tcmu_runner() {
+  mkdir -p "$OUT/tcmu-runner"
+  tcmu-runner --tcmu-log-dir "$OUT/tcmu-runner" >>"$OUT/tcmu-runner/stdout.log" 2>&1 &
+  DPID=$!
+  sleep 1
+  daemon_alive
+}
+stop_daemon() {
+  daemon_alive || return 0
+  kill -TERM "$DPID"
+  wait_for 30 sh -c "! kill -0 $DPID" || { why="pid $DPID did not exit on SIGTERM"; return 1; }
+  wait "$DPID" 2>/dev/null
+  DPID=
+}
+# One side of the comparison: export rbd/bench through DAEMON's backstore,
+# run the fio jobs, take it down again.
+compare_one() { # LABEL
+  local cfg="rbd/bench;conf=$CEPH_CONF_GUEST;id=admin" w=naa.5001405000000040
+  if check "compare.$1.create" mk_backstore bench rbd "$cfg" $((1 << 30)) &&
+    check "compare.$1.export" mk_loop bench $w; then
+    check_dev "compare.$1.fio" bench_fio "$1"
+    check "compare.$1.remove" t_remove_idle bench $w
+  else
+    # Leave nothing behind for the other daemon.
+    rm_loop bench $w >/dev/null 2>&1
+    rm_backstore bench >/dev/null 2>&1
+    return 1
+  fi
+}
+suite_compare() {
+  # One daemon at a time: both would claim user:rbd devices.
+  daemon_alive || check compare.tcmu-rbd.start start_daemon
+  compare_one tcmu-rbd
+  check compare.tcmu-rbd.stop stop_daemon || return 1
+  check compare.tcmu-runner.start start_tcmu_runner || return 1
+  compare_one tcmu-runner
+  check compare.tcmu-runner.stop stop_daemon
+}
+
+say "start $(date +%T), kernel $(uname -r)"
+mount -t configfs configfs $CFS || { fail setup "cannot mount configfs"; exit 1; }
+check daemon.start start_daemon || exit 1
+for s in $SUITES; do
+  "suite_$s"
+done
+if daemon_alive; then
+  kill -TERM "$DPID"
+  wait_for 20 sh -c "! kill -0 $DPID" || fail daemon.sigterm "daemon did not exit 20 s after SIGTERM"
+fi
+dmesg >"$OUT/dmesg.log" 2>&1
+say "done $(date +%T)"
+echo DONE >&3

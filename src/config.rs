@@ -1,0 +1,429 @@
+//! `/etc/tcmu/tcmu.conf`, read as tcmu-runner reads it, and the logging
+//! it controls.
+//!
+//! The format (tcmu-runner's libtcmu_config.c): one option per line,
+//! `key = value`; `#` starts a comment line; a value is an integer
+//! (`log_level = 4`) or a string, optionally in single or double quotes
+//! (`log_dir = "/var/log"`); a bare `key` is a boolean set to true. The
+//! options tcmu-runner 1.5 knows are `log_level` (0 CRIT, 1 ERROR,
+//! 2 WARNING, 3 INFO (default), 4 DEBUG, 5 DEBUG SCSI CMD) and `log_dir`
+//! (default `/var/log`; older releases called it `log_dir_path`, also
+//! accepted). Other keys are noted and ignored, a malformed line gets a
+//! warning naming it, and everything else in the file still applies.
+//!
+//! Logs go to journald when running under systemd (`JOURNAL_STREAM` is
+//! set), else to `<log_dir>/tcmu-rbd.log` and stderr. A reload (file
+//! change or SIGHUP) changes the level and the log file live.
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use tracing::level_filters::LevelFilter;
+use tracing::{info, warn};
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{reload, Registry};
+
+/// Where tcmu-runner (and this daemon) look for the file.
+pub const DEFAULT_PATH: &str = "/etc/tcmu/tcmu.conf";
+/// tcmu-runner's default log directory.
+pub const DEFAULT_LOG_DIR: &str = "/var/log";
+/// The log file's name inside the log directory.
+pub const LOG_FILE_NAME: &str = "tcmu-rbd.log";
+/// tcmu-runner's default level (INFO).
+pub const DEFAULT_LOG_LEVEL: u8 = 3;
+/// The highest tcmu-runner level (DEBUG SCSI CMD).
+pub const MAX_LOG_LEVEL: u8 = 5;
+
+/// The settings this daemon takes from tcmu.conf.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    /// tcmu-runner log level, 0..=5.
+    pub log_level: u8,
+    /// Directory of the log file.
+    pub log_dir: PathBuf,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            log_level: DEFAULT_LOG_LEVEL,
+            log_dir: PathBuf::from(DEFAULT_LOG_DIR),
+        }
+    }
+}
+
+/// Something about one line of the file worth telling the admin.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Note {
+    /// 1-based line number.
+    pub line: usize,
+    /// The line as written (trimmed).
+    pub text: String,
+    /// What is wrong with it.
+    pub msg: String,
+    /// Malformed (a warning) rather than merely unknown (info).
+    pub malformed: bool,
+}
+
+/// Maps a tcmu-runner level to a tracing level: CRIT and ERROR are
+/// `error`, DEBUG SCSI CMD (per-command logging) is `trace`.
+pub fn level_filter(level: u8) -> LevelFilter {
+    match level {
+        0 | 1 => LevelFilter::ERROR,
+        2 => LevelFilter::WARN,
+        3 => LevelFilter::INFO,
+        4 => LevelFilter::DEBUG,
+        _ => LevelFilter::TRACE,
+    }
+}
+
+fn valid_key(k: &str) -> bool {
+    let mut c = k.chars();
+    c.next()
+        .is_some_and(|f| f.is_ascii_alphabetic() || f == '_')
+        && c.all(|x| x.is_ascii_alphanumeric() || x == '_')
+}
+
+fn unquote(v: &str) -> &str {
+    for q in ['"', '\''] {
+        if let Some(inner) = v.strip_prefix(q).and_then(|r| r.strip_suffix(q)) {
+            return inner;
+        }
+    }
+    v
+}
+
+/// Parses the file's text over the defaults.
+pub fn parse(text: &str) -> (Config, Vec<Note>) {
+    let mut cfg = Config::default();
+    let mut notes = Vec::new();
+    for (i, raw) in text.lines().enumerate() {
+        let line = raw.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let mut note = |msg: String, malformed: bool| {
+            notes.push(Note {
+                line: i + 1,
+                text: line.to_string(),
+                msg,
+                malformed,
+            })
+        };
+        let (key, value) = match line.split_once('=') {
+            Some((k, v)) => (k.trim(), Some(v.trim())),
+            None => (line, None),
+        };
+        if !valid_key(key) {
+            note(format!("{key:?} is not an option name"), true);
+            continue;
+        }
+        match (key, value) {
+            ("log_level", Some(v)) => match v.parse::<u32>() {
+                Ok(n) if n <= u32::from(MAX_LOG_LEVEL) => cfg.log_level = n as u8,
+                Ok(n) => {
+                    note(
+                        format!("log_level {n} is above {MAX_LOG_LEVEL}; using {MAX_LOG_LEVEL}"),
+                        true,
+                    );
+                    cfg.log_level = MAX_LOG_LEVEL;
+                }
+                Err(_) => note(
+                    format!("log_level wants a number 0..{MAX_LOG_LEVEL}, got {v:?}"),
+                    true,
+                ),
+            },
+            ("log_dir" | "log_dir_path", Some(v)) => {
+                let dir = unquote(v);
+                if dir.starts_with('/') {
+                    cfg.log_dir = PathBuf::from(dir);
+                } else {
+                    note(
+                        format!("{key} wants an absolute directory, got {v:?}"),
+                        true,
+                    );
+                }
+            }
+            ("log_level" | "log_dir" | "log_dir_path", None) => {
+                note(format!("{key} needs a value (`{key} = ...`)"), true)
+            }
+            _ => note(format!("unknown option {key:?} ignored"), false),
+        }
+    }
+    (cfg, notes)
+}
+
+/// Why the file could not be used.
+#[derive(Debug, thiserror::Error)]
+#[error("{path}: {source}")]
+pub struct LoadError {
+    /// The file.
+    pub path: PathBuf,
+    /// Why.
+    pub source: std::io::Error,
+}
+
+/// tcmu-runner refuses files above this size; so do we.
+const MAX_FILE: u64 = 2 * 1024 * 1024;
+
+/// Reads and parses `path`.
+pub fn load(path: &Path) -> Result<(Config, Vec<Note>), LoadError> {
+    let err = |source| LoadError {
+        path: path.to_owned(),
+        source,
+    };
+    let len = std::fs::metadata(path).map_err(err)?.len();
+    if len > MAX_FILE {
+        return Err(err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("{len} bytes, more than a config file should hold"),
+        )));
+    }
+    let bytes = std::fs::read(path).map_err(err)?;
+    Ok(parse(&String::from_utf8_lossy(&bytes)))
+}
+
+/// Logs what parsing noted, naming the file and line.
+pub fn report(path: &Path, notes: &[Note]) {
+    for n in notes {
+        if n.malformed {
+            warn!(file = %path.display(), line = n.line, text = %n.text, "{}; line ignored", n.msg);
+        } else {
+            info!(file = %path.display(), line = n.line, text = %n.text, "{}", n.msg);
+        }
+    }
+}
+
+/// Where logs go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogTarget {
+    /// The systemd journal (native protocol).
+    Journald,
+    /// `<log_dir>/tcmu-rbd.log` and stderr.
+    FileAndStderr,
+    /// stderr only.
+    Stderr,
+}
+
+/// Picks the log target: journald under systemd, else file + stderr.
+pub fn default_target() -> LogTarget {
+    if std::env::var_os("JOURNAL_STREAM").is_some() {
+        LogTarget::Journald
+    } else {
+        LogTarget::FileAndStderr
+    }
+}
+
+#[derive(Clone)]
+struct SharedWriter {
+    file: Arc<Mutex<Option<File>>>,
+    stderr: bool,
+}
+
+impl Write for SharedWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if let Ok(mut f) = self.file.lock() {
+            if let Some(f) = f.as_mut() {
+                // A full disk must not stop the daemon; stderr still has it.
+                let _ = f.write_all(buf);
+            }
+        }
+        if self.stderr {
+            let _ = std::io::stderr().write_all(buf);
+        }
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for SharedWriter {
+    type Writer = SharedWriter;
+    fn make_writer(&'a self) -> Self::Writer {
+        self.clone()
+    }
+}
+
+/// The live logging setup: change level and log file on reload.
+pub struct Logging {
+    level: reload::Handle<LevelFilter, Registry>,
+    file: Arc<Mutex<Option<File>>>,
+    target: LogTarget,
+    dir: Mutex<Option<PathBuf>>,
+    /// With `--debug`, the level stays at DEBUG whatever the file says.
+    forced_level: Option<u8>,
+}
+
+fn open_log(dir: &Path) -> std::io::Result<File> {
+    std::fs::create_dir_all(dir)?;
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join(LOG_FILE_NAME))
+}
+
+impl Logging {
+    /// Installs the global subscriber. `forced_level` overrides the
+    /// file's level (the `--debug` flag).
+    pub fn init(cfg: &Config, target: LogTarget, forced_level: Option<u8>) -> Logging {
+        let level = level_filter(forced_level.unwrap_or(cfg.log_level));
+        let (filter, handle) = reload::Layer::new(level);
+        let file = Arc::new(Mutex::new(None));
+        let mut target = target;
+        let mut journald_err = None;
+        let journald = if target == LogTarget::Journald {
+            match tracing_journald::layer() {
+                Ok(j) => Some(j.with_syslog_identifier("tcmu-rbd".into())),
+                Err(e) => {
+                    journald_err = Some(e);
+                    target = LogTarget::Stderr;
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        let fmt = journald.is_none().then(|| {
+            tracing_subscriber::fmt::layer()
+                .with_ansi(false)
+                .with_writer(SharedWriter {
+                    file: file.clone(),
+                    stderr: true,
+                })
+        });
+        // A second init (tests running several daemons in one process)
+        // keeps the first subscriber.
+        let _ = tracing_subscriber::registry()
+            .with(filter)
+            .with(journald)
+            .with(fmt)
+            .try_init();
+        let lg = Logging {
+            level: handle,
+            file,
+            target,
+            dir: Mutex::new(None),
+            forced_level,
+        };
+        if let Some(e) = journald_err {
+            warn!(error = %e, "journald unreachable; logging to stderr");
+        }
+        lg.set_dir(&cfg.log_dir);
+        lg
+    }
+
+    /// Where logs go now.
+    pub fn target(&self) -> LogTarget {
+        self.target
+    }
+
+    fn set_dir(&self, dir: &Path) {
+        if self.target != LogTarget::FileAndStderr {
+            return;
+        }
+        let Ok(mut cur) = self.dir.lock() else { return };
+        if cur.as_deref() == Some(dir) {
+            return;
+        }
+        match open_log(dir) {
+            Ok(f) => {
+                if let Ok(mut slot) = self.file.lock() {
+                    *slot = Some(f);
+                }
+                *cur = Some(dir.to_owned());
+                info!(file = %dir.join(LOG_FILE_NAME).display(), "logging to file");
+            }
+            Err(e) => {
+                warn!(dir = %dir.display(), error = %e, "cannot open the log file; keeping the previous log target");
+            }
+        }
+    }
+
+    /// Applies a (re)loaded configuration: level and log directory.
+    pub fn apply(&self, cfg: &Config) {
+        let level = level_filter(self.forced_level.unwrap_or(cfg.log_level));
+        if let Err(e) = self.level.modify(|f| *f = level) {
+            warn!(error = %e, "cannot change the log level");
+        }
+        self.set_dir(&cfg.log_dir);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debian_default_file_is_all_defaults() {
+        let text =
+            "# Master TCMU configuration file\n\n# log_level = 3\n#\n# log_dir = \"/var/log\"\n";
+        let (cfg, notes) = parse(text);
+        assert_eq!(cfg, Config::default());
+        assert!(notes.is_empty());
+    }
+
+    #[test]
+    fn values_quotes_and_aliases() {
+        let (cfg, notes) = parse("log_level = 4\nlog_dir = \"/tmp/a b\"\n");
+        assert_eq!(cfg.log_level, 4);
+        assert_eq!(cfg.log_dir, PathBuf::from("/tmp/a b"));
+        assert!(notes.is_empty());
+        let (cfg, _) = parse("  log_level=0\nlog_dir_path = '/x'\n");
+        assert_eq!(cfg.log_level, 0);
+        assert_eq!(cfg.log_dir, PathBuf::from("/x"));
+        let (cfg, _) = parse("log_dir = /plain\n");
+        assert_eq!(cfg.log_dir, PathBuf::from("/plain"));
+    }
+
+    #[test]
+    fn malformed_lines_are_named_and_the_rest_applies() {
+        let text = "log_level = loud\n= 3\nlog_dir = relative\nlog_dir = \"/good\"\nlog_level = 9\nfrobnicate = 1\nlog_level\n";
+        let (cfg, notes) = parse(text);
+        // log_level = 9 is clamped (as tcmu-runner clamps), log_dir applied.
+        assert_eq!(cfg.log_level, MAX_LOG_LEVEL);
+        assert_eq!(cfg.log_dir, PathBuf::from("/good"));
+        let lines: Vec<(usize, bool)> = notes.iter().map(|n| (n.line, n.malformed)).collect();
+        assert_eq!(
+            lines,
+            vec![
+                (1, true),
+                (2, true),
+                (3, true),
+                (5, true),
+                (6, false),
+                (7, true)
+            ]
+        );
+        assert!(notes[0].msg.contains("loud"), "{:?}", notes[0]);
+        assert_eq!(notes[0].text, "log_level = loud");
+    }
+
+    #[test]
+    fn later_lines_win() {
+        let (cfg, _) = parse("log_level = 1\nlog_level = 2\n");
+        assert_eq!(cfg.log_level, 2);
+    }
+
+    #[test]
+    fn levels_map_to_tracing() {
+        assert_eq!(level_filter(0), LevelFilter::ERROR);
+        assert_eq!(level_filter(1), LevelFilter::ERROR);
+        assert_eq!(level_filter(2), LevelFilter::WARN);
+        assert_eq!(level_filter(3), LevelFilter::INFO);
+        assert_eq!(level_filter(4), LevelFilter::DEBUG);
+        assert_eq!(level_filter(5), LevelFilter::TRACE);
+    }
+
+    #[test]
+    fn load_reads_files_and_refuses_missing_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("tcmu.conf");
+        std::fs::write(&p, "log_level = 5\n").unwrap();
+        assert_eq!(load(&p).unwrap().0.log_level, 5);
+        let e = load(&dir.path().join("nope")).unwrap_err();
+        assert_eq!(e.source.kind(), std::io::ErrorKind::NotFound);
+    }
+}

@@ -1,0 +1,466 @@
+//! Applying the kernel's device events (from netlink, or found by a sysfs
+//! scan) to the set of served devices, and the daemon's per-device state
+//! for status output.
+//!
+//! Every handler returns the status the kernel gets in its `*_DONE`
+//! reply: 0 or a negative errno.
+
+use crate::backends;
+use crate::netlink::{Event, EventKind};
+use crate::registry::{DeviceSpec, OpenDeviceError, Registry};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use tcmu_handler::{Backend, Caps, Done, Geometry, IoError, Op};
+use tracing::{error, info, warn};
+
+/// Subtypes this daemon serves.
+pub fn subtypes() -> Vec<&'static str> {
+    backends::handlers().iter().map(|h| h.subtype).collect()
+}
+
+/// Parses a UIO device name `tcm-user/<hba>/<name>/<subtype>/<cfgstring>`.
+pub fn parse_uio_name(name: &str) -> Option<(u32, String, String, String)> {
+    let rest = name.strip_prefix("tcm-user/")?;
+    let mut it = rest.splitn(4, '/');
+    let hba = it.next()?.parse().ok()?;
+    let dev = it.next()?.to_string();
+    let subtype = it.next()?.to_string();
+    let cfg = it.next().unwrap_or("").to_string();
+    if dev.is_empty() || subtype.is_empty() {
+        return None;
+    }
+    Some((hba, dev, subtype, cfg))
+}
+
+/// What the daemon knows about a device beyond its counters.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DevState {
+    /// Serving I/O.
+    Serving,
+    /// Refusing I/O with sense; why.
+    Offline(String),
+}
+
+/// Serves devices as the kernel adds, removes and reconfigures them.
+pub struct Control {
+    reg: Arc<Registry>,
+    sysfs: PathBuf,
+    configfs: PathBuf,
+    states: Mutex<BTreeMap<String, DevState>>,
+}
+
+fn neg(errno: i32) -> i32 {
+    -errno.abs()
+}
+
+fn open_errno(e: &OpenDeviceError) -> i32 {
+    match e {
+        OpenDeviceError::Io { source, .. } => neg(source.raw_os_error().unwrap_or(libc::EIO)),
+        OpenDeviceError::Config { .. } => neg(libc::EINVAL),
+        OpenDeviceError::Backend { source, .. } => match source {
+            backends::OpenError::UnknownSubtype(_) => neg(libc::ENOENT),
+            backends::OpenError::BadConfig(_) => neg(libc::EINVAL),
+            backends::OpenError::Open(_) => neg(libc::EIO),
+        },
+        OpenDeviceError::Device(_) => neg(libc::EIO),
+    }
+}
+
+impl Control {
+    /// Controls `reg`; sysfs and configfs roots are parameters for tests.
+    pub fn new(reg: Arc<Registry>, sysfs: &Path, configfs: &Path) -> Self {
+        Control {
+            reg,
+            sysfs: sysfs.to_owned(),
+            configfs: configfs.to_owned(),
+            states: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    /// The registry.
+    pub fn registry(&self) -> &Arc<Registry> {
+        &self.reg
+    }
+
+    fn set_state(&self, name: &str, st: Option<DevState>) {
+        if let Ok(mut m) = self.states.lock() {
+            match st {
+                Some(s) => {
+                    m.insert(name.to_string(), s);
+                }
+                None => {
+                    m.remove(name);
+                }
+            }
+        }
+    }
+
+    /// The daemon-side state of `name`.
+    pub fn state(&self, name: &str) -> Option<DevState> {
+        self.states.lock().ok()?.get(name).cloned()
+    }
+
+    /// The spec for UIO device `uio<minor>` named `uio_name`, if its
+    /// subtype is served.
+    pub fn spec_for(&self, uio_name: &str, minor: u32) -> Result<DeviceSpec, i32> {
+        let Some((hba, dev, subtype, cfg)) = parse_uio_name(uio_name) else {
+            warn!(uio = uio_name, "not a TCMU device name");
+            return Err(neg(libc::EINVAL));
+        };
+        if !subtypes().contains(&subtype.as_str()) {
+            return Err(neg(libc::ENOENT));
+        }
+        let uio = format!("uio{minor}");
+        let size_path = self
+            .sysfs
+            .join("class/uio")
+            .join(&uio)
+            .join("maps/map0/size");
+        let map_size = std::fs::read_to_string(&size_path)
+            .ok()
+            .and_then(|s| usize::from_str_radix(s.trim().trim_start_matches("0x"), 16).ok());
+        let Some(map_size) = map_size else {
+            warn!(dev = %dev, path = %size_path.display(), "cannot read the ring size");
+            return Err(neg(libc::ENODEV));
+        };
+        let cfs = self.configfs.join(format!("target/core/user_{hba}/{dev}"));
+        Ok(DeviceSpec {
+            name: dev,
+            uio_path: PathBuf::from("/dev").join(uio),
+            map_size,
+            subtype,
+            cfgstring: cfg,
+            configfs_dir: cfs.is_dir().then_some(cfs),
+            size: None,
+        })
+    }
+
+    /// Opens and serves a device.
+    pub fn add(&self, spec: DeviceSpec) -> i32 {
+        let name = spec.name.clone();
+        match self.reg.add(spec) {
+            Ok(()) => {
+                if self.state(&name).is_none() {
+                    self.set_state(&name, Some(DevState::Serving));
+                }
+                0
+            }
+            Err(e) => {
+                error!(dev = %name, error = %e, "cannot open device");
+                open_errno(&e)
+            }
+        }
+    }
+
+    /// Stops serving a device (drains it first).
+    pub fn remove(&self, name: &str) -> i32 {
+        if self.reg.remove(name) {
+            info!(dev = %name, "device removed");
+        }
+        self.set_state(name, None);
+        0
+    }
+
+    /// Reopens `name` with a new `dev_config` (`<subtype>/<cfgstring>`).
+    /// If the new backend cannot be opened, the device stays up but
+    /// refuses I/O with sense until a later reconfiguration works.
+    pub fn reopen(&self, name: &str, dev_config: &str) -> i32 {
+        let dev_config = dev_config.trim_end_matches(['\n', '\0']);
+        let Some(spec) = self.reg.spec(name) else {
+            warn!(dev = %name, "reconfigure: device not served");
+            return neg(libc::ENODEV);
+        };
+        let Some((subtype, cfg)) = dev_config.split_once('/') else {
+            warn!(dev = %name, config = dev_config, "reconfigure: no <subtype>/ prefix");
+            return neg(libc::EINVAL);
+        };
+        if subtype != spec.subtype {
+            warn!(dev = %name, old = %spec.subtype, new = subtype, "reconfigure cannot change the handler");
+            return neg(libc::EINVAL);
+        }
+        let Some((geo, caps)) = self.reg.run_on_worker(name, |d| {
+            let i = d.lun_mut().info();
+            (i.geometry, i.caps)
+        }) else {
+            return neg(libc::ENODEV);
+        };
+        info!(dev = %name, old = %spec.cfgstring, new = cfg, "reopening with a new config");
+        match backends::open(subtype, cfg, geo.size, geo.block_size) {
+            Ok(b) => {
+                if self
+                    .reg
+                    .run_on_worker(name, move |d| d.set_backend(b))
+                    .is_none()
+                {
+                    return neg(libc::ENODEV);
+                }
+                self.reg.set_cfgstring(name, cfg);
+                self.set_state(name, Some(DevState::Serving));
+                0
+            }
+            Err(e) => {
+                let reason = format!("reopen with {dev_config:?} failed: {e}");
+                error!(dev = %name, error = %e, config = dev_config, "reopen failed; the device refuses I/O until reconfigured");
+                let off: Arc<dyn Backend> = Arc::new(Offline {
+                    geometry: geo,
+                    caps,
+                    reason: reason.clone(),
+                });
+                let _ = self.reg.run_on_worker(name, move |d| d.set_backend(off));
+                self.set_state(name, Some(DevState::Offline(reason)));
+                match e {
+                    backends::OpenError::UnknownSubtype(_) => neg(libc::ENOENT),
+                    backends::OpenError::BadConfig(_) => neg(libc::EINVAL),
+                    backends::OpenError::Open(_) => neg(libc::EIO),
+                }
+            }
+        }
+    }
+
+    /// Online resize.
+    pub fn resize(&self, name: &str, size: u64) -> i32 {
+        match self.reg.resize(name, size) {
+            Ok(()) => 0,
+            Err(e) => {
+                warn!(dev = %name, size, error = %e, "resize refused");
+                if self.reg.spec(name).is_none() {
+                    neg(libc::ENODEV)
+                } else {
+                    neg(libc::EOPNOTSUPP)
+                }
+            }
+        }
+    }
+
+    /// `emulate_write_cache` changed. The LUN reports the backend's own
+    /// cache (WCE) and the kernel passes MODE SENSE through to us, so a
+    /// setting that differs cannot be honoured: refused, as tcmu-runner's
+    /// rbd handler refuses it.
+    pub fn write_cache(&self, name: &str, on: bool) -> i32 {
+        let Some(wce) = self
+            .reg
+            .run_on_worker(name, |d| d.lun_mut().info().caps.write_cache)
+        else {
+            return neg(libc::ENODEV);
+        };
+        if wce == on {
+            0
+        } else {
+            warn!(dev = %name, requested = on, reported = wce, "write cache setting is fixed by the backend");
+            neg(libc::EOPNOTSUPP)
+        }
+    }
+
+    /// Handles one kernel event; returns the reply status.
+    pub fn handle(&self, ev: &Event) -> i32 {
+        let name = parse_uio_name(&ev.device).map(|p| p.1);
+        match (&ev.kind, name) {
+            (EventKind::Added, _) => match self.spec_for(&ev.device, ev.minor) {
+                Ok(spec) => self.add(spec),
+                Err(e) => {
+                    if e == neg(libc::ENOENT) {
+                        warn!(uio = %ev.device, "subtype not served by this daemon");
+                    }
+                    e
+                }
+            },
+            (_, None) => {
+                warn!(uio = %ev.device, "event for a device name that is not TCMU's");
+                neg(libc::EINVAL)
+            }
+            (EventKind::Removed, Some(n)) => self.remove(&n),
+            (EventKind::ReconfigCfg(c), Some(n)) => self.reopen(&n, c),
+            (EventKind::ReconfigSize(s), Some(n)) => self.resize(&n, *s),
+            (EventKind::ReconfigWriteCache(w), Some(n)) => self.write_cache(&n, *w),
+        }
+    }
+
+    /// Scans sysfs: serves devices not yet served, drops those gone.
+    pub fn rescan(&self) {
+        let found = self.scan();
+        let names: Vec<String> = found.iter().map(|s| s.name.clone()).collect();
+        let served = self.reg.names();
+        for spec in found {
+            if !served.contains(&spec.name) {
+                self.add(spec);
+            }
+        }
+        for n in self.reg.names() {
+            if !names.contains(&n) {
+                info!(dev = %n, "device gone from sysfs");
+                self.remove(&n);
+            }
+        }
+    }
+
+    /// The TCMU devices in sysfs whose subtype is served.
+    pub fn scan(&self) -> Vec<DeviceSpec> {
+        let mut out = Vec::new();
+        let Ok(rd) = std::fs::read_dir(self.sysfs.join("class/uio")) else {
+            return out;
+        };
+        for e in rd.flatten() {
+            let d = e.path();
+            let Some(minor) = d
+                .file_name()
+                .and_then(|n| n.to_str())
+                .and_then(|n| n.strip_prefix("uio"))
+                .and_then(|m| m.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            let Ok(name) = std::fs::read_to_string(d.join("name")) else {
+                continue;
+            };
+            if let Ok(spec) = self.spec_for(name.trim_end_matches('\n'), minor) {
+                out.push(spec);
+            }
+        }
+        out
+    }
+
+    /// One line per device for status output: the registry's counters
+    /// plus the daemon's state. Features that track more per device
+    /// (ALUA state, lock owner) append `key=value` fields here.
+    pub fn status_lines(&self) -> Vec<String> {
+        let mut st = self.reg.status();
+        st.sort_by(|a, b| a.name.cmp(&b.name));
+        st.iter()
+            .map(|d| {
+                let (state, why) = match self.state(&d.name) {
+                    Some(DevState::Offline(r)) => ("offline", Some(r)),
+                    _ => ("serving", None),
+                };
+                let size = self.reg.spec(&d.name).and_then(|s| s.size).unwrap_or(0);
+                let mut line = format!(
+                    "device {} state={} config={:?} size={} commands={} completed={} check_conditions={}",
+                    d.name, state, d.config, size, d.commands, d.completed, d.check_conditions
+                );
+                if let Some(r) = why {
+                    line.push_str(&format!(" reason={r:?}"));
+                }
+                line
+            })
+            .collect()
+    }
+}
+
+/// The backend of a device whose reopen failed: every operation fails
+/// (the SCSI layer turns that into sense data), nothing is touched.
+pub struct Offline {
+    geometry: Geometry,
+    caps: Caps,
+    reason: String,
+}
+
+impl Backend for Offline {
+    fn name(&self) -> String {
+        format!("offline ({})", self.reason)
+    }
+    fn geometry(&self) -> Geometry {
+        self.geometry
+    }
+    fn caps(&self) -> Caps {
+        self.caps
+    }
+    fn submit(&self, _op: Op, done: Done) {
+        done.complete(Err(IoError::Io {
+            errno: libc::ENXIO,
+            msg: self.reason.clone(),
+        }));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uio_names() {
+        assert_eq!(
+            parse_uio_name("tcm-user/1/disk0/rbd/rbd/img;osd_op_timeout=30"),
+            Some((
+                1,
+                "disk0".into(),
+                "rbd".into(),
+                "rbd/img;osd_op_timeout=30".into()
+            ))
+        );
+        assert_eq!(
+            parse_uio_name("tcm-user/0/d/file//tmp/x.img"),
+            Some((0, "d".into(), "file".into(), "/tmp/x.img".into()))
+        );
+        assert_eq!(parse_uio_name("uio_pci_generic"), None);
+        assert_eq!(parse_uio_name("tcm-user/x/d/file/a"), None);
+    }
+
+    fn fake_sysfs(root: &Path, minor: u32, name: &str) {
+        let d = root.join(format!("class/uio/uio{minor}/maps/map0"));
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::write(
+            root.join(format!("class/uio/uio{minor}/name")),
+            format!("{name}\n"),
+        )
+        .unwrap();
+        std::fs::write(d.join("size"), "0x800000\n").unwrap();
+    }
+
+    #[test]
+    fn scan_keeps_served_subtypes_only() {
+        let t = tempfile::tempdir().unwrap();
+        fake_sysfs(t.path(), 0, "tcm-user/1/a/file//tmp/a");
+        fake_sysfs(t.path(), 1, "tcm-user/1/b/glfs/vol@host/b");
+        fake_sysfs(t.path(), 2, "some-other-uio");
+        let c = Control::new(Arc::new(Registry::new()), t.path(), &t.path().join("cfs"));
+        let found = c.scan();
+        assert_eq!(found.len(), 1);
+        assert_eq!(found[0].name, "a");
+        assert_eq!(found[0].uio_path, PathBuf::from("/dev/uio0"));
+        assert_eq!(found[0].map_size, 0x800000);
+        assert_eq!(found[0].cfgstring, "/tmp/a");
+        assert_eq!(found[0].configfs_dir, None);
+    }
+
+    #[test]
+    fn events_for_unknown_or_unserved_devices_get_errors() {
+        let t = tempfile::tempdir().unwrap();
+        fake_sysfs(t.path(), 4, "tcm-user/1/b/glfs/x");
+        let c = Control::new(Arc::new(Registry::new()), t.path(), t.path());
+        let ev = |kind, device: &str| Event {
+            kind,
+            version: 2,
+            device: device.into(),
+            minor: 4,
+            device_id: Some(1),
+        };
+        assert_eq!(
+            c.handle(&ev(EventKind::Added, "tcm-user/1/b/glfs/x")),
+            -libc::ENOENT
+        );
+        assert_eq!(c.handle(&ev(EventKind::Added, "garbage")), -libc::EINVAL);
+        // No sysfs entry for the minor: the ring cannot be sized.
+        let mut e = ev(EventKind::Added, "tcm-user/1/c/ram/x");
+        e.minor = 9;
+        assert_eq!(c.handle(&e), -libc::ENODEV);
+        assert_eq!(c.handle(&ev(EventKind::Removed, "tcm-user/1/zz/ram/x")), 0);
+        assert_eq!(
+            c.handle(&ev(EventKind::ReconfigSize(1 << 20), "tcm-user/1/zz/ram/x")),
+            -libc::ENODEV
+        );
+        assert_eq!(
+            c.handle(&ev(
+                EventKind::ReconfigCfg("ram/y".into()),
+                "tcm-user/1/zz/ram/x"
+            )),
+            -libc::ENODEV
+        );
+        assert_eq!(
+            c.handle(&ev(
+                EventKind::ReconfigWriteCache(true),
+                "tcm-user/1/zz/ram/x"
+            )),
+            -libc::ENODEV
+        );
+    }
+}

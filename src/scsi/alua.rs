@@ -1,0 +1,1061 @@
+//! Asymmetric logical unit access (SPC-4 5.16): target port groups, their
+//! states, REPORT/SET TARGET PORT GROUPS, and which commands a port in
+//! each state serves.
+//!
+//! The port groups come from an [`AluaSource`], swappable so that tests
+//! and the emulator can supply their own. [`SharedAlua`] is the provided
+//! one: its groups are fixed when it is built (in code, or from the
+//! device's `alua/` directory in configfs with [`AluaConfig::from_configfs`])
+//! and their states live in atomics that another thread (the rbd
+//! exclusive-lock watcher) changes at any time through an [`AluaHandle`].
+//!
+//! TCMU devices carry `TRANSPORT_FLAG_PASSTHROUGH_ALUA`: the kernel neither
+//! checks ALUA states nor answers RTPG/STPG itself; this module does.
+//!
+//! How Linux initiators (dm-multipath with `hardware_handler "1 alua"`,
+//! drivers/scsi/device_handler/scsi_dh_alua.c) react, which decides how a
+//! failover driver should use this:
+//! - I/O is never sent down a path whose group the host last saw as
+//!   Standby, Unavailable or Offline (`alua_prep_fn` fails it locally).
+//! - When multipath switches to such a path group it "activates" it: with
+//!   explicit ALUA (TPGS 2 or 3) that is a SET TARGET PORT GROUPS asking
+//!   Active/Optimized for that group, then REPORT TARGET PORT GROUPS until
+//!   the state is no longer Transitioning (for up to the IMPLICIT
+//!   TRANSITION TIME); with implicit-only ALUA it only re-reads the states.
+//!   So standby gateways need explicit ALUA (install [`SharedAlua::on_stpg`]
+//!   to start taking the lock and report Transitioning), or, for I/O-driven
+//!   implicit failover as tcmu-runner does it, non-owners must report
+//!   Active/Non-optimized so that I/O reaches them and
+//!   [`AluaSource::request_active`] runs.
+//! - NOT READY / ASYMMETRIC ACCESS STATE TRANSITION (02/04/0A) makes the
+//!   host retry the command and re-read the states; LOGICAL UNIT NOT
+//!   ACCESSIBLE, TARGET PORT IN STANDBY STATE (02/04/0B) fails the path
+//!   (multipath's TUR checker shows it as a ghost) and the I/O moves on.
+//! - The states in an RTPG answer update every port group the host knows,
+//!   not only the one asked through: the gateway that takes the lock
+//!   should also mark the previous owner's group Standby.
+//!
+//! Wiring, for a device worker:
+//! ```no_run
+//! # use std::sync::Arc;
+//! # use tcmu_rbd::scsi::{alua::*, Lun};
+//! # fn f(lun: &mut Lun, dev_dir: &std::path::Path) -> Result<(), AluaConfigError> {
+//! if let Some(cfg) = AluaConfig::from_configfs(dev_dir)? {
+//!     let alua = SharedAlua::new(cfg);
+//!     let handle = alua.handle(); // for the lock watcher thread
+//!     alua.on_request_active(move || {
+//!         // kick the exclusive-lock acquisition; never block here
+//!         handle.set_local_state(AccessState::Transitioning);
+//!     });
+//!     lun.set_alua(Arc::new(alua));
+//! }
+//! # Ok(()) }
+//! ```
+
+use super::sense::{self, Sense};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
+
+/// Asymmetric access states (SPC-4 table 180).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum AccessState {
+    /// Active/optimized.
+    ActiveOptimized = 0x0,
+    /// Active/non-optimized.
+    ActiveNonOptimized = 0x1,
+    /// Standby.
+    Standby = 0x2,
+    /// Unavailable.
+    Unavailable = 0x3,
+    /// Logical block dependent.
+    LbaDependent = 0x4,
+    /// Offline.
+    Offline = 0xe,
+    /// Transitioning between states.
+    Transitioning = 0xf,
+}
+
+impl AccessState {
+    /// The state with wire value `v`.
+    pub fn from_u8(v: u8) -> Option<Self> {
+        Some(match v {
+            0x0 => Self::ActiveOptimized,
+            0x1 => Self::ActiveNonOptimized,
+            0x2 => Self::Standby,
+            0x3 => Self::Unavailable,
+            0x4 => Self::LbaDependent,
+            0xe => Self::Offline,
+            0xf => Self::Transitioning,
+            _ => return None,
+        })
+    }
+
+    /// The bit for this state in the SUPPORTED STATES byte of an RTPG
+    /// descriptor.
+    pub fn support_bit(self) -> u8 {
+        match self {
+            Self::ActiveOptimized => support::AO,
+            Self::ActiveNonOptimized => support::AN,
+            Self::Standby => support::S,
+            Self::Unavailable => support::U,
+            Self::LbaDependent => support::LBD,
+            Self::Offline => support::O,
+            Self::Transitioning => support::T,
+        }
+    }
+}
+
+/// Bits of the SUPPORTED STATES byte (SPC-4 table 179).
+#[allow(missing_docs)]
+pub mod support {
+    pub const T: u8 = 0x80;
+    pub const O: u8 = 0x40;
+    pub const LBD: u8 = 0x10;
+    pub const U: u8 = 0x08;
+    pub const S: u8 = 0x04;
+    pub const AN: u8 = 0x02;
+    pub const AO: u8 = 0x01;
+    /// What LIO groups support by default: all but LBA dependent.
+    pub const DEFAULT: u8 = T | O | U | S | AN | AO;
+}
+
+/// STATUS CODE of an RTPG descriptor (SPC-4 table 181).
+#[allow(missing_docs)]
+pub mod status {
+    pub const NONE: u8 = 0x00;
+    pub const BY_STPG: u8 = 0x01;
+    pub const BY_IMPLICIT: u8 = 0x02;
+}
+
+/// Which kinds of ALUA the LUN supports (the TPGS field of standard
+/// INQUIRY data). Both false: no ALUA.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AluaMode {
+    /// The target changes states itself (e.g. following the rbd lock).
+    pub implicit: bool,
+    /// Initiators change states with SET TARGET PORT GROUPS.
+    pub explicit: bool,
+}
+
+impl AluaMode {
+    /// The two-bit TPGS value.
+    pub fn tpgs(self) -> u8 {
+        u8::from(self.implicit) | (u8::from(self.explicit) << 1)
+    }
+    /// ALUA is reported at all.
+    pub fn enabled(self) -> bool {
+        self.implicit || self.explicit
+    }
+}
+
+/// A target port group as reported by REPORT TARGET PORT GROUPS.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PortGroup {
+    /// TARGET PORT GROUP identifier.
+    pub id: u16,
+    /// Current state.
+    pub state: AccessState,
+    /// PREF bit.
+    pub preferred: bool,
+    /// SUPPORTED STATES bits ([`support`]).
+    pub supported: u8,
+    /// STATUS CODE ([`status`]).
+    pub status: u8,
+    /// Relative target port identifiers of the member ports.
+    pub ports: Vec<u16>,
+}
+
+/// The port the LUN is reached through on this gateway.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LocalPort {
+    /// Its target port group.
+    pub group: u16,
+    /// Its relative target port identifier.
+    pub rel_port: u16,
+}
+
+/// One request of a SET TARGET PORT GROUPS parameter list.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StpgRequest {
+    /// The group to change.
+    pub group: u16,
+    /// The state asked for.
+    pub state: AccessState,
+}
+
+/// Why a SET TARGET PORT GROUPS was refused.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum StpgError {
+    /// Descriptor `index` names a group that does not exist.
+    #[error("descriptor {index}: no target port group {group}")]
+    UnknownGroup {
+        /// Descriptor number.
+        index: usize,
+        /// The group named.
+        group: u16,
+    },
+    /// Descriptor `index` asks for a state its group does not support.
+    #[error("descriptor {index}: state {state:?} not supported")]
+    UnsupportedState {
+        /// Descriptor number.
+        index: usize,
+        /// The state asked for.
+        state: AccessState,
+    },
+    /// The change was valid but could not be made.
+    #[error("set target port groups failed: {0}")]
+    Failed(String),
+}
+
+/// Where port groups and their states come from.
+///
+/// `local_state` is called for every command while ALUA is enabled and
+/// must be cheap (an atomic load). `request_active` must not block: it
+/// starts whatever makes this gateway Active/Optimized (taking the rbd
+/// exclusive lock) and returns; the source moves the local group to
+/// Transitioning first if it wants initiators to retry meanwhile.
+pub trait AluaSource: Send + Sync {
+    /// Implicit and/or explicit support; neither = ALUA off.
+    fn mode(&self) -> AluaMode;
+    /// All target port groups, with their current states.
+    fn groups(&self) -> Vec<PortGroup>;
+    /// The port commands arrive through.
+    fn local_port(&self) -> LocalPort;
+    /// The state of the local port's group.
+    fn local_state(&self) -> AccessState;
+    /// IMPLICIT TRANSITION TIME (seconds) for the extended RTPG header.
+    fn implicit_transition_secs(&self) -> u8;
+    /// Asks for the local group to become Active/Optimized (implicit
+    /// ALUA: I/O arrived at a standby port). Never blocks.
+    fn request_active(&self);
+    /// Applies a SET TARGET PORT GROUPS (explicit ALUA).
+    fn set_target_port_groups(&self, requests: &[StpgRequest]) -> Result<(), StpgError>;
+}
+
+/// A group's configuration (states excluded: those are live).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GroupConfig {
+    /// Name (the configfs directory), for logs.
+    pub name: String,
+    /// TARGET PORT GROUP identifier.
+    pub id: u16,
+    /// Initial state.
+    pub state: AccessState,
+    /// Initial status code.
+    pub status: u8,
+    /// PREF bit.
+    pub preferred: bool,
+    /// SUPPORTED STATES bits.
+    pub supported: u8,
+    /// Implicit/explicit support of this group.
+    pub mode: AluaMode,
+    /// Implicit transition time in seconds.
+    pub implicit_trans_secs: u8,
+    /// Member ports: (relative target port id, enabled on this host).
+    pub ports: Vec<(u16, bool)>,
+}
+
+/// The ALUA configuration of one LUN.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AluaConfig {
+    /// The groups.
+    pub groups: Vec<GroupConfig>,
+    /// The local port.
+    pub local: LocalPort,
+}
+
+/// Errors reading ALUA configuration from configfs.
+#[derive(Debug, thiserror::Error)]
+pub enum AluaConfigError {
+    /// A file could not be read.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// A file held something unexpected.
+    #[error("{path}: bad value {value:?}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// Its contents.
+        value: String,
+    },
+}
+
+fn read_str(path: &Path) -> Result<String, AluaConfigError> {
+    std::fs::read_to_string(path)
+        .map(|s| s.trim().to_string())
+        .map_err(|source| AluaConfigError::Io {
+            path: path.to_path_buf(),
+            source,
+        })
+}
+
+fn parse_num(path: &Path, s: &str) -> Result<u64, AluaConfigError> {
+    let t = s.trim();
+    let v = if let Some(h) = t.strip_prefix("0x") {
+        u64::from_str_radix(h, 16).ok()
+    } else {
+        t.parse().ok()
+    };
+    v.ok_or_else(|| AluaConfigError::Parse {
+        path: path.to_path_buf(),
+        value: s.to_string(),
+    })
+}
+
+fn read_num(path: &Path) -> Result<u64, AluaConfigError> {
+    parse_num(path, &read_str(path)?)
+}
+
+fn read_num_or(path: &Path, default: u64) -> Result<u64, AluaConfigError> {
+    match std::fs::read_to_string(path) {
+        Ok(s) => parse_num(path, &s),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(default),
+        Err(source) => Err(AluaConfigError::Io {
+            path: path.to_path_buf(),
+            source,
+        }),
+    }
+}
+
+impl AluaConfig {
+    /// Reads the groups of a TCMU device from its configfs directory
+    /// (`.../target/core/user_N/DEV`): each `alua/<group>/` gives
+    /// `tg_pt_gp_id`, `alua_access_state`, `alua_access_status`,
+    /// `alua_access_type`, `preferred`, `implicit_trans_secs`, the
+    /// `alua_support_*` flags and `members` (`fabric/wwn/tpgt_N/lun_M`
+    /// lines). A member port's relative target port id is the LUN's
+    /// `statistics/scsi_port/indx` and its TPG's `enable` says whether it
+    /// is on this host, as tcmu-runner reads them (a TPG without `enable`,
+    /// as tcm_loop's, counts as enabled). The local port is the
+    /// first enabled member. `default_tg_pt_gp` is ignored: LIO creates it
+    /// for every device, so it alone means ALUA was not configured.
+    /// Returns `None` when no group is configured.
+    pub fn from_configfs(dev_dir: &Path) -> Result<Option<AluaConfig>, AluaConfigError> {
+        let alua = dev_dir.join("alua");
+        // dev_dir = <root>/core/user_N/DEV; fabrics live under <root>.
+        let root = dev_dir
+            .parent()
+            .and_then(Path::parent)
+            .and_then(Path::parent)
+            .map(Path::to_path_buf)
+            .unwrap_or_default();
+        let rd = match std::fs::read_dir(&alua) {
+            Ok(rd) => rd,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(source) => return Err(AluaConfigError::Io { path: alua, source }),
+        };
+        let mut names: Vec<String> = rd
+            .filter_map(Result::ok)
+            .filter(|e| e.path().is_dir())
+            .filter_map(|e| e.file_name().into_string().ok())
+            .filter(|n| n != "default_tg_pt_gp")
+            .collect();
+        names.sort();
+        let mut groups = Vec::with_capacity(names.len());
+        let mut local = None;
+        for name in names {
+            let g = alua.join(&name);
+            let id = read_num(&g.join("tg_pt_gp_id"))?;
+            let id = u16::try_from(id).map_err(|_| AluaConfigError::Parse {
+                path: g.join("tg_pt_gp_id"),
+                value: id.to_string(),
+            })?;
+            let sp = g.join("alua_access_state");
+            let state = AccessState::from_u8(read_num_or(&sp, 0)? as u8).ok_or_else(|| {
+                AluaConfigError::Parse {
+                    path: sp.clone(),
+                    value: read_str(&sp).unwrap_or_default(),
+                }
+            })?;
+            let status = read_num_or(&g.join("alua_access_status"), 0)
+                .ok()
+                .and_then(|v| u8::try_from(v).ok())
+                .unwrap_or(0);
+            let tp = g.join("alua_access_type");
+            let ty = read_str(&tp)?;
+            // Shown as text ("Implicit and Explicit"), stored as 0..=3.
+            let mode = match ty.to_ascii_lowercase().as_str() {
+                "implicit and explicit" | "3" => AluaMode {
+                    implicit: true,
+                    explicit: true,
+                },
+                "implicit" | "1" => AluaMode {
+                    implicit: true,
+                    explicit: false,
+                },
+                "explicit" | "2" => AluaMode {
+                    implicit: false,
+                    explicit: true,
+                },
+                "none" | "0" => AluaMode::default(),
+                _ => {
+                    return Err(AluaConfigError::Parse {
+                        path: tp,
+                        value: ty,
+                    })
+                }
+            };
+            let preferred = read_num_or(&g.join("preferred"), 0)? != 0;
+            let implicit_trans_secs =
+                read_num_or(&g.join("implicit_trans_secs"), 0)?.min(255) as u8;
+            let mut supported = 0u8;
+            for (file, bit) in [
+                ("alua_support_transitioning", support::T),
+                ("alua_support_offline", support::O),
+                ("alua_support_lba_dependent", support::LBD),
+                ("alua_support_unavailable", support::U),
+                ("alua_support_standby", support::S),
+                ("alua_support_active_nonoptimized", support::AN),
+                ("alua_support_active_optimized", support::AO),
+            ] {
+                let default = u64::from(support::DEFAULT & bit != 0);
+                if read_num_or(&g.join(file), default)? != 0 {
+                    supported |= bit;
+                }
+            }
+            let mut ports = Vec::new();
+            let members = std::fs::read_to_string(g.join("members")).unwrap_or_default();
+            for line in members.lines().map(str::trim).filter(|l| !l.is_empty()) {
+                let Some((port, enabled)) = member_port(&root, line)? else {
+                    continue;
+                };
+                if enabled && local.is_none() {
+                    local = Some(LocalPort {
+                        group: id,
+                        rel_port: port,
+                    });
+                }
+                ports.push((port, enabled));
+            }
+            groups.push(GroupConfig {
+                name,
+                id,
+                state,
+                status,
+                preferred,
+                supported,
+                mode,
+                implicit_trans_secs,
+                ports,
+            });
+        }
+        if groups.is_empty() {
+            return Ok(None);
+        }
+        let local = local.unwrap_or(LocalPort {
+            group: groups[0].id,
+            rel_port: groups[0].ports.first().map_or(1, |p| p.0),
+        });
+        Ok(Some(AluaConfig { groups, local }))
+    }
+}
+
+/// Resolves one `members` line, `fabric/wwn/tpgt_N/lun_M`, to the port's
+/// relative target port id and whether its TPG is enabled here.
+fn member_port(root: &Path, line: &str) -> Result<Option<(u16, bool)>, AluaConfigError> {
+    let parts: Vec<&str> = line.split('/').collect();
+    let [fabric, wwn, tpgt, lun] = parts[..] else {
+        return Ok(None);
+    };
+    // LIO shows the iSCSI fabric as "iSCSI" but names its directory "iscsi".
+    let fabric = if fabric == "iSCSI" { "iscsi" } else { fabric };
+    let tpg_dir = root.join(fabric).join(wwn).join(tpgt);
+    let indx = tpg_dir
+        .join("lun")
+        .join(lun)
+        .join("statistics/scsi_port/indx");
+    let port = read_num(&indx)?;
+    let port = u16::try_from(port).map_err(|_| AluaConfigError::Parse {
+        path: indx,
+        value: port.to_string(),
+    })?;
+    // Fabrics without an `enable` attribute (tcm_loop) are always live.
+    let enabled = read_num_or(&tpg_dir.join("enable"), 1)? != 0;
+    Ok(Some((port, enabled)))
+}
+
+struct Slot {
+    cfg: GroupConfig,
+    state: AtomicU8,
+    status: AtomicU8,
+}
+
+type RequestHook = Box<dyn Fn() + Send + Sync>;
+type StpgHook = Box<dyn Fn(&AluaHandle, &[StpgRequest]) -> Result<(), StpgError> + Send + Sync>;
+
+struct Inner {
+    mode: AluaMode,
+    local: LocalPort,
+    local_slot: Option<usize>,
+    trans_secs: u8,
+    slots: Vec<Slot>,
+    on_request_active: Mutex<Option<RequestHook>>,
+    on_stpg: Mutex<Option<StpgHook>>,
+}
+
+/// The provided [`AluaSource`]: fixed groups, live states.
+#[derive(Clone)]
+pub struct SharedAlua {
+    inner: Arc<Inner>,
+}
+
+/// Changes a [`SharedAlua`]'s states from another thread.
+#[derive(Clone)]
+pub struct AluaHandle {
+    inner: Arc<Inner>,
+}
+
+impl SharedAlua {
+    /// ALUA off: TPGS 0, no groups reported, everything served
+    /// (Active/Optimized).
+    pub fn off() -> Self {
+        Self::build(
+            AluaMode::default(),
+            AluaConfig {
+                groups: Vec::new(),
+                local: LocalPort {
+                    group: 0,
+                    rel_port: 1,
+                },
+            },
+        )
+    }
+
+    /// ALUA from a configuration. The TPGS bits and the transition time
+    /// are the local group's.
+    pub fn new(config: AluaConfig) -> Self {
+        let local = config
+            .groups
+            .iter()
+            .find(|g| g.id == config.local.group)
+            .map(|g| g.mode)
+            .unwrap_or_default();
+        Self::build(local, config)
+    }
+
+    fn build(mode: AluaMode, config: AluaConfig) -> Self {
+        let local_slot = config
+            .groups
+            .iter()
+            .position(|g| g.id == config.local.group);
+        let trans_secs = local_slot.map_or(0, |i| config.groups[i].implicit_trans_secs);
+        let slots = config
+            .groups
+            .into_iter()
+            .map(|cfg| Slot {
+                state: AtomicU8::new(cfg.state as u8),
+                status: AtomicU8::new(cfg.status),
+                cfg,
+            })
+            .collect();
+        SharedAlua {
+            inner: Arc::new(Inner {
+                mode,
+                local: config.local,
+                local_slot,
+                trans_secs,
+                slots,
+                on_request_active: Mutex::new(None),
+                on_stpg: Mutex::new(None),
+            }),
+        }
+    }
+
+    /// A handle for the thread that drives the states.
+    pub fn handle(&self) -> AluaHandle {
+        AluaHandle {
+            inner: self.inner.clone(),
+        }
+    }
+
+    /// Called (on the ring thread, must not block) when I/O reaches a
+    /// standby or non-optimized port with implicit ALUA.
+    pub fn on_request_active(&self, f: impl Fn() + Send + Sync + 'static) {
+        if let Ok(mut g) = self.inner.on_request_active.lock() {
+            *g = Some(Box::new(f));
+        }
+    }
+
+    /// Replaces what SET TARGET PORT GROUPS does once the requests are
+    /// validated (the default sets the asked states at once).
+    pub fn on_stpg(
+        &self,
+        f: impl Fn(&AluaHandle, &[StpgRequest]) -> Result<(), StpgError> + Send + Sync + 'static,
+    ) {
+        if let Ok(mut g) = self.inner.on_stpg.lock() {
+            *g = Some(Box::new(f));
+        }
+    }
+}
+
+impl AluaHandle {
+    /// Sets group `id`'s state and status code; false if no such group.
+    pub fn set_state(&self, id: u16, state: AccessState, status: u8) -> bool {
+        match self.inner.slots.iter().find(|s| s.cfg.id == id) {
+            Some(s) => {
+                s.status.store(status, Ordering::Relaxed);
+                s.state.store(state as u8, Ordering::Release);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Sets the local group's state (implicit transition).
+    pub fn set_local_state(&self, state: AccessState) -> bool {
+        self.set_state(self.inner.local.group, state, status::BY_IMPLICIT)
+    }
+
+    /// Group `id`'s state.
+    pub fn state(&self, id: u16) -> Option<AccessState> {
+        let s = self.inner.slots.iter().find(|s| s.cfg.id == id)?;
+        AccessState::from_u8(s.state.load(Ordering::Acquire))
+    }
+}
+
+impl AluaSource for SharedAlua {
+    fn mode(&self) -> AluaMode {
+        self.inner.mode
+    }
+
+    fn groups(&self) -> Vec<PortGroup> {
+        self.inner
+            .slots
+            .iter()
+            .map(|s| PortGroup {
+                id: s.cfg.id,
+                state: AccessState::from_u8(s.state.load(Ordering::Acquire))
+                    .unwrap_or(AccessState::Transitioning),
+                preferred: s.cfg.preferred,
+                supported: s.cfg.supported,
+                status: s.status.load(Ordering::Relaxed),
+                ports: s.cfg.ports.iter().map(|p| p.0).collect(),
+            })
+            .collect()
+    }
+
+    fn local_port(&self) -> LocalPort {
+        self.inner.local
+    }
+
+    #[inline]
+    fn local_state(&self) -> AccessState {
+        match self.inner.local_slot {
+            Some(i) => AccessState::from_u8(self.inner.slots[i].state.load(Ordering::Acquire))
+                .unwrap_or(AccessState::Transitioning),
+            None => AccessState::ActiveOptimized,
+        }
+    }
+
+    fn implicit_transition_secs(&self) -> u8 {
+        self.inner.trans_secs
+    }
+
+    fn request_active(&self) {
+        if let Ok(g) = self.inner.on_request_active.lock() {
+            if let Some(f) = g.as_ref() {
+                f();
+            }
+        }
+    }
+
+    fn set_target_port_groups(&self, requests: &[StpgRequest]) -> Result<(), StpgError> {
+        for (index, r) in requests.iter().enumerate() {
+            let Some(s) = self.inner.slots.iter().find(|s| s.cfg.id == r.group) else {
+                return Err(StpgError::UnknownGroup {
+                    index,
+                    group: r.group,
+                });
+            };
+            if s.cfg.supported & r.state.support_bit() == 0 {
+                return Err(StpgError::UnsupportedState {
+                    index,
+                    state: r.state,
+                });
+            }
+        }
+        let handle = self.handle();
+        let hook = self
+            .inner
+            .on_stpg
+            .lock()
+            .map_err(|_| StpgError::Failed("stpg hook poisoned".into()))?;
+        match hook.as_ref() {
+            Some(f) => f(&handle, requests),
+            None => {
+                for r in requests {
+                    handle.set_state(r.group, r.state, status::BY_STPG);
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+/// What the port's state allows for one command.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Access {
+    /// Serve it.
+    Serve,
+    /// Refuse it with this sense.
+    Refuse(Sense),
+}
+
+/// Commands every state serves that reports anything (SPC-4 5.16.2.6:
+/// transitioning serves INQUIRY, REPORT LUNS, RTPG, REQUEST SENSE).
+fn always_allowed(cdb: &[u8]) -> bool {
+    use super::cdb::{op, sa};
+    match cdb.first().copied() {
+        Some(op::INQUIRY | op::REPORT_LUNS | op::REQUEST_SENSE) => true,
+        Some(op::MAINTENANCE_IN) => cdb.get(1).map(|b| b & 0x1f) == Some(sa::REPORT_TARGET_PGS),
+        _ => false,
+    }
+}
+
+/// What a standby port serves besides
+/// [`always_allowed`] (SPC-4 5.16.2.4.4 and 5.16.2.4.5: mode pages,
+/// STPG, and — as LIO does — READ CAPACITY so the host can size the
+/// disk). TEST UNIT READY is refused so that multipath's TUR checker sees
+/// the path as a ghost.
+fn standby_allowed(cdb: &[u8]) -> bool {
+    use super::cdb::{op, sa};
+    match cdb.first().copied() {
+        Some(
+            op::MODE_SENSE_6
+            | op::MODE_SENSE_10
+            | op::MODE_SELECT_6
+            | op::MODE_SELECT_10
+            | op::READ_CAPACITY_10,
+        ) => true,
+        Some(op::SERVICE_ACTION_IN_16) => {
+            cdb.get(1).map(|b| b & 0x1f) == Some(sa::READ_CAPACITY_16)
+        }
+        Some(op::MAINTENANCE_IN) => {
+            cdb.get(1).map(|b| b & 0x1f) == Some(sa::REPORT_SUPPORTED_OPCODES)
+        }
+        Some(op::MAINTENANCE_OUT) => cdb.get(1).map(|b| b & 0x1f) == Some(sa::SET_TARGET_PGS),
+        _ => false,
+    }
+}
+
+/// Whether a media command (one that reads or writes the image).
+fn media_access(cdb: &[u8]) -> bool {
+    use super::cdb::op;
+    matches!(
+        cdb.first().copied(),
+        Some(
+            op::READ_6
+                | op::READ_10
+                | op::READ_12
+                | op::READ_16
+                | op::WRITE_6
+                | op::WRITE_10
+                | op::WRITE_12
+                | op::WRITE_16
+                | op::WRITE_VERIFY_10
+                | op::WRITE_VERIFY_16
+                | op::VERIFY_10
+                | op::VERIFY_16
+                | op::WRITE_SAME_10
+                | op::WRITE_SAME_16
+                | op::UNMAP
+                | op::COMPARE_AND_WRITE
+                | op::SYNC_CACHE_10
+                | op::SYNC_CACHE_16
+        )
+    )
+}
+
+/// Decides whether the local port serves `cdb` in its current state. With
+/// implicit ALUA, a media command reaching a non-optimized or standby
+/// port asks the source to become active; if the source then reports
+/// Transitioning, the command gets the transition sense (dm-multipath's
+/// ALUA handler retries it) instead of the standby one (which fails the
+/// path over).
+pub fn check(src: &dyn AluaSource, mode: AluaMode, cdb: &[u8]) -> Access {
+    let mut state = src.local_state();
+    if state == AccessState::ActiveOptimized {
+        return Access::Serve;
+    }
+    if mode.implicit
+        && matches!(
+            state,
+            AccessState::ActiveNonOptimized | AccessState::Standby
+        )
+        && media_access(cdb)
+    {
+        src.request_active();
+        state = src.local_state();
+    }
+    let refuse = match state {
+        AccessState::ActiveOptimized
+        | AccessState::ActiveNonOptimized
+        | AccessState::LbaDependent => return Access::Serve,
+        AccessState::Transitioning => sense::ALUA_TRANSITIONING,
+        AccessState::Standby => sense::ALUA_STANDBY,
+        AccessState::Unavailable => sense::ALUA_UNAVAILABLE,
+        AccessState::Offline => sense::ALUA_OFFLINE,
+    };
+    if always_allowed(cdb) {
+        return Access::Serve;
+    }
+    let stpg = cdb.first() == Some(&super::cdb::op::MAINTENANCE_OUT)
+        && cdb.get(1).map(|b| b & 0x1f) == Some(super::cdb::sa::SET_TARGET_PGS);
+    match state {
+        AccessState::Standby if standby_allowed(cdb) => return Access::Serve,
+        // SPC-4 5.16.2.4.5: unavailable ports still take STPG.
+        AccessState::Unavailable if stpg => return Access::Serve,
+        _ => {}
+    }
+    Access::Refuse(refuse)
+}
+
+/// The sense REQUEST SENSE reports for the port's state (NO SENSE when it
+/// serves everything).
+pub fn state_sense(state: AccessState) -> Option<Sense> {
+    match state {
+        AccessState::Transitioning => Some(sense::ALUA_TRANSITIONING),
+        AccessState::Standby => Some(sense::ALUA_STANDBY),
+        AccessState::Unavailable => Some(sense::ALUA_UNAVAILABLE),
+        AccessState::Offline => Some(sense::ALUA_OFFLINE),
+        _ => None,
+    }
+}
+
+/// REPORT TARGET PORT GROUPS parameter data (SPC-4 6.27): `extended`
+/// selects the extended header (format 001b) with the implicit transition
+/// time.
+pub fn rtpg_data(src: &dyn AluaSource, extended: bool) -> Vec<u8> {
+    let groups = src.groups();
+    let hdr = if extended { 8 } else { 4 };
+    let mut b = vec![0u8; hdr];
+    if extended {
+        b[4] = 0x10;
+        b[5] = src.implicit_transition_secs();
+    }
+    for g in &groups {
+        b.push((u8::from(g.preferred) << 7) | (g.state as u8 & 0x0f));
+        b.push(g.supported);
+        b.extend_from_slice(&g.id.to_be_bytes());
+        b.push(0);
+        b.push(g.status);
+        b.push(0);
+        // TARGET PORT COUNT is one byte; more ports cannot be described.
+        let ports = &g.ports[..g.ports.len().min(255)];
+        b.push(ports.len() as u8);
+        for p in ports {
+            b.extend_from_slice(&[0, 0]);
+            b.extend_from_slice(&p.to_be_bytes());
+        }
+    }
+    let len = (b.len() - 4) as u32;
+    b[..4].copy_from_slice(&len.to_be_bytes());
+    b
+}
+
+/// Parses a SET TARGET PORT GROUPS parameter list (SPC-4 6.36): a
+/// 4-byte reserved header, then 4-byte descriptors (state in byte 0 bits
+/// 3..0, group id in bytes 2..3). Only the states SPC-4 allows an
+/// initiator to ask for are accepted.
+pub fn parse_stpg(list: &[u8]) -> Result<Vec<StpgRequest>, Sense> {
+    if list.len() < 4 {
+        return Err(sense::PARAM_LIST_LENGTH_ERROR);
+    }
+    let mut out = Vec::with_capacity((list.len() - 4) / 4);
+    // Bytes past the last whole descriptor are ignored.
+    for (i, d) in list[4..].chunks_exact(4).enumerate() {
+        let off = (4 + 4 * i) as u16;
+        let state = match AccessState::from_u8(d[0] & 0x0f) {
+            Some(
+                s @ (AccessState::ActiveOptimized
+                | AccessState::ActiveNonOptimized
+                | AccessState::Standby
+                | AccessState::Unavailable
+                | AccessState::Offline),
+            ) => s,
+            _ => return Err(sense::invalid_param(off, Some(3))),
+        };
+        out.push(StpgRequest {
+            group: u16::from_be_bytes([d[2], d[3]]),
+            state,
+        });
+    }
+    Ok(out)
+}
+
+/// SET TARGET PORT GROUPS COMMAND FAILED (04/67/0A).
+pub const STPG_FAILED: Sense = Sense::new(sense::key::HARDWARE_ERROR, 0x67, 0x0a);
+
+/// The sense for a refused STPG.
+pub fn stpg_error_sense(e: &StpgError) -> Sense {
+    match e {
+        StpgError::UnknownGroup { index, .. } => {
+            sense::invalid_param((4 + 4 * index + 2).min(0xffff) as u16, None)
+        }
+        StpgError::UnsupportedState { index, .. } => {
+            sense::invalid_param((4 + 4 * index).min(0xffff) as u16, Some(3))
+        }
+        StpgError::Failed(_) => STPG_FAILED,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn two_groups() -> SharedAlua {
+        let g = |id, state, ports: Vec<(u16, bool)>| GroupConfig {
+            name: format!("g{id}"),
+            id,
+            state,
+            status: 0,
+            preferred: id == 1,
+            supported: support::DEFAULT,
+            mode: AluaMode {
+                implicit: true,
+                explicit: true,
+            },
+            implicit_trans_secs: 10,
+            ports,
+        };
+        SharedAlua::new(AluaConfig {
+            groups: vec![
+                g(1, AccessState::ActiveOptimized, vec![(1, true)]),
+                g(2, AccessState::Standby, vec![(2, false), (3, false)]),
+            ],
+            local: LocalPort {
+                group: 1,
+                rel_port: 1,
+            },
+        })
+    }
+
+    #[test]
+    fn rtpg_layout_matches_spc4() {
+        let a = two_groups();
+        let d = rtpg_data(&a, true);
+        // Header: RETURN DATA LENGTH = total - 4; format 001b; 10 s.
+        assert_eq!(&d[..8], &[0, 0, 0, 32, 0x10, 10, 0, 0]);
+        // Group 1: PREF, AO, supported, id 1, count 1, port 1.
+        assert_eq!(&d[8..20], &[0x80, 0xcf, 0, 1, 0, 0, 0, 1, 0, 0, 0, 1]);
+        // Group 2: standby, id 2, two ports.
+        assert_eq!(
+            &d[20..36],
+            &[0x02, 0xcf, 0, 2, 0, 0, 0, 2, 0, 0, 0, 2, 0, 0, 0, 3]
+        );
+        let short = rtpg_data(&a, false);
+        assert_eq!(&short[..4], &[0, 0, 0, 28]);
+        assert_eq!(&short[4..], &d[8..]);
+    }
+
+    #[test]
+    fn states_change_from_another_thread() {
+        let a = two_groups();
+        let h = a.handle();
+        std::thread::spawn(move || {
+            assert!(h.set_local_state(AccessState::Standby));
+            assert!(!h.set_state(9, AccessState::Standby, 0));
+        })
+        .join()
+        .unwrap();
+        assert_eq!(a.local_state(), AccessState::Standby);
+        assert_eq!(a.groups()[0].status, status::BY_IMPLICIT);
+    }
+
+    #[test]
+    fn stpg_validates_then_applies() {
+        let a = two_groups();
+        let bad = a.set_target_port_groups(&[StpgRequest {
+            group: 7,
+            state: AccessState::ActiveOptimized,
+        }]);
+        assert_eq!(bad, Err(StpgError::UnknownGroup { index: 0, group: 7 }));
+        a.set_target_port_groups(&[
+            StpgRequest {
+                group: 2,
+                state: AccessState::ActiveOptimized,
+            },
+            StpgRequest {
+                group: 1,
+                state: AccessState::Standby,
+            },
+        ])
+        .unwrap();
+        let g = a.groups();
+        assert_eq!(g[1].state, AccessState::ActiveOptimized);
+        assert_eq!(g[1].status, status::BY_STPG);
+        assert_eq!(a.local_state(), AccessState::Standby);
+    }
+
+    #[test]
+    fn stpg_list_parsing() {
+        assert_eq!(parse_stpg(&[0, 0]), Err(sense::PARAM_LIST_LENGTH_ERROR));
+        let l = [0, 0, 0, 0, 0x0f, 0, 0, 1];
+        assert_eq!(parse_stpg(&l), Err(sense::invalid_param(4, Some(3))));
+        let l = [0, 0, 0, 0, 0x02, 0, 0x01, 0x02, 0xaa];
+        assert_eq!(
+            parse_stpg(&l).unwrap(),
+            vec![StpgRequest {
+                group: 0x0102,
+                state: AccessState::Standby
+            }]
+        );
+    }
+
+    #[test]
+    fn standby_allows_only_the_spc_list() {
+        let a = two_groups();
+        a.handle().set_local_state(AccessState::Standby);
+        let m = a.mode();
+        assert_eq!(check(&a, m, &[0x12, 0, 0, 0, 36, 0]), Access::Serve);
+        assert_eq!(
+            check(&a, m, &[0xa3, 0x0a, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0]),
+            Access::Serve
+        );
+        assert_eq!(check(&a, m, &[0x25; 10]), Access::Serve);
+        assert_eq!(
+            check(&a, m, &[0, 0, 0, 0, 0, 0]),
+            Access::Refuse(sense::ALUA_STANDBY)
+        );
+        assert_eq!(
+            check(&a, m, &[0x28; 10]),
+            Access::Refuse(sense::ALUA_STANDBY)
+        );
+    }
+
+    #[test]
+    fn implicit_request_can_turn_standby_into_transitioning() {
+        let a = two_groups();
+        let h = a.handle();
+        h.set_local_state(AccessState::Standby);
+        let calls = Arc::new(AtomicU8::new(0));
+        let c2 = calls.clone();
+        let h2 = a.handle();
+        a.on_request_active(move || {
+            c2.fetch_add(1, Ordering::SeqCst);
+            h2.set_local_state(AccessState::Transitioning);
+        });
+        let m = a.mode();
+        // TUR does not ask for the lock; a READ does.
+        assert_eq!(check(&a, m, &[0; 6]), Access::Refuse(sense::ALUA_STANDBY));
+        assert_eq!(calls.load(Ordering::SeqCst), 0);
+        assert_eq!(
+            check(&a, m, &[0x28; 10]),
+            Access::Refuse(sense::ALUA_TRANSITIONING)
+        );
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+        // Transitioning still answers INQUIRY and RTPG, not READ CAPACITY.
+        assert_eq!(check(&a, m, &[0x12, 0, 0, 0, 36, 0]), Access::Serve);
+        assert_eq!(
+            check(&a, m, &[0x25; 10]),
+            Access::Refuse(sense::ALUA_TRANSITIONING)
+        );
+    }
+}
