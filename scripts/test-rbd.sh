@@ -38,6 +38,6 @@ run() {
 # then the backend through the ring; the outage tests stop
 # cluster daemons, so they run alone and one at a time.
 run -p rbd-ffi -- --include-ignored
-run -p tcmu-rbd --test rbd_live -- --ignored
+run -p tcmu-rbd --test rbd_live --test rbd_scsi -- --ignored
 run -p tcmu-rbd --test rbd_outage -- --ignored --test-threads=1
 echo "rbd: PASS"
