@@ -10,11 +10,13 @@
 # Results come back over a second, writable 9p share.
 #
 # Environment:
-#   VM_SUITES   guest check groups (default: "local rbd compare"):
+#   VM_SUITES   guest check groups (default: "local rbd targetcli compare"):
 #               local    file and ram LUNs: I/O, SCSI, resize, removal, restart
 #               rbd      an rbd LUN on a Ceph micro cluster the guest reaches
 #                        over a bridge in a network namespace of this run;
 #                        the image is read back on the host with rbd export
+#               targetcli  /backstores/user:rbd create through the
+#                        daemon's D-Bus service (dbus-daemon in the guest)
 #               compare  fio 4K randread/randwrite QD32: tcmu-rbd vs
 #                        tcmu-runner (handler_rbd) on the same image
 #   VM_PROFILE  cargo profile of the daemon under test (default: release)
@@ -25,7 +27,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 top=$PWD
 t0=$(date +%s)
-SUITES=${VM_SUITES:-local rbd compare}
+SUITES=${VM_SUITES:-local rbd targetcli compare}
 PROFILE=${VM_PROFILE:-release}
 CACHE=${VM_CACHE:-$top/target/vm-cache}
 log() { echo "vm: $*"; }
@@ -33,9 +35,10 @@ die() { echo "vm: FAIL: $*" >&2; exit 1; }
 
 # What the guest build and the checks need, from Debian packages only.
 want_rbd=0
-case " $SUITES " in *" rbd "* | *" compare "*) want_rbd=1 ;; esac
+case " $SUITES " in *" rbd "* | *" compare "* | *" targetcli "*) want_rbd=1 ;; esac
 extra=()
-[ $want_rbd = 1 ] && extra=(ceph-mon ceph-osd ceph-common iproute2 tcmu-runner)
+[ $want_rbd = 1 ] && extra=(ceph-mon ceph-osd ceph-common iproute2 tcmu-runner targetcli-fb
+  python3-rtslib-fb dbus-daemon dbus-bin)
 scripts/deps.sh qemu-system-x86 linux-image-amd64 busybox-static kmod cpio \
   fio sg3-utils util-linux "${extra[@]}"
 
@@ -100,6 +103,7 @@ out=$(mktemp -d /tmp/tcmu-vm.XXXXXX)
 chmod 777 "$out"
 cat >"$out/env" <<EOF
 BIN=$bin
+TOP=$top
 SUITES="$SUITES"
 EOF
 : >"$out/results"
@@ -138,7 +142,8 @@ if [ $want_rbd = 1 ]; then
   rbd_() { ip netns exec "$ns" timeout 120 rbd -c "$cdir/ceph.conf" "$@"; }
   rbd_ create --size 256M rbd/img0
   rbd_ create --size 1G rbd/bench
-  log "cluster up in $(($(date +%s) - tc)) s; images rbd/img0 (256M), rbd/bench (1G)"
+  rbd_ create --size 1G rbd/tcli
+  log "cluster up in $(($(date +%s) - tc)) s; images rbd/img0 (256M), rbd/bench and rbd/tcli (1G)"
   # The guest's client config: the cluster's address and key, but logs and
   # sockets in the guest's own writable /tmp and /run.
   mon_host=$(sed -n 's/^mon host = //p' "$cdir/ceph.conf")
@@ -206,7 +211,7 @@ def iops(label, rw):
     job = j["jobs"][0]
     side = "write" if "write" in rw else "read"
     return job[side]["iops"], job[side]["clat_ns"]["percentile"].get("99.000000", 0) / 1000
-print("comparison (fio 4K QD32, 20 s, guest via tcm_loop, rbd/bench, same kernel and cluster):")
+print("comparison (fio 4K QD32, 15 s, guest via tcm_loop, rbd/bench, same kernel and cluster):")
 print(f"  {'pattern':<10} {'tcmu-rbd IOPS':>14} {'p99 us':>8} {'tcmu-runner IOPS':>17} {'p99 us':>8} {'ratio':>6}")
 for rw in ("randwrite", "randread"):
     a, b = iops("tcmu-rbd", rw), iops("tcmu-runner", rw)

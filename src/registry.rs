@@ -219,6 +219,26 @@ impl Registry {
         Ok(())
     }
 
+    /// Serves a device built elsewhere (the emulator, in tests) as if it
+    /// had been opened from `spec`; `spec.size` must be its size.
+    pub fn adopt(&self, spec: DeviceSpec, dev: Device) -> Result<(), OpenDeviceError> {
+        let size = spec.size.ok_or_else(|| OpenDeviceError::Config {
+            name: spec.name.clone(),
+            msg: "adopt needs the device size".into(),
+        })?;
+        let running = start_worker(&spec, dev, size)?;
+        match self.devices.lock() {
+            Ok(mut devs) => {
+                devs.insert(spec.name.clone(), running);
+                Ok(())
+            }
+            Err(_) => Err(OpenDeviceError::Config {
+                name: spec.name,
+                msg: "registry lock poisoned".into(),
+            }),
+        }
+    }
+
     /// Stops serving `name`: in-flight commands are drained first.
     pub fn remove(&self, name: &str) -> bool {
         let r = self.devices.lock().ok().and_then(|mut d| d.remove(name));
@@ -448,25 +468,36 @@ fn open_device(spec: &DeviceSpec) -> Result<Running, OpenDeviceError> {
         dev.lun_mut().set_alua(ha.alua);
         ha.failover
     });
+    info!(dev = %name, subtype = %spec.subtype, cfg = %spec.cfgstring, size, block_size, "device opened");
+    let mut running = start_worker(spec, dev, size)?;
+    running.failover = failover;
+    Ok(running)
+}
+
+/// Runs `dev`'s worker on its own thread.
+fn start_worker(spec: &DeviceSpec, mut dev: Device, size: u64) -> Result<Running, OpenDeviceError> {
     let stopper = dev.stopper();
     let stats = dev.stats();
-    let lun_size = size;
     let thread = std::thread::Builder::new()
-        .name(format!("tcmu-{}", truncate(&name, 10)))
+        .name(format!("tcmu-{}", truncate(&spec.name, 10)))
         .spawn(move || {
             if let Err(e) = dev.run() {
                 error!(error = %e, "device stopped");
             }
         })
-        .map_err(io("spawn worker for", &spec.uio_path))?;
-    info!(dev = %name, subtype = %spec.subtype, cfg = %spec.cfgstring, size, block_size, "device opened");
+        .map_err(|source| OpenDeviceError::Io {
+            name: spec.name.clone(),
+            what: "spawn worker for",
+            path: spec.uio_path.clone(),
+            source,
+        })?;
     Ok(Running {
         stopper,
         stats,
         thread,
         spec: spec.clone(),
-        size: lun_size,
-        failover,
+        size,
+        failover: None,
     })
 }
 

@@ -597,11 +597,21 @@ impl SharedAlua {
 
 impl AluaHandle {
     /// Sets group `id`'s state and status code; false if no such group.
+    /// A change is logged (in the caller's span, which names the device).
     pub fn set_state(&self, id: u16, state: AccessState, status: u8) -> bool {
         match self.inner.slots.iter().find(|s| s.cfg.id == id) {
             Some(s) => {
                 s.status.store(status, Ordering::Relaxed);
-                s.state.store(state as u8, Ordering::Release);
+                let old = s.state.swap(state as u8, Ordering::AcqRel);
+                if old != state as u8 {
+                    tracing::info!(
+                        group = id,
+                        name = %s.cfg.name,
+                        old = ?AccessState::from_u8(old),
+                        new = ?state,
+                        "ALUA state change"
+                    );
+                }
                 true
             }
             None => false,
