@@ -201,25 +201,29 @@ if [[ " $SUITES " == *" compare "* ]]; then
   python3 - "$out" <<'PY' | tee "$out/compare.txt"
 import json, sys, os
 out = sys.argv[1]
-def iops(label, rw):
-    p = os.path.join(out, f"compare.{label}.{rw}.json")
+def result(label, rw, rnd):
+    p = os.path.join(out, f"compare.{label}.{rw}.{rnd}.json")
     try:
         with open(p) as f:
-            j = json.load(f)
-    except (OSError, ValueError):
+            job = json.load(f)["jobs"][0]
+    except (OSError, ValueError, KeyError, IndexError):
         return None
-    job = j["jobs"][0]
-    side = "write" if "write" in rw else "read"
-    return job[side]["iops"], job[side]["clat_ns"]["percentile"].get("99.000000", 0) / 1000
-print("comparison (fio 4K QD32, 15 s, guest via tcm_loop, rbd/bench, same kernel and cluster):")
-print(f"  {'pattern':<10} {'tcmu-rbd IOPS':>14} {'p99 us':>8} {'tcmu-runner IOPS':>17} {'p99 us':>8} {'ratio':>6}")
+    side = job["write" if "write" in rw else "read"]
+    return side["iops"], side["clat_ns"]["percentile"].get("99.000000", 0) / 1000
+print("comparison: fio 4K QD32 in the guest via tcm_loop, rbd/bench, same kernel and cluster;")
+print("rounds run tcmu-rbd, tcmu-runner, tcmu-runner, tcmu-rbd (10 s each); IOPS are the mean of 2 rounds")
+print(f"  {'pattern':<10} {'tcmu-rbd IOPS':>14} {'p99 us':>8} {'tcmu-runner IOPS':>17} {'p99 us':>8} {'ratio':>6}   per round (rbd/runner)")
 for rw in ("randwrite", "randread"):
-    a, b = iops("tcmu-rbd", rw), iops("tcmu-runner", rw)
-    if a is None or b is None:
+    a = [result("tcmu-rbd", rw, r) for r in (1, 2)]
+    b = [result("tcmu-runner", rw, r) for r in (1, 2)]
+    if None in a or None in b:
         print(f"  {rw:<10} missing result (tcmu-rbd: {a}, tcmu-runner: {b})")
         continue
-    ratio = a[0] / b[0] if b[0] else float("inf")
-    print(f"  {rw:<10} {a[0]:>14.0f} {a[1]:>8.0f} {b[0]:>17.0f} {b[1]:>8.0f} {ratio:>6.2f}")
+    ia, ib = sum(x[0] for x in a) / 2, sum(x[0] for x in b) / 2
+    pa, pb = max(x[1] for x in a), max(x[1] for x in b)
+    ratio = ia / ib if ib else float("inf")
+    rounds = "  ".join(f"{x[0]:.0f}/{y[0]:.0f}" for x, y in zip(a, b))
+    print(f"  {rw:<10} {ia:>14.0f} {pa:>8.0f} {ib:>17.0f} {pb:>8.0f} {ratio:>6.2f}   {rounds}")
 PY
 fi
 

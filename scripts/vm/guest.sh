@@ -497,12 +497,12 @@ suite_targetcli() {
 }
 
 # --- comparison: tcmu-rbd vs tcmu-runner ----------------------------------
-bench_fio() { # LABEL
+bench_fio() { # LABEL ROUND
   local rw
   for rw in randwrite randread; do
     ok timeout 120 fio --name="$rw" --filename="/dev/$DEV" --direct=1 --ioengine=libaio \
-      --iodepth=32 --rw=$rw --bs=4k --size=256m --time_based --runtime=15 --ramp_time=2 \
-      --randrepeat=0 --output-format=json --output="$OUT/compare.$1.$rw.json" || return 1
+      --iodepth=32 --rw=$rw --bs=4k --size=256m --time_based --runtime=10 --ramp_time=2 \
+      --randrepeat=0 --output-format=json --output="$OUT/compare.$1.$rw.$2.json" || return 1
   done
 }
 start_tcmu_runner() {
@@ -522,14 +522,14 @@ stop_daemon() {
   wait "$DPID" 2>/dev/null
   DPID=
 }
-# One side of the comparison: export rbd/bench through DAEMON's backstore,
-# run the fio jobs, take it down again.
-compare_one() { # LABEL
-  local cfg="rbd/bench;conf=$CEPH_CONF_GUEST;id=admin" w=naa.5001405000000040
-  if check "compare.$1.create" mk_backstore bench rbd "$cfg" $((1 << 30)) &&
-    check "compare.$1.export" mk_loop bench $w; then
-    check_dev "compare.$1.fio" bench_fio "$1"
-    check "compare.$1.remove" t_remove_idle bench $w
+# One round of one side of the comparison: export rbd/bench through the
+# running daemon, run the fio jobs, take it down again.
+compare_one() { # LABEL ROUND
+  local cfg="rbd/bench;conf=$CEPH_CONF_GUEST;id=admin" w=naa.5001405000000040 n="compare.$1.$2"
+  if check "$n.create" mk_backstore bench rbd "$cfg" $((1 << 30)) &&
+    check "$n.export" mk_loop bench $w; then
+    check_dev "$n.fio" bench_fio "$1" "$2"
+    check "$n.remove" t_remove_idle bench $w
   else
     # Leave nothing behind for the other daemon.
     rm_loop bench $w >/dev/null 2>&1
@@ -538,13 +538,18 @@ compare_one() { # LABEL
   fi
 }
 suite_compare() {
-  # One daemon at a time: both would claim user:rbd devices.
+  # One daemon at a time (both would claim user:rbd devices), in the order
+  # tcmu-rbd, tcmu-runner, tcmu-runner, tcmu-rbd, so that a drift in the
+  # host's load during the run weighs on both alike.
   daemon_alive || check compare.tcmu-rbd.start start_daemon
-  compare_one tcmu-rbd
+  compare_one tcmu-rbd 1
   check compare.tcmu-rbd.stop stop_daemon || return 1
   check compare.tcmu-runner.start start_tcmu_runner || return 1
-  compare_one tcmu-runner
-  check compare.tcmu-runner.stop stop_daemon
+  compare_one tcmu-runner 1
+  compare_one tcmu-runner 2
+  check compare.tcmu-runner.stop stop_daemon || return 1
+  check compare.tcmu-rbd.restart start_daemon || return 1
+  compare_one tcmu-rbd 2
 }
 
 say "start $(date +%T), kernel $(uname -r)"
