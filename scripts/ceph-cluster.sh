@@ -9,6 +9,8 @@
 #   scripts/ceph-cluster.sh env DIR     print `export ...` lines for clients
 #   scripts/ceph-cluster.sh kill-osd DIR / start-osd DIR
 #                                       stop / restart the OSD (failure tests)
+#   scripts/ceph-cluster.sh start-mgr DIR
+#                                       add a mgr (service map tests)
 #
 # Environment:
 #   CEPH_BIND_ADDR   address the daemons bind to (default 127.0.0.1)
@@ -23,7 +25,7 @@ set -euo pipefail
 
 die() { echo "ceph-cluster: $*" >&2; exit 1; }
 
-[ $# -eq 2 ] || die "usage: $0 start|stop|env|kill-osd|start-osd DIR"
+[ $# -eq 2 ] || die "usage: $0 start|stop|env|kill-osd|start-osd|start-mgr DIR"
 cmd=$1
 dir=$2
 case "$dir" in /*) ;; *) dir="$PWD/$dir" ;; esac
@@ -82,6 +84,14 @@ start_osd() {
   wait_for 60 osd_up || fail "osd.0 is not up after 60 s"
 }
 
+start_mgr() {
+  mkdir -p "$dir/mgr.x"
+  [ -s "$dir/mgr.x/keyring" ] ||
+    ceph_ auth get-or-create mgr.x mon 'allow profile mgr' osd 'allow *' mds 'allow *' \
+      -o "$dir/mgr.x/keyring" || fail "cannot create the mgr key"
+  ceph-mgr -c "$conf" -i x >>"$dir/log/mgr.x.out" 2>&1 || fail "ceph-mgr failed to start"
+}
+
 kill_daemon() {
   local pidf=$1 pid
   [ -s "$pidf" ] || return 0
@@ -92,13 +102,15 @@ kill_daemon() {
 }
 
 do_start() {
-  for b in ceph-mon ceph-osd ceph ceph-authtool monmaptool rbd; do
+  # ceph-mgr only runs on request (start-mgr, CEPH_WITH_MGR), but the
+  # service-map test asks for it.
+  for b in ceph-mon ceph-osd ceph-mgr ceph ceph-authtool monmaptool rbd; do
     command -v $b >/dev/null || missing=1
   done
   if [ "${missing:-0}" = 1 ]; then
-    echo "ceph-cluster: installing ceph-mon ceph-osd ceph-common" >&2
+    echo "ceph-cluster: installing ceph-mon ceph-osd ceph-mgr ceph-common" >&2
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q -o DPkg::Lock::Timeout=600 \
-      ceph-mon ceph-osd ceph-common >/dev/null
+      ceph-mon ceph-osd ceph-mgr ceph-common >/dev/null
   fi
   [ ! -e "$dir/ceph.conf" ] || die "$dir already holds a cluster (stop it first)"
   # mon.a must not exist before mkfs (it refuses a non-empty dir).
@@ -186,10 +198,7 @@ EOF
   start_osd
 
   if [ "${CEPH_WITH_MGR:-0}" = 1 ]; then
-    mkdir -p "$dir/mgr.x"
-    ceph_ auth get-or-create mgr.x mon 'allow profile mgr' osd 'allow *' mds 'allow *' \
-      -o "$dir/mgr.x/keyring" || fail "cannot create the mgr key"
-    ceph-mgr -c "$conf" -i x >>"$dir/log/mgr.x.out" 2>&1 || fail "ceph-mgr failed to start"
+    start_mgr
   fi
 
   ceph_ osd pool create rbd 32 32 >/dev/null || fail "cannot create pool rbd"
@@ -236,5 +245,10 @@ case "$cmd" in
     pid_alive "$dir/run/osd.0.pid" && die "osd.0 is already running"
     start_osd
     ;;
-  *) die "unknown command $cmd (start|stop|env|kill-osd|start-osd)" ;;
+  start-mgr)
+    [ -e "$conf" ] || die "no cluster in $dir"
+    pid_alive "$dir/run/mgr.x.pid" && die "mgr.x is already running"
+    start_mgr
+    ;;
+  *) die "unknown command $cmd (start|stop|env|kill-osd|start-osd|start-mgr)" ;;
 esac

@@ -2,7 +2,7 @@
 # Installs what building and testing tcmu-rbd needs on Debian 12.
 # Idempotent: packages already present are not touched.
 set -euo pipefail
-want=(build-essential pkg-config librbd-dev librados-dev "$@")
+want=(build-essential pkg-config librbd-dev librados-dev dbus python3-gi "$@")
 missing=()
 for p in "${want[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

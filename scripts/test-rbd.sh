@@ -34,10 +34,13 @@ run() {
   echo "rbd: cargo test $*"
   cargo test "$@"
 }
-# The bindings, then the backend through the ring; the outage tests stop
+# The bindings (their unit tests too: the unit stage leaves rbd-ffi out),
+# then the backend through the ring; the outage tests stop
 # cluster daemons, so they run alone and one at a time.
-run -p rbd-ffi --test live -- --ignored
-run -p tcmu-rbd --test rbd_live -- --ignored
-run -p tcmu-rbd --test scsi_rbd -- --ignored
+run -p rbd-ffi -- --include-ignored
+run -p tcmu-rbd --test rbd_live --test rbd_scsi --test scsi_rbd -- --ignored
 run -p tcmu-rbd --test rbd_outage -- --ignored --test-threads=1
+# HA failover drills: two gateway processes per drill on one image; one
+# drill at a time so the failover times are not skewed by the others.
+run -p tcmu-rbd --test alua_failover -- --ignored --test-threads=1 --nocapture
 echo "rbd: PASS"

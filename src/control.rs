@@ -6,13 +6,13 @@
 //! reply: 0 or a negative errno.
 
 use crate::backends;
-use crate::netlink::{Event, EventKind};
+use crate::netlink::{Event, EventKind, Incoming};
 use crate::registry::{DeviceSpec, OpenDeviceError, Registry};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use tcmu_handler::{Backend, Caps, Done, Geometry, IoError, Op};
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 /// Subtypes this daemon serves.
 pub fn subtypes() -> Vec<&'static str> {
@@ -48,6 +48,23 @@ pub struct Control {
     sysfs: PathBuf,
     configfs: PathBuf,
     states: Mutex<BTreeMap<String, DevState>>,
+    /// Devices whose `attrib/nl_reply_supported` was 0 or less when they
+    /// were opened: the kernel does not wait for replies about them and
+    /// logs an error for each reply it gets.
+    silent: Mutex<BTreeSet<String>>,
+}
+
+/// The device's `attrib/nl_reply_supported`: the kernel fixes a device's
+/// reply mode when it is enabled (from the module-wide setting, or the
+/// admin's `nl_reply_supported=`), so devices created while no daemon
+/// had negotiated replies expect none, ever.
+fn reply_mode(spec: &DeviceSpec) -> Option<i32> {
+    let d = spec.configfs_dir.as_ref()?;
+    std::fs::read_to_string(d.join("attrib/nl_reply_supported"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
 }
 
 fn neg(errno: i32) -> i32 {
@@ -75,6 +92,7 @@ impl Control {
             sysfs: sysfs.to_owned(),
             configfs: configfs.to_owned(),
             states: Mutex::new(BTreeMap::new()),
+            silent: Mutex::new(BTreeSet::new()),
         }
     }
 
@@ -136,19 +154,49 @@ impl Control {
         })
     }
 
+    fn is_silent(&self, name: &str) -> bool {
+        self.silent.lock().is_ok_and(|s| s.contains(name))
+    }
+
     /// Opens and serves a device.
     pub fn add(&self, spec: DeviceSpec) -> i32 {
         let name = spec.name.clone();
+        let replies = reply_mode(&spec);
         match self.reg.add(spec) {
             Ok(()) => {
-                if self.state(&name).is_none() {
-                    self.set_state(&name, Some(DevState::Serving));
-                }
+                self.track(&name, replies);
                 0
             }
             Err(e) => {
                 error!(dev = %name, error = %e, "cannot open device");
                 open_errno(&e)
+            }
+        }
+    }
+
+    /// Serves a device built elsewhere (the emulator, in tests) with the
+    /// same bookkeeping as [`add`](Self::add).
+    pub fn adopt(&self, spec: DeviceSpec, dev: crate::device::Device) -> i32 {
+        let name = spec.name.clone();
+        let replies = reply_mode(&spec);
+        match self.reg.adopt(spec, dev) {
+            Ok(()) => {
+                self.track(&name, replies);
+                0
+            }
+            Err(e) => open_errno(&e),
+        }
+    }
+
+    fn track(&self, name: &str, replies: Option<i32>) {
+        if self.state(name).is_none() {
+            self.set_state(name, Some(DevState::Serving));
+        }
+        if let Ok(mut s) = self.silent.lock() {
+            if replies.is_some_and(|r| r <= 0) {
+                s.insert(name.to_string());
+            } else {
+                s.remove(name);
             }
         }
     }
@@ -159,6 +207,9 @@ impl Control {
             info!(dev = %name, "device removed");
         }
         self.set_state(name, None);
+        if let Ok(mut s) = self.silent.lock() {
+            s.remove(name);
+        }
         0
     }
 
@@ -276,6 +327,40 @@ impl Control {
         }
     }
 
+    /// Handles one decoded datagram item from the netlink channel;
+    /// returns the reply the kernel waits for: `(done command, device
+    /// id, status)`.
+    pub fn answer(&self, inc: &Incoming) -> Option<(u8, u32, i32)> {
+        match inc {
+            Incoming::Event(ev) => {
+                let span = tracing::info_span!("event", dev = %ev.device);
+                let _g = span.enter();
+                info!(kind = ?ev.kind, minor = ev.minor, "kernel event");
+                let name = parse_uio_name(&ev.device).map(|p| p.1);
+                let silent_before = name.as_deref().is_some_and(|n| self.is_silent(n));
+                let st = self.handle(ev);
+                if st != 0 {
+                    warn!(status = st, "event failed");
+                }
+                // Checked before (removal forgets the device) and after
+                // (an addition learns it).
+                if silent_before || name.as_deref().is_some_and(|n| self.is_silent(n)) {
+                    debug!("the kernel expects no reply for this device");
+                    return None;
+                }
+                ev.reply_to().map(|(done, id)| (done, id, st))
+            }
+            Incoming::Bad(b) => {
+                warn!(error = %b, "malformed kernel event ignored");
+                b.reply.map(|(done, id)| (done, id, -libc::EINVAL))
+            }
+            Incoming::ReplyRefused(err, seq) => {
+                warn!(errno = err, seq, "the kernel refused a reply");
+                None
+            }
+        }
+    }
+
     /// Scans sysfs: serves devices not yet served, drops those gone.
     pub fn rescan(&self) {
         let found = self.scan();
@@ -339,6 +424,10 @@ impl Control {
                 );
                 if let Some(r) = why {
                     line.push_str(&format!(" reason={r:?}"));
+                }
+                if let Some(a) = &d.alua {
+                    line.push(' ');
+                    line.push_str(a);
                 }
                 line
             })

@@ -12,7 +12,7 @@
 use crate::config::{self, Config, LogTarget, Logging};
 use crate::control::Control;
 use crate::dbus;
-use crate::netlink::{Incoming, NlError, TcmuChannel};
+use crate::netlink::{NlError, TcmuChannel};
 use crate::registry::Registry;
 use nix::poll::{PollFd, PollFlags, PollTimeout};
 use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
@@ -468,30 +468,10 @@ impl Daemon {
                 return;
             }
         };
-        let mut changed = false;
-        for inc in incoming {
-            let (reply, status) = match inc {
-                Incoming::Event(ev) => {
-                    let span = tracing::info_span!("event", dev = %ev.device);
-                    let _g = span.enter();
-                    info!(kind = ?ev.kind, minor = ev.minor, "kernel event");
-                    let st = self.ctl.handle(&ev);
-                    changed = true;
-                    if st != 0 {
-                        warn!(status = st, "event failed");
-                    }
-                    (ev.reply_to(), st)
-                }
-                Incoming::Bad(b) => {
-                    warn!(error = %b, "malformed kernel event ignored");
-                    (b.reply, -libc::EINVAL)
-                }
-                Incoming::ReplyRefused(err, seq) => {
-                    warn!(errno = err, seq, "the kernel refused a reply");
-                    (None, 0)
-                }
-            };
-            if let (Some((done, id)), Some(ch)) = (reply, self.nl.as_mut()) {
+        let changed = !incoming.is_empty();
+        for inc in &incoming {
+            let reply = self.ctl.answer(inc);
+            if let (Some((done, id, status)), Some(ch)) = (reply, self.nl.as_mut()) {
                 if let Err(e) = ch.reply(done, id, status) {
                     error!(error = %e, device_id = id, "cannot reply to the kernel");
                 }

@@ -16,7 +16,10 @@
 
 use crate::backends::{self, HandlerDesc};
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Waker};
 use zbus::zvariant::{OwnedObjectPath, OwnedValue, Value};
 
 /// The well-known bus name.
@@ -65,6 +68,60 @@ struct Handler {
     changer: Option<Arc<dyn MediumChanger>>,
 }
 
+/// A value computed on a thread of its own, awaited without blocking
+/// zbus's executor: a CheckConfig on rbd connects to the cluster, which
+/// can take seconds, and must not stall every other D-Bus call.
+struct Blocking<T> {
+    slot: Arc<Mutex<Slot<T>>>,
+}
+
+/// The value once computed, and who to wake for it.
+type Slot<T> = (Option<T>, Option<Waker>);
+
+impl<T> Future for Blocking<T> {
+    type Output = T;
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<T> {
+        let mut s = self.slot.lock().unwrap_or_else(|e| e.into_inner());
+        match s.0.take() {
+            Some(v) => Poll::Ready(v),
+            None => {
+                s.1 = Some(cx.waker().clone());
+                Poll::Pending
+            }
+        }
+    }
+}
+
+fn blocking<T: Send + 'static>(
+    what: &'static str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Blocking<Result<T, String>> {
+    let slot = Arc::new(Mutex::new((None, None)));
+    let put = {
+        let slot = slot.clone();
+        move |v: Result<T, String>| {
+            let mut s: std::sync::MutexGuard<'_, Slot<Result<T, String>>> =
+                slot.lock().unwrap_or_else(|e| e.into_inner());
+            s.0 = Some(v);
+            if let Some(w) = s.1.take() {
+                w.wake();
+            }
+        }
+    };
+    let put2 = put.clone();
+    let spawned = std::thread::Builder::new()
+        .name(format!("dbus-{what}"))
+        .spawn(move || {
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f))
+                .map_err(|_| format!("{what} failed inside the daemon"));
+            put(r);
+        });
+    if let Err(e) = spawned {
+        put2(Err(format!("{what}: cannot start a thread: {e}")));
+    }
+    Blocking { slot }
+}
+
 #[zbus::interface(name = "org.kernel.TCMUService1")]
 impl Handler {
     /// What the config string holds.
@@ -75,28 +132,36 @@ impl Handler {
 
     /// Validates a config string before a backstore is created.
     #[zbus(out_args("is_valid", "message"))]
-    fn check_config(&self, configstr: &str) -> (bool, String) {
-        let (ok, msg) = check(self.desc.subtype, configstr);
-        tracing::info!(handler = self.desc.subtype, config = configstr, valid = ok, message = %msg, "CheckConfig");
+    async fn check_config(&self, configstr: String) -> (bool, String) {
+        let sub = self.desc.subtype;
+        let cfg = configstr.clone();
+        let (ok, msg) = blocking("CheckConfig", move || check(sub, &cfg))
+            .await
+            .unwrap_or_else(|m| (false, m));
+        tracing::info!(handler = sub, config = %configstr, valid = ok, message = %msg, "CheckConfig");
         (ok, msg)
     }
 
     /// Points an existing backstore at another image/file and size.
     #[zbus(out_args("ret", "message"))]
-    fn change_medium(&self, name: &str, size: u64, configstr: &str) -> (i32, String) {
+    async fn change_medium(&self, name: String, size: u64, configstr: String) -> (i32, String) {
         let sub = self.desc.subtype;
-        let Some(changer) = &self.changer else {
+        let Some(changer) = self.changer.clone() else {
             return (-libc::EOPNOTSUPP, "medium changes are not served".into());
         };
-        let (ok, msg) = check(sub, configstr);
-        if !ok {
-            return (-libc::EINVAL, msg);
-        }
-        let cfg = &configstr[sub.len() + 1..];
-        match changer.change_medium(name, size, sub, cfg) {
-            Ok(()) => (0, "success".into()),
-            Err((e, m)) => (e, m),
-        }
+        blocking("ChangeMedium", move || {
+            let (ok, msg) = check(sub, &configstr);
+            if !ok {
+                return (-libc::EINVAL, msg);
+            }
+            let cfg = &configstr[sub.len() + 1..];
+            match changer.change_medium(&name, size, sub, cfg) {
+                Ok(()) => (0, "success".to_string()),
+                Err((e, m)) => (e, m),
+            }
+        })
+        .await
+        .unwrap_or_else(|m| (-libc::EIO, m))
     }
 }
 
@@ -169,10 +234,12 @@ pub fn serve(
     handlers: &[HandlerDesc],
     changer: Option<Arc<dyn MediumChanger>>,
 ) -> Result<zbus::blocking::Connection, DbusError> {
-    let mut b = match bus {
+    let b = match bus {
         Bus::System => zbus::blocking::connection::Builder::system()?,
         Bus::Address(a) => zbus::blocking::connection::Builder::address(a.as_str())?,
     };
+    // A wedged bus must not keep the daemon from serving its devices.
+    let mut b = b.method_timeout(std::time::Duration::from_secs(10));
     let mut objects = Vec::new();
     for h in handlers {
         let p = path(&format!("{ROOT_PATH}/{}", h.subtype))?;

@@ -13,6 +13,7 @@ pub mod daemon_main;
 pub mod dbus;
 pub mod device;
 pub mod emulator;
+pub mod failover;
 pub mod loadgen;
 pub mod netlink;
 pub mod registry;

@@ -167,6 +167,8 @@ struct Running {
     spec: DeviceSpec,
     /// Size the LUN reports now.
     size: u64,
+    /// HA failover on the rbd exclusive lock (rbd devices with ALUA groups).
+    failover: Option<crate::failover::Failover>,
 }
 
 /// The set of devices being served.
@@ -188,6 +190,9 @@ pub struct DeviceStatus {
     pub completed: u64,
     /// CHECK CONDITIONs sent.
     pub check_conditions: u64,
+    /// HA gateways: ALUA state and exclusive-lock owner
+    /// ([`crate::failover::FailoverStatus`]); None without ALUA groups.
+    pub alua: Option<String>,
 }
 
 impl Registry {
@@ -212,6 +217,26 @@ impl Registry {
         let running = open_device(&spec)?;
         devs.insert(spec.name.clone(), running);
         Ok(())
+    }
+
+    /// Serves a device built elsewhere (the emulator, in tests) as if it
+    /// had been opened from `spec`; `spec.size` must be its size.
+    pub fn adopt(&self, spec: DeviceSpec, dev: Device) -> Result<(), OpenDeviceError> {
+        let size = spec.size.ok_or_else(|| OpenDeviceError::Config {
+            name: spec.name.clone(),
+            msg: "adopt needs the device size".into(),
+        })?;
+        let running = start_worker(&spec, dev, size)?;
+        match self.devices.lock() {
+            Ok(mut devs) => {
+                devs.insert(spec.name.clone(), running);
+                Ok(())
+            }
+            Err(_) => Err(OpenDeviceError::Config {
+                name: spec.name,
+                msg: "registry lock poisoned".into(),
+            }),
+        }
     }
 
     /// Stops serving `name`: in-flight commands are drained first.
@@ -341,6 +366,7 @@ impl Registry {
                 commands: r.stats.commands.load(Relaxed),
                 completed: r.stats.completed.load(Relaxed),
                 check_conditions: r.stats.check_conditions.load(Relaxed),
+                alua: r.failover.as_ref().map(|f| f.status().to_string()),
             })
             .collect()
     }
@@ -378,13 +404,39 @@ fn open_device(spec: &DeviceSpec) -> Result<Running, OpenDeviceError> {
             msg: "device size unknown (no dev_size in netlink or configfs)".into(),
         })?;
     let block_size = attrs.block_size.unwrap_or(512);
-    let backend =
-        backends::open(&spec.subtype, &spec.cfgstring, size, block_size).map_err(|source| {
-            OpenDeviceError::Backend {
+    let backend_err = |source| OpenDeviceError::Backend {
+        name: name.clone(),
+        source,
+    };
+    // An rbd device with ALUA groups in configfs is an HA gateway: its
+    // ALUA states follow the image's exclusive lock.
+    let alua_cfg = match &spec.configfs_dir {
+        Some(dir) if spec.subtype == "rbd" => crate::scsi::alua::AluaConfig::from_configfs(dir)
+            .map_err(|e| OpenDeviceError::Config {
                 name: name.clone(),
-                source,
-            }
-        })?;
+                msg: format!("ALUA groups: {e}"),
+            })?,
+        _ => None,
+    };
+    let (backend, ha) = match alua_cfg {
+        Some(cfg) => {
+            let ha = crate::failover::open_rbd(
+                &name,
+                &spec.cfgstring,
+                size,
+                block_size,
+                cfg,
+                crate::failover::FailoverOptions::default(),
+            )
+            .map_err(backend_err)?;
+            (ha.backend.clone(), Some(ha))
+        }
+        None => (
+            backends::open(&spec.subtype, &spec.cfgstring, size, block_size)
+                .map_err(backend_err)?,
+            None,
+        ),
+    };
 
     // Commands a previous process left in the ring may have had their
     // completions half-recorded: fail them back (BUSY, the initiator
@@ -412,24 +464,40 @@ fn open_device(spec: &DeviceSpec) -> Result<Running, OpenDeviceError> {
         backend,
         info,
     )?;
+    let failover = ha.map(|ha| {
+        dev.lun_mut().set_alua(ha.alua);
+        ha.failover
+    });
+    info!(dev = %name, subtype = %spec.subtype, cfg = %spec.cfgstring, size, block_size, "device opened");
+    let mut running = start_worker(spec, dev, size)?;
+    running.failover = failover;
+    Ok(running)
+}
+
+/// Runs `dev`'s worker on its own thread.
+fn start_worker(spec: &DeviceSpec, mut dev: Device, size: u64) -> Result<Running, OpenDeviceError> {
     let stopper = dev.stopper();
     let stats = dev.stats();
-    let lun_size = size;
     let thread = std::thread::Builder::new()
-        .name(format!("tcmu-{}", truncate(&name, 10)))
+        .name(format!("tcmu-{}", truncate(&spec.name, 10)))
         .spawn(move || {
             if let Err(e) = dev.run() {
                 error!(error = %e, "device stopped");
             }
         })
-        .map_err(io("spawn worker for", &spec.uio_path))?;
-    info!(dev = %name, subtype = %spec.subtype, cfg = %spec.cfgstring, size, block_size, "device opened");
+        .map_err(|source| OpenDeviceError::Io {
+            name: spec.name.clone(),
+            what: "spawn worker for",
+            path: spec.uio_path.clone(),
+            source,
+        })?;
     Ok(Running {
         stopper,
         stats,
         thread,
         spec: spec.clone(),
-        size: lun_size,
+        size,
+        failover: None,
     })
 }
 

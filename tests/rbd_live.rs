@@ -369,6 +369,48 @@ fn every_bad_config_string_names_its_fault() {
             "bad credentials: the cluster refused the key of client.bogus",
         ),
     ];
+    // A cluster that does not answer: the same conf with a dead mon
+    // address fails within osd_op_timeout.
+    let dead_dir = tempfile::tempdir().expect("tempdir");
+    let dead = dead_dir.path().join("ceph.conf");
+    let text = std::fs::read_to_string(&c).expect("read conf");
+    let text: String = text
+        .lines()
+        .map(|l| {
+            if l.starts_with("mon host") {
+                "mon host = 127.0.0.1:9".to_string()
+            } else {
+                l.to_string()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+        + "\n";
+    std::fs::write(&dead, text).expect("write conf");
+    let t0 = Instant::now();
+    let e = tcmu_rbd::backends::check_config(
+        "rbd",
+        &format!("{p}/{};conf={};osd_op_timeout=3", img.name, dead.display()),
+    )
+    .expect_err("a dead cluster passed");
+    assert!(e.contains("no monitor answered client.admin"), "{e}");
+    assert!(
+        t0.elapsed() < Duration::from_secs(10),
+        "took {:?}",
+        t0.elapsed()
+    );
+    // A conf librados cannot parse (its last line lacks the newline).
+    let broken = dead_dir.path().join("broken.conf");
+    std::fs::write(&broken, "[global]\nmon host = 127.0.0.1:9").expect("write conf");
+    let e = tcmu_rbd::backends::check_config(
+        "rbd",
+        &format!("{p}/{};conf={}", img.name, broken.display()),
+    )
+    .expect_err("a broken conf passed");
+    assert!(
+        e.contains("a syntax error, or no newline at the end"),
+        "{e}"
+    );
     // A keyring entry for a user the cluster does not know.
     let bogus = format!("{}/client.bogus.keyring", cluster_dir());
     let st = std::process::Command::new("ceph-authtool")
@@ -438,4 +480,46 @@ fn resize_grows_the_image_and_refuses_to_shrink() {
         std::thread::sleep(Duration::from_millis(20));
     }
     assert!(be.header_updates() > before, "no header update seen");
+}
+
+#[test]
+#[ignore = "needs the live Ceph cluster: scripts/test-rbd.sh runs it"]
+fn namespace_images_are_served() {
+    let ns = format!("ns{}", std::process::id());
+    let p = pool();
+    let _ = std::process::Command::new("rbd")
+        .args(["-c", &conf(), "namespace", "create", &format!("{p}/{ns}")])
+        .output();
+    // The same name in the default namespace is another image.
+    let plain = TestImage::new("nsimg", 8 << 20);
+    let spec = format!("{p}/{ns}/{}", plain.name);
+    cli("rbd", &["create", "--size", "8M", &spec]);
+    let cfg = format!("{spec};conf={}", conf());
+    let be = tcmu_rbd::backends::open("rbd", &cfg, 8 << 20, 512)
+        .unwrap_or_else(|e| panic!("open {cfg}: {e}"));
+    assert_eq!(be.name(), format!("rbd:{spec}"));
+    let mut d = Direct::new(be);
+    let data = pattern(5, 8192);
+    d.write(4096, &data).unwrap();
+    assert_eq!(d.read(4096, 8192).unwrap(), data);
+    drop(d);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = dir.path().join("ns.img");
+    cli(
+        "rbd",
+        &[
+            "export",
+            "--no-progress",
+            &spec,
+            out.to_str().expect("utf-8"),
+        ],
+    );
+    let img = std::fs::read(&out).expect("read export");
+    assert_eq!(&img[4096..4096 + 8192], &data[..]);
+    assert!(
+        plain.export().iter().all(|&b| b == 0),
+        "wrote to the default namespace"
+    );
+    cli("rbd", &["rm", "--no-progress", &spec]);
+    cli("rbd", &["namespace", "remove", &format!("{p}/{ns}")]);
 }

@@ -256,4 +256,86 @@ fn blocklisted_client_reopens_on_a_fresh_client() {
     let last = pattern(7, 4096);
     d.write(1 << 20, &last).unwrap();
     assert_eq!(&img.export()[1 << 20..(1 << 20) + 4096], &last[..]);
+    assert_eq!(rbd.ops_in_flight(), 0, "operations left counted in flight");
+}
+
+#[test]
+#[ignore = "needs the live Ceph cluster: scripts/test-rbd.sh runs it"]
+fn devices_on_a_blocklisted_connection_move_to_one_fresh_connection() {
+    let a = TestImage::new("fenced-a", 8 << 20);
+    let b = TestImage::new("fenced-b", 8 << 20);
+    // A user of its own so no other test shares the connection.
+    let cfg = ";id=tcmu;osd_op_timeout=10";
+    let ra = Arc::new(RbdBackend::open(&a.cfg(cfg), a.size, 512).expect("open a"));
+    let rb = Arc::new(RbdBackend::open(&b.cfg(cfg), b.size, 512).expect("open b"));
+    assert_eq!(ra.client(), rb.client(), "not one shared connection");
+    let old = ra.client().1;
+    let mut da = Direct::new(ra.clone());
+    let mut db = Direct::new(rb.clone());
+    da.write(0, &pattern(1, 4096)).unwrap();
+    db.write(0, &pattern(2, 4096)).unwrap();
+    for addr in ra
+        .client_addrs()
+        .unwrap()
+        .trim_matches(|c| c == '[' || c == ']')
+        .split(',')
+    {
+        cli("ceph", &["osd", "blocklist", "add", addr, "600"]);
+    }
+    // Both devices get back to work.
+    for (d, name) in [(&mut da, "a"), (&mut db, "b")] {
+        let t0 = Instant::now();
+        let mut fenced = false;
+        loop {
+            match d.write(8192, &pattern(3, 4096)) {
+                Ok(()) if fenced => break,
+                Ok(()) => {}
+                Err(IoError::Fenced(_)) => fenced = true,
+                Err(e) => panic!("{name}: {e:?}"),
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(60),
+                "{name} never recovered"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    // On one new connection, shared again.
+    assert_ne!(ra.client().1, old);
+    assert_eq!(
+        ra.client(),
+        rb.client(),
+        "the devices no longer share a connection"
+    );
+    assert_eq!(da.read(0, 4096).unwrap(), pattern(1, 4096));
+    assert_eq!(db.read(0, 4096).unwrap(), pattern(2, 4096));
+}
+
+#[test]
+#[ignore = "needs the live Ceph cluster: scripts/test-rbd.sh runs it"]
+fn service_registration_waits_for_a_mgr() {
+    // The test cluster starts without a mgr: opening works all the same.
+    let img = TestImage::new("service", 8 << 20);
+    let rbd = RbdBackend::open(&img.cfg(";id=tcmu"), img.size, 512)
+        .unwrap_or_else(|e| panic!("open without a mgr: {e}"));
+    // (The service map itself lives in the mgr: nothing to query yet.)
+    // Once a mgr runs, the gateway shows in the service map.
+    cluster("start-mgr");
+    let t0 = Instant::now();
+    loop {
+        let dump = cli("ceph", &["service", "dump", "--format", "json"]);
+        if dump.contains("\"tcmu-rbd\"") && dump.contains(":tcmu\"") {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(90),
+            "tcmu-rbd not in the service map 90 s after the mgr started: {dump}"
+        );
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    eprintln!(
+        "in the service map {:?} after the mgr started",
+        t0.elapsed()
+    );
+    drop(rbd);
 }

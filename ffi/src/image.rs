@@ -471,13 +471,20 @@ impl Image {
 
     // ---- asynchronous I/O
 
-    /// Creates a completion for `bufs` and `done`, lets `start` submit it,
-    /// and runs `done` inline if submission fails.
-    fn submit<B, F>(
+    /// Creates a completion for `bufs` and `done`, takes the raw buffer
+    /// addresses with `prep`, lets `start` submit, and runs `done` inline
+    /// if submission fails.
+    ///
+    /// `prep` sees the buffers where they will stay (inside the boxed
+    /// Pending) and returns plain addresses; no reference into Pending is
+    /// alive while `start` runs, since the completion may free it on
+    /// another thread as soon as librbd has the request.
+    fn submit<B, F, A>(
         &self,
         bufs: B,
         done: F,
-        start: impl FnOnce(&B, *mut u64, sys::rbd_completion_t) -> isize,
+        prep: impl FnOnce(&B) -> A,
+        start: impl FnOnce(A, *mut u64, sys::rbd_completion_t) -> isize,
     ) where
         B: Send + 'static,
         F: FnOnce(isize, u64, B) + Send + 'static,
@@ -494,11 +501,12 @@ impl Image {
         let r = if r < 0 {
             r as isize
         } else {
-            // SAFETY: `p` is live until the completion fires, which cannot
-            // happen before `start` hands `c` to librbd. `start` only reads
-            // buffer addresses before that call and touches nothing after.
-            let (bufs, mismatch) = unsafe { (&(*p).bufs, ptr::addr_of_mut!((*p).mismatch)) };
-            let r = start(bufs, mismatch, c);
+            // SAFETY: `p` is live and ours until `start` hands `c` to
+            // librbd; the borrow ends when `prep` returns.
+            let args = prep(unsafe { &(*p).bufs });
+            // SAFETY: a raw field address, no reference is created.
+            let mismatch = unsafe { ptr::addr_of_mut!((*p).mismatch) };
+            let r = start(args, mismatch, c);
             if r < 0 {
                 // SAFETY: librbd refused the request and did not take `c`.
                 unsafe { sys::rbd_aio_release(c) };
@@ -506,7 +514,7 @@ impl Image {
             r
         };
         if r < 0 {
-            // SAFETY: not handed to librbd (or refused): ours again.
+            // SAFETY: never handed to librbd (or refused): ours again.
             let p = unsafe { Box::from_raw(p) };
             let Pending { bufs, done, .. } = *p;
             done(r, 0, bufs);
@@ -526,16 +534,12 @@ impl Image {
         self.submit(
             bufs,
             move |r, _, b| done(ret_len(r, || format!("read at {offset} on {name}")), b),
-            move |b, _, c| {
-                let iov = b.iovecs();
-                match c_int::try_from(iov.len()) {
-                    // SAFETY: open handle; the iovecs stay valid until the
-                    // completion (Pending owns them).
-                    Ok(n) => unsafe {
-                        sys::rbd_aio_readv(img, iov.as_ptr(), n, offset, c) as isize
-                    },
-                    Err(_) => -(libc::EINVAL as isize),
-                }
+            iov_args,
+            move |(iov, n), _, c| match c_int::try_from(n) {
+                // SAFETY: open handle; the iovecs and the memory they point
+                // to stay valid until the completion (Pending owns them).
+                Ok(n) => unsafe { sys::rbd_aio_readv(img, iov, n, offset, c) as isize },
+                Err(_) => -(libc::EINVAL as isize),
             },
         )
     }
@@ -552,15 +556,11 @@ impl Image {
         self.submit(
             bufs,
             move |r, _, b| done(ret_len(r, || format!("write at {offset} on {name}")), b),
-            move |b, _, c| {
-                let iov = b.iovecs();
-                match c_int::try_from(iov.len()) {
-                    // SAFETY: as in aio_readv.
-                    Ok(n) => unsafe {
-                        sys::rbd_aio_writev(img, iov.as_ptr(), n, offset, c) as isize
-                    },
-                    Err(_) => -(libc::EINVAL as isize),
-                }
+            iov_args,
+            move |(iov, n), _, c| match c_int::try_from(n) {
+                // SAFETY: as in aio_readv.
+                Ok(n) => unsafe { sys::rbd_aio_writev(img, iov, n, offset, c) as isize },
+                Err(_) => -(libc::EINVAL as isize),
             },
         )
     }
@@ -582,8 +582,9 @@ impl Image {
                     format!("discard {len} at {offset} on {name}")
                 }))
             },
+            |_| (),
             // SAFETY: open handle.
-            move |_, _, c| unsafe { sys::rbd_aio_discard(img, offset, len, c) as isize },
+            move |(), _, c| unsafe { sys::rbd_aio_discard(img, offset, len, c) as isize },
         )
     }
 
@@ -610,7 +611,8 @@ impl Image {
                     format!("write zeroes {len} at {offset} on {name}")
                 }))
             },
-            move |_, _, c| match usize::try_from(len) {
+            |_| (),
+            move |(), _, c| match usize::try_from(len) {
                 // SAFETY: open handle.
                 Ok(l) => unsafe { sys::rbd_aio_write_zeroes(img, offset, l, c, flags, 0) as isize },
                 Err(_) => -(libc::EINVAL as isize),
@@ -637,10 +639,10 @@ impl Image {
                     b,
                 )
             },
-            move |b, _, c| {
-                let (p, plen) = match contiguous(b) {
-                    Some(s) => s,
-                    None => return -(libc::EINVAL as isize),
+            contiguous,
+            move |seg, _, c| {
+                let Some((p, plen)) = seg else {
+                    return -(libc::EINVAL as isize);
                 };
                 match usize::try_from(len) {
                     // SAFETY: open handle; the pattern stays valid until the
@@ -681,8 +683,9 @@ impl Image {
                 };
                 done(res, b)
             },
-            move |(cb, wb), mismatch, c| {
-                let (Some((cp, cl)), Some((wp, wl))) = (contiguous(cb), contiguous(wb)) else {
+            |(cb, wb)| (contiguous(cb), contiguous(wb)),
+            move |segs, mismatch, c| {
+                let (Some((cp, cl)), Some((wp, wl))) = segs else {
                     return -(libc::EINVAL as isize);
                 };
                 if cl != wl {
@@ -713,8 +716,9 @@ impl Image {
         self.submit(
             (),
             move |r, _, ()| done(ret_unit(r, || format!("flush on {name}"))),
+            |_| (),
             // SAFETY: open handle.
-            move |_, _, c| unsafe { sys::rbd_aio_flush(img, c) as isize },
+            move |(), _, c| unsafe { sys::rbd_aio_flush(img, c) as isize },
         )
     }
 }
@@ -747,6 +751,12 @@ pub(crate) fn miscompare_offset(mismatch: u64, offset: u64, len: u64, obj_size: 
             _ => 0,
         },
     }
+}
+
+/// The segments' address and count.
+fn iov_args<B: AioBuf>(b: &B) -> (*const iovec, usize) {
+    let v = b.iovecs();
+    (v.as_ptr(), v.len())
 }
 
 fn contiguous<B: AioBuf>(b: &B) -> Option<(*const u8, usize)> {

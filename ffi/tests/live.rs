@@ -341,6 +341,12 @@ fn exclusive_lock_break_blocklists_the_old_owner() {
     let owners = b.lock_owners().unwrap();
     assert_eq!(owners.mode, LockMode::Exclusive);
     assert_eq!(owners.owners.len(), 1, "{owners:?}");
+    // The owner id is A's client address: what `osd blocklist add` takes.
+    assert!(
+        ra.addrs().unwrap().contains(&owners.owners[0]),
+        "{owners:?} vs {}",
+        ra.addrs().unwrap()
+    );
     // An explicitly acquired lock is not handed over on request: B's write
     // fails rather than silently taking it.
     assert!(b.write_at(0, &pattern(2, 4096)).is_err());

@@ -83,8 +83,16 @@ fn connect(key: &ConnKey, timeout: Duration) -> Result<Rados, String> {
             if !p.exists() {
                 return Err(format!("rbd: ceph config {} does not exist", p.display()));
             }
-            b.read_conf(Some(p))
-                .map_err(|e| format!("rbd: cannot read ceph config {}: {e}", p.display()))?
+            b.read_conf(Some(p)).map_err(|e| {
+                // librados' parser says EINVAL for any syntax error, and for
+                // a last line without a newline.
+                let hint = if e.errno == libc::EINVAL {
+                    " (a syntax error, or no newline at the end)"
+                } else {
+                    ""
+                };
+                format!("rbd: cannot read ceph config {}{hint}: {e}", p.display())
+            })?
         }
         None => b.read_conf(None).map_err(|e| {
             format!(

@@ -4,10 +4,10 @@
 //! - READ/WRITE go to `rbd_aio_readv`/`rbd_aio_writev` on the command's
 //!   data-area iovecs (no copy); the completion closure only hands the
 //!   result to the ring worker's queue.
-//! - Discard and WriteZeroes{unmap} go to `rbd_aio_discard` /
-//!   `rbd_aio_write_zeroes`, WriteZeroes without unmap to a thick
-//!   write-zeroes (the range stays allocated), WriteSame to
-//!   `rbd_aio_writesame`.
+//! - Discard and WriteZeroes{unmap: true} go to `rbd_aio_discard` (with
+//!   `rbd_skip_partial_discard=false` every discarded byte reads back as
+//!   zero), WriteZeroes without unmap to a thick `rbd_aio_write_zeroes`
+//!   (the range stays allocated), WriteSame to `rbd_aio_writesame`.
 //! - CompareAndWrite goes to librbd's atomic `rbd_aio_compare_and_write`
 //!   when the range lies inside one 512-byte sector (librbd refuses more);
 //!   larger ranges run on a per-device thread as read, compare, write,
@@ -34,6 +34,7 @@
 
 pub mod config;
 pub mod conn;
+pub mod lock;
 
 use crate::{Backend, Caps, Done, Geometry, IoBufs, IoError, IoResult, Op};
 use config::RbdConfig;
@@ -269,6 +270,11 @@ impl RbdBackend {
     /// How many times the image was reopened after blocklisting.
     pub fn reopens(&self) -> u64 {
         self.shared.reopens.load(Ordering::SeqCst)
+    }
+
+    /// Operations in flight in librbd now.
+    pub fn ops_in_flight(&self) -> usize {
+        self.shared.signals.inflight.load(Ordering::SeqCst)
     }
 
     /// Header updates (resize, lock changes) seen since open.

@@ -1,0 +1,299 @@
+//! The image's exclusive lock as HA gateways use it: who holds it, taking
+//! it from another gateway (fencing that gateway first), giving it up, and
+//! noticing that this gateway was fenced.
+//!
+//! Taking the lock from a live or dead owner, in this order:
+//! 1. `osd blocklist add <owner address> <expire>` (librados'
+//!    `rados_blocklist_add`, which also waits for the osdmap that carries
+//!    the entry): from then on the OSDs refuse every operation of the old
+//!    owner's client, including writes it had in flight, and ops this
+//!    client sends later are only served by OSDs that have that map;
+//! 2. break the old owner's lock (librbd blocklists it again, harmlessly);
+//! 3. `rbd_lock_acquire(EXCLUSIVE)` (an explicitly acquired lock is not
+//!    handed over when another client asks for it, so it only moves by
+//!    being broken).
+//!
+//! The owner's address is what `rbd_lock_get_owners` returns (the locker's
+//! address in the header lock, e.g. `127.0.0.1:0/2193471925`).
+
+use super::{RbdBackend, Session};
+use rbd_ffi::LockMode;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use tracing::{info, warn};
+
+/// Why a lock operation failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LockError {
+    /// This gateway's client was blocklisted; the image is being reopened
+    /// on a fresh client (retry after the reopen).
+    #[error("{image}: this client is blocklisted; the image is being reopened")]
+    Fenced {
+        /// The image.
+        image: String,
+    },
+    /// A librados/librbd call failed.
+    #[error("{image}: {what}: {source}")]
+    Call {
+        /// The image.
+        image: String,
+        /// What was being done.
+        what: String,
+        /// The error.
+        source: rbd_ffi::Error,
+    },
+    /// The lock is held by another image handle of this very client (a
+    /// second device of this daemon on the same image and connection):
+    /// blocklisting it would fence this gateway itself.
+    #[error("{image}: the lock is held by this gateway's own client ({owner}), another device of this daemon")]
+    OwnClient {
+        /// The image.
+        image: String,
+        /// The owner address.
+        owner: String,
+    },
+    /// The lock was acquired but librbd does not report this client as
+    /// the owner (another gateway took it in between).
+    #[error("{image}: lock acquired but not owned afterwards")]
+    NotOwner {
+        /// The image.
+        image: String,
+    },
+}
+
+/// What [`RbdBackend::take_lock`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Taken {
+    /// The owners that were blocklisted and broken (empty: the lock was
+    /// free or already ours).
+    pub fenced: Vec<String>,
+    /// The lock was already held by this client.
+    pub already: bool,
+    /// The session (reopen generation) that holds the lock.
+    pub generation: u64,
+}
+
+/// Who holds the lock, as seen from this gateway.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LockView {
+    /// This client.
+    Mine,
+    /// Nobody.
+    Free,
+    /// Another client, by address.
+    Other(String),
+}
+
+impl std::fmt::Display for LockView {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LockView::Mine => f.write_str("mine"),
+            LockView::Free => f.write_str("free"),
+            LockView::Other(a) => write!(f, "{a}"),
+        }
+    }
+}
+
+impl RbdBackend {
+    fn call_err(&self, what: impl Into<String>) -> impl FnOnce(rbd_ffi::Error) -> LockError {
+        let image = self.name.to_string();
+        let what = what.into();
+        move |source| {
+            if source.errno == libc::ESHUTDOWN {
+                LockError::Fenced { image }
+            } else {
+                LockError::Call {
+                    image,
+                    what,
+                    source,
+                }
+            }
+        }
+    }
+
+    fn live_session(&self) -> Result<Arc<Session>, LockError> {
+        let s = self.session();
+        if self.session_fenced(&s) {
+            self.start_reopen();
+            return Err(LockError::Fenced {
+                image: self.name.to_string(),
+            });
+        }
+        Ok(s)
+    }
+
+    fn session_fenced(&self, s: &Session) -> bool {
+        let f = self.shared.signals.fenced.load(Ordering::SeqCst);
+        f != 0 && f == s.generation
+    }
+
+    /// The reopen generation of the session serving I/O now (1 after open,
+    /// +1 per reopen on a fresh client).
+    pub fn generation(&self) -> u64 {
+        self.session().generation
+    }
+
+    /// True while the session serving I/O is known blocklisted (an
+    /// operation saw ESHUTDOWN) and not yet replaced by a reopen.
+    pub fn is_fenced(&self) -> bool {
+        let s = self.session();
+        self.session_fenced(&s)
+    }
+
+    /// Marks the current session fenced (e.g. the lock was found taken by
+    /// another gateway, so its client must be blocklisted) and starts a
+    /// reopen on a fresh client. Operations on the session fail fast
+    /// from now on.
+    pub fn fence_and_reopen(&self) {
+        let s = self.session();
+        self.shared
+            .signals
+            .fenced
+            .store(s.generation, Ordering::SeqCst);
+        self.start_reopen();
+    }
+
+    /// Who holds the lock now.
+    pub fn lock_view(&self) -> Result<LockView, LockError> {
+        let s = self.live_session()?;
+        if s.image
+            .is_exclusive_lock_owner()
+            .map_err(self.call_err("is_exclusive_lock_owner"))?
+        {
+            return Ok(LockView::Mine);
+        }
+        let o = s
+            .image
+            .lock_owners()
+            .map_err(self.call_err("lock_get_owners"))?;
+        Ok(match o.owners.into_iter().next() {
+            Some(a) => LockView::Other(a),
+            None => LockView::Free,
+        })
+    }
+
+    /// Whether the current session holds the lock (a local check: no
+    /// round trip to the cluster).
+    pub fn lock_held(&self) -> Result<bool, LockError> {
+        let s = self.live_session()?;
+        s.image
+            .is_exclusive_lock_owner()
+            .map_err(self.call_err("is_exclusive_lock_owner"))
+    }
+
+    /// Takes the exclusive lock, fencing any other owner first (see the
+    /// module doc): blocklist its address for `blocklist_expire_secs`,
+    /// break its lock, acquire. Blocks for the cluster round trips (a
+    /// second or two); run it off the ring thread.
+    pub fn take_lock(&self, blocklist_expire_secs: u32) -> Result<Taken, LockError> {
+        let s = self.live_session()?;
+        let image = self.name.to_string();
+        if s.image
+            .is_exclusive_lock_owner()
+            .map_err(self.call_err("is_exclusive_lock_owner"))?
+        {
+            return Ok(Taken {
+                fenced: Vec::new(),
+                already: true,
+                generation: s.generation,
+            });
+        }
+        let owners = s
+            .image
+            .lock_owners()
+            .map_err(self.call_err("lock_get_owners"))?;
+        let mine = s.rados.addrs().map_err(self.call_err("rados_getaddrs"))?;
+        if let Some(owner) = owners.owners.iter().find(|o| same_client(o, &mine)) {
+            return Err(LockError::OwnClient {
+                image,
+                owner: owner.clone(),
+            });
+        }
+        let mut fenced = Vec::new();
+        for owner in owners.owners {
+            warn!(image = %image, owner = %owner, expire = blocklist_expire_secs, "fencing the lock owner: osd blocklist add");
+            s.rados
+                .blocklist_add(&owner, blocklist_expire_secs)
+                .map_err(self.call_err(format!("osd blocklist add {owner}")))?;
+            match s.image.lock_break(owners.mode, &owner) {
+                Ok(()) => {}
+                // Released or broken by someone else meanwhile: fine, the
+                // owner is blocklisted either way.
+                Err(e) if e.errno == libc::ENOENT => {}
+                Err(e) => return Err(self.call_err(format!("lock break {owner}"))(e)),
+            }
+            info!(image = %image, owner = %owner, "old owner blocklisted and its lock broken");
+            fenced.push(owner);
+        }
+        s.image
+            .lock_acquire(LockMode::Exclusive)
+            .map_err(self.call_err("lock_acquire"))?;
+        let owned = s
+            .image
+            .is_exclusive_lock_owner()
+            .map_err(self.call_err("is_exclusive_lock_owner"))?;
+        if !owned {
+            return Err(LockError::NotOwner { image });
+        }
+        info!(image = %image, generation = s.generation, "exclusive lock acquired");
+        Ok(Taken {
+            fenced,
+            already: false,
+            generation: s.generation,
+        })
+    }
+
+    /// Gives the lock up (planned move to another gateway). Not holding it
+    /// is not an error.
+    pub fn release_lock(&self) -> Result<(), LockError> {
+        let s = self.live_session()?;
+        match s.image.lock_release() {
+            Ok(()) => {
+                info!(image = %self.name, "exclusive lock released");
+                Ok(())
+            }
+            Err(e) if e.errno == libc::EINVAL || e.errno == libc::ENOENT => Ok(()),
+            Err(e) => Err(self.call_err("lock_release")(e)),
+        }
+    }
+}
+
+/// The `ip:port/nonce` parts of an address list as librados prints it
+/// (`[v2:127.0.0.1:0/12,v1:127.0.0.1:0/12]`, or one bare address).
+fn addr_parts(list: &str) -> Vec<&str> {
+    list.trim_matches(|c| c == '[' || c == ']')
+        .split(',')
+        .map(|a| {
+            let a = a.trim();
+            a.strip_prefix("v2:")
+                .or_else(|| a.strip_prefix("v1:"))
+                .or_else(|| a.strip_prefix("any:"))
+                .unwrap_or(a)
+        })
+        .filter(|a| !a.is_empty())
+        .collect()
+}
+
+/// Whether lock owner `owner` is the client with addresses `mine`.
+fn same_client(owner: &str, mine: &str) -> bool {
+    let m = addr_parts(mine);
+    addr_parts(owner).iter().any(|o| m.contains(o))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn owner_matches_own_addresses() {
+        let mine = "[v2:127.0.0.1:0/2411341891,v1:127.0.0.1:0/2411341891]";
+        assert!(same_client("127.0.0.1:0/2411341891", mine));
+        assert!(same_client(
+            "127.0.0.1:0/2411341891",
+            "127.0.0.1:0/2411341891"
+        ));
+        assert!(!same_client("127.0.0.1:0/2411341892", mine));
+        assert!(!same_client("10.0.0.1:0/2411341891", mine));
+        assert!(!same_client("", mine));
+    }
+}

@@ -1,0 +1,406 @@
+//! One HA gateway in a process, for the failover drills: an rbd backend on
+//! its own rados client, the failover manager, the SCSI core with two ALUA
+//! port groups (1 and 2, one port each; this gateway is `--group`), a
+//! device worker on a ring, and the kernel's side of that ring
+//! (`emulator`), driven over stdin/stdout one line per command:
+//!
+//! ```text
+//! TAG write LBA BLOCKS SEED   -> TAG ok | TAG sense KK/AA/QQ | TAG error TEXT
+//! TAG read LBA BLOCKS         -> TAG ok S,S,...   (per block: the SEED that
+//!                                wrote it, 0 for zeros, x for anything else)
+//! TAG stpg                    -> SET TARGET PORT GROUPS: local group active/optimized
+//! TAG rtpg                    -> TAG ok 1=STATE,2=STATE   (REPORT TARGET PORT GROUPS)
+//! TAG tur                     -> TEST UNIT READY
+//! TAG state                   -> TAG ok <failover status>
+//! ```
+//! Replies come as commands complete (several may be in flight). Each
+//! written block carries a header (magic, LBA, SEED) and SEED-derived
+//! filler, so a read tells exactly which write a block holds. Logs go to
+//! stderr. EOF on stdin stops the gateway.
+//!
+//! tcmu-rbd-gw-sim --cfg CFGSTRING --size BYTES --group 1|2 [--name NAME]
+//!                 [--holdoff-ms N]
+
+use nix::poll::{PollFd, PollFlags, PollTimeout};
+use std::collections::{HashMap, VecDeque};
+use std::io::Write;
+use std::os::fd::{AsFd, AsRawFd};
+use std::sync::Arc;
+use std::time::Duration;
+use tcmu_handler::rbd::RbdBackend;
+use tcmu_rbd::device::{Device, EventDoorbell};
+use tcmu_rbd::emulator::{Data, EmuError, KernelEmu, Layout};
+use tcmu_rbd::failover::{state_name, Failover, FailoverOptions};
+use tcmu_rbd::ring::shm::SharedMem;
+use tcmu_rbd::scsi::alua::{
+    support, AccessState, AluaConfig, AluaMode, GroupConfig, LocalPort, SharedAlua,
+};
+use tcmu_rbd::scsi::LunInfo;
+
+const BS: usize = 512;
+const MAGIC: &[u8; 8] = b"ALUAGWBK";
+
+fn usage() -> ! {
+    eprintln!(
+        "usage: tcmu-rbd-gw-sim --cfg CFGSTRING --size BYTES --group 1|2 [--name NAME] [--holdoff-ms N]"
+    );
+    std::process::exit(2)
+}
+
+/// The filler of block `lba` written with `seed`.
+fn filler(seed: u64, lba: u64, out: &mut [u8]) {
+    let mut x = (seed ^ lba.rotate_left(32)).wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    for b in out {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        *b = x as u8;
+    }
+}
+
+fn block(seed: u64, lba: u64) -> [u8; BS] {
+    let mut b = [0u8; BS];
+    b[..8].copy_from_slice(MAGIC);
+    b[8..16].copy_from_slice(&lba.to_le_bytes());
+    b[16..24].copy_from_slice(&seed.to_le_bytes());
+    filler(seed, lba, &mut b[24..]);
+    b
+}
+
+fn decode(b: &[u8], lba: u64) -> String {
+    if b.iter().all(|&x| x == 0) {
+        return "0".into();
+    }
+    if b.len() != BS || &b[..8] != MAGIC || b[8..16] != lba.to_le_bytes() {
+        return "x".into();
+    }
+    let mut s = [0u8; 8];
+    s.copy_from_slice(&b[16..24]);
+    let seed = u64::from_le_bytes(s);
+    if block(seed, lba)[..] == b[..] {
+        seed.to_string()
+    } else {
+        "x".into()
+    }
+}
+
+fn rw16(write: bool, lba: u64, blocks: u32) -> [u8; 16] {
+    let mut c = [0u8; 16];
+    c[0] = if write { 0x8a } else { 0x88 };
+    c[2..10].copy_from_slice(&lba.to_be_bytes());
+    c[10..14].copy_from_slice(&blocks.to_be_bytes());
+    c
+}
+
+/// What a queued command was, to format its reply.
+enum Kind {
+    Write,
+    Read { lba: u64 },
+    Stpg,
+    Rtpg,
+    Tur,
+}
+
+struct Cmd {
+    tag: String,
+    kind: Kind,
+    cdb: Vec<u8>,
+    out: Vec<u8>,
+    in_len: usize,
+}
+
+fn parse(line: &str, group: u16) -> Result<Cmd, (String, String)> {
+    let w: Vec<&str> = line.split_whitespace().collect();
+    let tag = w.first().copied().unwrap_or("?").to_string();
+    let bad = |m: &str| (tag.clone(), m.to_string());
+    let num = |i: usize| -> Result<u64, (String, String)> {
+        w.get(i)
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| bad("bad number"))
+    };
+    let cmd = |kind, cdb: Vec<u8>, out: Vec<u8>, in_len| Cmd {
+        tag: tag.clone(),
+        kind,
+        cdb,
+        out,
+        in_len,
+    };
+    match w.get(1).copied() {
+        Some("write") => {
+            let (lba, n, seed) = (num(2)?, num(3)?, num(4)?);
+            let n32 = u32::try_from(n).map_err(|_| bad("too many blocks"))?;
+            let mut out = Vec::with_capacity(n as usize * BS);
+            for i in 0..n {
+                out.extend_from_slice(&block(seed, lba + i));
+            }
+            Ok(cmd(Kind::Write, rw16(true, lba, n32).to_vec(), out, 0))
+        }
+        Some("read") => {
+            let (lba, n) = (num(2)?, num(3)?);
+            let n32 = u32::try_from(n).map_err(|_| bad("too many blocks"))?;
+            Ok(cmd(
+                Kind::Read { lba },
+                rw16(false, lba, n32).to_vec(),
+                Vec::new(),
+                n as usize * BS,
+            ))
+        }
+        Some("stpg") => {
+            let list = vec![0, 0, 0, 0, AccessState::ActiveOptimized as u8, 0, 0, 0];
+            let mut list = list;
+            list[6..8].copy_from_slice(&group.to_be_bytes());
+            let len = (list.len() as u32).to_be_bytes();
+            let cdb = vec![0xa4, 0x0a, 0, 0, 0, 0, len[0], len[1], len[2], len[3], 0, 0];
+            Ok(cmd(Kind::Stpg, cdb, list, 0))
+        }
+        Some("rtpg") => {
+            let cdb = vec![0xa3, 0x0a, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0];
+            Ok(cmd(Kind::Rtpg, cdb, Vec::new(), 256))
+        }
+        Some("tur") => Ok(cmd(Kind::Tur, vec![0; 6], Vec::new(), 0)),
+        _ => Err(bad("unknown command")),
+    }
+}
+
+fn reply(cmd: &Cmd, status: u8, sense: Option<&[u8]>, data: &[u8]) -> String {
+    if status != 0 {
+        return match sense {
+            Some(s) if s.len() >= 14 => format!(
+                "{} sense {:02x}/{:02x}/{:02x}",
+                cmd.tag,
+                s[2] & 0x0f,
+                s[12],
+                s[13]
+            ),
+            _ => format!("{} status {status:#x}", cmd.tag),
+        };
+    }
+    match cmd.kind {
+        Kind::Write | Kind::Stpg | Kind::Tur => format!("{} ok", cmd.tag),
+        Kind::Read { lba } => {
+            let v: Vec<String> = data
+                .chunks(BS)
+                .enumerate()
+                .map(|(i, b)| decode(b, lba + i as u64))
+                .collect();
+            format!("{} ok {}", cmd.tag, v.join(","))
+        }
+        Kind::Rtpg => {
+            // Descriptors after the 4-byte header: state, supported, id,
+            // reserved, status, reserved, port count, 4 bytes per port.
+            let mut out = Vec::new();
+            let mut p = 4;
+            while p + 8 <= data.len() {
+                let state = AccessState::from_u8(data[p] & 0x0f).map_or("?", state_name);
+                let id = u16::from_be_bytes([data[p + 2], data[p + 3]]);
+                out.push(format!("{id}={state}"));
+                p += 8 + 4 * usize::from(data[p + 7]);
+            }
+            format!("{} ok {}", cmd.tag, out.join(","))
+        }
+    }
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let mut cfg = None;
+    let mut size = None;
+    let mut group: u16 = 1;
+    let mut name = None;
+    let mut opts = FailoverOptions::default();
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        let mut val = || args.next().unwrap_or_else(|| usage());
+        match a.as_str() {
+            "--cfg" => cfg = Some(val()),
+            "--size" => size = val().parse::<u64>().ok(),
+            "--group" => group = val().parse().unwrap_or_else(|_| usage()),
+            "--name" => name = Some(val()),
+            "--holdoff-ms" => {
+                opts.io_holdoff = Duration::from_millis(val().parse().unwrap_or_else(|_| usage()))
+            }
+            _ => usage(),
+        }
+    }
+    let (Some(cfg), Some(size)) = (cfg, size) else {
+        usage()
+    };
+    if group != 1 && group != 2 {
+        usage()
+    }
+    let name = name.unwrap_or_else(|| format!("gw{group}"));
+    if let Err(e) = serve(&name, &cfg, size, group, opts) {
+        eprintln!("{name}: {e}");
+        std::process::exit(1);
+    }
+}
+
+fn serve(
+    name: &str,
+    cfg: &str,
+    size: u64,
+    group: u16,
+    opts: FailoverOptions,
+) -> Result<(), String> {
+    let rbd = Arc::new(RbdBackend::open(cfg, size, BS as u32)?);
+    let mode = AluaMode {
+        implicit: true,
+        explicit: true,
+    };
+    let g = |id: u16| GroupConfig {
+        name: format!("gw{id}"),
+        id,
+        state: AccessState::Standby,
+        status: 0,
+        preferred: false,
+        supported: support::DEFAULT,
+        mode,
+        implicit_trans_secs: 10,
+        ports: vec![(id, id == group)],
+    };
+    let alua = SharedAlua::new(AluaConfig {
+        groups: vec![g(1), g(2)],
+        local: LocalPort {
+            group,
+            rel_port: group,
+        },
+    });
+    let fo = Failover::start(name, rbd, &alua, opts).map_err(|e| e.to_string())?;
+    let backend = fo.backend();
+
+    let mut emu = KernelEmu::with_layout(Layout {
+        data_size: 16 << 20,
+        ..Layout::default()
+    })
+    .map_err(|e| e.to_string())?;
+    let ue = emu.user_end().map_err(|e| e.to_string())?;
+    let map = memmap2::MmapOptions::new()
+        .len(ue.map_len)
+        .map_raw(&ue.file)
+        .map_err(|e| format!("map: {e}"))?;
+    let mem = Arc::new(SharedMem::from_mmap(map));
+    let info = LunInfo {
+        vendor: "LIO-ORG".into(),
+        product: "TCMU device".into(),
+        revision: "0002".into(),
+        serial: "alua-drill".into(),
+        geometry: backend.geometry(),
+        caps: backend.caps(),
+        max_transfer_blocks: 2048,
+    };
+    let mut dev = Device::new(
+        name,
+        mem,
+        Box::new(EventDoorbell::new(ue.to_user, ue.from_user)),
+        backend,
+        info,
+    )
+    .map_err(|e| e.to_string())?;
+    dev.lun_mut().set_alua(Arc::new(alua));
+    let stop = dev.stopper();
+    let worker = std::thread::Builder::new()
+        .name("tcmu-worker".into())
+        .spawn(move || dev.run())
+        .map_err(|e| e.to_string())?;
+
+    let out = std::io::stdout();
+    let say = |s: String| {
+        let mut o = out.lock();
+        let _ = writeln!(o, "{s}");
+        let _ = o.flush();
+    };
+    let stdin = std::io::stdin();
+    let mut buf = Vec::<u8>::new();
+    let mut waiting: VecDeque<Cmd> = VecDeque::new();
+    let mut inflight: HashMap<u16, Cmd> = HashMap::new();
+    let mut eof = false;
+    while !(eof && waiting.is_empty() && inflight.is_empty()) {
+        let (stdin_ready, _) = {
+            let sfd = stdin.as_fd();
+            let mut fds = vec![PollFd::new(emu.doorbell_fd(), PollFlags::POLLIN)];
+            if !eof {
+                fds.push(PollFd::new(sfd, PollFlags::POLLIN));
+            }
+            let _ = nix::poll::poll(&mut fds, PollTimeout::from(100u16));
+            let r = |f: &PollFd| f.revents().is_some_and(|r| !r.is_empty());
+            (fds.get(1).is_some_and(r), r(&fds[0]))
+        };
+        if stdin_ready {
+            let mut chunk = [0u8; 65536];
+            match nix::unistd::read(stdin.as_raw_fd(), &mut chunk) {
+                Ok(0) => eof = true,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                Err(nix::errno::Errno::EINTR | nix::errno::Errno::EAGAIN) => {}
+                Err(_) => eof = true,
+            }
+            while let Some(i) = buf.iter().position(|&b| b == b'\n') {
+                let line: Vec<u8> = buf.drain(..=i).collect();
+                let line = String::from_utf8_lossy(&line).trim().to_string();
+                if line.is_empty() {
+                    continue;
+                }
+                if line.split_whitespace().nth(1) == Some("state") {
+                    let tag = line.split_whitespace().next().unwrap_or("?");
+                    say(format!("{tag} ok {}", fo.status()));
+                    continue;
+                }
+                match parse(&line, group) {
+                    Ok(c) => waiting.push_back(c),
+                    Err((tag, e)) => say(format!("{tag} error {e}")),
+                }
+            }
+        }
+        // Queue what fits in the ring; the rest waits for completions.
+        let mut queued = false;
+        while let Some(c) = waiting.pop_front() {
+            let data = if !c.out.is_empty() {
+                Data::ToDevice(&c.out)
+            } else if c.in_len > 0 {
+                Data::FromDevice(c.in_len)
+            } else {
+                Data::None
+            };
+            match emu.queue(&c.cdb, data) {
+                Ok(id) => {
+                    inflight.insert(id, c);
+                    queued = true;
+                }
+                Err(EmuError::Full) => {
+                    waiting.push_front(c);
+                    break;
+                }
+                Err(e) => {
+                    say(format!("{} error {e}", c.tag));
+                }
+            }
+        }
+        if queued {
+            emu.kick();
+        }
+        emu.ack_doorbell();
+        let mut done = Vec::new();
+        let r = emu.reap(|r, data| {
+            done.push((r.cmd_id, r.status, r.sense.clone(), data.to_vec()));
+        });
+        if let Err(e) = r {
+            say(format!("- error ring: {e}"));
+            break;
+        }
+        for (id, status, sense, data) in done {
+            if let Some(c) = inflight.remove(&id) {
+                say(reply(&c, status, sense.as_deref(), &data));
+            }
+        }
+    }
+    stop.stop();
+    let _ = worker.join();
+    drop(fo);
+    Ok(())
+}

@@ -1,0 +1,426 @@
+//! Side by side on one RBD image, in one run: the load generator through
+//! the emulated kernel, the ring, the SCSI core and the rbd backend, and
+//! fio's own librbd engine (`ioengine=rbd`). Prints IOPS and p99 latency of
+//! both and the ratios.
+//!
+//! tcmu-rbd-vs-fio --conf PATH [--pool rbd] [--image NAME] [--size 1G] [--direct]
+//!                 [--seconds 10] [--repeat 3]
+//!                 [--cases randwrite:4k:32,randread:4k:32,write:64k:32,read:64k:32]
+//!
+//! Each case alternates the two `--repeat` times and reports the median
+//! run of each (by IOPS), so load drifting on a shared machine hits both.
+//! `--direct` also drives the rbd backend alone (no ring), once per case.
+//! fio's client gets the backend's librbd settings (rbd_cache=false, the
+//! same op timeouts); `--fio-defaults` adds a run with librbd's defaults.
+//! The image is created if missing and filled once (so reads hit real
+//! objects). The two never run at once: each holds the image's exclusive
+//! lock while it runs.
+
+use std::process::Command;
+use std::sync::Arc;
+use std::time::Duration;
+use tcmu_rbd::loadgen::{run, Job, Pattern};
+use tcmu_rbd::registry::{lun_info, ConfigfsAttrs, DeviceSpec};
+
+struct Case {
+    rw: String,
+    pattern: Pattern,
+    bs: usize,
+    qd: usize,
+}
+
+struct Measured {
+    iops: f64,
+    p99_us: f64,
+    /// Process CPU time (all threads, librbd's included) per I/O.
+    cpu_us_per_io: f64,
+}
+
+/// CPU time used so far by this process, or by its reaped children.
+fn cpu_time(who: libc::c_int) -> Duration {
+    // SAFETY: getrusage fills the struct we pass; zeroed is a valid start.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: valid pointer to a rusage.
+    unsafe { libc::getrusage(who, &mut ru) };
+    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    tv(ru.ru_utime) + tv(ru.ru_stime)
+}
+
+fn usage() -> ! {
+    eprintln!(
+        "usage: tcmu-rbd-vs-fio --conf PATH [--pool rbd] [--image NAME] [--size 1G] \
+         [--seconds 10] [--repeat 3] [--direct] [--fio-defaults] [--spin N] [--cases rw:bs:qd,...]"
+    );
+    std::process::exit(2)
+}
+
+fn parse_size(s: &str) -> Option<u64> {
+    let (n, mult) = match s.chars().last()? {
+        'K' | 'k' => (&s[..s.len() - 1], 1u64 << 10),
+        'M' | 'm' => (&s[..s.len() - 1], 1 << 20),
+        'G' | 'g' => (&s[..s.len() - 1], 1 << 30),
+        _ => (s, 1),
+    };
+    n.parse::<u64>().ok()?.checked_mul(mult)
+}
+
+fn fail(msg: impl std::fmt::Display) -> ! {
+    eprintln!("tcmu-rbd-vs-fio: {msg}");
+    std::process::exit(1)
+}
+
+fn rbd_cli(conf: &str, args: &[&str]) -> Result<String, String> {
+    let out = Command::new("rbd")
+        .arg("-c")
+        .arg(conf)
+        .args(args)
+        .output()
+        .map_err(|e| format!("rbd: {e}"))?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+/// The librbd settings the backend uses (handler/src/rbd/conn.rs), given
+/// to fio's client too. librbd's default cache policy (writearound)
+/// acknowledges writes before the OSDs have them, which a SCSI target
+/// without a volatile cache must not do.
+const SAME_AS_BACKEND: &str =
+    "--rbd_cache=false --rados_osd_op_timeout=31 --rados_mon_op_timeout=31";
+
+/// Runs fio's rbd engine; returns IOPS and p99 completion latency.
+fn fio(
+    conf: &str,
+    ceph_args: &str,
+    pool: &str,
+    image: &str,
+    c: &Case,
+    secs: u64,
+) -> Result<Measured, String> {
+    let cpu0 = cpu_time(libc::RUSAGE_CHILDREN);
+    let out = Command::new("fio")
+        .env("CEPH_CONF", conf)
+        .env("CEPH_ARGS", ceph_args)
+        .args([
+            "--name=rbd",
+            "--ioengine=rbd",
+            "--clientname=admin",
+            &format!("--pool={pool}"),
+            &format!("--rbdname={image}"),
+            &format!("--rw={}", c.rw),
+            &format!("--bs={}", c.bs),
+            &format!("--iodepth={}", c.qd),
+            &format!("--runtime={secs}"),
+            "--time_based",
+            "--output-format=terse",
+            "--terse-version=3",
+        ])
+        .output()
+        .map_err(|e| format!("cannot run fio: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "fio failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("3;"))
+        .ok_or_else(|| format!("no terse line in fio output: {text}"))?;
+    let f: Vec<&str> = line.split(';').collect();
+    // Terse v3: read iops at 7, read clat percentiles at 17..37; write
+    // iops at 48, write clat percentiles at 58..78 (values in µs).
+    let write = c.rw.contains("write");
+    let (iops_at, pct) = if write { (48, 58..78) } else { (7, 17..37) };
+    let iops: f64 = f
+        .get(iops_at)
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| format!("bad fio terse line: {line}"))?;
+    let p99 = f
+        .get(pct)
+        .into_iter()
+        .flatten()
+        .find_map(|v| v.strip_prefix("99.000000%=")?.parse::<f64>().ok())
+        .ok_or_else(|| format!("no p99 in fio terse line: {line}"))?;
+    let cpu = cpu_time(libc::RUSAGE_CHILDREN) - cpu0;
+    Ok(Measured {
+        iops,
+        p99_us: p99,
+        cpu_us_per_io: cpu.as_secs_f64() * 1e6 / (iops * secs as f64).max(1.0),
+    })
+}
+
+/// The rbd backend alone, without the ring: QD operations kept in flight
+/// through a completion queue (shows what the ring path adds).
+fn direct(cfg: &str, size: u64, c: &Case, secs: u64) -> Result<Measured, String> {
+    use tcmu_handler::{CompletionQueue, IoBufs, Op};
+    let be = tcmu_rbd::backends::open("rbd", cfg, size, 512).map_err(|e| e.to_string())?;
+    let q = CompletionQueue::new().map_err(|e| e.to_string())?;
+    let slots = size / c.bs as u64;
+    let write = matches!(c.pattern, Pattern::RandWrite | Pattern::SeqWrite);
+    let random = matches!(c.pattern, Pattern::RandRead | Pattern::RandWrite);
+    let bufs: Vec<IoBufs> = (0..c.qd)
+        .map(|i| IoBufs::from_vec(vec![i as u8; c.bs]))
+        .collect();
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut seq = 0u64;
+    let mut next_off = || {
+        let slot = if random {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x % slots
+        } else {
+            seq = (seq + 1) % slots;
+            seq
+        };
+        slot * c.bs as u64
+    };
+    let cpu0 = cpu_time(libc::RUSAGE_SELF);
+    let mut started = vec![std::time::Instant::now(); c.qd];
+    let submit = |i: usize, off: u64| {
+        let bufs = bufs[i].clone();
+        let op = if write {
+            Op::Write {
+                offset: off,
+                bufs,
+                fua: false,
+            }
+        } else {
+            Op::Read { offset: off, bufs }
+        };
+        be.submit(op, q.done(i as u64));
+    };
+    for (i, t) in started.iter_mut().enumerate() {
+        *t = std::time::Instant::now();
+        submit(i, next_off());
+    }
+    let t0 = std::time::Instant::now();
+    let end = t0 + Duration::from_secs(secs);
+    let mut lat = Vec::new();
+    let mut inflight = c.qd;
+    while inflight > 0 {
+        let Some(done) = q.recv_timeout(Duration::from_secs(60)) else {
+            return Err("no completion in 60 s".into());
+        };
+        done.result.map_err(|e| e.to_string())?;
+        let i = done.tag as usize;
+        lat.push(started[i].elapsed());
+        if std::time::Instant::now() < end {
+            started[i] = std::time::Instant::now();
+            submit(i, next_off());
+        } else {
+            inflight -= 1;
+        }
+    }
+    let elapsed = t0.elapsed();
+    lat.sort();
+    let p99 = lat[(lat.len() * 99 / 100).min(lat.len() - 1)];
+    let cpu = cpu_time(libc::RUSAGE_SELF) - cpu0;
+    Ok(Measured {
+        iops: lat.len() as f64 / elapsed.as_secs_f64(),
+        p99_us: p99.as_secs_f64() * 1e6,
+        cpu_us_per_io: cpu.as_secs_f64() * 1e6 / lat.len() as f64,
+    })
+}
+
+fn ours(cfg: &str, size: u64, c: &Case, secs: u64, spin: u32) -> Result<Measured, String> {
+    let be = tcmu_rbd::backends::open("rbd", cfg, size, 512).map_err(|e| e.to_string())?;
+    let spec = DeviceSpec {
+        name: "bench".into(),
+        uio_path: "/dev/null".into(),
+        map_size: 0,
+        subtype: "rbd".into(),
+        cfgstring: cfg.into(),
+        configfs_dir: None,
+        size: Some(size),
+    };
+    let info = lun_info(
+        &spec,
+        &ConfigfsAttrs::default(),
+        &*be,
+        tcmu_rbd::ring::abi::KERNEL_CMDR_AREA + tcmu_rbd::ring::abi::KERNEL_DATA_AREA,
+    );
+    let job = Job {
+        pattern: c.pattern,
+        block_size: c.bs,
+        queue_depth: c.qd,
+        duration: Duration::from_secs(secs),
+        spin,
+    };
+    let cpu0 = cpu_time(libc::RUSAGE_SELF);
+    let r = run(Arc::clone(&be), info, job).map_err(|e| e.to_string())?;
+    let cpu = cpu_time(libc::RUSAGE_SELF) - cpu0;
+    if r.errors > 0 {
+        return Err(format!("{} commands failed", r.errors));
+    }
+    Ok(Measured {
+        iops: r.iops(),
+        p99_us: r.p99.as_secs_f64() * 1e6,
+        cpu_us_per_io: cpu.as_secs_f64() * 1e6 / (r.ops as f64).max(1.0),
+    })
+}
+
+/// The run with the median IOPS.
+fn median(mut v: Vec<Measured>) -> Measured {
+    v.sort_by(|a, b| a.iops.total_cmp(&b.iops));
+    let mid = v.len() / 2;
+    v.swap_remove(mid)
+}
+
+fn main() {
+    let mut conf = None;
+    let mut pool = "rbd".to_string();
+    let mut image = "tcmu-bench".to_string();
+    let mut size: u64 = 1 << 30;
+    let mut secs = 10u64;
+    let mut repeat = 3usize;
+    let mut with_direct = false;
+    let mut fio_defaults = false;
+    // Two cores serve librbd, the OSD and the ring here: no spinning by
+    // default.
+    let mut spin = 0u32;
+    let mut cases = "randwrite:4k:32,randread:4k:32,write:64k:32,read:64k:32".to_string();
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        let mut val = || args.next().unwrap_or_else(|| usage());
+        match a.as_str() {
+            "--conf" => conf = Some(val()),
+            "--pool" => pool = val(),
+            "--image" => image = val(),
+            "--size" => size = parse_size(&val()).unwrap_or_else(|| usage()),
+            "--seconds" => secs = val().parse().unwrap_or_else(|_| usage()),
+            "--cases" => cases = val(),
+            "--direct" => with_direct = true,
+            "--fio-defaults" => fio_defaults = true,
+            "--spin" => spin = val().parse().unwrap_or_else(|_| usage()),
+            "--repeat" => repeat = val().parse().unwrap_or_else(|_| usage()),
+            _ => usage(),
+        }
+    }
+    let conf = conf.unwrap_or_else(|| usage());
+    let cases: Vec<Case> = cases
+        .split(',')
+        .map(|c| {
+            let p: Vec<&str> = c.split(':').collect();
+            let [rw, bs, qd] = p.as_slice() else { usage() };
+            Case {
+                rw: rw.to_string(),
+                pattern: rw.parse().unwrap_or_else(|e: String| fail(e)),
+                bs: parse_size(bs).unwrap_or_else(|| usage()) as usize,
+                qd: qd.parse().unwrap_or_else(|_| usage()),
+            }
+        })
+        .collect();
+    let spec = format!("{pool}/{image}");
+    if rbd_cli(&conf, &["info", &spec]).is_err() {
+        rbd_cli(&conf, &["create", "--size", &format!("{size}B"), &spec])
+            .unwrap_or_else(|e| fail(format!("cannot create {spec}: {e}")));
+        // Fill it once, so reads meet allocated objects in both runs.
+        let fill = Case {
+            rw: "write".into(),
+            pattern: Pattern::SeqWrite,
+            bs: 4 << 20,
+            qd: 8,
+        };
+        let st = Command::new("fio")
+            .env("CEPH_CONF", &conf)
+            .args([
+                "--name=fill",
+                "--ioengine=rbd",
+                "--clientname=admin",
+                &format!("--pool={pool}"),
+                &format!("--rbdname={image}"),
+                &format!("--rw={}", fill.rw),
+                &format!("--bs={}", fill.bs),
+                &format!("--iodepth={}", fill.qd),
+                "--output-format=terse",
+            ])
+            .output()
+            .unwrap_or_else(|e| fail(format!("cannot run fio: {e}")));
+        if !st.status.success() {
+            fail(format!(
+                "filling {spec} failed: {}",
+                String::from_utf8_lossy(&st.stderr)
+            ));
+        }
+    }
+    let real = rbd_cli(&conf, &["info", "--format", "json", &spec])
+        .ok()
+        .and_then(|j| {
+            let i = j.find("\"size\":")? + 7;
+            j[i..]
+                .split(|c: char| !c.is_ascii_digit())
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
+        .unwrap_or(size);
+    let cfg = format!("{spec};conf={conf}");
+    println!(
+        "image {spec} ({real} bytes), {secs} s per run, median of {repeat}, same image, \
+         one after the other; fio CEPH_ARGS: {SAME_AS_BACKEND}"
+    );
+    println!(
+        "{:<10} {:>5} {:>3} | {:>9} {:>9} | {:>9} {:>9} | {:>6} {:>6} | {:>9}",
+        "pattern",
+        "bs",
+        "qd",
+        "ours IOPS",
+        "fio IOPS",
+        "ours p99",
+        "fio p99",
+        "IOPS x",
+        "p99 x",
+        "CPU us/IO"
+    );
+    for c in &cases {
+        let mut os = Vec::new();
+        let mut fs = Vec::new();
+        for _ in 0..repeat.max(1) {
+            os.push(
+                ours(&cfg, real, c, secs, spin)
+                    .unwrap_or_else(|e| fail(format!("{}: ours: {e}", c.rw))),
+            );
+            fs.push(
+                fio(&conf, SAME_AS_BACKEND, &pool, &image, c, secs)
+                    .unwrap_or_else(|e| fail(format!("{}: fio: {e}", c.rw))),
+            );
+        }
+        let (o, f) = (median(os), median(fs));
+        let d = with_direct.then(|| {
+            direct(&cfg, real, c, secs).unwrap_or_else(|e| fail(format!("{}: direct: {e}", c.rw)))
+        });
+        println!(
+            "{:<10} {:>5} {:>3} | {:>9.0} {:>9.0} | {:>7.0}us {:>7.0}us | {:>6.3} {:>6.3} | {:>4.0}/{:<4.0}",
+            c.rw,
+            format!("{}k", c.bs / 1024),
+            c.qd,
+            o.iops,
+            f.iops,
+            o.p99_us,
+            f.p99_us,
+            o.iops / f.iops.max(1e-9),
+            o.p99_us / f.p99_us.max(1e-9),
+            o.cpu_us_per_io,
+            f.cpu_us_per_io
+        );
+        if fio_defaults {
+            let f = fio(&conf, "", &pool, &image, c, secs)
+                .unwrap_or_else(|e| fail(format!("{}: fio: {e}", c.rw)));
+            println!(
+                "  (fio with librbd's default cache, writes acknowledged early: {:.0} IOPS, p99 {:.0}us, {:.0} CPU us/IO)",
+                f.iops, f.p99_us, f.cpu_us_per_io
+            );
+        }
+        if let Some(d) = d {
+            println!(
+                "  (backend alone, no ring: {:.0} IOPS, p99 {:.0}us, {:.0} CPU us/IO)",
+                d.iops, d.p99_us, d.cpu_us_per_io
+            );
+        }
+    }
+}

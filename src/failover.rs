@@ -1,0 +1,584 @@
+//! HA failover on the rbd exclusive lock: the glue between an image's
+//! exclusive lock and the device's ALUA states.
+//!
+//! - The gateway whose client holds the lock reports its port group
+//!   Active/Optimized and the others Standby; a gateway that does not hold
+//!   it reports its own group Standby, and Transitioning while it takes
+//!   the lock.
+//! - An explicit SET TARGET PORT GROUPS asking the local group for
+//!   Active/Optimized (what dm-multipath's ALUA handler sends when it
+//!   switches to this path group), or with implicit ALUA a media command
+//!   reaching a standby port, starts the takeover on the manager's own
+//!   thread; the ring keeps answering 02/04/0A (transitioning, the host
+//!   retries). The takeover fences the old owner before breaking its lock
+//!   (see `tcmu_handler::rbd::lock`), then acquires, then reports
+//!   Active/Optimized and marks every other group Standby.
+//! - Every backend operation passes [`Failover::backend`]'s gate: only a
+//!   gateway that took the lock on the session serving I/O reaches librbd.
+//!   A gateway that loses the lock (its I/O sees ESHUTDOWN, or librbd no
+//!   longer reports it as the owner) stops at once: the gate closes, the
+//!   port goes Standby, the image is reopened on a fresh rados client and
+//!   the gateway can take the lock back later.
+//! - After losing the lock, I/O alone does not take it back for
+//!   [`FailoverOptions::io_holdoff`]: commands the host had queued on this
+//!   path before it failed over would otherwise steal the lock back from
+//!   the new owner. An explicit STPG always does.
+//!
+//! Lock and state changes are logged in a `failover` span with the device
+//! name; [`Failover::status`] is what the daemon's status shows.
+
+use crate::scsi::alua::{status, AccessState, AluaHandle, SharedAlua, StpgError, StpgRequest};
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+use tcmu_handler::rbd::lock::LockError;
+use tcmu_handler::rbd::RbdBackend;
+use tcmu_handler::{Backend, Caps, Done, Geometry, IoError, Op};
+use tracing::{error, info, info_span, warn};
+
+/// Tuning of the failover manager.
+#[derive(Debug, Clone, Copy)]
+pub struct FailoverOptions {
+    /// How often the owner checks that it still holds the lock (a local
+    /// librbd call) and a fenced session is noticed.
+    pub poll: Duration,
+    /// How long an `osd blocklist add` of a fenced owner lasts. Longer
+    /// than any op of the old client can stay in flight; the old gateway
+    /// reconnects with a fresh client (new address) anyway.
+    pub blocklist_expire_secs: u32,
+    /// After losing the lock, I/O does not take it back for this long
+    /// (STPG does).
+    pub io_holdoff: Duration,
+    /// How long a takeover keeps trying (waiting for a reopen, retrying
+    /// a racing acquire) before the port goes back to Standby.
+    pub acquire_timeout: Duration,
+}
+
+impl Default for FailoverOptions {
+    fn default() -> Self {
+        FailoverOptions {
+            poll: Duration::from_millis(100),
+            blocklist_expire_secs: 3600,
+            io_holdoff: Duration::from_secs(5),
+            acquire_timeout: Duration::from_secs(20),
+        }
+    }
+}
+
+enum Msg {
+    Acquire(&'static str),
+    Release,
+    Stop,
+}
+
+/// A snapshot of the manager's state for status output.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FailoverStatus {
+    /// The local port group's ALUA state.
+    pub state: AccessState,
+    /// Whether this gateway holds the lock and serves I/O.
+    pub serving: bool,
+    /// Who holds the lock, as last seen (`mine`, `free`, an address, or
+    /// `unknown`).
+    pub lock: String,
+    /// The backend session generation (1 + reopens on a fresh client).
+    pub generation: u64,
+    /// Times this gateway took the lock.
+    pub takeovers: u64,
+    /// Times it lost the lock.
+    pub losses: u64,
+    /// The last takeover's duration (request to Active/Optimized).
+    pub last_takeover_ms: Option<u64>,
+}
+
+/// Short name of an ALUA state, as status lines show it.
+pub fn state_name(s: AccessState) -> &'static str {
+    match s {
+        AccessState::ActiveOptimized => "active/optimized",
+        AccessState::ActiveNonOptimized => "active/non-optimized",
+        AccessState::Standby => "standby",
+        AccessState::Unavailable => "unavailable",
+        AccessState::LbaDependent => "lba-dependent",
+        AccessState::Offline => "offline",
+        AccessState::Transitioning => "transitioning",
+    }
+}
+
+impl std::fmt::Display for FailoverStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "alua={} lock={} generation={} takeovers={} losses={}",
+            state_name(self.state),
+            self.lock,
+            self.generation,
+            self.takeovers,
+            self.losses
+        )?;
+        if let Some(ms) = self.last_takeover_ms {
+            write!(f, " last_takeover_ms={ms}")?;
+        }
+        Ok(())
+    }
+}
+
+struct Shared {
+    name: String,
+    backend: Arc<RbdBackend>,
+    alua: AluaHandle,
+    local_group: u16,
+    groups: Vec<u16>,
+    opts: FailoverOptions,
+    /// The gate: set only while the lock is held on session `owned_gen`.
+    serving: AtomicBool,
+    owned_gen: AtomicU64,
+    /// A takeover is queued or running.
+    acquiring: AtomicBool,
+    /// The gate refused an op on a lost session: the manager should look.
+    suspect: AtomicBool,
+    takeovers: AtomicU64,
+    losses: AtomicU64,
+    lost_at: Mutex<Option<Instant>>,
+    lock_view: Mutex<String>,
+    last_takeover_ms: Mutex<Option<u64>>,
+    tx: Sender<Msg>,
+}
+
+impl Shared {
+    fn set_local(&self, state: AccessState, why: &str) {
+        let old = self.alua.state(self.local_group);
+        self.alua.set_local_state(state);
+        if old != Some(state) {
+            info!(
+                dev = %self.name,
+                group = self.local_group,
+                from = old.map_or("?", state_name),
+                to = state_name(state),
+                why,
+                "ALUA state change"
+            );
+        }
+    }
+
+    /// Starts a takeover unless one is under way. Never blocks.
+    fn kick_acquire(&self, why: &'static str) {
+        if self.serving.load(Ordering::Acquire) {
+            return;
+        }
+        if self.acquiring.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        self.set_local(AccessState::Transitioning, why);
+        if self.tx.send(Msg::Acquire(why)).is_err() {
+            self.acquiring.store(false, Ordering::Release);
+            self.set_local(AccessState::Standby, "failover manager gone");
+        }
+    }
+
+    fn in_holdoff(&self) -> bool {
+        self.lost_at
+            .lock()
+            .ok()
+            .and_then(|g| *g)
+            .is_some_and(|t| t.elapsed() < self.opts.io_holdoff)
+    }
+
+    fn on_request_active(&self) {
+        if self.serving.load(Ordering::Acquire) || self.in_holdoff() {
+            return;
+        }
+        self.kick_acquire("I/O at a standby port");
+    }
+
+    fn on_stpg(&self, handle: &AluaHandle, reqs: &[StpgRequest]) -> Result<(), StpgError> {
+        for r in reqs {
+            if r.group == self.local_group {
+                match r.state {
+                    AccessState::ActiveOptimized | AccessState::ActiveNonOptimized => {
+                        if self.serving.load(Ordering::Acquire) {
+                            handle.set_state(
+                                r.group,
+                                AccessState::ActiveOptimized,
+                                status::BY_STPG,
+                            );
+                        } else {
+                            self.kick_acquire("SET TARGET PORT GROUPS");
+                        }
+                    }
+                    _ => {
+                        if self.serving.load(Ordering::Acquire) {
+                            self.tx
+                                .send(Msg::Release)
+                                .map_err(|_| StpgError::Failed("failover manager gone".into()))?;
+                        } else {
+                            handle.set_state(r.group, r.state, status::BY_STPG);
+                        }
+                    }
+                }
+            } else if !(self.serving.load(Ordering::Acquire)
+                && matches!(
+                    r.state,
+                    AccessState::ActiveOptimized | AccessState::ActiveNonOptimized
+                ))
+            {
+                // Another gateway's group: only what it looks like from
+                // here; it cannot be active while this one holds the lock.
+                handle.set_state(r.group, r.state, status::BY_STPG);
+            }
+        }
+        Ok(())
+    }
+
+    fn gate_open(&self) -> bool {
+        self.serving.load(Ordering::Acquire)
+            && self.backend.generation() == self.owned_gen.load(Ordering::Acquire)
+    }
+
+    /// The manager thread.
+    fn run(self: Arc<Self>, rx: Receiver<Msg>) {
+        let span = info_span!("failover", dev = %self.name);
+        let _g = span.enter();
+        let mut last_view = Instant::now() - Duration::from_secs(10);
+        loop {
+            match rx.recv_timeout(self.opts.poll) {
+                Ok(Msg::Stop) | Err(RecvTimeoutError::Disconnected) => break,
+                Ok(Msg::Acquire(why)) => self.acquire(why),
+                Ok(Msg::Release) => self.release(),
+                Err(RecvTimeoutError::Timeout) => {}
+            }
+            self.check();
+            if !self.serving.load(Ordering::Acquire)
+                && last_view.elapsed() >= Duration::from_secs(1)
+            {
+                last_view = Instant::now();
+                self.refresh_view();
+            }
+        }
+        info!("failover manager stopped");
+    }
+
+    fn refresh_view(&self) {
+        let v = match self.backend.lock_view() {
+            Ok(v) => v.to_string(),
+            Err(LockError::Fenced { .. }) => "unknown (reopening)".into(),
+            Err(_) => "unknown".into(),
+        };
+        let mut g = self.lock_view.lock().unwrap_or_else(|e| e.into_inner());
+        if *g != v {
+            info!(owner = %v, "lock owner seen");
+            *g = v;
+        }
+    }
+
+    /// While serving: the lock must still be ours on the same session.
+    fn check(&self) {
+        let suspect = self.suspect.swap(false, Ordering::AcqRel);
+        if !self.serving.load(Ordering::Acquire) {
+            return;
+        }
+        let gen = self.owned_gen.load(Ordering::Acquire);
+        let why = if self.backend.generation() != gen || self.backend.is_fenced() {
+            Some("this client was blocklisted (I/O failed with ESHUTDOWN)".to_string())
+        } else {
+            match self.backend.lock_held() {
+                Ok(true) => None,
+                Ok(false) => Some("librbd no longer reports this client as the lock owner".into()),
+                Err(LockError::Fenced { .. }) => Some("this client was blocklisted".into()),
+                Err(e) => {
+                    if suspect {
+                        Some(format!("lock check failed: {e}"))
+                    } else {
+                        warn!(error = %e, "lock check failed; keeping the lock for now");
+                        None
+                    }
+                }
+            }
+        };
+        if let Some(why) = why {
+            self.lost(&why);
+        }
+    }
+
+    fn lost(&self, why: &str) {
+        // Gate first: not one more op reaches librbd on this session.
+        self.serving.store(false, Ordering::Release);
+        self.losses.fetch_add(1, Ordering::Relaxed);
+        if let Ok(mut g) = self.lost_at.lock() {
+            *g = Some(Instant::now());
+        }
+        warn!(
+            why,
+            "exclusive lock lost: serving no more I/O, reopening on a fresh client"
+        );
+        self.set_local(AccessState::Standby, "lock lost");
+        *self.lock_view.lock().unwrap_or_else(|e| e.into_inner()) = "lost".into();
+        self.backend.fence_and_reopen();
+    }
+
+    fn acquire(&self, why: &str) {
+        let t0 = Instant::now();
+        info!(why, "taking the exclusive lock");
+        let deadline = t0 + self.opts.acquire_timeout;
+        let result = loop {
+            match self.backend.take_lock(self.opts.blocklist_expire_secs) {
+                Ok(t) => break Ok(t),
+                // Blocklisted earlier: wait for the reopen on a fresh client.
+                Err(LockError::Fenced { .. }) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                // Another gateway raced us between break and acquire.
+                Err(LockError::Call { ref source, .. })
+                    if (source.errno == libc::EBUSY || source.errno == libc::EAGAIN)
+                        && Instant::now() < deadline =>
+                {
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                Err(e) => break Err(e),
+            }
+        };
+        match result {
+            Ok(t) => {
+                self.owned_gen.store(t.generation, Ordering::Release);
+                self.serving.store(true, Ordering::Release);
+                for &g in &self.groups {
+                    if g != self.local_group {
+                        self.alua
+                            .set_state(g, AccessState::Standby, status::BY_IMPLICIT);
+                    }
+                }
+                self.set_local(AccessState::ActiveOptimized, "exclusive lock held");
+                let ms = t0.elapsed().as_millis() as u64;
+                *self
+                    .last_takeover_ms
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner()) = Some(ms);
+                *self.lock_view.lock().unwrap_or_else(|e| e.into_inner()) = "mine".into();
+                if !t.already {
+                    self.takeovers.fetch_add(1, Ordering::Relaxed);
+                }
+                info!(fenced = ?t.fenced, generation = t.generation, ms, "takeover done: active/optimized");
+            }
+            Err(e) => {
+                error!(error = %e, "takeover failed; staying standby");
+                self.set_local(AccessState::Standby, "takeover failed");
+            }
+        }
+        self.acquiring.store(false, Ordering::Release);
+    }
+
+    fn release(&self) {
+        self.serving.store(false, Ordering::Release);
+        self.set_local(AccessState::Transitioning, "releasing the lock");
+        // Writes in flight finish on librbd's side before it releases.
+        if let Err(e) = self.backend.release_lock() {
+            warn!(error = %e, "lock release failed");
+        }
+        self.set_local(AccessState::Standby, "lock released");
+    }
+}
+
+/// The failover manager of one device. Dropping it (after the device's
+/// worker stopped) releases the lock if held and stops its thread.
+pub struct Failover {
+    shared: Arc<Shared>,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// Why the manager could not start.
+#[derive(Debug, thiserror::Error)]
+#[error("{dev}: cannot start the failover thread: {source}")]
+pub struct FailoverError {
+    /// Device.
+    pub dev: String,
+    /// Why.
+    pub source: std::io::Error,
+}
+
+impl Failover {
+    /// Drives `alua`'s states from `backend`'s exclusive lock: installs the
+    /// STPG and implicit-activation hooks, reports the local group Standby
+    /// (nobody holds the lock for this gateway yet) and starts the
+    /// manager thread.
+    pub fn start(
+        name: &str,
+        backend: Arc<RbdBackend>,
+        alua: &SharedAlua,
+        opts: FailoverOptions,
+    ) -> Result<Failover, FailoverError> {
+        use crate::scsi::alua::AluaSource;
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let local_group = alua.local_port().group;
+        let shared = Arc::new(Shared {
+            name: name.to_string(),
+            backend,
+            alua: alua.handle(),
+            local_group,
+            groups: alua.groups().iter().map(|g| g.id).collect(),
+            opts,
+            serving: AtomicBool::new(false),
+            owned_gen: AtomicU64::new(0),
+            acquiring: AtomicBool::new(false),
+            suspect: AtomicBool::new(false),
+            takeovers: AtomicU64::new(0),
+            losses: AtomicU64::new(0),
+            lost_at: Mutex::new(None),
+            lock_view: Mutex::new("unknown".into()),
+            last_takeover_ms: Mutex::new(None),
+            tx,
+        });
+        shared.set_local(AccessState::Standby, "gateway started without the lock");
+        let weak = Arc::downgrade(&shared);
+        alua.on_request_active(move || {
+            if let Some(s) = weak.upgrade() {
+                s.on_request_active();
+            }
+        });
+        let weak = Arc::downgrade(&shared);
+        alua.on_stpg(move |h, reqs| match weak.upgrade() {
+            Some(s) => s.on_stpg(h, reqs),
+            None => Err(StpgError::Failed("failover manager gone".into())),
+        });
+        let s2 = Arc::clone(&shared);
+        let thread = std::thread::Builder::new()
+            .name("tcmu-failover".into())
+            .spawn(move || s2.run(rx))
+            .map_err(|source| FailoverError {
+                dev: name.to_string(),
+                source,
+            })?;
+        info!(dev = %name, group = local_group, "failover manager started");
+        Ok(Failover {
+            shared,
+            thread: Some(thread),
+        })
+    }
+
+    /// The backend to serve the device with: the rbd backend behind the
+    /// lock gate.
+    pub fn backend(&self) -> Arc<dyn Backend> {
+        Arc::new(Gated {
+            shared: Arc::clone(&self.shared),
+        })
+    }
+
+    /// Asks for a takeover, as an STPG would (tests, admin commands).
+    pub fn request_active(&self) {
+        self.shared.kick_acquire("requested");
+    }
+
+    /// The manager's state now.
+    pub fn status(&self) -> FailoverStatus {
+        let s = &self.shared;
+        FailoverStatus {
+            state: s
+                .alua
+                .state(s.local_group)
+                .unwrap_or(AccessState::Transitioning),
+            serving: s.serving.load(Ordering::Acquire),
+            lock: s
+                .lock_view
+                .lock()
+                .map(|g| g.clone())
+                .unwrap_or_else(|_| "unknown".into()),
+            generation: s.backend.generation(),
+            takeovers: s.takeovers.load(Ordering::Relaxed),
+            losses: s.losses.load(Ordering::Relaxed),
+            last_takeover_ms: s.last_takeover_ms.lock().ok().and_then(|g| *g),
+        }
+    }
+}
+
+impl Drop for Failover {
+    fn drop(&mut self) {
+        // A clean stop (device removed, daemon stopping; its worker has
+        // drained) hands the lock over instead of waiting to be fenced.
+        if self.shared.serving.load(Ordering::Acquire) {
+            let _ = self.shared.tx.send(Msg::Release);
+        }
+        let _ = self.shared.tx.send(Msg::Stop);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The rbd backend behind the lock gate.
+struct Gated {
+    shared: Arc<Shared>,
+}
+
+impl Backend for Gated {
+    fn name(&self) -> String {
+        self.shared.backend.name()
+    }
+
+    fn geometry(&self) -> Geometry {
+        self.shared.backend.geometry()
+    }
+
+    fn caps(&self) -> Caps {
+        self.shared.backend.caps()
+    }
+
+    fn submit(&self, op: Op, done: Done) {
+        if !self.shared.gate_open() {
+            self.shared.suspect.store(true, Ordering::Release);
+            done.complete(Err(IoError::Fenced(format!(
+                "{}: this gateway does not hold the image's exclusive lock",
+                self.shared.name
+            ))));
+            return;
+        }
+        self.shared.backend.submit(op, done);
+    }
+
+    fn resize(&self, size: u64) -> Result<(), IoError> {
+        self.shared.backend.resize(size)
+    }
+}
+
+/// An rbd device served by an HA gateway: the gated backend, the ALUA
+/// source to install on the LUN, and the manager driving it.
+pub struct HaRbd {
+    /// The backend to serve the device with.
+    pub backend: Arc<dyn Backend>,
+    /// The ALUA source ([`crate::scsi::Lun::set_alua`]).
+    pub alua: Arc<SharedAlua>,
+    /// The failover manager (keep it as long as the device is served).
+    pub failover: Failover,
+}
+
+/// Opens the rbd image `cfgstring` for device `name` as an HA gateway with
+/// the ALUA groups `config` (from configfs): the exclusive lock decides
+/// which gateway is Active/Optimized.
+pub fn open_rbd(
+    name: &str,
+    cfgstring: &str,
+    size: u64,
+    block_size: u32,
+    config: crate::scsi::alua::AluaConfig,
+    opts: FailoverOptions,
+) -> Result<HaRbd, crate::backends::OpenError> {
+    use crate::backends::OpenError;
+    if block_size == 0 || !block_size.is_power_of_two() {
+        return Err(OpenError::BadConfig(format!(
+            "block size {block_size} is not a power of two"
+        )));
+    }
+    if size == 0 || !size.is_multiple_of(u64::from(block_size)) {
+        return Err(OpenError::BadConfig(format!(
+            "device size {size} is not a positive multiple of the block size {block_size}"
+        )));
+    }
+    let rbd = Arc::new(RbdBackend::open(cfgstring, size, block_size).map_err(OpenError::Open)?);
+    let alua = SharedAlua::new(config);
+    let failover =
+        Failover::start(name, rbd, &alua, opts).map_err(|e| OpenError::Open(e.to_string()))?;
+    Ok(HaRbd {
+        backend: failover.backend(),
+        alua: Arc::new(alua),
+        failover,
+    })
+}

@@ -1,0 +1,772 @@
+//! HA failover drills on the live micro cluster (scripts/test-rbd.sh):
+//! two gateway processes (`tcmu-rbd-gw-sim`, each with its own emulated
+//! kernel side, ring, SCSI core, rbd backend and rados client) on one
+//! image, and a writer here that records every acknowledged write.
+//!
+//! 1. planned move by STPG, 4. failback the same way;
+//! 2. crash (kill -9) of the active gateway mid-stream, takeover by I/O;
+//! 3. split brain: the active gateway is SIGSTOPped with writes in flight,
+//!    the other takes over, the stopped one resumes: none of its late
+//!    writes reach the image, it reports standby and can take over again.
+//!
+//! Failover times (last write acknowledged by the old gateway to the
+//! first acknowledged by the new one) are printed.
+
+mod rbd_util;
+
+use rbd_util::*;
+use std::collections::{HashMap, HashSet};
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::mpsc::{self, Receiver};
+use std::time::{Duration, Instant};
+
+const BS: u64 = 512;
+/// Blocks per write.
+const WB: u64 = 8;
+const SIZE: u64 = 64 << 20;
+/// Failover target.
+const TARGET: Duration = Duration::from_secs(5);
+
+/// One gateway process.
+struct Gw {
+    name: &'static str,
+    child: Child,
+    stdin: Option<ChildStdin>,
+    rx: Receiver<String>,
+    replies: HashMap<String, String>,
+    next: u64,
+    log: String,
+}
+
+impl Gw {
+    fn spawn(name: &'static str, group: u16, img: &TestImage, test: &str) -> Gw {
+        Self::spawn_with(name, group, img, test, &[])
+    }
+
+    fn spawn_with(
+        name: &'static str,
+        group: u16,
+        img: &TestImage,
+        test: &str,
+        extra: &[&str],
+    ) -> Gw {
+        let dir = format!("{}/alua-drills", env!("CARGO_TARGET_TMPDIR"));
+        std::fs::create_dir_all(&dir).expect("log dir");
+        let log = format!("{dir}/{test}-{name}.log");
+        let logf = std::fs::File::create(&log).expect("log file");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_tcmu-rbd-gw-sim"))
+            .args(["--cfg", &img.cfg(";osd_op_timeout=30")])
+            .args(["--size", &img.size.to_string()])
+            .args(["--group", &group.to_string(), "--name", name])
+            .args(extra)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(logf)
+            .spawn()
+            .expect("spawn tcmu-rbd-gw-sim");
+        let out = child.stdout.take().expect("stdout");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines() {
+                let Ok(l) = line else { break };
+                if tx.send(l).is_err() {
+                    break;
+                }
+            }
+        });
+        eprintln!("{name}: pid {}, log {log}", child.id());
+        Gw {
+            name,
+            stdin: child.stdin.take(),
+            child,
+            rx,
+            replies: HashMap::new(),
+            next: 1,
+            log,
+        }
+    }
+
+    /// Sends a command; returns its tag.
+    fn send(&mut self, cmd: &str) -> String {
+        let tag = format!("{}{}", self.name, self.next);
+        self.next += 1;
+        let w = self.stdin.as_mut().expect("stdin open");
+        writeln!(w, "{tag} {cmd}").expect("write to gateway");
+        w.flush().expect("flush");
+        tag
+    }
+
+    fn take_lines(&mut self, wait: Duration) {
+        if let Ok(l) = self.rx.recv_timeout(wait) {
+            self.store(l);
+            while let Ok(l) = self.rx.try_recv() {
+                self.store(l);
+            }
+        }
+    }
+
+    fn store(&mut self, l: String) {
+        let (tag, rest) = l.split_once(' ').unwrap_or((&l, ""));
+        self.replies.insert(tag.to_string(), rest.to_string());
+    }
+
+    /// The reply to `tag`, waiting up to `limit`.
+    fn wait(&mut self, tag: &str, limit: Duration) -> Option<String> {
+        let t0 = Instant::now();
+        loop {
+            if let Some(r) = self.replies.remove(tag) {
+                return Some(r);
+            }
+            let left = limit.checked_sub(t0.elapsed())?;
+            self.take_lines(left.min(Duration::from_millis(50)));
+        }
+    }
+
+    fn call(&mut self, cmd: &str) -> String {
+        let tag = self.send(cmd);
+        self.wait(&tag, Duration::from_secs(60)).unwrap_or_else(|| {
+            panic!(
+                "{}: no reply to {cmd:?} in 60 s (log {})",
+                self.name, self.log
+            )
+        })
+    }
+
+    fn state(&mut self) -> String {
+        self.call("state")
+    }
+
+    /// Waits until `state` contains `want`.
+    fn wait_state(&mut self, want: &str, limit: Duration) -> String {
+        let t0 = Instant::now();
+        loop {
+            let s = self.state();
+            if s.contains(want) {
+                return s;
+            }
+            assert!(
+                t0.elapsed() < limit,
+                "{}: state never showed {want:?} in {limit:?}; last: {s} (log {})",
+                self.name,
+                self.log
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn signal(&self, sig: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), sig)
+            .expect("signal gateway");
+    }
+}
+
+impl Drop for Gw {
+    fn drop(&mut self) {
+        drop(self.stdin.take());
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// An acknowledged write.
+#[derive(Clone, Copy, Debug)]
+struct Ack {
+    lba: u64,
+    seed: u64,
+    at: Instant,
+}
+
+/// The writer: each write covers fresh blocks (seq * WB), so what the
+/// image must hold is exactly the set of acknowledged writes.
+struct Writer {
+    base_seed: u64,
+    next: u64,
+    /// By gateway name.
+    acks: HashMap<&'static str, Vec<Ack>>,
+    /// Writes not yet acknowledged anywhere (retried on the next gateway).
+    retry: Vec<u64>,
+}
+
+impl Writer {
+    fn new(base_seed: u64) -> Self {
+        Writer {
+            base_seed,
+            next: 0,
+            acks: HashMap::new(),
+            retry: Vec::new(),
+        }
+    }
+
+    fn lba(seq: u64) -> u64 {
+        seq * WB
+    }
+
+    fn cmd(&self, seq: u64) -> String {
+        format!("write {} {WB} {}", Self::lba(seq), self.base_seed + seq)
+    }
+
+    fn acked(&self) -> Vec<Ack> {
+        self.acks.values().flatten().copied().collect()
+    }
+
+    fn last_ack(&self, gw: &str) -> Option<Instant> {
+        self.acks.get(gw).and_then(|v| v.iter().map(|a| a.at).max())
+    }
+
+    fn first_ack_after(&self, gw: &str, t: Instant) -> Option<Instant> {
+        self.acks
+            .get(gw)
+            .and_then(|v| v.iter().map(|a| a.at).filter(|&a| a > t).min())
+    }
+
+    /// Streams writes to `gw` with `qd` in flight until `until` returns
+    /// true (checked between replies) or `stop_on_error` and a write
+    /// fails. Transitioning (02/04/0a) is retried on the same gateway, as
+    /// dm-multipath's ALUA handler does; any other failure puts the write
+    /// on the retry list for the next gateway. Returns the failures seen.
+    fn stream(
+        &mut self,
+        gw: &mut Gw,
+        qd: usize,
+        stop_on_error: bool,
+        mut until: impl FnMut(&mut Gw, &Writer) -> bool,
+        limit: Duration,
+    ) -> Vec<String> {
+        let t0 = Instant::now();
+        let mut inflight: HashMap<String, u64> = HashMap::new();
+        let mut errors = Vec::new();
+        let mut stopping = false;
+        loop {
+            while !stopping && inflight.len() < qd {
+                let seq = match self.retry.pop() {
+                    Some(s) => s,
+                    None => {
+                        self.next += 1;
+                        self.next - 1
+                    }
+                };
+                let tag = gw.send(&self.cmd(seq));
+                inflight.insert(tag, seq);
+            }
+            if inflight.is_empty() {
+                return errors;
+            }
+            gw.take_lines(Duration::from_millis(20));
+            let done: Vec<(String, u64)> = inflight
+                .iter()
+                .filter(|(t, _)| gw.replies.contains_key(*t))
+                .map(|(t, s)| (t.clone(), *s))
+                .collect();
+            for (tag, seq) in done {
+                inflight.remove(&tag);
+                let r = gw.replies.remove(&tag).unwrap_or_default();
+                if r == "ok" {
+                    self.acks.entry(gw.name).or_default().push(Ack {
+                        lba: Self::lba(seq),
+                        seed: self.base_seed + seq,
+                        at: Instant::now(),
+                    });
+                } else if r == "sense 02/04/0a" && !stopping {
+                    // Transitioning: retry here after a moment.
+                    std::thread::sleep(Duration::from_millis(20));
+                    let tag = gw.send(&self.cmd(seq));
+                    inflight.insert(tag, seq);
+                } else {
+                    self.retry.push(seq);
+                    errors.push(r);
+                    if stop_on_error {
+                        stopping = true;
+                    }
+                }
+            }
+            if !stopping && until(gw, self) {
+                stopping = true;
+            }
+            if t0.elapsed() > limit {
+                panic!(
+                    "{}: stream did not finish in {limit:?}; errors {errors:?} (log {})",
+                    gw.name, gw.log
+                );
+            }
+        }
+    }
+
+    /// Checks every acknowledged write through `gw` (reads) and in `rbd
+    /// export`; blocks in `zero` must read as zeros.
+    fn verify(&self, gw: &mut Gw, img: &TestImage, zero: &[u64]) {
+        let acked = self.acked();
+        let mut want: HashMap<u64, u64> = HashMap::new();
+        for a in &acked {
+            for i in 0..WB {
+                want.insert(a.lba + i, a.seed);
+            }
+        }
+        let max = want.keys().max().copied().unwrap_or(0) + 1;
+        let mut lba = 0;
+        while lba < max {
+            let n = 256.min(max - lba);
+            let r = gw.call(&format!("read {lba} {n}"));
+            let list = r
+                .strip_prefix("ok ")
+                .unwrap_or_else(|| panic!("{}: read {lba} failed: {r}", gw.name));
+            for (i, v) in list.split(',').enumerate() {
+                let b = lba + i as u64;
+                if let Some(seed) = want.get(&b) {
+                    assert_eq!(
+                        v,
+                        seed.to_string(),
+                        "block {b}: an acknowledged write (seed {seed}) is not on the image (read through {})",
+                        gw.name
+                    );
+                }
+            }
+            lba += n;
+        }
+        let img_bytes = img.export();
+        for (&b, &seed) in &want {
+            let blk = &img_bytes[(b * BS) as usize..((b + 1) * BS) as usize];
+            assert_eq!(&blk[..8], b"ALUAGWBK", "export: block {b} lacks its write");
+            assert_eq!(
+                u64::from_le_bytes(blk[16..24].try_into().unwrap()),
+                seed,
+                "export: block {b} holds another write"
+            );
+        }
+        for &b in zero {
+            let blk = &img_bytes[(b * BS) as usize..((b + 1) * BS) as usize];
+            assert!(
+                blk.iter().all(|&x| x == 0),
+                "export: block {b} was written by a late write of a fenced gateway"
+            );
+        }
+        eprintln!(
+            "verified {} acknowledged writes ({} blocks) through {} and rbd export",
+            acked.len(),
+            want.len(),
+            gw.name
+        );
+    }
+}
+
+fn ms(d: Duration) -> u128 {
+    d.as_millis()
+}
+
+/// Streams on `from` while `to` is asked to take over by STPG; moves the
+/// writer to `to`. Returns the failover time.
+fn planned_move(w: &mut Writer, from: &mut Gw, to: &mut Gw) -> Duration {
+    // Some load on the active gateway first.
+    let t0 = Instant::now();
+    w.stream(
+        from,
+        4,
+        true,
+        |_, _| t0.elapsed() > Duration::from_secs(1),
+        Duration::from_secs(60),
+    );
+    assert!(w.retry.is_empty(), "writes failed on the active gateway");
+    let stpg = to.send("stpg");
+    // Keep writing to `from` until it refuses (it was fenced).
+    let errors = w.stream(from, 4, true, |_, _| false, Duration::from_secs(60));
+    let stpg_reply = to.wait(&stpg, Duration::from_secs(30));
+    assert_eq!(stpg_reply.as_deref(), Some("ok"), "STPG on {}", to.name);
+    // The old owner's failures send the initiator to the standby path, as
+    // 02/04/0b (standby) does: never a medium or hardware error.
+    for e in &errors {
+        assert!(
+            e == "sense 02/04/0b",
+            "{}: write failed with {e}, not the standby sense",
+            from.name
+        );
+    }
+    let last_from = w.last_ack(from.name).expect("acks on the old gateway");
+    let retried = w.retry.len();
+    let t1 = Instant::now();
+    let n0 = w.acks.get(to.name).map_or(0, Vec::len);
+    let errs = w.stream(
+        to,
+        4,
+        true,
+        |_, w| w.acks.get(to.name).map_or(0, Vec::len) > n0 + 200,
+        Duration::from_secs(60),
+    );
+    assert!(
+        w.retry.is_empty(),
+        "writes failed on the new gateway {}: {errs:?}",
+        to.name
+    );
+    let first_to = w
+        .first_ack_after(to.name, last_from)
+        .expect("acks on the new gateway");
+    let fo = first_to - last_from;
+    eprintln!(
+        "planned move {} -> {}: failover {} ms (last ack by {} to first ack by {}), {retried} writes retried, moved in {} ms",
+        from.name,
+        to.name,
+        ms(fo),
+        from.name,
+        to.name,
+        ms(t1.elapsed())
+    );
+    fo
+}
+
+fn check_roles(active: &mut Gw, standby: &mut Gw, active_group: u16) {
+    let a = if active_group == 1 {
+        "1=active/optimized,2=standby"
+    } else {
+        "1=standby,2=active/optimized"
+    };
+    assert_eq!(
+        active.call("rtpg"),
+        format!("ok {a}"),
+        "{} RTPG",
+        active.name
+    );
+    active.wait_state("alua=active/optimized lock=mine", Duration::from_secs(5));
+    // The old owner notices (I/O failure or lock check) and reports
+    // standby; it reopens on a fresh client.
+    standby.wait_state("alua=standby", Duration::from_secs(10));
+    let st = standby.call("rtpg");
+    assert!(st.starts_with("ok "), "{} RTPG: {st}", standby.name);
+    assert_eq!(
+        standby.call("tur"),
+        "sense 02/04/0b",
+        "{} TUR",
+        standby.name
+    );
+}
+
+#[test]
+#[ignore = "needs the live Ceph cluster: scripts/test-rbd.sh runs it"]
+fn drill_planned_move_and_failback() {
+    let img = TestImage::new("alua-move", SIZE);
+    let mut a = Gw::spawn("A", 1, &img, "move");
+    let mut b = Gw::spawn("B", 2, &img, "move");
+    assert_eq!(
+        a.call("tur"),
+        "sense 02/04/0b",
+        "a fresh gateway without the lock is standby"
+    );
+    let mut w = Writer::new(1_000_000);
+    // The first write to A takes the lock (implicit: I/O at a standby port).
+    let fo1 = planned_move(&mut w, &mut a, &mut b);
+    check_roles(&mut b, &mut a, 2);
+    w.verify(&mut b, &img, &[]);
+    a.wait_state("generation=2", Duration::from_secs(15));
+
+    // Failback: A takes the lock back from B the same way.
+    let fo4 = planned_move(&mut w, &mut b, &mut a);
+    check_roles(&mut a, &mut b, 1);
+    w.verify(&mut a, &img, &[]);
+    eprintln!(
+        "FAILOVER planned move: {} ms; failback: {} ms",
+        ms(fo1),
+        ms(fo4)
+    );
+    assert!(fo1 < TARGET, "planned move took {fo1:?}");
+    assert!(fo4 < TARGET, "failback took {fo4:?}");
+}
+
+#[test]
+#[ignore = "needs the live Ceph cluster: scripts/test-rbd.sh runs it"]
+fn drill_crash_takeover_by_io() {
+    let img = TestImage::new("alua-crash", SIZE);
+    let mut a = Gw::spawn("A", 1, &img, "crash");
+    let mut b = Gw::spawn("B", 2, &img, "crash");
+    let mut w = Writer::new(2_000_000);
+    let t0 = Instant::now();
+    w.stream(
+        &mut a,
+        8,
+        true,
+        |_, _| t0.elapsed() > Duration::from_secs(1),
+        Duration::from_secs(60),
+    );
+    // kill -9 in the middle of a stream: 8 writes in flight.
+    let mut inflight: HashMap<String, u64> = HashMap::new();
+    for _ in 0..8 {
+        let seq = w.next;
+        w.next += 1;
+        inflight.insert(a.send(&w.cmd(seq)), seq);
+    }
+    a.signal(nix::sys::signal::Signal::SIGKILL);
+    let _ = a.child.wait();
+    // Acknowledgements A wrote before dying count (they must be on the
+    // image); the others were never acknowledged and are retried on B, as
+    // an initiator retries them on the other path.
+    a.take_lines(Duration::from_millis(200));
+    let mut late_acked = 0;
+    for (tag, seq) in &inflight {
+        if a.replies.get(tag).map(String::as_str) == Some("ok") {
+            late_acked += 1;
+            w.acks.entry("A").or_default().push(Ack {
+                lba: Writer::lba(*seq),
+                seed: w.base_seed + seq,
+                at: Instant::now(),
+            });
+        } else {
+            w.retry.push(*seq);
+        }
+    }
+    let last_a = w.last_ack("A").expect("A acknowledged writes");
+    // The writer moves to B: I/O at the standby port starts the takeover.
+    let retried = w.retry.len();
+    w.stream(
+        &mut b,
+        8,
+        true,
+        |_, w| w.acks.get("B").map_or(0, Vec::len) > 200,
+        Duration::from_secs(60),
+    );
+    assert!(w.retry.is_empty(), "writes failed on B: {:?}", w.retry);
+    let first_b = w.first_ack_after("B", last_a).expect("B acknowledged");
+    let fo = first_b - last_a;
+    eprintln!(
+        "FAILOVER crash (kill -9 A, takeover by I/O on B): {} ms; {retried} in-flight writes retried on B ({late_acked} had been acked by A)",
+        ms(fo)
+    );
+    b.wait_state("alua=active/optimized lock=mine", Duration::from_secs(5));
+    assert_eq!(b.call("rtpg"), "ok 1=standby,2=active/optimized");
+    w.verify(&mut b, &img, &[]);
+    assert!(fo < TARGET, "crash failover took {fo:?}");
+}
+
+#[test]
+#[ignore = "needs the live Ceph cluster: scripts/test-rbd.sh runs it"]
+fn drill_split_brain_then_failback() {
+    use nix::sys::signal::Signal;
+    let img = TestImage::new("alua-split", SIZE);
+    // A long I/O hold-off on A, so that the check below that stale I/O
+    // does not steal the lock back cannot race its expiry.
+    let mut a = Gw::spawn_with("A", 1, &img, "split", &["--holdoff-ms", "60000"]);
+    let mut b = Gw::spawn("B", 2, &img, "split");
+    let mut w = Writer::new(3_000_000);
+    let t0 = Instant::now();
+    w.stream(
+        &mut a,
+        8,
+        true,
+        |_, _| t0.elapsed() > Duration::from_secs(1),
+        Duration::from_secs(60),
+    );
+    // Writes in flight, then SIGSTOP.
+    let mut inflight: HashMap<String, u64> = HashMap::new();
+    for _ in 0..8 {
+        let seq = w.next;
+        w.next += 1;
+        inflight.insert(a.send(&w.cmd(seq)), seq);
+    }
+    a.signal(Signal::SIGSTOP);
+    // Late writes: queued to A while it is stopped (as the kernel queues
+    // them in its ring), to blocks nobody else writes.
+    let late_base = 60_000u64;
+    let mut late: HashMap<String, u64> = HashMap::new();
+    for i in 0..16u64 {
+        let lba = late_base + i * WB;
+        late.insert(a.send(&format!("write {lba} {WB} {}", 9_000_000 + i)), lba);
+    }
+    // B takes over (A is blocklisted) and serves writes.
+    assert_eq!(b.call("stpg"), "ok");
+    b.wait_state("alua=active/optimized lock=mine", Duration::from_secs(10));
+    w.stream(
+        &mut b,
+        8,
+        true,
+        |_, w| w.acks.get("B").map_or(0, Vec::len) > 100,
+        Duration::from_secs(60),
+    );
+    assert!(w.retry.is_empty(), "writes failed on B");
+    // A resumes.
+    a.signal(Signal::SIGCONT);
+    for (tag, lba) in &late {
+        let r = a
+            .wait(tag, Duration::from_secs(60))
+            .unwrap_or_else(|| panic!("A never answered late write {tag}"));
+        assert_ne!(
+            r, "ok",
+            "A acknowledged a late write to lba {lba} after B took over"
+        );
+    }
+    let mut in_flight_acked = 0;
+    for (tag, seq) in &inflight {
+        let r = a
+            .wait(tag, Duration::from_secs(60))
+            .unwrap_or_else(|| panic!("A never answered in-flight write {tag}"));
+        if r == "ok" {
+            // Reached the OSDs before the blocklist: it must be on the image.
+            in_flight_acked += 1;
+            w.acks.entry("A").or_default().push(Ack {
+                lba: Writer::lba(*seq),
+                seed: w.base_seed + seq,
+                at: Instant::now(),
+            });
+        }
+    }
+    eprintln!(
+        "split brain: {in_flight_acked} of {} writes in flight at SIGSTOP were acknowledged after SIGCONT; all {} late writes refused",
+        inflight.len(),
+        late.len()
+    );
+    // A reports standby, and recovers to a usable standby (fresh client).
+    let st = a.wait_state("alua=standby", Duration::from_secs(10));
+    assert!(st.contains("losses=1"), "A: {st}");
+    a.wait_state("generation=2", Duration::from_secs(15));
+    assert_eq!(a.call("tur"), "sense 02/04/0b");
+    // Stale I/O reaching the fenced gateway is refused with the standby
+    // sense and does not take the lock back from B.
+    assert_eq!(
+        a.call(&format!("write {late_base} {WB} 9999999")),
+        "sense 02/04/0b"
+    );
+    b.wait_state("alua=active/optimized lock=mine", Duration::from_secs(1));
+    assert!(
+        a.state().contains("alua=standby"),
+        "A took the lock back on stale I/O"
+    );
+    let late_blocks: Vec<u64> = late
+        .values()
+        .flat_map(|&l| (l..l + WB).collect::<Vec<_>>())
+        .collect();
+    w.verify(&mut b, &img, &late_blocks);
+    let r = b.call(&format!("read {late_base} {}", 16 * WB));
+    let zeros: HashSet<&str> = r.trim_start_matches("ok ").split(',').collect();
+    assert_eq!(zeros, HashSet::from(["0"]), "late blocks through B: {r}");
+
+    // Failback: the recovered A takes the lock back.
+    let fo = planned_move(&mut w, &mut b, &mut a);
+    check_roles(&mut a, &mut b, 1);
+    w.verify(&mut a, &img, &late_blocks);
+    eprintln!("FAILOVER failback after split brain: {} ms", ms(fo));
+    assert!(fo < TARGET, "failback took {fo:?}");
+}
+
+fn put(p: &std::path::Path, rel: &str, v: &str) {
+    let f = p.join(rel);
+    std::fs::create_dir_all(f.parent().expect("parent")).expect("mkdir");
+    std::fs::write(f, format!("{v}\n")).expect("write");
+}
+
+/// A configfs tree of a tcm_loop-exported device with two ALUA groups.
+fn configfs_two_groups(root: &std::path::Path) -> std::path::PathBuf {
+    let dev = root.join("target/core/user_1/disk0");
+    for (name, id, wwn, indx) in [("gw1", 1, "naa.5001", 3), ("gw2", 2, "naa.5002", 4)] {
+        let g = format!("alua/{name}");
+        put(&dev, &format!("{g}/tg_pt_gp_id"), &id.to_string());
+        put(&dev, &format!("{g}/alua_access_state"), "0");
+        put(
+            &dev,
+            &format!("{g}/alua_access_type"),
+            "Implicit and Explicit",
+        );
+        put(
+            &dev,
+            &format!("{g}/members"),
+            &format!("loopback/{wwn}/tpgt_1/lun_0"),
+        );
+        let tpg = root.join(format!("target/loopback/{wwn}/tpgt_1"));
+        put(
+            &tpg,
+            "lun/lun_0/statistics/scsi_port/indx",
+            &indx.to_string(),
+        );
+    }
+    dev
+}
+
+fn wait_status(f: &tcmu_rbd::failover::Failover, want: &str) -> tcmu_rbd::failover::FailoverStatus {
+    let t0 = Instant::now();
+    loop {
+        let s = f.status();
+        if s.to_string().contains(want) {
+            return s;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(15),
+            "status never showed {want:?}: {s}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// What the registry does for an rbd device with ALUA groups in configfs:
+/// the groups come from configfs, the states from the exclusive lock; a
+/// gateway whose lock is taken stops serving at once.
+#[test]
+#[ignore = "needs the live Ceph cluster: scripts/test-rbd.sh runs it"]
+fn configfs_groups_make_an_ha_device() {
+    use tcmu_rbd::failover::{open_rbd, FailoverOptions};
+    use tcmu_rbd::scsi::alua::{AccessState, AluaConfig, AluaSource};
+    let _ = tracing_subscriber::fmt()
+        .with_test_writer()
+        .with_ansi(false)
+        .with_env_filter("info")
+        .try_init();
+    let img = TestImage::new("alua-cfgfs", 8 << 20);
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dev = configfs_two_groups(tmp.path());
+    // Each gateway has its own rados client: devices of one process with
+    // the same (conf, id) share one, so the second gateway uses client.tcmu.
+    let open = |extra: &str| {
+        let cfg = AluaConfig::from_configfs(&dev)
+            .expect("configfs")
+            .expect("groups");
+        open_rbd(
+            "disk0",
+            &img.cfg(extra),
+            img.size,
+            512,
+            cfg,
+            FailoverOptions::default(),
+        )
+        .unwrap_or_else(|e| panic!("open: {e}"))
+    };
+    let one = open("");
+    assert_eq!(one.alua.groups().len(), 2);
+    assert_eq!(one.alua.local_port().group, 1);
+    // Not the owner yet: standby, and the gate refuses I/O.
+    assert_eq!(one.failover.status().state, AccessState::Standby);
+    let mut d1 = Direct::new(one.backend.clone());
+    assert!(matches!(
+        d1.write(0, &pattern(1, 4096)),
+        Err(tcmu_handler::IoError::Fenced(_))
+    ));
+    one.failover.request_active();
+    let s = wait_status(&one.failover, "alua=active/optimized lock=mine");
+    assert!(s.serving && s.takeovers == 1, "{s}");
+    assert_eq!(one.alua.groups()[1].state, AccessState::Standby);
+    d1.write(0, &pattern(1, 4096)).expect("write as the owner");
+
+    // Another device of the same gateway (same client) must not fence the
+    // gateway itself: its takeover fails, the owner keeps serving.
+    let same = open("");
+    same.failover.request_active();
+    std::thread::sleep(Duration::from_millis(500));
+    wait_status(&same.failover, "alua=standby");
+    assert!(one.failover.status().serving);
+    d1.write(0, &pattern(1, 4096))
+        .expect("the owner still writes");
+    drop(same);
+
+    // A second gateway takes the lock: the first loses it.
+    let two = open(";id=tcmu");
+    two.failover.request_active();
+    wait_status(&two.failover, "alua=active/optimized lock=mine");
+    let lost = wait_status(&one.failover, "alua=standby");
+    assert_eq!(lost.losses, 1, "{lost}");
+    assert!(matches!(
+        d1.write(0, &pattern(2, 4096)),
+        Err(tcmu_handler::IoError::Fenced(_))
+    ));
+    let mut d2 = Direct::new(two.backend.clone());
+    assert_eq!(d2.read(0, 4096).expect("read"), pattern(1, 4096));
+    // The first reopens on a fresh client and can take the lock back.
+    wait_status(&one.failover, "generation=2");
+    one.failover.request_active();
+    wait_status(&one.failover, "alua=active/optimized lock=mine");
+    wait_status(&two.failover, "alua=standby");
+    d1.write(0, &pattern(3, 4096))
+        .expect("write after taking the lock back");
+    assert_eq!(d1.read(0, 4096).expect("read"), pattern(3, 4096));
+}
