@@ -85,7 +85,9 @@ start_daemon() {
   [ "${DAEMON_DBUS:-0}" = 1 ] && dbus=
   NO_COLOR=1 "$BIN" --log-stderr $dbus --run-dir /run/tcmu-rbd >>"$DLOG" 2>&1 &
   DPID=$!
-  sleep 0.3
+  # Ready: it has scanned the devices that exist and listens to netlink.
+  wait_for 20 sh -c "sed -n '/^--- daemon start/h; /^--- daemon start/!H; \${x;p}' '$DLOG' | grep -q ' ready '" ||
+    { why="daemon did not log 'ready' within 20 s"; return 1; }
   daemon_alive
 }
 
