@@ -88,24 +88,34 @@ defaults {
 	find_multipaths no
 	polling_interval 1
 }
-overrides {
-	hardware_handler "1 alua"
-	prio alua
-	path_grouping_policy failover
-	path_checker tur
-	no_path_retry queue
-	failback manual
+devices {
+	device {
+		vendor "LIO-ORG"
+		product ".*"
+		hardware_handler "1 alua"
+		detect_prio no
+		prio alua
+		path_grouping_policy failover
+		path_checker tur
+		no_path_retry queue
+		failback manual
+	}
 }
 EOF
   # udev gives multipath the paths' WWIDs (ID_SERIAL) and makes the
-  # /dev/mapper nodes.
+  # /dev/mapper nodes. systemd's tools refuse to act in a chroot unless
+  # told to.
+  export SYSTEMD_IGNORE_CHROOT=1
   ok /lib/systemd/systemd-udevd --daemon || return 1
   ok udevadm trigger --action=add || return 1
   ok timeout 120 udevadm settle || return 1
   ok multipathd || return 1
-  wait_for 60 sh -c "multipath -ll 2>/dev/null | grep -c 'ready' | grep -q 2" ||
-    { why="multipath did not group 2 ready paths within 60 s"; multipath -ll; multipath -v3 2>&1 | tail -50; return 1; }
+  wait_for 60 sh -c "[ \$(multipath -ll 2>/dev/null | grep -cE '[0-9]+:0:1:0 +sd') = 2 ]" ||
+    { why="multipath did not group 2 paths within 60 s"; multipath -ll; multipath -v3 2>&1 | tail -50; return 1; }
   multipath -ll
+  # udev makes /dev/mapper/<wwid> a moment after the map.
+  wait_for 30 sh -c 'd=$(multipath -ll | awk "/dm-[0-9]+/ {print \$1; exit}"); [ -b "/dev/mapper/$d" ]' ||
+    { why="no /dev/mapper node for the map after 30 s"; ls -l /dev/mapper; return 1; }
 }
 
 mp_dev() { # the map's block device
