@@ -19,6 +19,10 @@
 #                        daemon's D-Bus service (dbus-daemon in the guest)
 #               compare  fio 4K randread/randwrite QD32: tcmu-rbd vs
 #                        tcmu-runner (handler_rbd) on the same image
+#               mpath    (opt-in) two HA gateways of one rbd image, each its
+#                        own daemon (--devices) and tcm_loop target, grouped
+#                        by dm-multipath; fio with verification while the
+#                        active gateway's daemon is killed (vm/guest-mpath.sh)
 #   VM_PROFILE  cargo profile of the daemon under test (default: release)
 #   VM_CACHE    initramfs cache (default: target/vm-cache), keyed on kernel
 #               version and the init script
@@ -35,10 +39,11 @@ die() { echo "vm: FAIL: $*" >&2; exit 1; }
 
 # What the guest build and the checks need, from Debian packages only.
 want_rbd=0
-case " $SUITES " in *" rbd "* | *" compare "* | *" targetcli "*) want_rbd=1 ;; esac
+case " $SUITES " in *" rbd "* | *" compare "* | *" targetcli "* | *" mpath "*) want_rbd=1 ;; esac
 extra=()
 [ $want_rbd = 1 ] && extra=(ceph-mon ceph-osd ceph-common iproute2 tcmu-runner targetcli-fb
   python3-rtslib-fb dbus-daemon dbus-bin)
+case " $SUITES " in *" mpath "*) extra+=(multipath-tools udev) ;; esac
 scripts/deps.sh qemu-system-x86 linux-image-amd64 busybox-static kmod cpio \
   fio sg3-utils util-linux "${extra[@]}"
 
@@ -60,7 +65,7 @@ fi
 
 # --- initramfs (cached) ---------------------------------------------------
 mods="virtio_pci 9pnet_virtio 9p configfs target_core_user tcm_loop sd_mod scsi_dh_alua
-  dm_multipath virtio_net"
+  dm_multipath dm_service_time virtio_net"
 busybox=$(command -v busybox)
 key=$( (echo "$kver $mods"; cat scripts/vm/init; sha256sum "$busybox" "$kernel") | sha256sum | cut -c1-16)
 initrd=$CACHE/$kver/initrd-$key.cpio.gz

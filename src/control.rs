@@ -52,6 +52,8 @@ pub struct Control {
     /// were opened: the kernel does not wait for replies about them and
     /// logs an error for each reply it gets.
     silent: Mutex<BTreeSet<String>>,
+    /// `--devices`: serve only backstores with these names (None: all).
+    only: Option<BTreeSet<String>>,
 }
 
 /// The device's `attrib/nl_reply_supported`: the kernel fixes a device's
@@ -93,7 +95,23 @@ impl Control {
             configfs: configfs.to_owned(),
             states: Mutex::new(BTreeMap::new()),
             silent: Mutex::new(BTreeSet::new()),
+            only: None,
         }
+    }
+
+    /// Serves only the backstores named in `names` (`--devices`), so that
+    /// several daemons can share one host, each serving its own devices
+    /// (e.g. two HA gateways of one image in a test guest). Applies to
+    /// the sysfs scan; the daemon refuses a filter with netlink on, since
+    /// the kernel expects exactly one reply per event.
+    pub fn with_device_filter(mut self, names: BTreeSet<String>) -> Self {
+        self.only = Some(names);
+        self
+    }
+
+    /// Whether backstore `name` passes the `--devices` filter.
+    pub fn wants(&self, name: &str) -> bool {
+        self.only.as_ref().is_none_or(|o| o.contains(name))
     }
 
     /// The registry.
@@ -398,7 +416,11 @@ impl Control {
             let Ok(name) = std::fs::read_to_string(d.join("name")) else {
                 continue;
             };
-            if let Ok(spec) = self.spec_for(name.trim_end_matches('\n'), minor) {
+            let name = name.trim_end_matches('\n');
+            if !parse_uio_name(name).is_some_and(|p| self.wants(&p.1)) {
+                continue;
+            }
+            if let Ok(spec) = self.spec_for(name, minor) {
                 out.push(spec);
             }
         }
@@ -509,6 +531,30 @@ mod tests {
         assert_eq!(found[0].map_size, 0x800000);
         assert_eq!(found[0].cfgstring, "/tmp/a");
         assert_eq!(found[0].configfs_dir, None);
+    }
+
+    #[test]
+    fn device_filter_limits_the_scan_to_the_named_backstores() {
+        let t = tempfile::tempdir().unwrap();
+        fake_sysfs(t.path(), 0, "tcm-user/1/disk_a/ram/x");
+        fake_sysfs(t.path(), 1, "tcm-user/1/disk_b/ram/x");
+        fake_sysfs(t.path(), 2, "tcm-user/2/disk_c/file//tmp/c");
+        let cfs = t.path().join("cfs");
+        let all = Control::new(Arc::new(Registry::new()), t.path(), &cfs);
+        let mut names: Vec<String> = all.scan().into_iter().map(|s| s.name).collect();
+        names.sort();
+        assert_eq!(names, ["disk_a", "disk_b", "disk_c"]);
+        let only = ["disk_b", "disk_c", "absent"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let some = Control::new(Arc::new(Registry::new()), t.path(), &cfs).with_device_filter(only);
+        let mut names: Vec<String> = some.scan().into_iter().map(|s| s.name).collect();
+        names.sort();
+        assert_eq!(names, ["disk_b", "disk_c"]);
+        assert!(!some.wants("disk_a"));
+        assert!(some.wants("disk_b"));
+        assert!(all.wants("disk_a"));
     }
 
     #[test]

@@ -52,6 +52,13 @@ options:
       --dbus-address ADDR use this D-Bus instead of the system bus
       --no-netlink        do not listen to the kernel; rescan sysfs instead
       --rescan-ms N       sysfs rescan period without netlink (default 500)
+      --devices NAME[,NAME...]
+                          serve only the backstores with these names; for
+                          several daemons on one host, each with its own
+                          devices and --run-dir. Needs --no-netlink (the
+                          kernel expects one reply per event, so only one
+                          daemon may answer them); use --no-dbus on all
+                          but one of them (one owner of the bus name)
       --sysfs-root DIR    (tests) sysfs mount point (default /sys)
       --configfs-root DIR (tests) configfs mount point (default /sys/kernel/config)
 
@@ -70,6 +77,7 @@ struct Opts {
     dbus: Option<dbus::Bus>,
     netlink: bool,
     rescan: Duration,
+    devices: Option<std::collections::BTreeSet<String>>,
     sysfs: PathBuf,
     configfs: PathBuf,
 }
@@ -95,6 +103,7 @@ fn parse_args(args: Vec<String>) -> Cmd {
         dbus: Some(dbus::Bus::System),
         netlink: true,
         rescan: Duration::from_millis(500),
+        devices: None,
         sysfs: PathBuf::from("/sys"),
         configfs: PathBuf::from("/sys/kernel/config"),
     };
@@ -150,6 +159,18 @@ fn parse_args(args: Vec<String>) -> Cmd {
                     .map(|n| o.rescan = Duration::from_millis(n))
                     .ok_or(format!("--rescan-ms wants a positive number, got {v:?}"))
             }),
+            "--devices" => val(&a).and_then(|v| {
+                let set: std::collections::BTreeSet<String> = v
+                    .split(',')
+                    .filter(|n| !n.is_empty())
+                    .map(String::from)
+                    .collect();
+                if set.is_empty() || set.iter().any(|n| n.contains('/')) {
+                    return Err(format!("--devices wants NAME[,NAME...], got {v:?}"));
+                }
+                o.devices = Some(set);
+                Ok(())
+            }),
             "--sysfs-root" => val(&a).map(|v| o.sysfs = v.into()),
             "--configfs-root" => val(&a).map(|v| o.configfs = v.into()),
             other => Err(format!("unknown argument {other:?}")),
@@ -157,6 +178,12 @@ fn parse_args(args: Vec<String>) -> Cmd {
         if let Err(m) = r {
             return usage_error(&m);
         }
+    }
+    if o.devices.is_some() && o.netlink && !status {
+        // Every listening daemon would get every event, and the kernel
+        // takes only one reply per event: a filtered daemon must not
+        // listen (it finds its devices by rescanning sysfs instead).
+        return usage_error("--devices needs --no-netlink");
     }
     if status {
         Cmd::Status(o.run_dir)
@@ -514,7 +541,12 @@ fn serve(o: Opts) -> i32 {
         return 1;
     }
     let reg = Arc::new(Registry::new());
-    let ctl = Arc::new(Control::new(reg.clone(), &o.sysfs, &o.configfs));
+    let mut ctl = Control::new(reg.clone(), &o.sysfs, &o.configfs);
+    if let Some(names) = &o.devices {
+        info!(devices = ?names, "serving only these backstores (--devices)");
+        ctl = ctl.with_device_filter(names.clone());
+    }
+    let ctl = Arc::new(ctl);
     let mut d = Daemon {
         status: Status {
             dir: o.run_dir.clone(),
@@ -688,6 +720,25 @@ mod tests {
                 assert_eq!(o.dbus, None);
                 assert_eq!(o.rescan, Duration::from_millis(50));
                 assert!(o.netlink);
+            }
+            _ => panic!("expected serve"),
+        }
+        // A filter without --no-netlink would let two daemons answer one
+        // kernel event.
+        assert!(matches!(
+            parse_args(args(&["--devices", "disk_a"])),
+            Cmd::Exit(2)
+        ));
+        assert!(matches!(
+            parse_args(args(&["--no-netlink", "--devices", ","])),
+            Cmd::Exit(2)
+        ));
+        match parse_args(args(&["--no-netlink", "--devices", "disk_a,disk_b"])) {
+            Cmd::Serve(o) => {
+                assert!(!o.netlink);
+                let want: std::collections::BTreeSet<String> =
+                    ["disk_a".to_string(), "disk_b".to_string()].into();
+                assert_eq!(o.devices, Some(want));
             }
             _ => panic!("expected serve"),
         }

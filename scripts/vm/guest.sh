@@ -555,6 +555,10 @@ suite_compare() {
   compare_one tcmu-rbd 2
 }
 
+# The multipath drill (suite_mpath), in its own file.
+# shellcheck source=scripts/vm/guest-mpath.sh
+. "$TOP/scripts/vm/guest-mpath.sh"
+
 say "start $(date +%T), kernel $(uname -r)"
 mount -t configfs configfs $CFS || { fail setup "cannot mount configfs"; exit 1; }
 check daemon.start start_daemon || exit 1

@@ -1,0 +1,226 @@
+# shellcheck shell=bash
+# The VM stage's multipath drill (suite "mpath", opt-in: VM_SUITES=mpath).
+# Sourced by scripts/vm/guest.sh, whose helpers (check, ok, wait_for,
+# uio_of, rbd_cli, stop_daemon, start_daemon, ...) it uses.
+#
+# Two HA gateways of one rbd image in one guest, as ceph-iscsi sets them
+# up on two hosts: two user:rbd backstores (disk_a, disk_b) on the same
+# image with the same unit serial, each with its own ALUA port group,
+# each exported by its own tcm_loop target (two SCSI hosts, two paths) and
+# served by its own daemon (--devices disk_X --no-netlink --no-dbus).
+# dm-multipath (udevd + multipathd from the host's multipath-tools) groups
+# the two paths; fio with crc32c verification runs on the multipath device
+# while the daemon of the active path is killed with SIGKILL: the I/O
+# must move to the other path (whose gateway takes the exclusive lock and
+# fences the dead one) and every block must verify.
+
+MP_IMG=rbd/mpath
+MP_SIZE=$((256 << 20))
+declare -A MP_PID=() MP_WWN=([a]=naa.50014050000000a1 [b]=naa.50014050000000b1) MP_GID=([a]=11 [b]=22)
+MP_SERIAL=
+MP_ACT_AFTER=
+
+mp_served() { # X: daemon X holds disk_X's uio device
+  local u
+  u=$(uio_of "disk_$1") || return 1
+  kill -0 "${MP_PID[$1]}" 2>/dev/null || return 1
+  ls -l /proc/"${MP_PID[$1]}"/fd 2>/dev/null | grep -q "/dev/$u\$"
+}
+
+mp_backstore() { # X
+  local d=$T/core/user_0/disk_$1 g
+  g=$d/alua/gw_$1
+  ok mkdir -p "$d" || return 1
+  ok sh -c "echo -n 'dev_size=$MP_SIZE,dev_config=rbd/$MP_IMG;conf=$CEPH_CONF_GUEST;id=admin,hw_max_sectors=1024' > $d/control" || return 1
+  # Same identity on both gateways, or multipath cannot group the paths.
+  ok sh -c "echo -n '$MP_SERIAL' > $d/wwn/vpd_unit_serial" || return 1
+  # The gateway's own port group, explicit and implicit ALUA.
+  ok mkdir -p "$g" || return 1
+  ok sh -c "echo ${MP_GID[$1]} > $g/tg_pt_gp_id" || return 1
+  ok sh -c "echo 3 > $g/alua_access_type" || return 1
+  # A dead gateway's commands fail back after 10 s (default 30 s), so
+  # the path fails and multipath moves on.
+  ok sh -c "echo 10 > $d/attrib/cmd_time_out" || return 1
+  ok sh -c "echo -n 1 > $d/enable"
+}
+
+mp_daemon() { # X
+  echo "--- daemon $1 start $(date +%T)" >>"$OUT/daemon-$1.log"
+  NO_COLOR=1 "$BIN" --log-stderr --no-dbus --no-netlink --rescan-ms 200 --devices "disk_$1" \
+    --run-dir "/run/tcmu-rbd-$1" >>"$OUT/daemon-$1.log" 2>&1 &
+  MP_PID[$1]=$!
+  wait_for 30 mp_served "$1" || { why="daemon $1 does not serve disk_$1 after 30 s"; return 1; }
+  # The filter holds: the other gateway's device is not opened here.
+  local o=b
+  [ "$1" = b ] && o=a
+  if [ -n "$(uio_of "disk_$o")" ] && ls -l /proc/"${MP_PID[$1]}"/fd | grep -q "/dev/$(uio_of "disk_$o")\$"; then
+    why="daemon $1 also opened disk_$o"
+    return 1
+  fi
+}
+
+mp_export() { # X
+  local tp=$T/loopback/${MP_WWN[$1]}/tpgt_1 h
+  ok mkdir -p "$tp/lun/lun_0" || return 1
+  ok sh -c "echo -n naa.50014050000000${1}2 > $tp/nexus" || return 1
+  ok ln -s "$T/core/user_0/disk_$1" "$tp/lun/lun_0/disk_$1" || return 1
+  ok sh -c "echo gw_$1 > $tp/lun/lun_0/alua_tg_pt_gp" || return 1
+  cat "$tp/lun/lun_0/alua_tg_pt_gp"
+  h=$(cut -d: -f1 "$tp/address") || { why="no tcm_loop address"; return 1; }
+  wait_for 60 has_disk "$h" || { why="no disk on scsi host $h after 60 s"; return 1; }
+  echo "disk_$1: scsi host $h, $(basename /sys/class/scsi_disk/"$h":0:1:0/device/block/sd*)"
+}
+
+mp_host_of() { # X: SCSI host number of gateway X's path
+  cut -d: -f1 "$T/loopback/${MP_WWN[$1]}/tpgt_1/address"
+}
+
+mp_start() {
+  # The 9p root is read-only: /etc on a tmpfs copy (multipathd writes
+  # /etc/multipath/{wwids,bindings}; its config is fixed at
+  # /etc/multipath.conf).
+  ok cp -a /etc /tmp/etc || return 1
+  ok mount --bind /tmp/etc /etc || return 1
+  mkdir -p /etc/multipath
+  cat >/etc/multipath.conf <<'EOF'
+defaults {
+	user_friendly_names no
+	find_multipaths no
+	polling_interval 1
+}
+devices {
+	device {
+		vendor "LIO-ORG"
+		product ".*"
+		hardware_handler "1 alua"
+		detect_prio no
+		prio alua
+		path_grouping_policy failover
+		path_checker tur
+		no_path_retry queue
+		failback manual
+	}
+}
+EOF
+  # udev gives multipath the paths' WWIDs (ID_SERIAL) and makes the
+  # /dev/mapper nodes. systemd's tools refuse to act in a chroot unless
+  # told to.
+  export SYSTEMD_IGNORE_CHROOT=1
+  ok /lib/systemd/systemd-udevd --daemon || return 1
+  ok udevadm trigger --action=add || return 1
+  ok timeout 120 udevadm settle || return 1
+  ok multipathd || return 1
+  wait_for 60 sh -c "[ \$(multipath -ll 2>/dev/null | grep -cE '[0-9]+:0:1:0 +sd') = 2 ]" ||
+    { why="multipath did not group 2 paths within 60 s"; multipath -ll; multipath -v3 2>&1 | tail -50; return 1; }
+  multipath -ll
+  # udev makes /dev/mapper/<wwid> a moment after the map.
+  wait_for 30 sh -c 'd=$(multipath -ll | awk "/dm-[0-9]+/ {print \$1; exit}"); [ -b "/dev/mapper/$d" ]' ||
+    { why="no /dev/mapper node for the map after 30 s"; ls -l /dev/mapper; return 1; }
+}
+
+mp_dev() { # the map's block device
+  local m
+  m=$(multipath -ll 2>/dev/null | awk '/dm-[0-9]+/ {print $1; exit}')
+  [ -n "$m" ] && echo "/dev/mapper/$m"
+}
+
+t_mp_topology() {
+  local o
+  # One I/O through the map activates a path group (explicit ALUA: STPG).
+  ok dd if="$(mp_dev)" of=/dev/null bs=4k count=1 iflag=direct status=none || return 1
+  wait_for 30 sh -c "multipath -ll | grep -q 'status=active'" || true
+  sleep 2
+  o=$(multipath -ll)
+  echo "$o"
+  [ "$(echo "$o" | grep -cE '[0-9]+:0:1:0 +sd')" = 2 ] || { why="not 2 paths in the map"; return 1; }
+  echo "$o" | grep -q "status=active" || { why="no active path group"; return 1; }
+  echo "$o" | grep -q "ghost" || { why="no standby (ghost) path"; return 1; }
+  echo "$o" | grep -q "hwhandler='1 alua'" || { why="alua hardware handler not attached"; return 1; }
+}
+
+# The gateway whose path is in the active group.
+mp_active() {
+  local o h x
+  o=$(multipath -ll)
+  h=$(echo "$o" | awk '/status=active/ {getline; print}' | grep -oE '[0-9]+:0:1:0' | cut -d: -f1)
+  for x in a b; do
+    [ "$(mp_host_of $x)" = "$h" ] && { echo $x; return 0; }
+  done
+  return 1
+}
+
+t_mp_fio_kill() {
+  local dev act other fpid t_kill t_done rc
+  dev=$(mp_dev) || { why="no multipath device"; return 1; }
+  act=$(mp_active) || { why="cannot tell the active gateway"; return 1; }
+  other=b
+  [ "$act" = b ] && other=a
+  echo "active gateway: $act (pid ${MP_PID[$act]}), standby: $other"
+  timeout 600 fio --name=mpath --filename="$dev" --direct=1 --ioengine=libaio --iodepth=8 \
+    --rw=randwrite --bs=4k --size=24m --verify=crc32c --do_verify=1 --verify_fatal=1 \
+    --randrepeat=0 --output-format=json --output="$OUT/mpath-fio.json" >"$S/mpath-fio.out" 2>&1 &
+  fpid=$!
+  sleep 4
+  kill -0 $fpid 2>/dev/null || { why="fio ended before the kill"; cat "$S/mpath-fio.out" "$OUT/mpath-fio.json"; return 1; }
+  t_kill=$(date +%s.%N)
+  echo "$(date +%T.%N) kill -9 daemon $act"
+  kill -9 "${MP_PID[$act]}"
+  wait "${MP_PID[$act]}" 2>/dev/null
+  wait $fpid
+  rc=$?
+  t_done=$(date +%s.%N)
+  cat "$S/mpath-fio.out"
+  multipath -ll
+  echo "fio exit $rc, $(awk "BEGIN {printf \"%.1f\", $t_done - $t_kill}") s after the kill"
+  python3 - "$OUT/mpath-fio.json" <<'PY' || true
+import json, sys
+j = json.load(open(sys.argv[1]))["jobs"][0]
+w, r = j["write"], j["read"]
+print(f"fio: wrote {w['io_kbytes']} KiB, verified (read) {r['io_kbytes']} KiB, errors {j['error']}, "
+      f"max write completion latency {w['clat_ns']['max'] / 1e9:.2f} s (the failover stall)")
+PY
+  [ $rc -eq 0 ] || { why="fio failed (exit $rc) across the failover"; return 1; }
+  MP_ACT_AFTER=$(mp_active)
+  expect "active gateway after the kill" "$MP_ACT_AFTER" "$other"
+}
+
+mp_cleanup() {
+  local x
+  multipath -F >/dev/null 2>&1
+  multipathd shutdown >/dev/null 2>&1
+  udevadm control --exit >/dev/null 2>&1
+  for x in a b; do
+    if [ -n "${MP_PID[$x]:-}" ] && kill -0 "${MP_PID[$x]}" 2>/dev/null; then
+      kill -TERM "${MP_PID[$x]}"
+      wait_for 30 sh -c "! kill -0 ${MP_PID[$x]}"
+    fi
+  done
+  for x in a b; do
+    local tp=$T/loopback/${MP_WWN[$x]}/tpgt_1
+    timeout 60 rm -f "$tp/lun/lun_0/disk_$x"
+    timeout 30 rmdir "$tp/lun/lun_0" "$tp" "$T/loopback/${MP_WWN[$x]}"
+    timeout 30 rmdir "$T/core/user_0/disk_$x/alua/gw_$x"
+    timeout 60 rmdir "$T/core/user_0/disk_$x"
+  done
+  umount /etc 2>/dev/null
+  return 0
+}
+
+suite_mpath() {
+  check mpath.cluster_reachable ok rbd_cli info rbd/img0 || return 1
+  check mpath.image ok rbd_cli create --size "$((MP_SIZE >> 20))M" "$MP_IMG" || return 1
+  # One daemon per gateway: the shared one must not claim these devices.
+  check mpath.shared_daemon_stop stop_daemon || return 1
+  MP_SERIAL=$(cat /proc/sys/kernel/random/uuid)
+  if check mpath.backstore_a mp_backstore a && check mpath.backstore_b mp_backstore b &&
+    check mpath.daemon_a mp_daemon a && check mpath.daemon_b mp_daemon b &&
+    check mpath.export_a mp_export a && check mpath.export_b mp_export b &&
+    check mpath.multipathd mp_start; then
+    check mpath.topology t_mp_topology
+    check mpath.fio_verify_across_kill t_mp_fio_kill
+    # The log of the gateway that took over shows the takeover.
+    [ -n "${MP_ACT_AFTER:-}" ] && grep -iE "lock|alua|takeover|standby|active" "$OUT/daemon-$MP_ACT_AFTER.log" | tail -20 >>"$LOG"
+  fi
+  check mpath.cleanup mp_cleanup
+  check mpath.shared_daemon_restart start_daemon
+}
