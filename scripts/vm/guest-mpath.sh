@@ -179,6 +179,12 @@ w, r = j["write"], j["read"]
 print(f"fio: wrote {w['io_kbytes']} KiB, verified (read) {r['io_kbytes']} KiB, errors {j['error']}, "
       f"max write completion latency {w['clat_ns']['max'] / 1e9:.2f} s (the failover stall)")
 PY
+  # Failover time: the kill to the new gateway's Active/Optimized (its
+  # log's UTC timestamp; the guest clock is UTC too).
+  local t_act
+  t_act=$(grep -m1 "takeover done" "$OUT/daemon-$other.log" | cut -d' ' -f1)
+  [ -n "$t_act" ] && echo "failover: kill -9 to gateway $other active/optimized in" \
+    "$(awk "BEGIN {printf \"%.2f\", $(date -d "$t_act" +%s.%N) - $t_kill}") s"
   [ $rc -eq 0 ] || { why="fio failed (exit $rc) across the failover"; return 1; }
   MP_ACT_AFTER=$(mp_active)
   expect "active gateway after the kill" "$MP_ACT_AFTER" "$other"
