@@ -75,6 +75,19 @@ mp_host_of() { # X: SCSI host number of gateway X's path
   cut -d: -f1 "$T/loopback/${MP_WWN[$1]}/tpgt_1/address"
 }
 
+# The admin's preferred gateway (A) takes the lock before multipath
+# starts, by STPG on its own port group, as multipath would. Started with
+# both gateways Standby (nobody holds the lock), multipathd was seen to
+# activate the two groups alternately, the lock moving back and forth.
+mp_owner_a() {
+  local sd
+  sd=/dev/$(basename /sys/class/scsi_disk/"$(mp_host_of a)":0:1:0/device/block/sd*)
+  ok sg_stpg --optimized --tp="${MP_GID[a]}" "$sd" || return 1
+  wait_for 30 sh -c "sg_rtpg -d $sd | grep -A1 'target port group id : 0x$(printf %x "${MP_GID[a]}")' | grep -q 'active/optimized'" ||
+    { why="gateway a is not active/optimized 30 s after STPG"; sg_rtpg -d "$sd"; return 1; }
+  sg_rtpg -d "$sd"
+}
+
 mp_start() {
   # The 9p root is read-only: /etc on a tmpfs copy (multipathd writes
   # /etc/multipath/{wwids,bindings}; its config is fixed at
@@ -179,6 +192,12 @@ w, r = j["write"], j["read"]
 print(f"fio: wrote {w['io_kbytes']} KiB, verified (read) {r['io_kbytes']} KiB, errors {j['error']}, "
       f"max write completion latency {w['clat_ns']['max'] / 1e9:.2f} s (the failover stall)")
 PY
+  # Failover time: the kill to the new gateway's Active/Optimized (its
+  # log's UTC timestamp; the guest clock is UTC too).
+  local t_act
+  t_act=$(grep -m1 "takeover done" "$OUT/daemon-$other.log" | cut -d' ' -f1)
+  [ -n "$t_act" ] && echo "failover: kill -9 to gateway $other active/optimized in" \
+    "$(awk "BEGIN {printf \"%.2f\", $(date -d "$t_act" +%s.%N) - $t_kill}") s"
   [ $rc -eq 0 ] || { why="fio failed (exit $rc) across the failover"; return 1; }
   MP_ACT_AFTER=$(mp_active)
   expect "active gateway after the kill" "$MP_ACT_AFTER" "$other"
@@ -215,7 +234,7 @@ suite_mpath() {
   if check mpath.backstore_a mp_backstore a && check mpath.backstore_b mp_backstore b &&
     check mpath.daemon_a mp_daemon a && check mpath.daemon_b mp_daemon b &&
     check mpath.export_a mp_export a && check mpath.export_b mp_export b &&
-    check mpath.multipathd mp_start; then
+    check mpath.gateway_a_active mp_owner_a && check mpath.multipathd mp_start; then
     check mpath.topology t_mp_topology
     check mpath.fio_verify_across_kill t_mp_fio_kill
     # The log of the gateway that took over shows the takeover.
