@@ -25,6 +25,15 @@ pub unsafe trait AioBuf: Send + 'static {
     }
 }
 
+/// `rbd_aio_readv` / `rbd_aio_writev`.
+type AioVecFn = unsafe extern "C" fn(
+    sys::rbd_image_t,
+    *const libc::iovec,
+    c_int,
+    u64,
+    sys::rbd_completion_t,
+) -> c_int;
+
 /// A heap buffer owned by the I/O (tests, bounce buffers).
 pub struct OwnedBuf {
     data: Box<[u8]>,
@@ -529,19 +538,7 @@ impl Image {
         bufs: B,
         done: impl FnOnce(Result<usize>, B) + Send + 'static,
     ) {
-        let img = self.image;
-        let name = std::sync::Arc::clone(&self.name);
-        self.submit(
-            bufs,
-            move |r, _, b| done(ret_len(r, || format!("read at {offset} on {name}")), b),
-            iov_args,
-            move |(iov, n), _, c| match c_int::try_from(n) {
-                // SAFETY: open handle; the iovecs and the memory they point
-                // to stay valid until the completion (Pending owns them).
-                Ok(n) => unsafe { sys::rbd_aio_readv(img, iov, n, offset, c) as isize },
-                Err(_) => -(libc::EINVAL as isize),
-            },
-        )
+        self.aio_vec(sys::rbd_aio_readv, "read", offset, bufs, done)
     }
 
     /// Writes `bufs` at `offset`; `done` runs exactly once.
@@ -551,15 +548,30 @@ impl Image {
         bufs: B,
         done: impl FnOnce(Result<usize>, B) + Send + 'static,
     ) {
+        self.aio_vec(sys::rbd_aio_writev, "write", offset, bufs, done)
+    }
+
+    /// The one body of [`aio_readv`](Self::aio_readv) and
+    /// [`aio_writev`](Self::aio_writev): librbd's two iovec calls have the
+    /// same signature.
+    fn aio_vec<B: AioBuf>(
+        &self,
+        call: AioVecFn,
+        what: &'static str,
+        offset: u64,
+        bufs: B,
+        done: impl FnOnce(Result<usize>, B) + Send + 'static,
+    ) {
         let img = self.image;
         let name = std::sync::Arc::clone(&self.name);
         self.submit(
             bufs,
-            move |r, _, b| done(ret_len(r, || format!("write at {offset} on {name}")), b),
+            move |r, _, b| done(ret_len(r, || format!("{what} at {offset} on {name}")), b),
             iov_args,
             move |(iov, n), _, c| match c_int::try_from(n) {
-                // SAFETY: as in aio_readv.
-                Ok(n) => unsafe { sys::rbd_aio_writev(img, iov, n, offset, c) as isize },
+                // SAFETY: open handle; the iovecs and the memory they point
+                // to stay valid until the completion (Pending owns them).
+                Ok(n) => unsafe { call(img, iov, n, offset, c) as isize },
                 Err(_) => -(libc::EINVAL as isize),
             },
         )
