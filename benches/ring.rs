@@ -1,6 +1,9 @@
 //! 4K random read and write through emulator + ring + SCSI + ram backend
 //! at queue depth 1, 32 and 128. `cargo bench --bench ring`; set
-//! BENCH_SECONDS to change the run length (default 3 s per case).
+//! BENCH_SECONDS to change the run length (default 3 s per case),
+//! BENCH_SPIN the worker's idle spin (default: the daemon's), and
+//! BENCH_ONLY to run the cases whose `pattern/qd` name contains it
+//! (e.g. `randread/32`).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,7 +20,8 @@ fn main() {
     let spin: u32 = std::env::var("BENCH_SPIN")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(2000);
+        .unwrap_or(tcmu_rbd::device::WorkerOptions::default().spin);
+    let only = std::env::var("BENCH_ONLY").unwrap_or_default();
     println!("4K random I/O, emulated kernel + ring + SCSI + ram backend, {secs} s per case, worker spin {spin}");
     println!(
         "{:<10} {:>4} {:>12} {:>14} {:>10} {:>10} {:>7}",
@@ -25,6 +29,10 @@ fn main() {
     );
     for pattern in [Pattern::RandRead, Pattern::RandWrite] {
         for qd in [1usize, 32, 128] {
+            let name = format!("{pattern:?}/{qd}").to_lowercase();
+            if !name.contains(&only) {
+                continue;
+            }
             let ram: Arc<dyn Backend> =
                 Arc::new(RamBackend::with_options(256 << 20, 512, true).expect("ram"));
             let info = LunInfo {

@@ -122,6 +122,13 @@ pub struct Stats {
     pub notifies: AtomicU64,
 }
 
+/// Adds one to a [`Stats`] counter. Only the device's worker writes its
+/// counters, so a plain load and store suffice: a locked add per command
+/// would cost more than the rest of the bookkeeping.
+fn bump(c: &AtomicU64) {
+    c.store(c.load(Ordering::Relaxed).wrapping_add(1), Ordering::Relaxed);
+}
+
 /// A change run on the worker thread, between two turns of its loop.
 pub type ControlFn = Box<dyn FnOnce(&mut Device) + Send>;
 
@@ -328,7 +335,7 @@ impl Device {
             self.finish(c);
         }
         if self.ring.publish().map_err(|e| self.ring_err(e))? {
-            self.stats.notifies.fetch_add(1, Ordering::Relaxed);
+            bump(&self.stats.notifies);
             if let Err(e) = self.bell.ring() {
                 return Err(DeviceError::Io {
                     dev: self.name.clone(),
@@ -343,22 +350,17 @@ impl Device {
     fn dispatch(&mut self, e: Entry) {
         match e {
             Entry::Cmd(cmd) => {
-                self.stats.commands.fetch_add(1, Ordering::Relaxed);
+                bump(&self.stats.commands);
                 let id = cmd.cmd_id;
                 if !cmd.cdb_complete {
                     self.respond(id, Response::check(crate::scsi::INVALID_OPCODE));
                     return;
                 }
-                match self.lun.execute(cmd.cdb(), &cmd.bufs) {
-                    Outcome::Done(r) => self.respond(id, r),
-                    Outcome::Submit(op, p) => {
-                        self.pending[id as usize] = Some(p);
-                        self.backend.submit(op, self.cq.done(u64::from(id)));
-                    }
-                }
+                let o = self.lun.execute(cmd.cdb(), &cmd.bufs);
+                self.advance(id, o);
             }
             Entry::Tmr(t) => {
-                self.stats.tmrs.fetch_add(1, Ordering::Relaxed);
+                bump(&self.stats.tmrs);
                 // Backend I/O cannot be recalled (librbd has no abort);
                 // aborted commands complete normally and the kernel, which
                 // already answered the initiator, just frees them.
@@ -381,22 +383,34 @@ impl Device {
             error!(dev = %self.name, cmd_id = id, "completion for no pending command dropped");
             return;
         };
-        match self.lun.finish(p, c.result) {
-            Outcome::Done(r) => self.respond(id, r),
-            // A follow-up operation (e.g. the flush after a FUA write):
-            // the command stays in flight under the same id.
-            Outcome::Submit(op, p) => {
-                self.pending[id as usize] = Some(p);
-                self.backend.submit(op, self.cq.done(u64::from(id)));
+        let o = self.lun.finish(p, c.result);
+        self.advance(id, o);
+    }
+
+    /// Carries command `id` on from `o`: responds, runs the backend
+    /// operation inline when the backend can, or submits it. A follow-up
+    /// operation (e.g. the flush after a FUA write) keeps the same id.
+    fn advance(&mut self, id: u16, mut o: Outcome) {
+        loop {
+            match o {
+                Outcome::Done(r) => return self.respond(id, r),
+                Outcome::Submit(op, p) => match self.backend.try_inline(op) {
+                    Ok(result) => o = self.lun.finish(p, result),
+                    Err(op) => {
+                        self.pending[id as usize] = Some(p);
+                        self.backend.submit(op, self.cq.done(u64::from(id)));
+                        return;
+                    }
+                },
             }
         }
     }
 
     fn respond(&mut self, id: u16, r: Response) {
-        self.stats.completed.fetch_add(1, Ordering::Relaxed);
+        bump(&self.stats.completed);
         let sense_bytes: Option<[u8; 18]> = r.sense.as_ref().map(Sense::to_fixed);
         if r.sense.is_some() {
-            self.stats.check_conditions.fetch_add(1, Ordering::Relaxed);
+            bump(&self.stats.check_conditions);
             debug!(dev = %self.name, cmd_id = id, sense = ?r.sense, "check condition");
         }
         let c = Completion {

@@ -168,6 +168,14 @@ pub trait Backend: Send + Sync {
     /// Starts `op`; never blocks on I/O. `done` must be completed exactly
     /// once, possibly before this returns.
     fn submit(&self, op: Op, done: Done);
+    /// Runs `op` at once on the caller's thread when this backend finishes
+    /// it without waiting on anything (a memory copy), and returns its
+    /// result; otherwise hands `op` back for [`submit`](Self::submit). The
+    /// ring worker tries this first, so an in-memory backend costs no trip
+    /// through the completion queue.
+    fn try_inline(&self, op: Op) -> Result<IoResult, Op> {
+        Err(op)
+    }
     /// Online resize to `size` bytes (the kernel's dev_size changed). A
     /// backend that cannot serve the new size refuses, and the LUN keeps
     /// its old capacity.
