@@ -155,6 +155,24 @@ impl IoBufs {
         done
     }
 
+    /// As [`copy_out`](Self::copy_out), but writes `dst` with non-temporal
+    /// (streaming) stores where the CPU has them. For a store whose blocks
+    /// are not read back soon (a ram LUN): the CPU then does not first read
+    /// each destination cache line it overwrites, which halves the memory
+    /// traffic of a random write. The stores are fenced before returning.
+    pub fn copy_out_streaming(&self, offset: usize, dst: &mut [u8]) -> usize {
+        let mut done = 0;
+        self.for_ranges(offset, dst.len(), |p, n| {
+            // SAFETY: `p..p+n` lies inside one of our segments (for_ranges),
+            // and `done + n <= dst.len()` since for_ranges yields at most
+            // `dst.len()` bytes in all.
+            unsafe { stream_copy(p, dst[done..].as_mut_ptr(), n) };
+            done += n;
+        });
+        stream_fence();
+        done
+    }
+
     /// Copies `src` into the buffers at `offset`; returns how many bytes fit.
     pub fn copy_in(&self, offset: usize, src: &[u8]) -> usize {
         let mut done = 0;
@@ -203,6 +221,53 @@ impl IoBufs {
     }
 }
 
+/// Copies `n` bytes from `src` to `dst`, the bulk with streaming stores.
+///
+/// # Safety
+/// As `ptr::copy_nonoverlapping`: both ranges valid for `n` bytes and
+/// disjoint.
+#[cfg(target_arch = "x86_64")]
+unsafe fn stream_copy(src: *const u8, dst: *mut u8, n: usize) {
+    use std::arch::x86_64::{__m128i, _mm_loadu_si128, _mm_stream_si128};
+    // Streaming stores want 16-byte aligned targets: copy up to alignment
+    // the ordinary way, then whole 64-byte lines, then the tail.
+    let head = dst.align_offset(16).min(n);
+    let body = (n - head) / 64 * 64;
+    // SAFETY (all three blocks): every access stays inside `0..n` of both
+    // ranges, which the caller vouches for; `dst + head + i` is 16-byte
+    // aligned because `head` aligned it and `i` steps by 16. SSE2 is part
+    // of the x86_64 baseline.
+    unsafe {
+        std::ptr::copy_nonoverlapping(src, dst, head);
+        let (s, d) = (src.add(head), dst.add(head));
+        let mut i = 0;
+        while i < body {
+            _mm_stream_si128(
+                d.add(i).cast::<__m128i>(),
+                _mm_loadu_si128(s.add(i).cast::<__m128i>()),
+            );
+            i += 16;
+        }
+        std::ptr::copy_nonoverlapping(s.add(body), d.add(body), n - head - body);
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn stream_copy(src: *const u8, dst: *mut u8, n: usize) {
+    // SAFETY: the caller's contract is copy_nonoverlapping's.
+    unsafe { std::ptr::copy_nonoverlapping(src, dst, n) }
+}
+
+/// Orders streaming stores before every later store (the completion that
+/// tells the kernel a write is done comes after).
+fn stream_fence() {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: sfence has no preconditions; SSE is part of x86_64.
+    unsafe {
+        std::arch::x86_64::_mm_sfence()
+    };
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -230,6 +295,42 @@ mod tests {
         drop(bufs);
         assert_eq!(a, [1, 2, 3, 4, 0]);
         assert_eq!(b, [0, 7, 8, 9, 10, 11, 12]);
+    }
+
+    #[test]
+    fn streaming_copy_matches_plain_copy() {
+        // Segments of odd lengths, destinations at every alignment, lengths
+        // around the 16-byte and 64-byte steps of the streaming loop.
+        let mut a: Vec<u8> = (0..300u32).map(|i| (i * 7 + 1) as u8).collect();
+        let mut b: Vec<u8> = (0..4133u32).map(|i| (i * 13 + 5) as u8).collect();
+        let bufs = unsafe {
+            IoBufs::from_raw(
+                &[(a.as_mut_ptr(), a.len()), (b.as_mut_ptr(), b.len())],
+                None,
+            )
+        };
+        let whole = bufs.to_vec();
+        for (offset, len) in [
+            (0, 4433),
+            (1, 4096),
+            (3, 63),
+            (17, 129),
+            (299, 2),
+            (250, 1000),
+        ] {
+            for shift in 0..17 {
+                let mut got = vec![0xeeu8; len + shift + 3];
+                let n = bufs.copy_out_streaming(offset, &mut got[shift..shift + len]);
+                let want = (whole.len() - offset).min(len);
+                assert_eq!(n, want, "offset {offset} len {len} shift {shift}");
+                assert_eq!(&got[shift..shift + n], &whole[offset..offset + n]);
+                assert!(got[..shift].iter().all(|&x| x == 0xee), "wrote before dst");
+                assert!(
+                    got[shift + len..].iter().all(|&x| x == 0xee),
+                    "wrote past dst"
+                );
+            }
+        }
     }
 
     #[test]

@@ -64,7 +64,7 @@ impl RamBackend {
             Op::Write { offset, bufs, .. } => {
                 let r = self.range(offset, bufs.len() as u64)?;
                 let mut store = self.store.write().map_err(|_| poisoned())?;
-                bufs.copy_out(0, &mut store[r]);
+                bufs.copy_out_streaming(0, &mut store[r]);
                 Ok(())
             }
             Op::Flush => Ok(()),
