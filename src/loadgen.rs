@@ -121,8 +121,24 @@ impl Xorshift {
     }
 }
 
-/// Runs `job` against `backend` through a fresh emulated device.
+/// Runs `job` against `backend` through a fresh emulated device; the
+/// generator waits for completions as the worker does (`job.spin` turns,
+/// then sleep).
 pub fn run(backend: Arc<dyn Backend>, info: LunInfo, job: Job) -> Result<Report, LoadError> {
+    run_with(backend, info, job, None)
+}
+
+/// As [`run`], but the generator, which stands for the kernel and the
+/// initiator, spins up to `generator_spin` for each completion before it
+/// sleeps. The kernel is never asleep when a completion lands, so this
+/// makes the worker's own wait policy what the figures measure; the
+/// generator's CPU time is not counted in IOPS per core.
+pub fn run_with(
+    backend: Arc<dyn Backend>,
+    info: LunInfo,
+    job: Job,
+    generator_spin: Option<Duration>,
+) -> Result<Report, LoadError> {
     let geo = backend.geometry();
     let bs = geo.block_size as usize;
     if job.block_size == 0 || !job.block_size.is_multiple_of(bs) || job.queue_depth == 0 {
@@ -210,9 +226,11 @@ pub fn run(backend: Arc<dyn Backend>, info: LunInfo, job: Job) -> Result<Report,
         }
         emu.kick();
         loop {
-            // Wait for the doorbell: spin briefly, then sleep in poll().
-            let mut reaped = 0;
-            for _ in 0..=job.spin.max(1) {
+            // Wait for the doorbell: spin, then sleep in poll().
+            let mut reaped;
+            let spun = Instant::now();
+            let mut turns = 0u32;
+            loop {
                 let mut now: Option<Instant> = None;
                 reaped = emu.reap(|r, _| {
                     if r.status != 0 {
@@ -221,7 +239,12 @@ pub fn run(backend: Arc<dyn Backend>, info: LunInfo, job: Job) -> Result<Report,
                     let t = *now.get_or_insert_with(Instant::now);
                     lat.push(t.duration_since(submitted_at[r.cmd_id as usize]).as_nanos() as u32);
                 })?;
-                if reaped > 0 {
+                turns += 1;
+                let spun_out = match generator_spin {
+                    Some(d) => spun.elapsed() >= d,
+                    None => turns > job.spin.max(1),
+                };
+                if reaped > 0 || spun_out {
                     break;
                 }
                 std::hint::spin_loop();
