@@ -128,7 +128,6 @@ struct Shared {
     name: String,
     backend: Arc<RbdBackend>,
     alua: AluaHandle,
-    local_group: u16,
     groups: Vec<u16>,
     opts: FailoverOptions,
     /// The gate: set only while the lock is held on session `owned_gen`.
@@ -148,12 +147,12 @@ struct Shared {
 
 impl Shared {
     fn set_local(&self, state: AccessState, why: &str) {
-        let old = self.alua.state(self.local_group);
+        let old = self.alua.state(self.alua.local_group());
         self.alua.set_local_state(state);
         if old != Some(state) {
             info!(
                 dev = %self.name,
-                group = self.local_group,
+                group = self.alua.local_group(),
                 from = old.map_or("?", state_name),
                 to = state_name(state),
                 why,
@@ -194,7 +193,7 @@ impl Shared {
 
     fn on_stpg(&self, handle: &AluaHandle, reqs: &[StpgRequest]) -> Result<(), StpgError> {
         for r in reqs {
-            if r.group == self.local_group {
+            if r.group == self.alua.local_group() {
                 match r.state {
                     AccessState::ActiveOptimized | AccessState::ActiveNonOptimized => {
                         if self.serving.load(Ordering::Acquire) {
@@ -343,7 +342,7 @@ impl Shared {
                 self.owned_gen.store(t.generation, Ordering::Release);
                 self.serving.store(true, Ordering::Release);
                 for &g in &self.groups {
-                    if g != self.local_group {
+                    if g != self.alua.local_group() {
                         self.alua
                             .set_state(g, AccessState::Standby, status::BY_IMPLICIT);
                     }
@@ -409,12 +408,11 @@ impl Failover {
     ) -> Result<Failover, FailoverError> {
         use crate::scsi::alua::AluaSource;
         let (tx, rx) = crossbeam_channel::unbounded();
-        let local_group = alua.local_port().group;
+        let local_group = alua.local_port_cached().group;
         let shared = Arc::new(Shared {
             name: name.to_string(),
             backend,
             alua: alua.handle(),
-            local_group,
             groups: alua.groups().iter().map(|g| g.id).collect(),
             opts,
             serving: AtomicBool::new(false),
@@ -474,7 +472,7 @@ impl Failover {
         FailoverStatus {
             state: s
                 .alua
-                .state(s.local_group)
+                .state(s.alua.local_group())
                 .unwrap_or(AccessState::Transitioning),
             serving: s.serving.load(Ordering::Acquire),
             lock: s
