@@ -10,7 +10,7 @@
 # Results come back over a second, writable 9p share.
 #
 # Environment:
-#   VM_SUITES   guest check groups (default: "local rbd targetcli compare"):
+#   VM_SUITES   guest check groups (default: "local rbd targetcli compare mpath"):
 #               local    file and ram LUNs: I/O, SCSI, resize, removal, restart
 #               rbd      an rbd LUN on a Ceph micro cluster the guest reaches
 #                        over a bridge in a network namespace of this run;
@@ -19,7 +19,7 @@
 #                        daemon's D-Bus service (dbus-daemon in the guest)
 #               compare  fio 4K randread/randwrite QD32: tcmu-rbd vs
 #                        tcmu-runner (handler_rbd) on the same image
-#               mpath    (opt-in) two HA gateways of one rbd image, each its
+#               mpath    two HA gateways of one rbd image, each its
 #                        own daemon (--devices) and tcm_loop target, grouped
 #                        by dm-multipath; fio with verification while the
 #                        active gateway's daemon is killed (vm/guest-mpath.sh)
@@ -31,7 +31,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 top=$PWD
 t0=$(date +%s)
-SUITES=${VM_SUITES:-local rbd targetcli compare}
+SUITES=${VM_SUITES:-local rbd targetcli compare mpath}
 PROFILE=${VM_PROFILE:-release}
 CACHE=${VM_CACHE:-$top/target/vm-cache}
 log() { echo "vm: $*"; }

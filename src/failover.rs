@@ -33,10 +33,54 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
-use tcmu_handler::rbd::lock::LockError;
+use tcmu_handler::rbd::lock::{LockError, LockView, Taken};
 use tcmu_handler::rbd::RbdBackend;
 use tcmu_handler::{Backend, Caps, Done, Geometry, IoError, Op};
 use tracing::{error, info, info_span, warn};
+
+/// What the failover manager needs of an image's exclusive lock: the rbd
+/// backend in the daemon (see `tcmu_handler::rbd::lock` for the meaning of
+/// each call); the state machine's tests supply a fake.
+pub trait LockSource: Backend {
+    /// The session (reopen) generation now.
+    fn generation(&self) -> u64;
+    /// Whether the current session was blocklisted.
+    fn is_fenced(&self) -> bool;
+    /// Whether this client holds the lock (a local call).
+    fn lock_held(&self) -> Result<bool, LockError>;
+    /// Who holds the lock.
+    fn lock_view(&self) -> Result<LockView, LockError>;
+    /// Takes the lock, fencing and breaking another owner's.
+    fn take_lock(&self, blocklist_expire_secs: u32) -> Result<Taken, LockError>;
+    /// Releases the lock.
+    fn release_lock(&self) -> Result<(), LockError>;
+    /// Marks the session fenced and reopens on a fresh client.
+    fn fence_and_reopen(&self);
+}
+
+impl LockSource for RbdBackend {
+    fn generation(&self) -> u64 {
+        RbdBackend::generation(self)
+    }
+    fn is_fenced(&self) -> bool {
+        RbdBackend::is_fenced(self)
+    }
+    fn lock_held(&self) -> Result<bool, LockError> {
+        RbdBackend::lock_held(self)
+    }
+    fn lock_view(&self) -> Result<LockView, LockError> {
+        RbdBackend::lock_view(self)
+    }
+    fn take_lock(&self, blocklist_expire_secs: u32) -> Result<Taken, LockError> {
+        RbdBackend::take_lock(self, blocklist_expire_secs)
+    }
+    fn release_lock(&self) -> Result<(), LockError> {
+        RbdBackend::release_lock(self)
+    }
+    fn fence_and_reopen(&self) {
+        RbdBackend::fence_and_reopen(self)
+    }
+}
 
 /// Tuning of the failover manager.
 #[derive(Debug, Clone, Copy)]
@@ -126,9 +170,8 @@ impl std::fmt::Display for FailoverStatus {
 
 struct Shared {
     name: String,
-    backend: Arc<RbdBackend>,
+    backend: Arc<dyn LockSource>,
     alua: AluaHandle,
-    local_group: u16,
     groups: Vec<u16>,
     opts: FailoverOptions,
     /// The gate: set only while the lock is held on session `owned_gen`.
@@ -148,12 +191,12 @@ struct Shared {
 
 impl Shared {
     fn set_local(&self, state: AccessState, why: &str) {
-        let old = self.alua.state(self.local_group);
+        let old = self.alua.state(self.alua.local_group());
         self.alua.set_local_state(state);
         if old != Some(state) {
             info!(
                 dev = %self.name,
-                group = self.local_group,
+                group = self.alua.local_group(),
                 from = old.map_or("?", state_name),
                 to = state_name(state),
                 why,
@@ -194,7 +237,7 @@ impl Shared {
 
     fn on_stpg(&self, handle: &AluaHandle, reqs: &[StpgRequest]) -> Result<(), StpgError> {
         for r in reqs {
-            if r.group == self.local_group {
+            if r.group == self.alua.local_group() {
                 match r.state {
                     AccessState::ActiveOptimized | AccessState::ActiveNonOptimized => {
                         if self.serving.load(Ordering::Acquire) {
@@ -343,7 +386,7 @@ impl Shared {
                 self.owned_gen.store(t.generation, Ordering::Release);
                 self.serving.store(true, Ordering::Release);
                 for &g in &self.groups {
-                    if g != self.local_group {
+                    if g != self.alua.local_group() {
                         self.alua
                             .set_state(g, AccessState::Standby, status::BY_IMPLICIT);
                     }
@@ -403,18 +446,17 @@ impl Failover {
     /// manager thread.
     pub fn start(
         name: &str,
-        backend: Arc<RbdBackend>,
+        backend: Arc<dyn LockSource>,
         alua: &SharedAlua,
         opts: FailoverOptions,
     ) -> Result<Failover, FailoverError> {
         use crate::scsi::alua::AluaSource;
         let (tx, rx) = crossbeam_channel::unbounded();
-        let local_group = alua.local_port().group;
+        let local_group = alua.local_port_cached().group;
         let shared = Arc::new(Shared {
             name: name.to_string(),
             backend,
             alua: alua.handle(),
-            local_group,
             groups: alua.groups().iter().map(|g| g.id).collect(),
             opts,
             serving: AtomicBool::new(false),
@@ -474,7 +516,7 @@ impl Failover {
         FailoverStatus {
             state: s
                 .alua
-                .state(s.local_group)
+                .state(s.alua.local_group())
                 .unwrap_or(AccessState::Transitioning),
             serving: s.serving.load(Ordering::Acquire),
             lock: s
@@ -581,4 +623,365 @@ pub fn open_rbd(
         alua: Arc::new(alua),
         failover,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    //! The state machine against a fake lock: no cluster.
+    use super::*;
+    use crate::scsi::alua::{
+        support, AluaConfig, AluaMode, AluaSource, GroupConfig, LocalPort, StpgRequest,
+    };
+    use tcmu_handler::{CompletionQueue, IoResult};
+
+    /// The lock as the fake cluster sees it.
+    #[derive(Default)]
+    struct Lock {
+        generation: u64,
+        /// This client holds the lock.
+        held: bool,
+        /// This client's session was blocklisted.
+        fenced: bool,
+        /// Another client holds it.
+        other: Option<String>,
+        /// take_lock fails this many more times with a non-retryable error.
+        refuse_takes: u32,
+        takes: u32,
+        releases: u32,
+        reopens: u32,
+        ops: u32,
+    }
+
+    struct FakeLock(Mutex<Lock>);
+
+    impl FakeLock {
+        fn new() -> Arc<FakeLock> {
+            Arc::new(FakeLock(Mutex::new(Lock {
+                generation: 1,
+                other: Some("10.0.0.2:0/1".into()),
+                ..Lock::default()
+            })))
+        }
+        fn with<T>(&self, f: impl FnOnce(&mut Lock) -> T) -> T {
+            f(&mut self.0.lock().unwrap())
+        }
+        /// Another gateway fences this one and takes the lock.
+        fn stolen(&self) {
+            self.with(|l| {
+                l.held = false;
+                l.fenced = true;
+                l.other = Some("10.0.0.2:0/2".into());
+            });
+        }
+    }
+
+    impl Backend for FakeLock {
+        fn name(&self) -> String {
+            "fake".into()
+        }
+        fn geometry(&self) -> Geometry {
+            Geometry {
+                size: 1 << 20,
+                block_size: 512,
+            }
+        }
+        fn caps(&self) -> Caps {
+            Caps {
+                discard: false,
+                discard_zeroes: false,
+                write_cache: false,
+            }
+        }
+        fn submit(&self, _op: Op, done: Done) {
+            // As librbd does on a blocklisted session: ESHUTDOWN.
+            let r = self.with(|l| {
+                if l.fenced {
+                    return Err(IoError::Fenced("fake: blocklisted".into()));
+                }
+                l.ops += 1;
+                Ok(())
+            });
+            done.complete(r);
+        }
+    }
+
+    impl LockSource for FakeLock {
+        fn generation(&self) -> u64 {
+            self.with(|l| l.generation)
+        }
+        fn is_fenced(&self) -> bool {
+            self.with(|l| l.fenced)
+        }
+        fn lock_held(&self) -> Result<bool, LockError> {
+            Ok(self.with(|l| l.held))
+        }
+        fn lock_view(&self) -> Result<LockView, LockError> {
+            Ok(self.with(|l| {
+                if l.held {
+                    LockView::Mine
+                } else {
+                    l.other.clone().map_or(LockView::Free, LockView::Other)
+                }
+            }))
+        }
+        fn take_lock(&self, _expire: u32) -> Result<Taken, LockError> {
+            self.with(|l| {
+                l.takes += 1;
+                if l.fenced {
+                    return Err(LockError::Fenced {
+                        image: "fake".into(),
+                    });
+                }
+                if l.refuse_takes > 0 {
+                    l.refuse_takes -= 1;
+                    return Err(LockError::Fenced {
+                        image: "fake (refused)".into(),
+                    });
+                }
+                let already = l.held;
+                let fenced = l.other.take().into_iter().collect();
+                l.held = true;
+                Ok(Taken {
+                    fenced,
+                    already,
+                    generation: l.generation,
+                })
+            })
+        }
+        fn release_lock(&self) -> Result<(), LockError> {
+            self.with(|l| {
+                l.releases += 1;
+                l.held = false;
+            });
+            Ok(())
+        }
+        fn fence_and_reopen(&self) {
+            // The reopen on a fresh client, done at once.
+            self.with(|l| {
+                l.fenced = false;
+                l.generation += 1;
+                l.reopens += 1;
+            });
+        }
+    }
+
+    fn alua() -> SharedAlua {
+        let g = |id: u16| GroupConfig {
+            name: format!("gw{id}"),
+            id,
+            state: AccessState::ActiveOptimized,
+            status: 0,
+            preferred: false,
+            supported: support::DEFAULT,
+            mode: AluaMode {
+                implicit: true,
+                explicit: true,
+            },
+            implicit_trans_secs: 10,
+            ports: vec![(id, id == 1)],
+        };
+        SharedAlua::new(AluaConfig {
+            groups: vec![g(1), g(2)],
+            local: LocalPort {
+                group: 1,
+                rel_port: 1,
+            },
+        })
+    }
+
+    fn opts(holdoff: Duration, acquire_timeout: Duration) -> FailoverOptions {
+        FailoverOptions {
+            poll: Duration::from_millis(10),
+            blocklist_expire_secs: 60,
+            io_holdoff: holdoff,
+            acquire_timeout,
+        }
+    }
+
+    fn wait(f: &Failover, what: &str, ok: impl Fn(&FailoverStatus) -> bool) -> FailoverStatus {
+        let t0 = Instant::now();
+        loop {
+            let s = f.status();
+            if ok(&s) {
+                return s;
+            }
+            assert!(t0.elapsed() < Duration::from_secs(5), "never {what}: {s}");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    fn write_through(b: &dyn Backend) -> IoResult {
+        let q = CompletionQueue::new().unwrap();
+        b.submit(Op::Flush, q.done(1));
+        q.recv_timeout(Duration::from_secs(5)).unwrap().result
+    }
+
+    fn stpg(a: &SharedAlua, group: u16, state: AccessState) {
+        a.set_target_port_groups(&[StpgRequest { group, state }])
+            .unwrap();
+    }
+
+    #[test]
+    fn starts_standby_and_the_gate_is_closed() {
+        let lock = FakeLock::new();
+        let a = alua();
+        let f = Failover::start("t", lock.clone(), &a, FailoverOptions::default()).unwrap();
+        let s = f.status();
+        assert_eq!((s.state, s.serving), (AccessState::Standby, false));
+        assert!(matches!(
+            write_through(&*f.backend()),
+            Err(IoError::Fenced(_))
+        ));
+        assert_eq!(lock.with(|l| l.ops), 0, "nothing reached the image");
+    }
+
+    #[test]
+    fn stpg_takes_the_lock_then_serves_and_marks_others_standby() {
+        let lock = FakeLock::new();
+        let a = alua();
+        let f = Failover::start(
+            "t",
+            lock.clone(),
+            &a,
+            opts(Duration::ZERO, Duration::from_secs(1)),
+        )
+        .unwrap();
+        stpg(&a, 1, AccessState::ActiveOptimized);
+        let s = wait(&f, "active", |s| s.serving);
+        assert_eq!(s.state, AccessState::ActiveOptimized);
+        assert_eq!((s.takeovers, s.lock.as_str()), (1, "mine"));
+        let g = a.groups();
+        assert_eq!(
+            g[1].state,
+            AccessState::Standby,
+            "the other gateway's group"
+        );
+        assert_eq!(write_through(&*f.backend()), Ok(()));
+        assert_eq!(lock.with(|l| l.ops), 1);
+        // A second STPG while serving takes nothing more.
+        stpg(&a, 1, AccessState::ActiveOptimized);
+        std::thread::sleep(Duration::from_millis(50));
+        assert_eq!(lock.with(|l| l.takes), 1);
+    }
+
+    #[test]
+    fn a_stolen_lock_closes_the_gate_reopens_and_holds_off_io() {
+        let lock = FakeLock::new();
+        let a = alua();
+        let f = Failover::start(
+            "t",
+            lock.clone(),
+            &a,
+            opts(Duration::from_secs(60), Duration::from_secs(1)),
+        )
+        .unwrap();
+        stpg(&a, 1, AccessState::ActiveOptimized);
+        wait(&f, "active", |s| s.serving);
+        lock.stolen();
+        // Refused at once (by the fenced session, then by the gate).
+        assert!(matches!(
+            write_through(&*f.backend()),
+            Err(IoError::Fenced(_))
+        ));
+        let s = wait(&f, "lost", |s| s.losses == 1);
+        assert!(matches!(
+            write_through(&*f.backend()),
+            Err(IoError::Fenced(_))
+        ));
+        assert_eq!((s.state, s.serving), (AccessState::Standby, false));
+        assert_eq!(
+            lock.with(|l| (l.reopens, l.ops)),
+            (1, 0),
+            "reopened; the reopened session got no op"
+        );
+        // I/O the host had queued on this path does not steal it back
+        // during the hold-off (the port stays Standby)...
+        a.request_active();
+        std::thread::sleep(Duration::from_millis(50));
+        assert_eq!(f.status().state, AccessState::Standby);
+        assert_eq!(lock.with(|l| l.takes), 1);
+        // ...but an explicit STPG does, on the reopened session.
+        stpg(&a, 1, AccessState::ActiveOptimized);
+        let s = wait(&f, "active again", |s| s.serving);
+        assert_eq!((s.takeovers, s.generation), (2, 2));
+        assert_eq!(write_through(&*f.backend()), Ok(()));
+    }
+
+    #[test]
+    fn io_at_a_standby_port_takes_the_lock_without_holdoff() {
+        let lock = FakeLock::new();
+        let a = alua();
+        let f = Failover::start(
+            "t",
+            lock.clone(),
+            &a,
+            opts(Duration::ZERO, Duration::from_secs(1)),
+        )
+        .unwrap();
+        a.request_active();
+        assert_ne!(
+            a.local_state(),
+            AccessState::Standby,
+            "transitioning at once"
+        );
+        wait(&f, "active", |s| s.serving);
+    }
+
+    #[test]
+    fn a_failed_takeover_goes_back_to_standby() {
+        let lock = FakeLock::new();
+        lock.with(|l| l.refuse_takes = 1000);
+        let a = alua();
+        let f = Failover::start(
+            "t",
+            lock.clone(),
+            &a,
+            opts(Duration::ZERO, Duration::from_millis(200)),
+        )
+        .unwrap();
+        stpg(&a, 1, AccessState::ActiveOptimized);
+        assert_eq!(a.local_state(), AccessState::Transitioning);
+        let t0 = Instant::now();
+        while a.local_state() == AccessState::Transitioning {
+            assert!(t0.elapsed() < Duration::from_secs(5), "still transitioning");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let s = f.status();
+        assert_eq!(
+            (s.state, s.serving, s.takeovers),
+            (AccessState::Standby, false, 0)
+        );
+        assert!(matches!(
+            write_through(&*f.backend()),
+            Err(IoError::Fenced(_))
+        ));
+    }
+
+    #[test]
+    fn stpg_to_standby_and_drop_release_the_lock() {
+        let lock = FakeLock::new();
+        let a = alua();
+        let f = Failover::start(
+            "t",
+            lock.clone(),
+            &a,
+            opts(Duration::ZERO, Duration::from_secs(1)),
+        )
+        .unwrap();
+        stpg(&a, 1, AccessState::ActiveOptimized);
+        wait(&f, "active", |s| s.serving);
+        stpg(&a, 1, AccessState::Standby);
+        wait(&f, "released", |s| {
+            !s.serving && s.state == AccessState::Standby
+        });
+        assert_eq!(lock.with(|l| (l.releases, l.held)), (1, false));
+        stpg(&a, 1, AccessState::ActiveOptimized);
+        wait(&f, "active", |s| s.serving);
+        drop(f);
+        assert_eq!(
+            lock.with(|l| (l.releases, l.held)),
+            (2, false),
+            "a clean stop hands the lock over"
+        );
+    }
 }

@@ -429,6 +429,11 @@ fn open_device(spec: &DeviceSpec) -> Result<Running, OpenDeviceError> {
                 crate::failover::FailoverOptions::default(),
             )
             .map_err(backend_err)?;
+            // Fabrics link the LUN after the device opens: RTPG and VPD
+            // 0x83 re-read the member ports.
+            if let Some(dir) = &spec.configfs_dir {
+                ha.alua.follow_configfs(dir);
+            }
             (ha.backend.clone(), Some(ha))
         }
         None => (

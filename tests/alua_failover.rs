@@ -161,6 +161,47 @@ impl Gw {
     }
 }
 
+impl Gw {
+    /// Stops the gateway as a clean shutdown does (EOF on its stdin: the
+    /// worker drains, the lock is released if held, the image closes) and
+    /// checks that it exited 0 with nothing in its log that says it
+    /// crashed on the way out (librados/librbd teardown).
+    fn stop_clean(mut self) {
+        use std::os::unix::process::ExitStatusExt;
+        drop(self.stdin.take());
+        let t0 = Instant::now();
+        let status = loop {
+            if let Some(st) = self.child.try_wait().expect("wait for gateway") {
+                break st;
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(60),
+                "{}: still running 60 s after EOF (log {})",
+                self.name,
+                self.log
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+        for bad in ["terminate called", "Aborted", "panicked", "Segmentation"] {
+            assert!(
+                !log.contains(bad),
+                "{}: its log shows {bad:?} at shutdown (log {})",
+                self.name,
+                self.log
+            );
+        }
+        assert!(
+            status.success(),
+            "{}: exited with {status:?} (signal {:?}) at a clean stop (log {})",
+            self.name,
+            status.signal(),
+            self.log
+        );
+        eprintln!("{}: clean stop in {} ms", self.name, ms(t0.elapsed()));
+    }
+}
+
 impl Drop for Gw {
     fn drop(&mut self) {
         drop(self.stdin.take());
@@ -467,6 +508,45 @@ fn drill_planned_move_and_failback() {
     );
     assert!(fo1 < TARGET, "planned move took {fo1:?}");
     assert!(fo4 < TARGET, "failback took {fo4:?}");
+}
+
+/// Gateways stopped cleanly right after losing the lock (while they reopen
+/// their image on a fresh client) exit 0 with a clean log (a daemon stopped
+/// then once died with a C++ std::out_of_range from the librados teardown,
+/// after logging "stopped"); so does the last owner, and its stop frees
+/// the lock. The race needs a slow reopen (seen under QEMU); here it is
+/// exercised, not forced.
+#[test]
+#[ignore = "needs the live Ceph cluster: scripts/test-rbd.sh runs it"]
+fn drill_clean_stop_while_reopening() {
+    let img = TestImage::new("alua-stop", SIZE);
+    let mut owner = Gw::spawn("A", 1, &img, "stop");
+    assert_eq!(owner.call("stpg"), "ok");
+    owner.wait_state("alua=active/optimized lock=mine", Duration::from_secs(20));
+    for (i, name) in ["B", "C", "D", "E"].into_iter().enumerate() {
+        let group = if i % 2 == 0 { 2 } else { 1 };
+        let mut next = Gw::spawn(name, group, &img, "stop");
+        assert_eq!(next.call("stpg"), "ok");
+        next.wait_state("alua=active/optimized lock=mine", Duration::from_secs(20));
+        // The old owner sees it was fenced (lock check every 100 ms) and
+        // starts reopening: stop it as soon as it shows the loss.
+        let t0 = Instant::now();
+        while !owner.state().contains("losses=1") {
+            assert!(
+                t0.elapsed() < Duration::from_secs(10),
+                "{}: never saw it lost the lock (log {})",
+                owner.name,
+                owner.log
+            );
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        owner.stop_clean();
+        owner = next;
+    }
+    owner.stop_clean();
+    let mut z = Gw::spawn("Z", 1, &img, "stop");
+    z.wait_state("lock=free", Duration::from_secs(10));
+    z.stop_clean();
 }
 
 #[test]

@@ -251,9 +251,10 @@ fn implicit_activation_turns_io_into_a_retry() {
     });
     let s = t.sense(&rw16(true, 0, 1), vec![0; 512]);
     assert_sense(&s, 0x02, 0x04, 0x0a);
-    // While transitioning: INQUIRY, RTPG and REQUEST SENSE only.
+    // While transitioning: INQUIRY, RTPG and REQUEST SENSE only; TUR
+    // gets the standby sense (multipathd's checker: ghost, not dead).
     let s = t.sense(&[0, 0, 0, 0, 0, 0], vec![]);
-    assert_sense(&s, 0x02, 0x04, 0x0a);
+    assert_sense(&s, 0x02, 0x04, 0x0b);
     let s = t.sense(&[0x25, 0, 0, 0, 0, 0, 0, 0, 0, 0], vec![0; 8]);
     assert_sense(&s, 0x02, 0x04, 0x0a);
     t.good_in(&[0x12, 0, 0, 0, 36, 0], 36);

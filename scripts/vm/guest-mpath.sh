@@ -1,5 +1,5 @@
 # shellcheck shell=bash
-# The VM stage's multipath drill (suite "mpath", opt-in: VM_SUITES=mpath).
+# The VM stage's multipath drill (suite "mpath", one of the default suites).
 # Sourced by scripts/vm/guest.sh, whose helpers (check, ok, wait_for,
 # uio_of, rbd_cli, stop_daemon, start_daemon, ...) it uses.
 #
@@ -12,11 +12,13 @@
 # the two paths; fio with crc32c verification runs on the multipath device
 # while the daemon of the active path is killed with SIGKILL: the I/O
 # must move to the other path (whose gateway takes the exclusive lock and
-# fences the dead one) and every block must verify.
+# fences the dead one) and every block must verify. Both gateways start
+# Standby; multipath's first activation picks the owner, which must then
+# stay put. Each daemon's exit and log are checked for crashes.
 
 MP_IMG=rbd/mpath
 MP_SIZE=$((256 << 20))
-declare -A MP_PID=() MP_WWN=([a]=naa.50014050000000a1 [b]=naa.50014050000000b1) MP_GID=([a]=11 [b]=22)
+declare -A MP_PID=() MP_EXIT=() MP_WWN=([a]=naa.50014050000000a1 [b]=naa.50014050000000b1) MP_GID=([a]=11 [b]=22)
 MP_SERIAL=
 MP_ACT_AFTER=
 
@@ -75,17 +77,25 @@ mp_host_of() { # X: SCSI host number of gateway X's path
   cut -d: -f1 "$T/loopback/${MP_WWN[$1]}/tpgt_1/address"
 }
 
-# The admin's preferred gateway (A) takes the lock before multipath
-# starts, by STPG on its own port group, as multipath would. Started with
-# both gateways Standby (nobody holds the lock), multipathd was seen to
-# activate the two groups alternately, the lock moving back and forth.
-mp_owner_a() {
-  local sd
-  sd=/dev/$(basename /sys/class/scsi_disk/"$(mp_host_of a)":0:1:0/device/block/sd*)
-  ok sg_stpg --optimized --tp="${MP_GID[a]}" "$sd" || return 1
-  wait_for 30 sh -c "sg_rtpg -d $sd | grep -A1 'target port group id : 0x$(printf %x "${MP_GID[a]}")' | grep -q 'active/optimized'" ||
-    { why="gateway a is not active/optimized 30 s after STPG"; sg_rtpg -d "$sd"; return 1; }
-  sg_rtpg -d "$sd"
+mp_sd() { # X: the sd node of gateway X's path
+  echo "/dev/$(basename /sys/class/scsi_disk/"$(mp_host_of "$1")":0:1:0/device/block/sd*)"
+}
+
+# RTPG through gateway X's path reports its port group with the port the
+# LUN is reached through (its relative target port id, the LUN's
+# statistics/scsi_port/indx), not an empty group: the daemon reads the
+# members again after the fabric linked the LUN.
+t_mp_rtpg_port() { # X
+  local indx out gid id
+  indx=$(cat "$T/loopback/${MP_WWN[$1]}/tpgt_1/lun/lun_0/statistics/scsi_port/indx") ||
+    { why="no scsi_port index for gateway $1"; return 1; }
+  out=$(sg_rtpg -d "$(mp_sd "$1")") || { why="sg_rtpg failed on gateway $1's path"; return 1; }
+  echo "$out"
+  gid=$(printf 0x%x "${MP_GID[$1]}")
+  echo "$out" | grep -q "target port group id : $gid ," || { why="RTPG does not show group $gid"; return 1; }
+  expect "target port count" "$(echo "$out" | sed -n 's/.*target port count : *//p' | head -1)" 01 || return 1
+  id=$(echo "$out" | grep -A1 "Relative target port ids" | tail -1 | tr -d ' ')
+  expect "relative target port id (scsi_port indx $indx)" "$((id))" "$indx"
 }
 
 mp_start() {
@@ -151,6 +161,35 @@ t_mp_topology() {
   echo "$o" | grep -q "hwhandler='1 alua'" || { why="alua hardware handler not attached"; return 1; }
 }
 
+mp_count() { # PATTERN: matching lines in both gateways' logs
+  cat "$OUT/daemon-a.log" "$OUT/daemon-b.log" | grep -c "$1"
+}
+
+# Both gateways started Standby and nobody moved the lock by hand: the
+# host's first I/O made multipath activate one path group, and the lock
+# stays with that gateway (no takeover, no loss) for 60 s of I/O through
+# the map, with one path Active/Optimized and the other a ghost.
+t_mp_settled() {
+  local dev act tk ls i o
+  dev=$(mp_dev) || { why="no multipath device"; return 1; }
+  act=$(mp_active) || { why="cannot tell the active gateway"; return 1; }
+  tk=$(mp_count "takeover done")
+  ls=$(mp_count "exclusive lock lost")
+  echo "active gateway $act; takeovers so far $tk, losses $ls"
+  [ "$tk" -ge 1 ] || { why="no gateway took the lock"; return 1; }
+  for i in $(seq 30); do
+    ok dd if=/dev/urandom of="$dev" bs=4k count=1 seek=$((RANDOM % 4096)) oflag=direct conv=notrunc status=none || return 1
+    sleep 2
+  done
+  o=$(multipath -ll)
+  echo "$o"
+  expect "takeovers in 60 s" "$(mp_count "takeover done")" "$tk" || return 1
+  expect "lock losses in 60 s" "$(mp_count "exclusive lock lost")" "$ls" || return 1
+  expect "active gateway after 60 s" "$(mp_active)" "$act" || return 1
+  sg_rtpg -d "$(mp_sd "$act")" | grep -q "active/optimized" || { why="gateway $act is not active/optimized"; return 1; }
+  [ "$(echo "$o" | grep -c ghost)" = 1 ] || { why="not exactly one ghost path"; return 1; }
+}
+
 # The gateway whose path is in the active group.
 mp_active() {
   local o h x
@@ -211,7 +250,13 @@ mp_cleanup() {
   for x in a b; do
     if [ -n "${MP_PID[$x]:-}" ] && kill -0 "${MP_PID[$x]}" 2>/dev/null; then
       kill -TERM "${MP_PID[$x]}"
-      wait_for 30 sh -c "! kill -0 ${MP_PID[$x]}"
+      if wait_for 60 sh -c "! kill -0 ${MP_PID[$x]}"; then
+        wait "${MP_PID[$x]}"
+        MP_EXIT[$x]=$?
+      else
+        MP_EXIT[$x]="still running 60 s after SIGTERM"
+      fi
+      echo "--- daemon $x exit after SIGTERM: ${MP_EXIT[$x]}" >>"$OUT/daemon-$x.log"
     fi
   done
   for x in a b; do
@@ -225,6 +270,24 @@ mp_cleanup() {
   return 0
 }
 
+# Every gateway daemon stopped by SIGTERM exited 0, and no gateway's log
+# shows a crash (a C++ exception from librados/librbd, an abort, a panic).
+t_mp_daemons_clean() {
+  local x bad=
+  for x in a b; do
+    if grep -nE "terminate called|what\(\):|Aborted|panicked|Segmentation|core dumped" "$OUT/daemon-$x.log"; then
+      bad="$bad daemon $x's log shows a crash;"
+    fi
+    if [ -n "${MP_EXIT[$x]:-}" ] && [ "${MP_EXIT[$x]}" != 0 ]; then
+      bad="$bad daemon $x exited with '${MP_EXIT[$x]}' after SIGTERM;"
+    fi
+    echo "daemon $x: SIGTERM exit '${MP_EXIT[$x]:-not running (killed by the drill)}'"
+  done
+  # The drill kills one daemon; the other one must have been stopped here.
+  [ -n "${MP_EXIT[a]:-}${MP_EXIT[b]:-}" ] || bad="$bad no daemon was left to stop with SIGTERM;"
+  [ -z "$bad" ] || { why=${bad%;}; return 1; }
+}
+
 suite_mpath() {
   check mpath.cluster_reachable ok rbd_cli info rbd/img0 || return 1
   check mpath.image ok rbd_cli create --size "$((MP_SIZE >> 20))M" "$MP_IMG" || return 1
@@ -234,12 +297,16 @@ suite_mpath() {
   if check mpath.backstore_a mp_backstore a && check mpath.backstore_b mp_backstore b &&
     check mpath.daemon_a mp_daemon a && check mpath.daemon_b mp_daemon b &&
     check mpath.export_a mp_export a && check mpath.export_b mp_export b &&
-    check mpath.gateway_a_active mp_owner_a && check mpath.multipathd mp_start; then
+    check mpath.multipathd mp_start; then
+    check mpath.rtpg_port_a t_mp_rtpg_port a
+    check mpath.rtpg_port_b t_mp_rtpg_port b
     check mpath.topology t_mp_topology
+    check mpath.one_owner_60s t_mp_settled
     check mpath.fio_verify_across_kill t_mp_fio_kill
     # The log of the gateway that took over shows the takeover.
     [ -n "${MP_ACT_AFTER:-}" ] && grep -iE "lock|alua|takeover|standby|active" "$OUT/daemon-$MP_ACT_AFTER.log" | tail -20 >>"$LOG"
   fi
   check mpath.cleanup mp_cleanup
+  check mpath.daemons_clean_exit t_mp_daemons_clean
   check mpath.shared_daemon_restart start_daemon
 }

@@ -31,6 +31,10 @@
 //!   host retry the command and re-read the states; LOGICAL UNIT NOT
 //!   ACCESSIBLE, TARGET PORT IN STANDBY STATE (02/04/0B) fails the path
 //!   (multipath's TUR checker shows it as a ghost) and the I/O moves on.
+//!   But multipathd's TUR checker (libmultipath/checkers/tur.c) reads any
+//!   NOT READY other than 04/0B as a dead path, and the kernel does not
+//!   retry its SG_IO: a TUR answered 04/0A fails the path mid-activation.
+//!   So a transitioning port answers TUR with the standby sense ([`check`]).
 //! - The states in an RTPG answer update every port group the host knows,
 //!   not only the one asked through: the gateway that takes the lock
 //!   should also mark the previous owner's group Standby.
@@ -54,7 +58,7 @@
 
 use super::sense::{self, Sense};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 /// Asymmetric access states (SPC-4 table 180).
@@ -339,13 +343,7 @@ impl AluaConfig {
     /// Returns `None` when no group is configured.
     pub fn from_configfs(dev_dir: &Path) -> Result<Option<AluaConfig>, AluaConfigError> {
         let alua = dev_dir.join("alua");
-        // dev_dir = <root>/core/user_N/DEV; fabrics live under <root>.
-        let root = dev_dir
-            .parent()
-            .and_then(Path::parent)
-            .and_then(Path::parent)
-            .map(Path::to_path_buf)
-            .unwrap_or_default();
+        let root = fabric_root(dev_dir);
         let rd = match std::fs::read_dir(&alua) {
             Ok(rd) => rd,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
@@ -420,19 +418,12 @@ impl AluaConfig {
                     supported |= bit;
                 }
             }
-            let mut ports = Vec::new();
-            let members = std::fs::read_to_string(g.join("members")).unwrap_or_default();
-            for line in members.lines().map(str::trim).filter(|l| !l.is_empty()) {
-                let Some((port, enabled)) = member_port(&root, line)? else {
-                    continue;
-                };
-                if enabled && local.is_none() {
-                    local = Some(LocalPort {
-                        group: id,
-                        rel_port: port,
-                    });
-                }
-                ports.push((port, enabled));
+            let ports = group_members(&root, &g)?;
+            if local.is_none() {
+                local = ports.iter().find(|p| p.1).map(|p| LocalPort {
+                    group: id,
+                    rel_port: p.0,
+                });
             }
             groups.push(GroupConfig {
                 name,
@@ -455,6 +446,30 @@ impl AluaConfig {
         });
         Ok(Some(AluaConfig { groups, local }))
     }
+}
+
+/// The fabric root (`.../target`) of a device directory
+/// (`<root>/core/user_N/DEV`).
+fn fabric_root(dev_dir: &Path) -> PathBuf {
+    dev_dir
+        .parent()
+        .and_then(Path::parent)
+        .and_then(Path::parent)
+        .map(Path::to_path_buf)
+        .unwrap_or_default()
+}
+
+/// The member ports of the group directory `g` (its `members` file): (relative
+/// target port id, enabled here), in the file's order.
+fn group_members(root: &Path, g: &Path) -> Result<Vec<(u16, bool)>, AluaConfigError> {
+    let mut ports = Vec::new();
+    let members = std::fs::read_to_string(g.join("members")).unwrap_or_default();
+    for line in members.lines().map(str::trim).filter(|l| !l.is_empty()) {
+        if let Some(p) = member_port(root, line)? {
+            ports.push(p);
+        }
+    }
+    Ok(ports)
 }
 
 /// Resolves one `members` line, `fabric/wwn/tpgt_N/lun_M`, to the port's
@@ -485,6 +500,22 @@ struct Slot {
     cfg: GroupConfig,
     state: AtomicU8,
     status: AtomicU8,
+    /// Member ports now (the configuration's, or re-read from configfs).
+    ports: Mutex<Vec<(u16, bool)>>,
+}
+
+/// `local_slot` when the local group is not among the groups.
+const NO_SLOT: usize = usize::MAX;
+
+fn pack_local(l: LocalPort) -> u32 {
+    (u32::from(l.group) << 16) | u32::from(l.rel_port)
+}
+
+fn unpack_local(v: u32) -> LocalPort {
+    LocalPort {
+        group: (v >> 16) as u16,
+        rel_port: v as u16,
+    }
 }
 
 type RequestHook = Box<dyn Fn() + Send + Sync>;
@@ -492,10 +523,16 @@ type StpgHook = Box<dyn Fn(&AluaHandle, &[StpgRequest]) -> Result<(), StpgError>
 
 struct Inner {
     mode: AluaMode,
-    local: LocalPort,
-    local_slot: Option<usize>,
+    /// The local port ([`pack_local`]): it can change when the members
+    /// are re-read.
+    local: AtomicU32,
+    /// Index of the local group in `slots`, or [`NO_SLOT`].
+    local_slot: AtomicUsize,
     trans_secs: u8,
     slots: Vec<Slot>,
+    /// The device's configfs directory, when member ports are re-read
+    /// from it ([`SharedAlua::follow_configfs`]).
+    configfs: Mutex<Option<PathBuf>>,
     on_request_active: Mutex<Option<RequestHook>>,
     on_stpg: Mutex<Option<StpgHook>>,
 }
@@ -552,20 +589,99 @@ impl SharedAlua {
             .map(|cfg| Slot {
                 state: AtomicU8::new(cfg.state as u8),
                 status: AtomicU8::new(cfg.status),
+                ports: Mutex::new(cfg.ports.clone()),
                 cfg,
             })
             .collect();
         SharedAlua {
             inner: Arc::new(Inner {
                 mode,
-                local: config.local,
-                local_slot,
+                local: AtomicU32::new(pack_local(config.local)),
+                local_slot: AtomicUsize::new(local_slot.unwrap_or(NO_SLOT)),
                 trans_secs,
                 slots,
+                configfs: Mutex::new(None),
                 on_request_active: Mutex::new(None),
                 on_stpg: Mutex::new(None),
             }),
         }
+    }
+
+    /// Re-reads the groups' member ports from the device's configfs
+    /// directory `dev_dir` whenever they are reported (REPORT TARGET PORT
+    /// GROUPS, the port designators of VPD page 0x83). The daemon opens a
+    /// device when its backstore is enabled, before any fabric links a LUN
+    /// to it, so the members read at open are usually none.
+    pub fn follow_configfs(&self, dev_dir: &Path) {
+        if let Ok(mut g) = self.inner.configfs.lock() {
+            *g = Some(dev_dir.to_path_buf());
+        }
+        self.refresh();
+    }
+
+    /// Re-reads the member ports and the local port (see
+    /// [`follow_configfs`](Self::follow_configfs)). When the local port
+    /// moves to another group, that group takes over the local state (the
+    /// lock's view does not depend on which group names it) and the old
+    /// one is reported Standby.
+    fn refresh(&self) {
+        let Some(dev_dir) = self.inner.configfs.lock().ok().and_then(|g| g.clone()) else {
+            return;
+        };
+        let root = fabric_root(&dev_dir);
+        let mut local = None;
+        for (i, s) in self.inner.slots.iter().enumerate() {
+            let g = dev_dir.join("alua").join(&s.cfg.name);
+            let ports = match group_members(&root, &g) {
+                Ok(p) => p,
+                Err(e) => {
+                    // A LUN being linked or unlinked: keep what we had.
+                    tracing::debug!(group = s.cfg.id, error = %e, "ALUA members not readable now");
+                    continue;
+                }
+            };
+            if local.is_none() {
+                local = ports.iter().find(|p| p.1).map(|p| {
+                    (
+                        i,
+                        LocalPort {
+                            group: s.cfg.id,
+                            rel_port: p.0,
+                        },
+                    )
+                });
+            }
+            if let Ok(mut g) = s.ports.lock() {
+                if *g != ports {
+                    tracing::info!(group = s.cfg.id, name = %s.cfg.name, ports = ?ports, "ALUA group members");
+                    *g = ports;
+                }
+            }
+        }
+        let Some((slot, port)) = local else { return };
+        let old = unpack_local(self.inner.local.swap(pack_local(port), Ordering::AcqRel));
+        let old_slot = self.inner.local_slot.swap(slot, Ordering::AcqRel);
+        if old_slot != slot {
+            if let Some(o) = self.inner.slots.get(old_slot) {
+                let st = o.state.swap(AccessState::Standby as u8, Ordering::AcqRel);
+                let new = &self.inner.slots[slot];
+                new.status
+                    .store(o.status.load(Ordering::Relaxed), Ordering::Relaxed);
+                new.state.store(st, Ordering::Release);
+            }
+        }
+        if old != port {
+            tracing::info!(
+                group = port.group,
+                rel_port = port.rel_port,
+                "ALUA local port"
+            );
+        }
+    }
+
+    /// The local port as last read, without re-reading configfs.
+    pub fn local_port_cached(&self) -> LocalPort {
+        unpack_local(self.inner.local.load(Ordering::Acquire))
     }
 
     /// A handle for the thread that drives the states.
@@ -620,7 +736,14 @@ impl AluaHandle {
 
     /// Sets the local group's state (implicit transition).
     pub fn set_local_state(&self, state: AccessState) -> bool {
-        self.set_state(self.inner.local.group, state, status::BY_IMPLICIT)
+        let group = unpack_local(self.inner.local.load(Ordering::Acquire)).group;
+        self.set_state(group, state, status::BY_IMPLICIT)
+    }
+
+    /// The local port's group (it can change when the members are
+    /// re-read from configfs).
+    pub fn local_group(&self) -> u16 {
+        unpack_local(self.inner.local.load(Ordering::Acquire)).group
     }
 
     /// Group `id`'s state.
@@ -636,6 +759,7 @@ impl AluaSource for SharedAlua {
     }
 
     fn groups(&self) -> Vec<PortGroup> {
+        self.refresh();
         self.inner
             .slots
             .iter()
@@ -646,19 +770,28 @@ impl AluaSource for SharedAlua {
                 preferred: s.cfg.preferred,
                 supported: s.cfg.supported,
                 status: s.status.load(Ordering::Relaxed),
-                ports: s.cfg.ports.iter().map(|p| p.0).collect(),
+                ports: s
+                    .ports
+                    .lock()
+                    .map(|p| p.iter().map(|p| p.0).collect())
+                    .unwrap_or_default(),
             })
             .collect()
     }
 
     fn local_port(&self) -> LocalPort {
-        self.inner.local
+        self.refresh();
+        self.local_port_cached()
     }
 
     #[inline]
     fn local_state(&self) -> AccessState {
-        match self.inner.local_slot {
-            Some(i) => AccessState::from_u8(self.inner.slots[i].state.load(Ordering::Acquire))
+        match self
+            .inner
+            .slots
+            .get(self.inner.local_slot.load(Ordering::Acquire))
+        {
+            Some(s) => AccessState::from_u8(s.state.load(Ordering::Acquire))
                 .unwrap_or(AccessState::Transitioning),
             None => AccessState::ActiveOptimized,
         }
@@ -808,6 +941,16 @@ pub fn check(src: &dyn AluaSource, mode: AluaMode, cdb: &[u8]) -> Access {
         AccessState::ActiveOptimized
         | AccessState::ActiveNonOptimized
         | AccessState::LbaDependent => return Access::Serve,
+        // TEST UNIT READY while transitioning: multipathd's TUR checker
+        // takes 04/0A for a dead path and fails it, so dm-multipath
+        // switches to the other path group and activates that one: the
+        // gateway taking the lock loses it again to the other, and the
+        // next transition there repeats it (the lock bounced every ~2 s
+        // between two gateways started Standby). The standby sense keeps
+        // the path a ghost: alive, not yet serving, which is what it is.
+        AccessState::Transitioning if cdb.first() == Some(&super::cdb::op::TEST_UNIT_READY) => {
+            sense::ALUA_STANDBY
+        }
         AccessState::Transitioning => sense::ALUA_TRANSITIONING,
         AccessState::Standby => sense::ALUA_STANDBY,
         AccessState::Unavailable => sense::ALUA_UNAVAILABLE,
@@ -965,6 +1108,65 @@ mod tests {
         assert_eq!(&short[4..], &d[8..]);
     }
 
+    fn put(p: &Path, rel: &str, v: &str) {
+        let f = p.join(rel);
+        std::fs::create_dir_all(f.parent().unwrap()).unwrap();
+        std::fs::write(f, format!("{v}\n")).unwrap();
+    }
+
+    /// The daemon opens a device before its LUN is linked: the members
+    /// read then are none, RTPG and VPD 0x83 must show the real ports.
+    #[test]
+    fn members_linked_after_open_are_reported() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("target");
+        let dev = root.join("core/user_0/disk_b");
+        for (name, id) in [("gw_a", 11), ("gw_b", 22)] {
+            put(&dev, &format!("alua/{name}/tg_pt_gp_id"), &id.to_string());
+            put(
+                &dev,
+                &format!("alua/{name}/alua_access_type"),
+                "Implicit and Explicit",
+            );
+            put(&dev, &format!("alua/{name}/members"), "");
+        }
+        let cfg = AluaConfig::from_configfs(&dev).unwrap().unwrap();
+        assert!(cfg.groups.iter().all(|g| g.ports.is_empty()));
+        let a = SharedAlua::new(cfg);
+        a.follow_configfs(&dev);
+        // Not linked yet: the fallback local port (first group), no ports.
+        assert_eq!(a.groups().iter().map(|g| g.ports.len()).sum::<usize>(), 0);
+        a.handle().set_local_state(AccessState::Standby);
+        assert_eq!(a.local_port().group, 11);
+        // The fabric links the LUN into gw_b (port 7) and another
+        // gateway's disabled TPG into gw_a (port 3).
+        let tpg = root.join("iscsi/iqn.x/tpgt_1");
+        put(&tpg, "lun/lun_0/statistics/scsi_port/indx", "7");
+        put(&tpg, "enable", "1");
+        let other = root.join("iscsi/iqn.x/tpgt_2");
+        put(&other, "lun/lun_0/statistics/scsi_port/indx", "3");
+        put(&other, "enable", "0");
+        put(&dev, "alua/gw_b/members", "iSCSI/iqn.x/tpgt_1/lun_0");
+        put(&dev, "alua/gw_a/members", "iSCSI/iqn.x/tpgt_2/lun_0");
+        let g = a.groups();
+        assert_eq!(g[0].ports, vec![3]);
+        assert_eq!(g[1].ports, vec![7]);
+        assert_eq!(
+            a.local_port(),
+            LocalPort {
+                group: 22,
+                rel_port: 7
+            }
+        );
+        assert_eq!(a.handle().local_group(), 22);
+        // The local state moved with the local port.
+        assert_eq!(a.local_state(), AccessState::Standby);
+        let d = rtpg_data(&a, false);
+        // Group 22's descriptor: TARGET PORT COUNT 1, port 7.
+        assert_eq!(&d[16..24], &[0x02, support::DEFAULT, 0, 22, 0, 0x02, 0, 1]);
+        assert_eq!(&d[24..28], &[0, 0, 0, 7]);
+    }
+
     #[test]
     fn states_change_from_another_thread() {
         let a = two_groups();
@@ -1067,5 +1269,8 @@ mod tests {
             check(&a, m, &[0x25; 10]),
             Access::Refuse(sense::ALUA_TRANSITIONING)
         );
+        // TUR sees a ghost (standby), not a dead path (see `check`).
+        assert_eq!(check(&a, m, &[0; 6]), Access::Refuse(sense::ALUA_STANDBY));
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
     }
 }

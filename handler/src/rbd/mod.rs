@@ -117,6 +117,14 @@ struct Shared {
     reopening: AtomicBool,
     reopens: AtomicU64,
     caw: Mutex<Option<mpsc::Sender<Box<CawJob>>>>,
+    /// Set when the backend is dropped: a reopen under way gives up.
+    closing: AtomicBool,
+    /// Reopen threads not known to have finished, joined on drop: a
+    /// process must not exit
+    /// while a thread is inside librados (the C++ static destructors
+    /// then run under it; a daemon stopped mid-reopen died with
+    /// std::out_of_range after logging "stopped").
+    reopen_threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
 }
 
 struct CawJob {
@@ -260,6 +268,8 @@ impl RbdBackend {
             reopening: AtomicBool::new(false),
             reopens: AtomicU64::new(0),
             caw: Mutex::new(None),
+            closing: AtomicBool::new(false),
+            reopen_threads: Mutex::new(Vec::new()),
         });
         Ok(RbdBackend {
             name: format!("rbd:{spec}").into(),
@@ -397,9 +407,20 @@ impl RbdBackend {
         let spawned = std::thread::Builder::new()
             .name("rbd-reopen".into())
             .spawn(move || reopen(weak, name));
-        if let Err(e) = spawned {
-            error!(image = %self.name, "cannot start the reopen thread: {e}");
-            self.shared.reopening.store(false, Ordering::SeqCst);
+        match spawned {
+            Ok(h) => {
+                let mut ts = self
+                    .shared
+                    .reopen_threads
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner());
+                ts.retain(|t| !t.is_finished());
+                ts.push(h);
+            }
+            Err(e) => {
+                error!(image = %self.name, "cannot start the reopen thread: {e}");
+                self.shared.reopening.store(false, Ordering::SeqCst);
+            }
         }
     }
 
@@ -527,6 +548,9 @@ fn reopen(shared: Weak<Shared>, name: String) {
     let mut delay = Duration::from_millis(200);
     loop {
         let Some(sh) = shared.upgrade() else { return };
+        if sh.closing.load(Ordering::SeqCst) {
+            return;
+        }
         let old = Arc::clone(&sh.session.read().unwrap_or_else(|e| e.into_inner()));
         let gen = old.generation + 1;
         warn!(image = %name, client = %old.rados.name(), "client blocklisted; reopening the image on a fresh client");
@@ -565,7 +589,14 @@ fn reopen(shared: Weak<Shared>, name: String) {
                 drop(old);
                 drop(sh);
                 error!(image = %name, "reopen failed, retrying in {delay:?}: {e}");
-                std::thread::sleep(delay);
+                let t0 = std::time::Instant::now();
+                while t0.elapsed() < delay {
+                    match shared.upgrade() {
+                        Some(sh) if !sh.closing.load(Ordering::SeqCst) => {}
+                        _ => return,
+                    }
+                    std::thread::sleep(Duration::from_millis(50));
+                }
                 delay = (delay * 2).min(Duration::from_secs(5));
             }
         }
@@ -757,11 +788,26 @@ impl Backend for RbdBackend {
 impl Drop for RbdBackend {
     fn drop(&mut self) {
         // Stop the compare-and-write thread; the session closes with the
-        // last reference (the reopen thread may still hold one).
+        // last reference.
         self.shared
             .caw
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .take();
+        // A reopen under way finishes its librados calls (at most the
+        // mount timeout) and closes what it opened before this returns.
+        self.shared.closing.store(true, Ordering::SeqCst);
+        let ts = std::mem::take(
+            &mut *self
+                .shared
+                .reopen_threads
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()),
+        );
+        for t in ts {
+            if t.thread().id() != std::thread::current().id() {
+                let _ = t.join();
+            }
+        }
     }
 }
