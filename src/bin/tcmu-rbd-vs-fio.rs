@@ -7,8 +7,10 @@
 //!                 [--seconds 10] [--repeat 3]
 //!                 [--cases randwrite:4k:32,randread:4k:32,write:64k:32,read:64k:32]
 //!
-//! Each case alternates the two `--repeat` times and reports the median
-//! run of each (by IOPS), so load drifting on a shared machine hits both.
+//! Each case runs both `--repeat` times, alternating in ABBA order, and
+//! reports each figure's median and every run, so load drifting on a
+//! shared machine hits both. CPU time and context switches are counted
+//! the same way for both (getrusage of the process, all threads).
 //! `--direct` also drives the rbd backend alone (no ring), once per case.
 //! fio's client gets the backend's librbd settings (rbd_cache=false, the
 //! same op timeouts); `--fio-defaults` adds a run with librbd's defaults.
@@ -34,16 +36,40 @@ struct Measured {
     p99_us: f64,
     /// Process CPU time (all threads, librbd's included) per I/O.
     cpu_us_per_io: f64,
+    /// Context switches (voluntary and not, all threads) per I/O.
+    cs_per_io: f64,
 }
 
-/// CPU time used so far by this process, or by its reaped children.
-fn cpu_time(who: libc::c_int) -> Duration {
-    // SAFETY: getrusage fills the struct we pass; zeroed is a valid start.
-    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: valid pointer to a rusage.
-    unsafe { libc::getrusage(who, &mut ru) };
-    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
-    tv(ru.ru_utime) + tv(ru.ru_stime)
+/// CPU time and context switches so far, of this process (all threads)
+/// or of its reaped children: the same accounting for both sides.
+#[derive(Clone, Copy)]
+struct Usage {
+    cpu: Duration,
+    switches: u64,
+}
+
+impl Usage {
+    fn now(who: libc::c_int) -> Usage {
+        // SAFETY: getrusage fills the struct we pass; zeroed is a valid start.
+        let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+        // SAFETY: valid pointer to a rusage.
+        unsafe { libc::getrusage(who, &mut ru) };
+        let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+        Usage {
+            cpu: tv(ru.ru_utime) + tv(ru.ru_stime),
+            switches: (ru.ru_nvcsw + ru.ru_nivcsw) as u64,
+        }
+    }
+
+    /// What was used since `self`, per I/O: (CPU µs, context switches).
+    fn per_io(self, who: libc::c_int, ios: f64) -> (f64, f64) {
+        let n = Usage::now(who);
+        let ios = ios.max(1.0);
+        (
+            (n.cpu - self.cpu).as_secs_f64() * 1e6 / ios,
+            n.switches.saturating_sub(self.switches) as f64 / ios,
+        )
+    }
 }
 
 fn usage() -> ! {
@@ -99,7 +125,7 @@ fn fio(
     c: &Case,
     secs: u64,
 ) -> Result<Measured, String> {
-    let cpu0 = cpu_time(libc::RUSAGE_CHILDREN);
+    let u0 = Usage::now(libc::RUSAGE_CHILDREN);
     let out = Command::new("fio")
         .env("CEPH_CONF", conf)
         .env("CEPH_ARGS", ceph_args)
@@ -114,6 +140,9 @@ fn fio(
             &format!("--iodepth={}", c.qd),
             &format!("--runtime={secs}"),
             "--time_based",
+            // Percentiles of the whole latency (submission to completion),
+            // as the load generator measures ours, not of clat alone.
+            "--lat_percentiles=1",
             "--output-format=terse",
             "--terse-version=3",
         ])
@@ -131,8 +160,9 @@ fn fio(
         .find(|l| l.starts_with("3;"))
         .ok_or_else(|| format!("no terse line in fio output: {text}"))?;
     let f: Vec<&str> = line.split(';').collect();
-    // Terse v3: read iops at 7, read clat percentiles at 17..37; write
-    // iops at 48, write clat percentiles at 58..78 (values in µs).
+    // Terse v3: read iops at 7, read latency percentiles at 17..37; write
+    // iops at 48, write percentiles at 58..78 (values in µs). With
+    // lat_percentiles these are of the total latency.
     let write = c.rw.contains("write");
     let (iops_at, pct) = if write { (48, 58..78) } else { (7, 17..37) };
     let iops: f64 = f
@@ -145,11 +175,12 @@ fn fio(
         .flatten()
         .find_map(|v| v.strip_prefix("99.000000%=")?.parse::<f64>().ok())
         .ok_or_else(|| format!("no p99 in fio terse line: {line}"))?;
-    let cpu = cpu_time(libc::RUSAGE_CHILDREN) - cpu0;
+    let (cpu_us_per_io, cs_per_io) = u0.per_io(libc::RUSAGE_CHILDREN, iops * secs as f64);
     Ok(Measured {
         iops,
         p99_us: p99,
-        cpu_us_per_io: cpu.as_secs_f64() * 1e6 / (iops * secs as f64).max(1.0),
+        cpu_us_per_io,
+        cs_per_io,
     })
 }
 
@@ -179,7 +210,7 @@ fn direct(cfg: &str, size: u64, c: &Case, secs: u64) -> Result<Measured, String>
         };
         slot * c.bs as u64
     };
-    let cpu0 = cpu_time(libc::RUSAGE_SELF);
+    let u0 = Usage::now(libc::RUSAGE_SELF);
     let mut started = vec![std::time::Instant::now(); c.qd];
     let submit = |i: usize, off: u64| {
         let bufs = bufs[i].clone();
@@ -219,15 +250,19 @@ fn direct(cfg: &str, size: u64, c: &Case, secs: u64) -> Result<Measured, String>
     let elapsed = t0.elapsed();
     lat.sort();
     let p99 = lat[(lat.len() * 99 / 100).min(lat.len() - 1)];
-    let cpu = cpu_time(libc::RUSAGE_SELF) - cpu0;
+    let (cpu_us_per_io, cs_per_io) = u0.per_io(libc::RUSAGE_SELF, lat.len() as f64);
     Ok(Measured {
         iops: lat.len() as f64 / elapsed.as_secs_f64(),
         p99_us: p99.as_secs_f64() * 1e6,
-        cpu_us_per_io: cpu.as_secs_f64() * 1e6 / lat.len() as f64,
+        cpu_us_per_io,
+        cs_per_io,
     })
 }
 
 fn ours(cfg: &str, size: u64, c: &Case, secs: u64, spin: u32) -> Result<Measured, String> {
+    // Counted from before the connection to after the close, as fio's
+    // whole process is.
+    let u0 = Usage::now(libc::RUSAGE_SELF);
     let be = tcmu_rbd::backends::open("rbd", cfg, size, 512).map_err(|e| e.to_string())?;
     let spec = DeviceSpec {
         name: "bench".into(),
@@ -251,24 +286,34 @@ fn ours(cfg: &str, size: u64, c: &Case, secs: u64, spin: u32) -> Result<Measured
         duration: Duration::from_secs(secs),
         spin,
     };
-    let cpu0 = cpu_time(libc::RUSAGE_SELF);
     let r = run(Arc::clone(&be), info, job).map_err(|e| e.to_string())?;
-    let cpu = cpu_time(libc::RUSAGE_SELF) - cpu0;
+    drop(be);
+    let (cpu_us_per_io, cs_per_io) = u0.per_io(libc::RUSAGE_SELF, r.ops as f64);
     if r.errors > 0 {
         return Err(format!("{} commands failed", r.errors));
     }
     Ok(Measured {
         iops: r.iops(),
         p99_us: r.p99.as_secs_f64() * 1e6,
-        cpu_us_per_io: cpu.as_secs_f64() * 1e6 / (r.ops as f64).max(1.0),
+        cpu_us_per_io,
+        cs_per_io,
     })
 }
 
-/// The run with the median IOPS.
-fn median(mut v: Vec<Measured>) -> Measured {
-    v.sort_by(|a, b| a.iops.total_cmp(&b.iops));
-    let mid = v.len() / 2;
-    v.swap_remove(mid)
+/// Each figure's median over the runs (the p99 of the median-IOPS run
+/// would let one figure pick the other).
+fn median(v: Vec<Measured>) -> Measured {
+    let med = |f: fn(&Measured) -> f64| {
+        let mut x: Vec<f64> = v.iter().map(f).collect();
+        x.sort_by(f64::total_cmp);
+        x[x.len() / 2]
+    };
+    Measured {
+        iops: med(|m| m.iops),
+        p99_us: med(|m| m.p99_us),
+        cpu_us_per_io: med(|m| m.cpu_us_per_io),
+        cs_per_io: med(|m| m.cs_per_io),
+    }
 }
 
 fn main() {
@@ -361,11 +406,11 @@ fn main() {
         .unwrap_or(size);
     let cfg = format!("{spec};conf={conf}");
     println!(
-        "image {spec} ({real} bytes), {secs} s per run, median of {repeat}, same image, \
-         one after the other; fio CEPH_ARGS: {SAME_AS_BACKEND}"
+        "image {spec} ({real} bytes), {secs} s per run, {repeat} runs each, same image, \
+         one after the other (ABBA order); medians; fio CEPH_ARGS: {SAME_AS_BACKEND}"
     );
     println!(
-        "{:<10} {:>5} {:>3} | {:>9} {:>9} | {:>9} {:>9} | {:>6} {:>6} | {:>9}",
+        "{:<10} {:>5} {:>3} | {:>9} {:>9} | {:>9} {:>9} | {:>6} {:>6} | {:>9} | {:>9}",
         "pattern",
         "bs",
         "qd",
@@ -375,27 +420,42 @@ fn main() {
         "fio p99",
         "IOPS x",
         "p99 x",
-        "CPU us/IO"
+        "CPU us/IO",
+        "ctxsw/IO"
     );
     for c in &cases {
         let mut os = Vec::new();
         let mut fs = Vec::new();
-        for _ in 0..repeat.max(1) {
-            os.push(
-                ours(&cfg, real, c, secs, spin)
-                    .unwrap_or_else(|e| fail(format!("{}: ours: {e}", c.rw))),
-            );
-            fs.push(
-                fio(&conf, SAME_AS_BACKEND, &pool, &image, c, secs)
-                    .unwrap_or_else(|e| fail(format!("{}: fio: {e}", c.rw))),
-            );
+        let run_ours = || {
+            ours(&cfg, real, c, secs, spin).unwrap_or_else(|e| fail(format!("{}: ours: {e}", c.rw)))
+        };
+        let run_fio = || {
+            fio(&conf, SAME_AS_BACKEND, &pool, &image, c, secs)
+                .unwrap_or_else(|e| fail(format!("{}: fio: {e}", c.rw)))
+        };
+        // ABBA: neither side always runs first (OSD caches, lock handover).
+        for i in 0..repeat.max(1) {
+            if i % 2 == 0 {
+                os.push(run_ours());
+                fs.push(run_fio());
+            } else {
+                fs.push(run_fio());
+                os.push(run_ours());
+            }
         }
+        let runs = |v: &[Measured]| {
+            v.iter()
+                .map(|m| format!("{:.0}/{:.1}ms", m.iops, m.p99_us / 1000.0))
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        let runs_line = format!("  runs (IOPS/p99): ours {}; fio {}", runs(&os), runs(&fs));
         let (o, f) = (median(os), median(fs));
         let d = with_direct.then(|| {
             direct(&cfg, real, c, secs).unwrap_or_else(|e| fail(format!("{}: direct: {e}", c.rw)))
         });
         println!(
-            "{:<10} {:>5} {:>3} | {:>9.0} {:>9.0} | {:>7.0}us {:>7.0}us | {:>6.3} {:>6.3} | {:>4.0}/{:<4.0}",
+            "{:<10} {:>5} {:>3} | {:>9.0} {:>9.0} | {:>7.0}us {:>7.0}us | {:>6.3} {:>6.3} | {:>4.0}/{:<4.0} | {:>4.1}/{:<4.1}",
             c.rw,
             format!("{}k", c.bs / 1024),
             c.qd,
@@ -406,8 +466,11 @@ fn main() {
             o.iops / f.iops.max(1e-9),
             o.p99_us / f.p99_us.max(1e-9),
             o.cpu_us_per_io,
-            f.cpu_us_per_io
+            f.cpu_us_per_io,
+            o.cs_per_io,
+            f.cs_per_io
         );
+        println!("{runs_line}");
         if fio_defaults {
             let f = fio(&conf, "", &pool, &image, c, secs)
                 .unwrap_or_else(|e| fail(format!("{}: fio: {e}", c.rw)));
@@ -418,8 +481,8 @@ fn main() {
         }
         if let Some(d) = d {
             println!(
-                "  (backend alone, no ring: {:.0} IOPS, p99 {:.0}us, {:.0} CPU us/IO)",
-                d.iops, d.p99_us, d.cpu_us_per_io
+                "  (backend alone, no ring: {:.0} IOPS, p99 {:.0}us, {:.0} CPU us/IO, {:.1} ctxsw/IO)",
+                d.iops, d.p99_us, d.cpu_us_per_io, d.cs_per_io
             );
         }
     }
