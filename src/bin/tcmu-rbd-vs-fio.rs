@@ -12,8 +12,9 @@
 //! shared machine hits both. CPU time and context switches are counted
 //! the same way for both (getrusage of the process, all threads).
 //! `--direct` also drives the rbd backend alone (no ring), once per case.
-//! fio's client gets the backend's librbd settings (rbd_cache=false, the
-//! same op timeouts); `--fio-defaults` adds a run with librbd's defaults.
+//! fio's client gets the backend's librbd settings (rbd_cache=false,
+//! rbd_non_blocking_aio=false, the same op timeouts); `--fio-defaults` adds
+//! a run with librbd's dispatch thread and one with librbd's defaults.
 //! The image is created if missing and filled once (so reads hit real
 //! objects). The two never run at once: each holds the image's exclusive
 //! lock while it runs.
@@ -38,6 +39,10 @@ struct Measured {
     cpu_us_per_io: f64,
     /// Context switches (voluntary and not, all threads) per I/O.
     cs_per_io: f64,
+    /// Ours only: CPU µs per I/O of the ring worker thread and of the load
+    /// generator's thread (the emulated kernel and initiator); the rest of
+    /// `cpu_us_per_io` is librbd's threads and setup.
+    split: Option<(f64, f64)>,
 }
 
 /// CPU time and context switches so far, of this process (all threads)
@@ -112,8 +117,14 @@ fn rbd_cli(conf: &str, args: &[&str]) -> Result<String, String> {
 /// The librbd settings the backend uses (handler/src/rbd/conn.rs), given
 /// to fio's client too. librbd's default cache policy (writearound)
 /// acknowledges writes before the OSDs have them, which a SCSI target
-/// without a volatile cache must not do.
-const SAME_AS_BACKEND: &str =
+/// without a volatile cache must not do. rbd_non_blocking_aio=false: the
+/// backend dispatches on its own thread, so fio's does too.
+const SAME_AS_BACKEND: &str = "--rbd_cache=false --rbd_non_blocking_aio=false \
+     --rados_osd_op_timeout=31 --rados_mon_op_timeout=31";
+
+/// The backend's settings but librbd's default dispatch thread
+/// (`--fio-defaults` shows what the backend's choice is worth to fio).
+const SAME_BUT_DISPATCH_THREAD: &str =
     "--rbd_cache=false --rados_osd_op_timeout=31 --rados_mon_op_timeout=31";
 
 /// Runs fio's rbd engine; returns IOPS and p99 completion latency.
@@ -181,6 +192,7 @@ fn fio(
         p99_us: p99,
         cpu_us_per_io,
         cs_per_io,
+        split: None,
     })
 }
 
@@ -256,6 +268,7 @@ fn direct(cfg: &str, size: u64, c: &Case, secs: u64) -> Result<Measured, String>
         p99_us: p99.as_secs_f64() * 1e6,
         cpu_us_per_io,
         cs_per_io,
+        split: None,
     })
 }
 
@@ -286,8 +299,11 @@ fn ours(cfg: &str, size: u64, c: &Case, secs: u64, spin: u32) -> Result<Measured
         duration: Duration::from_secs(secs),
         spin,
     };
+    let gen0 = thread_cpu();
     let r = run(Arc::clone(&be), info, job).map_err(|e| e.to_string())?;
+    let gen = thread_cpu() - gen0;
     drop(be);
+    let per_io = |d: Duration| d.as_secs_f64() * 1e6 / (r.ops as f64).max(1.0);
     let (cpu_us_per_io, cs_per_io) = u0.per_io(libc::RUSAGE_SELF, r.ops as f64);
     if r.errors > 0 {
         return Err(format!("{} commands failed", r.errors));
@@ -297,7 +313,19 @@ fn ours(cfg: &str, size: u64, c: &Case, secs: u64, spin: u32) -> Result<Measured
         p99_us: r.p99.as_secs_f64() * 1e6,
         cpu_us_per_io,
         cs_per_io,
+        split: Some((per_io(r.worker_cpu), per_io(gen))),
     })
+}
+
+/// CPU time of the calling thread.
+fn thread_cpu() -> Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: writes one timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
 }
 
 /// Each figure's median over the runs (the p99 of the median-IOPS run
@@ -313,6 +341,7 @@ fn median(v: Vec<Measured>) -> Measured {
         p99_us: med(|m| m.p99_us),
         cpu_us_per_io: med(|m| m.cpu_us_per_io),
         cs_per_io: med(|m| m.cs_per_io),
+        split: None,
     }
 }
 
@@ -445,7 +474,12 @@ fn main() {
         }
         let runs = |v: &[Measured]| {
             v.iter()
-                .map(|m| format!("{:.0}/{:.1}ms", m.iops, m.p99_us / 1000.0))
+                .map(|m| {
+                    let split = m.split.map_or(String::new(), |(w, g)| {
+                        format!(" (cpu {:.0}: worker {w:.0} gen {g:.0})", m.cpu_us_per_io)
+                    });
+                    format!("{:.0}/{:.1}ms{split}", m.iops, m.p99_us / 1000.0)
+                })
                 .collect::<Vec<_>>()
                 .join(" ")
         };
@@ -472,10 +506,16 @@ fn main() {
         );
         println!("{runs_line}");
         if fio_defaults {
+            let f = fio(&conf, SAME_BUT_DISPATCH_THREAD, &pool, &image, c, secs)
+                .unwrap_or_else(|e| fail(format!("{}: fio: {e}", c.rw)));
+            println!(
+                "  (fio with librbd's dispatch thread, rbd_non_blocking_aio=true: {:.0} IOPS, p99 {:.0}us, {:.0} CPU us/IO)",
+                f.iops, f.p99_us, f.cpu_us_per_io
+            );
             let f = fio(&conf, "", &pool, &image, c, secs)
                 .unwrap_or_else(|e| fail(format!("{}: fio: {e}", c.rw)));
             println!(
-                "  (fio with librbd's default cache, writes acknowledged early: {:.0} IOPS, p99 {:.0}us, {:.0} CPU us/IO)",
+                "  (fio with librbd's defaults, writes acknowledged early by its cache: {:.0} IOPS, p99 {:.0}us, {:.0} CPU us/IO)",
                 f.iops, f.p99_us, f.cpu_us_per_io
             );
         }
