@@ -8,8 +8,9 @@
 //!                 [--cases randwrite:4k:32,randread:4k:32,write:64k:32,read:64k:32]
 //!
 //! Each case runs both `--repeat` times, alternating in ABBA order, and
-//! reports each figure's median and every run, so load drifting on a
-//! shared machine hits both. CPU time and context switches are counted
+//! reports each figure's median, every run, and the ratios as the median
+//! of each round's ours/fio (the two runs of a round are back to back),
+//! so load drifting on a shared machine hits both. CPU time and context switches are counted
 //! the same way for both (getrusage of the process, all threads).
 //! `--direct` also drives the rbd backend alone (no ring), once per case.
 //! fio's client gets the backend's librbd settings (rbd_cache=false,
@@ -306,7 +307,10 @@ fn ours(cfg: &str, size: u64, c: &Case, secs: u64, spin: u32) -> Result<Measured
     let per_io = |d: Duration| d.as_secs_f64() * 1e6 / (r.ops as f64).max(1.0);
     let (cpu_us_per_io, cs_per_io) = u0.per_io(libc::RUSAGE_SELF, r.ops as f64);
     if r.errors > 0 {
-        return Err(format!("{} commands failed", r.errors));
+        return Err(format!(
+            "{} commands failed (RUST_LOG=tcmu_rbd::device=debug shows their sense)",
+            r.errors
+        ));
     }
     Ok(Measured {
         iops: r.iops(),
@@ -328,14 +332,15 @@ fn thread_cpu() -> Duration {
     Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
 }
 
+fn median_of(mut x: Vec<f64>) -> f64 {
+    x.sort_by(f64::total_cmp);
+    x.get(x.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
 /// Each figure's median over the runs (the p99 of the median-IOPS run
 /// would let one figure pick the other).
 fn median(v: Vec<Measured>) -> Measured {
-    let med = |f: fn(&Measured) -> f64| {
-        let mut x: Vec<f64> = v.iter().map(f).collect();
-        x.sort_by(f64::total_cmp);
-        x[x.len() / 2]
-    };
+    let med = |f: fn(&Measured) -> f64| median_of(v.iter().map(f).collect());
     Measured {
         iops: med(|m| m.iops),
         p99_us: med(|m| m.p99_us),
@@ -346,6 +351,12 @@ fn median(v: Vec<Measured>) -> Measured {
 }
 
 fn main() {
+    // RUST_LOG=debug shows the backend's and the worker's logs (e.g. the
+    // sense of failed commands) on stderr.
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_writer(std::io::stderr)
+        .init();
     let mut conf = None;
     let mut pool = "rbd".to_string();
     let mut image = "tcmu-bench".to_string();
@@ -436,7 +447,8 @@ fn main() {
     let cfg = format!("{spec};conf={conf}");
     println!(
         "image {spec} ({real} bytes), {secs} s per run, {repeat} runs each, same image, \
-         one after the other (ABBA order); medians; fio CEPH_ARGS: {SAME_AS_BACKEND}"
+         one after the other (ABBA order); medians, the ratios are medians of \
+         each round's ours/fio; fio CEPH_ARGS: {SAME_AS_BACKEND}"
     );
     println!(
         "{:<10} {:>5} {:>3} | {:>9} {:>9} | {:>9} {:>9} | {:>6} {:>6} | {:>9} | {:>9}",
@@ -483,7 +495,31 @@ fn main() {
                 .collect::<Vec<_>>()
                 .join(" ")
         };
-        let runs_line = format!("  runs (IOPS/p99): ours {}; fio {}", runs(&os), runs(&fs));
+        // Ratios of the two runs of one round, which ran back to back: load
+        // drifting between rounds moves both sides of a pair alike.
+        let iops_x: Vec<f64> = os
+            .iter()
+            .zip(&fs)
+            .map(|(o, f)| o.iops / f.iops.max(1e-9))
+            .collect();
+        let p99_x: Vec<f64> = os
+            .iter()
+            .zip(&fs)
+            .map(|(o, f)| o.p99_us / f.p99_us.max(1e-9))
+            .collect();
+        let list = |v: &[f64]| {
+            v.iter()
+                .map(|x| format!("{x:.2}"))
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        let runs_line = format!(
+            "  runs (IOPS/p99): ours {}; fio {}\n  per-round ratios: IOPS {}; p99 {}",
+            runs(&os),
+            runs(&fs),
+            list(&iops_x),
+            list(&p99_x)
+        );
         let (o, f) = (median(os), median(fs));
         let d = with_direct.then(|| {
             direct(&cfg, real, c, secs).unwrap_or_else(|e| fail(format!("{}: direct: {e}", c.rw)))
@@ -497,8 +533,8 @@ fn main() {
             f.iops,
             o.p99_us,
             f.p99_us,
-            o.iops / f.iops.max(1e-9),
-            o.p99_us / f.p99_us.max(1e-9),
+            median_of(iops_x),
+            median_of(p99_x),
             o.cpu_us_per_io,
             f.cpu_us_per_io,
             o.cs_per_io,
