@@ -4,13 +4,13 @@
 //! The worker loop: take what the kernel queued, answer emulated commands
 //! at once and submit data commands to the backend, collect finished
 //! backend operations, write their completions, publish `cmd_tail` and ring
-//! the doorbell once per batch. It sleeps in poll() on the doorbell fd, the
-//! completion queue's eventfd and a stop eventfd.
+//! the doorbell once per batch. It sleeps in epoll_wait() on the doorbell
+//! fd, the completion queue's eventfd and a stop eventfd.
 
 use crate::ring::shm::SharedMem;
 use crate::ring::{Completion, Entry, Ring, RingError};
 use crate::scsi::{sense::Sense, Lun, LunInfo, Outcome, Pending, Response};
-use nix::poll::{PollFd, PollFlags, PollTimeout};
+use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
@@ -203,7 +203,15 @@ pub struct Device {
     ctl_tx: crossbeam_channel::Sender<ControlFn>,
     ctl_rx: crossbeam_channel::Receiver<ControlFn>,
     options: WorkerOptions,
+    /// The doorbell, the completion queue and the stop fd, registered once
+    /// (cheaper per sleep than poll() on three fds).
+    epoll: Epoll,
 }
+
+/// Which fd an epoll event is for.
+const EV_BELL: u64 = 0;
+const EV_CQ: u64 = 1;
+const EV_STOP: u64 = 2;
 
 impl Device {
     /// Builds a device over a mapped ring.
@@ -230,6 +238,15 @@ impl Device {
         .map_err(std::io::Error::from)
         .map_err(io("eventfd"))?
         .into();
+        let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)
+            .and_then(|ep| {
+                ep.add(bell.fd(), EpollEvent::new(EpollFlags::EPOLLIN, EV_BELL))?;
+                ep.add(cq.fd(), EpollEvent::new(EpollFlags::EPOLLIN, EV_CQ))?;
+                ep.add(&stop_fd, EpollEvent::new(EpollFlags::EPOLLIN, EV_STOP))?;
+                Ok(ep)
+            })
+            .map_err(std::io::Error::from)
+            .map_err(io("epoll"))?;
         let (ctl_tx, ctl_rx) = crossbeam_channel::unbounded();
         let mut pending = Vec::with_capacity(65536);
         pending.resize_with(65536, || None);
@@ -248,6 +265,7 @@ impl Device {
             ctl_tx,
             ctl_rx,
             options: WorkerOptions::default(),
+            epoll,
         })
     }
 
@@ -473,31 +491,32 @@ impl Device {
         if !self.cq.park() {
             return Ok(());
         }
-        let (bell_ready, _) = {
-            let mut fds = [
-                PollFd::new(self.bell.fd(), PollFlags::POLLIN),
-                PollFd::new(self.cq.fd(), PollFlags::POLLIN),
-                PollFd::new(self.stop_fd.as_fd(), PollFlags::POLLIN),
-            ];
-            match nix::poll::poll(&mut fds, PollTimeout::from(1000u16)) {
-                Ok(_) | Err(nix::errno::Errno::EINTR) => {}
-                Err(e) => {
-                    return Err(DeviceError::Io {
-                        dev: self.name.clone(),
-                        what: "poll",
-                        source: e.into(),
-                    })
-                }
+        let mut events = [EpollEvent::empty(); 3];
+        let n = match self.epoll.wait(&mut events, EpollTimeout::from(1000u16)) {
+            Ok(n) => n,
+            Err(nix::errno::Errno::EINTR) => 0,
+            Err(e) => {
+                self.cq.unpark();
+                return Err(DeviceError::Io {
+                    dev: self.name.clone(),
+                    what: "epoll_wait",
+                    source: e.into(),
+                });
             }
-            let r = |f: &PollFd| f.revents().is_some_and(|r| !r.is_empty());
-            (r(&fds[0]), r(&fds[1]))
         };
         self.cq.unpark();
-        if bell_ready {
-            self.bell.ack();
+        // Only the fds that fired are read: a read of an idle eventfd is a
+        // wasted system call on every sleep.
+        for ev in &events[..n] {
+            match ev.data() {
+                EV_BELL => self.bell.ack(),
+                EV_CQ => self.cq.clear(),
+                _ => {
+                    let mut b = [0u8; 8];
+                    let _ = nix::unistd::read(self.stop_fd.as_raw_fd(), &mut b);
+                }
+            }
         }
-        let mut b = [0u8; 8];
-        let _ = nix::unistd::read(self.stop_fd.as_raw_fd(), &mut b);
         Ok(())
     }
 

@@ -92,9 +92,14 @@ impl CompletionQueue {
         true
     }
 
-    /// Call after waking; clears the eventfd.
+    /// Call after waking (whatever woke the worker).
     pub fn unpark(&self) {
         self.waker.parked.store(false, Ordering::SeqCst);
+    }
+
+    /// Resets the eventfd; call when [`fd`](Self::fd) polled readable
+    /// (reading it otherwise only costs a system call).
+    pub fn clear(&self) {
         let mut buf = [0u8; 8];
         let _ = nix::unistd::read(self.waker.fd.as_raw_fd(), &mut buf);
     }

@@ -7,11 +7,15 @@
 //!                 [--seconds 10] [--repeat 3]
 //!                 [--cases randwrite:4k:32,randread:4k:32,write:64k:32,read:64k:32]
 //!
-//! Each case alternates the two `--repeat` times and reports the median
-//! run of each (by IOPS), so load drifting on a shared machine hits both.
+//! Each case runs both `--repeat` times, alternating in ABBA order, and
+//! reports each figure's median, every run, and the ratios as the median
+//! of each round's ours/fio (the two runs of a round are back to back),
+//! so load drifting on a shared machine hits both. CPU time and context switches are counted
+//! the same way for both (getrusage of the process, all threads).
 //! `--direct` also drives the rbd backend alone (no ring), once per case.
-//! fio's client gets the backend's librbd settings (rbd_cache=false, the
-//! same op timeouts); `--fio-defaults` adds a run with librbd's defaults.
+//! fio's client gets the backend's librbd settings (rbd_cache=false,
+//! rbd_non_blocking_aio=false, the same op timeouts); `--fio-defaults` adds
+//! a run with librbd's dispatch thread and one with librbd's defaults.
 //! The image is created if missing and filled once (so reads hit real
 //! objects). The two never run at once: each holds the image's exclusive
 //! lock while it runs.
@@ -34,16 +38,44 @@ struct Measured {
     p99_us: f64,
     /// Process CPU time (all threads, librbd's included) per I/O.
     cpu_us_per_io: f64,
+    /// Context switches (voluntary and not, all threads) per I/O.
+    cs_per_io: f64,
+    /// Ours only: CPU µs per I/O of the ring worker thread and of the load
+    /// generator's thread (the emulated kernel and initiator); the rest of
+    /// `cpu_us_per_io` is librbd's threads and setup.
+    split: Option<(f64, f64)>,
 }
 
-/// CPU time used so far by this process, or by its reaped children.
-fn cpu_time(who: libc::c_int) -> Duration {
-    // SAFETY: getrusage fills the struct we pass; zeroed is a valid start.
-    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: valid pointer to a rusage.
-    unsafe { libc::getrusage(who, &mut ru) };
-    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
-    tv(ru.ru_utime) + tv(ru.ru_stime)
+/// CPU time and context switches so far, of this process (all threads)
+/// or of its reaped children: the same accounting for both sides.
+#[derive(Clone, Copy)]
+struct Usage {
+    cpu: Duration,
+    switches: u64,
+}
+
+impl Usage {
+    fn now(who: libc::c_int) -> Usage {
+        // SAFETY: getrusage fills the struct we pass; zeroed is a valid start.
+        let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+        // SAFETY: valid pointer to a rusage.
+        unsafe { libc::getrusage(who, &mut ru) };
+        let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+        Usage {
+            cpu: tv(ru.ru_utime) + tv(ru.ru_stime),
+            switches: (ru.ru_nvcsw + ru.ru_nivcsw) as u64,
+        }
+    }
+
+    /// What was used since `self`, per I/O: (CPU µs, context switches).
+    fn per_io(self, who: libc::c_int, ios: f64) -> (f64, f64) {
+        let n = Usage::now(who);
+        let ios = ios.max(1.0);
+        (
+            (n.cpu - self.cpu).as_secs_f64() * 1e6 / ios,
+            n.switches.saturating_sub(self.switches) as f64 / ios,
+        )
+    }
 }
 
 fn usage() -> ! {
@@ -86,8 +118,14 @@ fn rbd_cli(conf: &str, args: &[&str]) -> Result<String, String> {
 /// The librbd settings the backend uses (handler/src/rbd/conn.rs), given
 /// to fio's client too. librbd's default cache policy (writearound)
 /// acknowledges writes before the OSDs have them, which a SCSI target
-/// without a volatile cache must not do.
-const SAME_AS_BACKEND: &str =
+/// without a volatile cache must not do. rbd_non_blocking_aio=false: the
+/// backend dispatches on its own thread, so fio's does too.
+const SAME_AS_BACKEND: &str = "--rbd_cache=false --rbd_non_blocking_aio=false \
+     --rados_osd_op_timeout=31 --rados_mon_op_timeout=31";
+
+/// The backend's settings but librbd's default dispatch thread
+/// (`--fio-defaults` shows what the backend's choice is worth to fio).
+const SAME_BUT_DISPATCH_THREAD: &str =
     "--rbd_cache=false --rados_osd_op_timeout=31 --rados_mon_op_timeout=31";
 
 /// Runs fio's rbd engine; returns IOPS and p99 completion latency.
@@ -99,7 +137,7 @@ fn fio(
     c: &Case,
     secs: u64,
 ) -> Result<Measured, String> {
-    let cpu0 = cpu_time(libc::RUSAGE_CHILDREN);
+    let u0 = Usage::now(libc::RUSAGE_CHILDREN);
     let out = Command::new("fio")
         .env("CEPH_CONF", conf)
         .env("CEPH_ARGS", ceph_args)
@@ -114,6 +152,9 @@ fn fio(
             &format!("--iodepth={}", c.qd),
             &format!("--runtime={secs}"),
             "--time_based",
+            // Percentiles of the whole latency (submission to completion),
+            // as the load generator measures ours, not of clat alone.
+            "--lat_percentiles=1",
             "--output-format=terse",
             "--terse-version=3",
         ])
@@ -131,8 +172,9 @@ fn fio(
         .find(|l| l.starts_with("3;"))
         .ok_or_else(|| format!("no terse line in fio output: {text}"))?;
     let f: Vec<&str> = line.split(';').collect();
-    // Terse v3: read iops at 7, read clat percentiles at 17..37; write
-    // iops at 48, write clat percentiles at 58..78 (values in µs).
+    // Terse v3: read iops at 7, read latency percentiles at 17..37; write
+    // iops at 48, write percentiles at 58..78 (values in µs). With
+    // lat_percentiles these are of the total latency.
     let write = c.rw.contains("write");
     let (iops_at, pct) = if write { (48, 58..78) } else { (7, 17..37) };
     let iops: f64 = f
@@ -145,11 +187,13 @@ fn fio(
         .flatten()
         .find_map(|v| v.strip_prefix("99.000000%=")?.parse::<f64>().ok())
         .ok_or_else(|| format!("no p99 in fio terse line: {line}"))?;
-    let cpu = cpu_time(libc::RUSAGE_CHILDREN) - cpu0;
+    let (cpu_us_per_io, cs_per_io) = u0.per_io(libc::RUSAGE_CHILDREN, iops * secs as f64);
     Ok(Measured {
         iops,
         p99_us: p99,
-        cpu_us_per_io: cpu.as_secs_f64() * 1e6 / (iops * secs as f64).max(1.0),
+        cpu_us_per_io,
+        cs_per_io,
+        split: None,
     })
 }
 
@@ -179,7 +223,7 @@ fn direct(cfg: &str, size: u64, c: &Case, secs: u64) -> Result<Measured, String>
         };
         slot * c.bs as u64
     };
-    let cpu0 = cpu_time(libc::RUSAGE_SELF);
+    let u0 = Usage::now(libc::RUSAGE_SELF);
     let mut started = vec![std::time::Instant::now(); c.qd];
     let submit = |i: usize, off: u64| {
         let bufs = bufs[i].clone();
@@ -219,15 +263,20 @@ fn direct(cfg: &str, size: u64, c: &Case, secs: u64) -> Result<Measured, String>
     let elapsed = t0.elapsed();
     lat.sort();
     let p99 = lat[(lat.len() * 99 / 100).min(lat.len() - 1)];
-    let cpu = cpu_time(libc::RUSAGE_SELF) - cpu0;
+    let (cpu_us_per_io, cs_per_io) = u0.per_io(libc::RUSAGE_SELF, lat.len() as f64);
     Ok(Measured {
         iops: lat.len() as f64 / elapsed.as_secs_f64(),
         p99_us: p99.as_secs_f64() * 1e6,
-        cpu_us_per_io: cpu.as_secs_f64() * 1e6 / lat.len() as f64,
+        cpu_us_per_io,
+        cs_per_io,
+        split: None,
     })
 }
 
 fn ours(cfg: &str, size: u64, c: &Case, secs: u64, spin: u32) -> Result<Measured, String> {
+    // Counted from before the connection to after the close, as fio's
+    // whole process is.
+    let u0 = Usage::now(libc::RUSAGE_SELF);
     let be = tcmu_rbd::backends::open("rbd", cfg, size, 512).map_err(|e| e.to_string())?;
     let spec = DeviceSpec {
         name: "bench".into(),
@@ -251,27 +300,63 @@ fn ours(cfg: &str, size: u64, c: &Case, secs: u64, spin: u32) -> Result<Measured
         duration: Duration::from_secs(secs),
         spin,
     };
-    let cpu0 = cpu_time(libc::RUSAGE_SELF);
+    let gen0 = thread_cpu();
     let r = run(Arc::clone(&be), info, job).map_err(|e| e.to_string())?;
-    let cpu = cpu_time(libc::RUSAGE_SELF) - cpu0;
+    let gen = thread_cpu() - gen0;
+    drop(be);
+    let per_io = |d: Duration| d.as_secs_f64() * 1e6 / (r.ops as f64).max(1.0);
+    let (cpu_us_per_io, cs_per_io) = u0.per_io(libc::RUSAGE_SELF, r.ops as f64);
     if r.errors > 0 {
-        return Err(format!("{} commands failed", r.errors));
+        return Err(format!(
+            "{} commands failed (RUST_LOG=tcmu_rbd::device=debug shows their sense)",
+            r.errors
+        ));
     }
     Ok(Measured {
         iops: r.iops(),
         p99_us: r.p99.as_secs_f64() * 1e6,
-        cpu_us_per_io: cpu.as_secs_f64() * 1e6 / (r.ops as f64).max(1.0),
+        cpu_us_per_io,
+        cs_per_io,
+        split: Some((per_io(r.worker_cpu), per_io(gen))),
     })
 }
 
-/// The run with the median IOPS.
-fn median(mut v: Vec<Measured>) -> Measured {
-    v.sort_by(|a, b| a.iops.total_cmp(&b.iops));
-    let mid = v.len() / 2;
-    v.swap_remove(mid)
+/// CPU time of the calling thread.
+fn thread_cpu() -> Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: writes one timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
+
+fn median_of(mut x: Vec<f64>) -> f64 {
+    x.sort_by(f64::total_cmp);
+    x.get(x.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+/// Each figure's median over the runs (the p99 of the median-IOPS run
+/// would let one figure pick the other).
+fn median(v: Vec<Measured>) -> Measured {
+    let med = |f: fn(&Measured) -> f64| median_of(v.iter().map(f).collect());
+    Measured {
+        iops: med(|m| m.iops),
+        p99_us: med(|m| m.p99_us),
+        cpu_us_per_io: med(|m| m.cpu_us_per_io),
+        cs_per_io: med(|m| m.cs_per_io),
+        split: None,
+    }
 }
 
 fn main() {
+    // RUST_LOG=debug shows the backend's and the worker's logs (e.g. the
+    // sense of failed commands) on stderr.
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_writer(std::io::stderr)
+        .init();
     let mut conf = None;
     let mut pool = "rbd".to_string();
     let mut image = "tcmu-bench".to_string();
@@ -361,11 +446,12 @@ fn main() {
         .unwrap_or(size);
     let cfg = format!("{spec};conf={conf}");
     println!(
-        "image {spec} ({real} bytes), {secs} s per run, median of {repeat}, same image, \
-         one after the other; fio CEPH_ARGS: {SAME_AS_BACKEND}"
+        "image {spec} ({real} bytes), {secs} s per run, {repeat} runs each, same image, \
+         one after the other (ABBA order); medians, the ratios are medians of \
+         each round's ours/fio; fio CEPH_ARGS: {SAME_AS_BACKEND}"
     );
     println!(
-        "{:<10} {:>5} {:>3} | {:>9} {:>9} | {:>9} {:>9} | {:>6} {:>6} | {:>9}",
+        "{:<10} {:>5} {:>3} | {:>9} {:>9} | {:>9} {:>9} | {:>6} {:>6} | {:>9} | {:>9}",
         "pattern",
         "bs",
         "qd",
@@ -375,27 +461,71 @@ fn main() {
         "fio p99",
         "IOPS x",
         "p99 x",
-        "CPU us/IO"
+        "CPU us/IO",
+        "ctxsw/IO"
     );
     for c in &cases {
         let mut os = Vec::new();
         let mut fs = Vec::new();
-        for _ in 0..repeat.max(1) {
-            os.push(
-                ours(&cfg, real, c, secs, spin)
-                    .unwrap_or_else(|e| fail(format!("{}: ours: {e}", c.rw))),
-            );
-            fs.push(
-                fio(&conf, SAME_AS_BACKEND, &pool, &image, c, secs)
-                    .unwrap_or_else(|e| fail(format!("{}: fio: {e}", c.rw))),
-            );
+        let run_ours = || {
+            ours(&cfg, real, c, secs, spin).unwrap_or_else(|e| fail(format!("{}: ours: {e}", c.rw)))
+        };
+        let run_fio = || {
+            fio(&conf, SAME_AS_BACKEND, &pool, &image, c, secs)
+                .unwrap_or_else(|e| fail(format!("{}: fio: {e}", c.rw)))
+        };
+        // ABBA: neither side always runs first (OSD caches, lock handover).
+        for i in 0..repeat.max(1) {
+            if i % 2 == 0 {
+                os.push(run_ours());
+                fs.push(run_fio());
+            } else {
+                fs.push(run_fio());
+                os.push(run_ours());
+            }
         }
+        let runs = |v: &[Measured]| {
+            v.iter()
+                .map(|m| {
+                    let split = m.split.map_or(String::new(), |(w, g)| {
+                        format!(" (cpu {:.0}: worker {w:.0} gen {g:.0})", m.cpu_us_per_io)
+                    });
+                    format!("{:.0}/{:.1}ms{split}", m.iops, m.p99_us / 1000.0)
+                })
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        // Ratios of the two runs of one round, which ran back to back: load
+        // drifting between rounds moves both sides of a pair alike.
+        let iops_x: Vec<f64> = os
+            .iter()
+            .zip(&fs)
+            .map(|(o, f)| o.iops / f.iops.max(1e-9))
+            .collect();
+        let p99_x: Vec<f64> = os
+            .iter()
+            .zip(&fs)
+            .map(|(o, f)| o.p99_us / f.p99_us.max(1e-9))
+            .collect();
+        let list = |v: &[f64]| {
+            v.iter()
+                .map(|x| format!("{x:.2}"))
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        let runs_line = format!(
+            "  runs (IOPS/p99): ours {}; fio {}\n  per-round ratios: IOPS {}; p99 {}",
+            runs(&os),
+            runs(&fs),
+            list(&iops_x),
+            list(&p99_x)
+        );
         let (o, f) = (median(os), median(fs));
         let d = with_direct.then(|| {
             direct(&cfg, real, c, secs).unwrap_or_else(|e| fail(format!("{}: direct: {e}", c.rw)))
         });
         println!(
-            "{:<10} {:>5} {:>3} | {:>9.0} {:>9.0} | {:>7.0}us {:>7.0}us | {:>6.3} {:>6.3} | {:>4.0}/{:<4.0}",
+            "{:<10} {:>5} {:>3} | {:>9.0} {:>9.0} | {:>7.0}us {:>7.0}us | {:>6.3} {:>6.3} | {:>4.0}/{:<4.0} | {:>4.1}/{:<4.1}",
             c.rw,
             format!("{}k", c.bs / 1024),
             c.qd,
@@ -403,23 +533,32 @@ fn main() {
             f.iops,
             o.p99_us,
             f.p99_us,
-            o.iops / f.iops.max(1e-9),
-            o.p99_us / f.p99_us.max(1e-9),
+            median_of(iops_x),
+            median_of(p99_x),
             o.cpu_us_per_io,
-            f.cpu_us_per_io
+            f.cpu_us_per_io,
+            o.cs_per_io,
+            f.cs_per_io
         );
+        println!("{runs_line}");
         if fio_defaults {
+            let f = fio(&conf, SAME_BUT_DISPATCH_THREAD, &pool, &image, c, secs)
+                .unwrap_or_else(|e| fail(format!("{}: fio: {e}", c.rw)));
+            println!(
+                "  (fio with librbd's dispatch thread, rbd_non_blocking_aio=true: {:.0} IOPS, p99 {:.0}us, {:.0} CPU us/IO)",
+                f.iops, f.p99_us, f.cpu_us_per_io
+            );
             let f = fio(&conf, "", &pool, &image, c, secs)
                 .unwrap_or_else(|e| fail(format!("{}: fio: {e}", c.rw)));
             println!(
-                "  (fio with librbd's default cache, writes acknowledged early: {:.0} IOPS, p99 {:.0}us, {:.0} CPU us/IO)",
+                "  (fio with librbd's defaults, writes acknowledged early by its cache: {:.0} IOPS, p99 {:.0}us, {:.0} CPU us/IO)",
                 f.iops, f.p99_us, f.cpu_us_per_io
             );
         }
         if let Some(d) = d {
             println!(
-                "  (backend alone, no ring: {:.0} IOPS, p99 {:.0}us, {:.0} CPU us/IO)",
-                d.iops, d.p99_us, d.cpu_us_per_io
+                "  (backend alone, no ring: {:.0} IOPS, p99 {:.0}us, {:.0} CPU us/IO, {:.1} ctxsw/IO)",
+                d.iops, d.p99_us, d.cpu_us_per_io, d.cs_per_io
             );
         }
     }

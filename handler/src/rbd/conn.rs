@@ -110,6 +110,13 @@ fn connect(key: &ConnKey, timeout: Duration) -> Result<Rados, String> {
     // Discards smaller than the discard granularity would otherwise be
     // dropped; UNMAP'd blocks must read back as zeros (LBPRZ).
     let b = set(b, "rbd_skip_partial_discard", "false")?;
+    // Dispatch I/O on the calling thread (the ring worker) instead of
+    // handing each request to librbd's io_context thread: that hand-off
+    // was a futex wake and, on a busy machine, a preemption of the worker
+    // per request. librbd's dispatch layers (exclusive lock, refresh) stay
+    // asynchronous; with rbd_cache off nothing in them waits, except the
+    // Objecter's in-flight throttle, which is backpressure either way.
+    let b = set(b, "rbd_non_blocking_aio", "false")?;
     let b = set(b, "rados_osd_op_timeout", &secs)?;
     let b = set(b, "rados_mon_op_timeout", &secs)?;
     let b = set(b, "client_mount_timeout", &secs)?;
