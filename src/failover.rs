@@ -789,13 +789,21 @@ mod tests {
         })
     }
 
-    fn opts(holdoff: Duration, acquire_timeout: Duration) -> FailoverOptions {
-        FailoverOptions {
+    /// A manager over the fake lock, polling fast, with the given I/O
+    /// hold-off and acquire timeout.
+    fn start(
+        lock: &Arc<FakeLock>,
+        a: &SharedAlua,
+        holdoff: Duration,
+        acquire_timeout: Duration,
+    ) -> Failover {
+        let opts = FailoverOptions {
             poll: Duration::from_millis(10),
             blocklist_expire_secs: 60,
             io_holdoff: holdoff,
             acquire_timeout,
-        }
+        };
+        Failover::start("t", lock.clone(), a, opts).unwrap()
     }
 
     fn wait(f: &Failover, what: &str, ok: impl Fn(&FailoverStatus) -> bool) -> FailoverStatus {
@@ -839,13 +847,7 @@ mod tests {
     fn stpg_takes_the_lock_then_serves_and_marks_others_standby() {
         let lock = FakeLock::new();
         let a = alua();
-        let f = Failover::start(
-            "t",
-            lock.clone(),
-            &a,
-            opts(Duration::ZERO, Duration::from_secs(1)),
-        )
-        .unwrap();
+        let f = start(&lock, &a, Duration::ZERO, Duration::from_secs(1));
         stpg(&a, 1, AccessState::ActiveOptimized);
         let s = wait(&f, "active", |s| s.serving);
         assert_eq!(s.state, AccessState::ActiveOptimized);
@@ -868,13 +870,7 @@ mod tests {
     fn a_stolen_lock_closes_the_gate_reopens_and_holds_off_io() {
         let lock = FakeLock::new();
         let a = alua();
-        let f = Failover::start(
-            "t",
-            lock.clone(),
-            &a,
-            opts(Duration::from_secs(60), Duration::from_secs(1)),
-        )
-        .unwrap();
+        let f = start(&lock, &a, Duration::from_secs(60), Duration::from_secs(1));
         stpg(&a, 1, AccessState::ActiveOptimized);
         wait(&f, "active", |s| s.serving);
         lock.stolen();
@@ -911,13 +907,7 @@ mod tests {
     fn io_at_a_standby_port_takes_the_lock_without_holdoff() {
         let lock = FakeLock::new();
         let a = alua();
-        let f = Failover::start(
-            "t",
-            lock.clone(),
-            &a,
-            opts(Duration::ZERO, Duration::from_secs(1)),
-        )
-        .unwrap();
+        let f = start(&lock, &a, Duration::ZERO, Duration::from_secs(1));
         a.request_active();
         assert_ne!(
             a.local_state(),
@@ -932,13 +922,7 @@ mod tests {
         let lock = FakeLock::new();
         lock.with(|l| l.refuse_takes = 1000);
         let a = alua();
-        let f = Failover::start(
-            "t",
-            lock.clone(),
-            &a,
-            opts(Duration::ZERO, Duration::from_millis(200)),
-        )
-        .unwrap();
+        let f = start(&lock, &a, Duration::ZERO, Duration::from_millis(200));
         stpg(&a, 1, AccessState::ActiveOptimized);
         assert_eq!(a.local_state(), AccessState::Transitioning);
         let t0 = Instant::now();
@@ -961,13 +945,7 @@ mod tests {
     fn stpg_to_standby_and_drop_release_the_lock() {
         let lock = FakeLock::new();
         let a = alua();
-        let f = Failover::start(
-            "t",
-            lock.clone(),
-            &a,
-            opts(Duration::ZERO, Duration::from_secs(1)),
-        )
-        .unwrap();
+        let f = start(&lock, &a, Duration::ZERO, Duration::from_secs(1));
         stpg(&a, 1, AccessState::ActiveOptimized);
         wait(&f, "active", |s| s.serving);
         stpg(&a, 1, AccessState::Standby);
