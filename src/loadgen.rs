@@ -84,7 +84,8 @@ impl Report {
     }
 }
 
-fn thread_cpu() -> Duration {
+/// CPU time the calling thread has used.
+pub fn thread_cpu() -> Duration {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,

@@ -23,7 +23,7 @@
 use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
-use tcmu_rbd::loadgen::{run, Job, Pattern};
+use tcmu_rbd::loadgen::{run, thread_cpu, Job, Pattern};
 use tcmu_rbd::registry::{lun_info, ConfigfsAttrs, DeviceSpec};
 
 struct Case {
@@ -319,17 +319,6 @@ fn ours(cfg: &str, size: u64, c: &Case, secs: u64, spin: u32) -> Result<Measured
         cs_per_io,
         split: Some((per_io(r.worker_cpu), per_io(gen))),
     })
-}
-
-/// CPU time of the calling thread.
-fn thread_cpu() -> Duration {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: writes one timespec.
-    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
-    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
 }
 
 fn median_of(mut x: Vec<f64>) -> f64 {
