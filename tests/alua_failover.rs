@@ -261,6 +261,26 @@ impl Writer {
             .and_then(|v| v.iter().map(|a| a.at).filter(|&a| a > t).min())
     }
 
+    /// Streams writes to `gw` for a second with `qd` in flight, then sends
+    /// `qd` more without waiting: returns them by request tag.
+    fn stream_then_leave_in_flight(&mut self, gw: &mut Gw, qd: usize) -> HashMap<String, u64> {
+        let t0 = Instant::now();
+        self.stream(
+            gw,
+            qd,
+            true,
+            |_, _| t0.elapsed() > Duration::from_secs(1),
+            Duration::from_secs(60),
+        );
+        let mut inflight = HashMap::new();
+        for _ in 0..qd {
+            let seq = self.next;
+            self.next += 1;
+            inflight.insert(gw.send(&self.cmd(seq)), seq);
+        }
+        inflight
+    }
+
     /// Streams writes to `gw` with `qd` in flight until `until` returns
     /// true (checked between replies) or `stop_on_error` and a write
     /// fails. Transitioning (02/04/0a) is retried on the same gateway, as
@@ -556,21 +576,8 @@ fn drill_crash_takeover_by_io() {
     let mut a = Gw::spawn("A", 1, &img, "crash");
     let mut b = Gw::spawn("B", 2, &img, "crash");
     let mut w = Writer::new(2_000_000);
-    let t0 = Instant::now();
-    w.stream(
-        &mut a,
-        8,
-        true,
-        |_, _| t0.elapsed() > Duration::from_secs(1),
-        Duration::from_secs(60),
-    );
     // kill -9 in the middle of a stream: 8 writes in flight.
-    let mut inflight: HashMap<String, u64> = HashMap::new();
-    for _ in 0..8 {
-        let seq = w.next;
-        w.next += 1;
-        inflight.insert(a.send(&w.cmd(seq)), seq);
-    }
+    let inflight = w.stream_then_leave_in_flight(&mut a, 8);
     a.signal(nix::sys::signal::Signal::SIGKILL);
     let _ = a.child.wait();
     // Acknowledgements A wrote before dying count (they must be on the
@@ -623,21 +630,8 @@ fn drill_split_brain_then_failback() {
     let mut a = Gw::spawn_with("A", 1, &img, "split", &["--holdoff-ms", "60000"]);
     let mut b = Gw::spawn("B", 2, &img, "split");
     let mut w = Writer::new(3_000_000);
-    let t0 = Instant::now();
-    w.stream(
-        &mut a,
-        8,
-        true,
-        |_, _| t0.elapsed() > Duration::from_secs(1),
-        Duration::from_secs(60),
-    );
     // Writes in flight, then SIGSTOP.
-    let mut inflight: HashMap<String, u64> = HashMap::new();
-    for _ in 0..8 {
-        let seq = w.next;
-        w.next += 1;
-        inflight.insert(a.send(&w.cmd(seq)), seq);
-    }
+    let inflight = w.stream_then_leave_in_flight(&mut a, 8);
     a.signal(Signal::SIGSTOP);
     // Late writes: queued to A while it is stopped (as the kernel queues
     // them in its ring), to blocks nobody else writes.
