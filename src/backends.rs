@@ -58,14 +58,9 @@ pub enum OpenError {
     Open(String),
 }
 
-/// Opens the backend for `subtype`/`cfgstring` with the LUN's size and
-/// block size.
-pub fn open(
-    subtype: &str,
-    cfgstring: &str,
-    size: u64,
-    block_size: u32,
-) -> Result<Arc<dyn Backend>, OpenError> {
+/// Refuses a LUN geometry no backend can serve: a block size that is not
+/// a power of two, or a size that is not a positive multiple of it.
+pub fn check_geometry(size: u64, block_size: u32) -> Result<(), OpenError> {
     if block_size == 0 || !block_size.is_power_of_two() {
         return Err(OpenError::BadConfig(format!(
             "block size {block_size} is not a power of two"
@@ -76,6 +71,18 @@ pub fn open(
             "device size {size} is not a positive multiple of the block size {block_size}"
         )));
     }
+    Ok(())
+}
+
+/// Opens the backend for `subtype`/`cfgstring` with the LUN's size and
+/// block size.
+pub fn open(
+    subtype: &str,
+    cfgstring: &str,
+    size: u64,
+    block_size: u32,
+) -> Result<Arc<dyn Backend>, OpenError> {
+    check_geometry(size, block_size)?;
     match subtype {
         "file" => {
             let path = file_path(cfgstring)?;

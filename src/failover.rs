@@ -604,16 +604,7 @@ pub fn open_rbd(
     opts: FailoverOptions,
 ) -> Result<HaRbd, crate::backends::OpenError> {
     use crate::backends::OpenError;
-    if block_size == 0 || !block_size.is_power_of_two() {
-        return Err(OpenError::BadConfig(format!(
-            "block size {block_size} is not a power of two"
-        )));
-    }
-    if size == 0 || !size.is_multiple_of(u64::from(block_size)) {
-        return Err(OpenError::BadConfig(format!(
-            "device size {size} is not a positive multiple of the block size {block_size}"
-        )));
-    }
+    crate::backends::check_geometry(size, block_size)?;
     let rbd = Arc::new(RbdBackend::open(cfgstring, size, block_size).map_err(OpenError::Open)?);
     let alua = SharedAlua::new(config);
     let failover =
