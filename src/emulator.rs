@@ -121,6 +121,11 @@ pub struct KernelEmu {
     /// Bit per id in use; id 0 is never handed out.
     ids: Vec<u64>,
     scratch: Vec<u8>,
+    /// Block lists and an iovec list kept for reuse, so queueing a
+    /// command allocates nothing once warm (the emulator is the bench's
+    /// kernel and should not cost more than the kernel does).
+    spare_blocks: Vec<Vec<u32>>,
+    iov_scratch: Vec<(u64, u64)>,
     live: usize,
     /// Offsets of entries queued and not yet reaped, in ring order.
     queued: VecDeque<u32>,
@@ -207,6 +212,8 @@ impl KernelEmu {
                 v
             },
             scratch: Vec::new(),
+            spare_blocks: Vec::new(),
+            iov_scratch: Vec::new(),
             live: 0,
             queued: VecDeque::new(),
             broken: None,
@@ -331,7 +338,9 @@ impl KernelEmu {
         if n > self.free_blocks {
             return None;
         }
-        let mut out = Vec::with_capacity(n);
+        let mut out = self.spare_blocks.pop().unwrap_or_default();
+        out.clear();
+        out.reserve(n);
         let mut w = 0;
         while out.len() < n && w < self.bitmap.len() {
             let word = self.bitmap[w];
@@ -352,6 +361,14 @@ impl KernelEmu {
             self.bitmap[b as usize / 64] &= !(1 << (b % 64));
         }
         self.free_blocks += blocks.len();
+    }
+
+    /// Frees a command's blocks and keeps its list for reuse.
+    fn release_blocks(&mut self, blocks: Vec<u32>) {
+        self.free_blocks(&blocks);
+        if self.spare_blocks.len() < 1024 {
+            self.spare_blocks.push(blocks);
+        }
     }
 
     /// Queues a command as `queue_cmd_ring` does and pokes userspace.
@@ -383,7 +400,8 @@ impl KernelEmu {
         }
         let blocks = self.alloc_blocks(nblocks).ok_or(EmuError::Full)?;
         // iovecs: neighbouring blocks share one.
-        let mut iovs: Vec<(u64, u64)> = Vec::new();
+        let mut iovs = std::mem::take(&mut self.iov_scratch);
+        iovs.clear();
         let mut left = data_len;
         let mut prev: i64 = -2;
         for &b in &blocks {
@@ -401,15 +419,18 @@ impl KernelEmu {
         let base_size = base_cmd_size(iovs.len());
         let size = cmd_entry_size(iovs.len(), cdb_size);
         if size > self.layout.cmdr_size as usize / 2 {
-            self.free_blocks(&blocks);
+            self.release_blocks(blocks);
+            self.iov_scratch = iovs;
             return Err(EmuError::TooLarge(format!("{size}-byte entry")));
         }
         if !self.ring_room(size) {
-            self.free_blocks(&blocks);
+            self.release_blocks(blocks);
+            self.iov_scratch = iovs;
             return Err(EmuError::Full);
         }
         let Some(id) = self.lowest_free_id() else {
-            self.free_blocks(&blocks);
+            self.release_blocks(blocks);
+            self.iov_scratch = iovs;
             return Err(EmuError::Full);
         };
         self.insert_pad(size);
@@ -442,6 +463,7 @@ impl KernelEmu {
             expired: false,
         });
         self.live += 1;
+        self.iov_scratch = iovs;
         self.queued.push_back(self.head);
         self.advance_head(size);
         Ok(id)
@@ -574,7 +596,7 @@ impl KernelEmu {
                 on_done(&r, &buf[..data_len]);
             }
             self.set_id(id, false);
-            self.free_blocks(&cmd.blocks);
+            self.release_blocks(cmd.blocks);
             self.live -= 1;
             n += 1;
             self.queued.pop_front();

@@ -191,36 +191,41 @@ pub fn run_with(
     cdb[0] = if write { 0x8a } else { 0x88 };
     cdb[10..14].copy_from_slice(&blocks_per_io.to_be_bytes());
 
-    let mut issue = |emu: &mut KernelEmu, at: &mut Vec<Instant>| -> Result<bool, EmuError> {
-        let slot = if random {
-            rng.next() % slots
-        } else {
-            seq = (seq + 1) % slots;
-            seq
-        };
-        cdb[2..10].copy_from_slice(&(slot * u64::from(blocks_per_io)).to_be_bytes());
-        let data = if write {
-            Data::ToDevice(&payload)
-        } else {
-            Data::FromDevice(job.block_size)
-        };
-        match emu.queue(&cdb, data) {
-            Ok(id) => {
-                at[id as usize] = Instant::now();
-                Ok(true)
+    // A command's latency counts from the start of the batch it was queued
+    // in (the kernel makes a batch visible at once, on the kick after it),
+    // so one clock read serves the whole batch.
+    let mut issue =
+        |emu: &mut KernelEmu, at: &mut Vec<Instant>, batch: Instant| -> Result<bool, EmuError> {
+            let slot = if random {
+                rng.next() % slots
+            } else {
+                seq = (seq + 1) % slots;
+                seq
+            };
+            cdb[2..10].copy_from_slice(&(slot * u64::from(blocks_per_io)).to_be_bytes());
+            let data = if write {
+                Data::ToDevice(&payload)
+            } else {
+                Data::FromDevice(job.block_size)
+            };
+            match emu.queue(&cdb, data) {
+                Ok(id) => {
+                    at[id as usize] = batch;
+                    Ok(true)
+                }
+                Err(EmuError::Full) => Ok(false),
+                Err(e) => Err(e),
             }
-            Err(EmuError::Full) => Ok(false),
-            Err(e) => Err(e),
-        }
-    };
+        };
 
     let start = Instant::now();
     let end = start + job.duration;
     let mut outstanding = 0usize;
     let mut ops = 0u64;
     let result = (|| -> Result<(), LoadError> {
+        let batch = Instant::now();
         while outstanding < job.queue_depth {
-            if !issue(&mut emu, &mut submitted_at)? {
+            if !issue(&mut emu, &mut submitted_at, batch)? {
                 break;
             }
             outstanding += 1;
@@ -261,11 +266,12 @@ pub fn run_with(
             }
             ops += reaped as u64;
             outstanding -= reaped;
-            if Instant::now() >= end {
+            let batch = Instant::now();
+            if batch >= end {
                 break;
             }
             while outstanding < job.queue_depth {
-                if !issue(&mut emu, &mut submitted_at)? {
+                if !issue(&mut emu, &mut submitted_at, batch)? {
                     break;
                 }
                 outstanding += 1;
