@@ -310,7 +310,7 @@ fn flush_and_fua_writes() {
 
 #[test]
 #[ignore = "needs the live Ceph cluster: scripts/test-rbd.sh runs it"]
-fn devices_share_one_connection_per_user() {
+fn devices_share_one_connection_per_user_and_op_timeout() {
     let a = TestImage::new("share-a", 8 << 20);
     let b = TestImage::new("share-b", 8 << 20);
     let ba = tcmu_handler::rbd::RbdBackend::open(&a.cfg(""), a.size, 512).unwrap();
@@ -319,6 +319,38 @@ fn devices_share_one_connection_per_user() {
     let bt = tcmu_handler::rbd::RbdBackend::open(&b.cfg(";id=tcmu"), b.size, 512).unwrap();
     assert_eq!(bt.client().0, "client.tcmu");
     assert_ne!(bt.client().1, bb.client().1);
+    // Another osd_op_timeout for the same user: a connection of its own,
+    // which has that timeout, while the shared one keeps its own.
+    let shared = ba.op_timeout().unwrap();
+    let other = if shared == Duration::from_secs(45) {
+        46
+    } else {
+        45
+    };
+    let bo = tcmu_handler::rbd::RbdBackend::open(
+        &a.cfg(&format!(";osd_op_timeout={other}")),
+        a.size,
+        512,
+    )
+    .unwrap();
+    assert_eq!(bo.op_timeout().unwrap(), Duration::from_secs(other));
+    assert_eq!(ba.op_timeout().unwrap(), shared);
+    assert_ne!(
+        bo.client().1,
+        ba.client().1,
+        "shared a client with another timeout"
+    );
+    let bo2 = tcmu_handler::rbd::RbdBackend::open(
+        &b.cfg(&format!(";osd_op_timeout={other}")),
+        b.size,
+        512,
+    )
+    .unwrap();
+    assert_eq!(
+        bo2.client(),
+        bo.client(),
+        "same timeout, same user: one connection"
+    );
 }
 
 #[test]

@@ -1,6 +1,11 @@
 //! One rados connection per (ceph.conf, cephx id), shared by every device
 //! that uses it, as long as one does.
 //!
+//! The op timeout is a setting of the whole connection, so a device whose
+//! `osd_op_timeout` differs from the shared connection's gets a
+//! connection of its own: each device keeps the timeout its cfgstring
+//! asks for, and devices that agree still share.
+//!
 //! A connection that was blocklisted is replaced, not reused: the first
 //! device to notice asks for a fresh one in place of the fenced one, and
 //! the others find the fresh one when they reopen.
@@ -24,14 +29,12 @@ pub struct ConnKey {
     pub id: String,
 }
 
-struct Entry {
-    rados: WeakRados,
-    /// The op timeout the connection was made with (it cannot change).
-    timeout: Duration,
-}
+/// Connections by key and the op timeout they were made with (a rados
+/// client's timeout cannot change once connected).
+type Cache = HashMap<(ConnKey, Duration), WeakRados>;
 
-fn cache() -> &'static Mutex<HashMap<ConnKey, Entry>> {
-    static CACHE: OnceLock<Mutex<HashMap<ConnKey, Entry>>> = OnceLock::new();
+fn cache() -> &'static Mutex<Cache> {
+    static CACHE: OnceLock<Mutex<Cache>> = OnceLock::new();
     CACHE.get_or_init(|| Mutex::new(HashMap::new()))
 }
 
@@ -40,37 +43,29 @@ fn cache() -> &'static Mutex<HashMap<ConnKey, Entry>> {
 /// interval 6 s), so an op is retried on another OSD before it fails.
 pub const DEFAULT_OP_TIMEOUT: Duration = Duration::from_secs(31);
 
-/// The shared connection for `key`, connecting if there is none (or if the
-/// cached one is `stale`, e.g. blocklisted).
+/// The shared connection for `key` with op timeout `timeout`, connecting
+/// if there is none (or if the cached one is `stale`, e.g. blocklisted).
 pub fn get(key: &ConnKey, timeout: Duration, stale: Option<&Rados>) -> Result<Rados, String> {
     let mut map = cache().lock().unwrap_or_else(|e| e.into_inner());
-    if let Some(e) = map.get(key) {
-        if let Some(r) = e.rados.upgrade() {
-            if !stale.is_some_and(|s| s.same(&r)) {
-                if e.timeout != timeout {
-                    warn!(
-                        id = %key.id,
-                        shared = ?e.timeout,
-                        wanted = ?timeout,
-                        "the connection is shared and keeps the osd_op_timeout it was made with"
-                    );
-                }
-                return Ok(r);
-            }
+    let slot = (key.clone(), timeout);
+    if let Some(r) = map.get(&slot).and_then(WeakRados::upgrade) {
+        if !stale.is_some_and(|s| s.same(&r)) {
+            return Ok(r);
         }
     }
     // Connecting while holding the lock serialises device opens on one
     // cache; they are rare and each waits at most the mount timeout.
     let r = connect(key, timeout)?;
-    register_service(&r, key);
-    map.insert(
-        key.clone(),
-        Entry {
-            rados: r.downgrade(),
-            timeout,
-        },
-    );
-    map.retain(|_, e| e.rados.upgrade().is_some());
+    if map.keys().any(|(k, t)| k == key && *t != timeout) {
+        info!(
+            id = %key.id,
+            timeout = timeout.as_secs(),
+            "a connection of its own for this osd_op_timeout (the shared one has another)"
+        );
+    }
+    register_service(&r, key, timeout);
+    map.insert(slot, r.downgrade());
+    map.retain(|_, w| w.upgrade().is_some());
     Ok(r)
 }
 
@@ -163,15 +158,20 @@ fn conf_name(p: Option<&Path>) -> String {
 
 /// Registers the connection as a gateway daemon in the service map (shown
 /// by `ceph -s` where a mgr runs); failure only costs visibility.
-fn register_service(r: &Rados, key: &ConnKey) {
+fn register_service(r: &Rados, key: &ConnKey, timeout: Duration) {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|s| s.trim().to_string())
         .unwrap_or_else(|_| "localhost".into());
-    let daemon = if key.id == "admin" {
+    let mut daemon = if key.id == "admin" {
         host.clone()
     } else {
         format!("{host}:{}", key.id)
     };
+    // A second connection of the same user (another op timeout) needs a
+    // name of its own in the service map.
+    if timeout != DEFAULT_OP_TIMEOUT {
+        daemon = format!("{daemon}:t{}", timeout.as_secs());
+    }
     let meta = [
         ("hostname", host.as_str()),
         ("daemon_type", "gateway"),

@@ -299,6 +299,20 @@ impl RbdBackend {
         (s.rados.name().to_string(), s.rados.instance_id())
     }
 
+    /// The op timeout of the client serving the image, as librados has it
+    /// (`rados_osd_op_timeout`).
+    pub fn op_timeout(&self) -> Result<Duration, String> {
+        let v = self
+            .session()
+            .rados
+            .conf_get("rados_osd_op_timeout")
+            .map_err(|e| e.to_string())?;
+        v.trim()
+            .parse::<f64>()
+            .map(Duration::from_secs_f64)
+            .map_err(|e| format!("rados_osd_op_timeout {v:?}: {e}"))
+    }
+
     /// The addresses of the client serving the image (what `osd blocklist
     /// add` takes).
     pub fn client_addrs(&self) -> Result<String, String> {
