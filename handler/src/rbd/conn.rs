@@ -69,6 +69,16 @@ pub fn get(key: &ConnKey, timeout: Duration, stale: Option<&Rados>) -> Result<Ra
     Ok(r)
 }
 
+/// The addresses of every connection of this process that is still open
+/// (those a takeover must never blocklist).
+pub fn live_addrs() -> Vec<String> {
+    let map = cache().lock().unwrap_or_else(|e| e.into_inner());
+    map.values()
+        .filter_map(WeakRados::upgrade)
+        .filter_map(|r| r.addrs().ok())
+        .collect()
+}
+
 fn connect(key: &ConnKey, timeout: Duration) -> Result<Rados, String> {
     let secs = timeout.as_secs().max(1).to_string();
     let who = format!("client.{}", key.id);

@@ -42,8 +42,8 @@ pub enum LockError {
         /// The error.
         source: rbd_ffi::Error,
     },
-    /// The lock is held by another image handle of this very client (a
-    /// second device of this daemon on the same image and connection):
+    /// The lock is held by another image handle of one of this daemon's
+    /// own clients (a second device of this daemon on the same image):
     /// blocklisting it would fence this gateway itself.
     #[error("{image}: the lock is held by this gateway's own client ({owner}), another device of this daemon")]
     OwnClient {
@@ -202,8 +202,17 @@ impl RbdBackend {
             .image
             .lock_owners()
             .map_err(self.call_err("lock_get_owners"))?;
-        let mine = s.rados.addrs().map_err(self.call_err("rados_getaddrs"))?;
-        if let Some(owner) = owners.owners.iter().find(|o| same_client(o, &mine)) {
+        // Every client of this daemon counts as its own: devices with
+        // another osd_op_timeout have clients of their own, and
+        // blocklisting one of those would fence this gateway's other
+        // devices.
+        let mut mine = vec![s.rados.addrs().map_err(self.call_err("rados_getaddrs"))?];
+        mine.extend(super::conn::live_addrs());
+        if let Some(owner) = owners
+            .owners
+            .iter()
+            .find(|o| mine.iter().any(|m| same_client(o, m)))
+        {
             return Err(LockError::OwnClient {
                 image,
                 owner: owner.clone(),
