@@ -429,13 +429,14 @@ struct Daemon {
 impl Daemon {
     fn header(&self) -> String {
         format!(
-            "tcmu-rbd {} pid={} netlink={} dbus={} config={} log_level={}",
+            "tcmu-rbd {} pid={} netlink={} dbus={} config={} log_level={} idle_poll_us={}",
             env!("CARGO_PKG_VERSION"),
             std::process::id(),
             if self.nl.is_some() { "yes" } else { "no" },
             if self.dbus_up { "yes" } else { "no" },
             self.o.config.display(),
-            self.cfg.log_level
+            self.cfg.log_level,
+            self.cfg.idle_poll_us
         )
     }
 
@@ -461,7 +462,10 @@ impl Daemon {
         };
         config::report(&self.o.config, &notes);
         self.logging.apply(&cfg);
-        info!(reason = why, log_level = cfg.log_level, log_dir = %cfg.log_dir.display(), "configuration reloaded");
+        self.ctl
+            .registry()
+            .set_idle_poll(Duration::from_micros(u64::from(cfg.idle_poll_us)));
+        info!(reason = why, log_level = cfg.log_level, log_dir = %cfg.log_dir.display(), idle_poll_us = cfg.idle_poll_us, "configuration reloaded");
         debug!("debug logging is on");
         self.cfg = cfg;
         self.write_status(false);
@@ -541,6 +545,7 @@ fn serve(o: Opts) -> i32 {
         return 1;
     }
     let reg = Arc::new(Registry::new());
+    reg.set_idle_poll(Duration::from_micros(u64::from(cfg.idle_poll_us)));
     let mut ctl = Control::new(reg.clone(), &o.sysfs, &o.configfs);
     if let Some(names) = &o.devices {
         info!(devices = ?names, "serving only these backstores (--devices)");

@@ -120,6 +120,8 @@ pub struct Stats {
     pub tmrs: AtomicU64,
     /// Doorbell writes.
     pub notifies: AtomicU64,
+    /// Times the worker went to sleep (nothing to do, idle poll over).
+    pub sleeps: AtomicU64,
 }
 
 /// Adds one to a [`Stats`] counter. Only the device's worker writes its
@@ -187,6 +189,37 @@ impl Default for WorkerOptions {
     }
 }
 
+/// A daemon-wide idle poll shared by every device that follows it
+/// ([`Device::follow_idle_poll`]); tcmu.conf's `idle_poll_us`.
+#[derive(Debug, Clone)]
+pub struct IdlePoll(Arc<AtomicU64>);
+
+impl IdlePoll {
+    /// A handle starting at `d`.
+    pub fn new(d: Duration) -> Self {
+        let h = IdlePoll(Arc::new(AtomicU64::new(0)));
+        h.set(d);
+        h
+    }
+
+    /// Changes it for every device following it.
+    pub fn set(&self, d: Duration) {
+        let us = u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+        self.0.store(us, Ordering::Relaxed);
+    }
+
+    /// The current value.
+    pub fn get(&self) -> Duration {
+        Duration::from_micros(self.0.load(Ordering::Relaxed))
+    }
+}
+
+impl Default for IdlePoll {
+    fn default() -> Self {
+        IdlePoll::new(WorkerOptions::default().idle_poll)
+    }
+}
+
 /// One device and its worker state.
 pub struct Device {
     name: String,
@@ -203,6 +236,8 @@ pub struct Device {
     ctl_tx: crossbeam_channel::Sender<ControlFn>,
     ctl_rx: crossbeam_channel::Receiver<ControlFn>,
     options: WorkerOptions,
+    /// The daemon's idle poll (tcmu.conf), when it overrides `options`.
+    idle_poll_live: Option<IdlePoll>,
     /// The doorbell, the completion queue and the stop fd, registered once
     /// (cheaper per sleep than poll() on three fds).
     epoll: Epoll,
@@ -265,6 +300,7 @@ impl Device {
             ctl_tx,
             ctl_rx,
             options: WorkerOptions::default(),
+            idle_poll_live: None,
             epoll,
         })
     }
@@ -272,6 +308,20 @@ impl Device {
     /// Sets the loop's tuning.
     pub fn set_options(&mut self, options: WorkerOptions) {
         self.options = options;
+    }
+
+    /// Takes the idle poll from `live` from now on (read each time the
+    /// worker goes idle, so a change applies to running devices at once)
+    /// instead of from [`WorkerOptions::idle_poll`].
+    pub fn follow_idle_poll(&mut self, live: IdlePoll) {
+        self.idle_poll_live = Some(live);
+    }
+
+    fn idle_poll(&self) -> Duration {
+        match &self.idle_poll_live {
+            Some(l) => l.get(),
+            None => self.options.idle_poll,
+        }
     }
 
     /// The device's name (for logs).
@@ -461,6 +511,7 @@ impl Device {
         info!(backend = %self.backend.name(), "serving");
         let mut idle = 0u32;
         let mut idle_since: Option<Instant> = None;
+        let mut idle_poll = self.idle_poll();
         while !self.stop_flag.load(Ordering::Relaxed) {
             let ctl = self.run_controls();
             if self.turn()? || ctl {
@@ -473,9 +524,12 @@ impl Device {
                 std::hint::spin_loop();
                 continue;
             }
-            if self.ring.in_flight() == 0 && !self.options.idle_poll.is_zero() {
-                let since = *idle_since.get_or_insert_with(Instant::now);
-                if since.elapsed() < self.options.idle_poll {
+            if self.ring.in_flight() == 0 {
+                let since = *idle_since.get_or_insert_with(|| {
+                    idle_poll = self.idle_poll();
+                    Instant::now()
+                });
+                if since.elapsed() < idle_poll {
                     std::hint::spin_loop();
                     continue;
                 }
@@ -491,6 +545,7 @@ impl Device {
         if !self.cq.park() {
             return Ok(());
         }
+        bump(&self.stats.sleeps);
         let mut events = [EpollEvent::empty(); 3];
         let n = match self.epoll.wait(&mut events, EpollTimeout::from(1000u16)) {
             Ok(n) => n,

@@ -3,7 +3,7 @@
 //! resizing, and closing.
 
 use crate::backends;
-use crate::device::{Device, Stats, Stopper, UioDoorbell};
+use crate::device::{Device, IdlePoll, Stats, Stopper, UioDoorbell};
 use crate::ring::shm::SharedMem;
 use crate::scsi::LunInfo;
 use std::collections::HashMap;
@@ -175,6 +175,8 @@ struct Running {
 #[derive(Default)]
 pub struct Registry {
     devices: Mutex<HashMap<String, Running>>,
+    /// tcmu.conf's `idle_poll_us`, followed by every device opened here.
+    idle_poll: IdlePoll,
 }
 
 /// A device's state for status output.
@@ -201,6 +203,13 @@ impl Registry {
         Self::default()
     }
 
+    /// Sets how long every device's worker polls its ring before sleeping
+    /// (tcmu.conf `idle_poll_us`); running devices take it at their next
+    /// idle moment.
+    pub fn set_idle_poll(&self, d: std::time::Duration) {
+        self.idle_poll.set(d);
+    }
+
     /// Opens `spec` and starts serving it. A device already served under
     /// that name is left alone.
     pub fn add(&self, spec: DeviceSpec) -> Result<(), OpenDeviceError> {
@@ -214,7 +223,7 @@ impl Registry {
             info!(dev = %spec.name, "already served");
             return Ok(());
         }
-        let running = open_device(&spec)?;
+        let running = open_device(&spec, &self.idle_poll)?;
         devs.insert(spec.name.clone(), running);
         Ok(())
     }
@@ -379,7 +388,7 @@ impl Registry {
     }
 }
 
-fn open_device(spec: &DeviceSpec) -> Result<Running, OpenDeviceError> {
+fn open_device(spec: &DeviceSpec, idle_poll: &IdlePoll) -> Result<Running, OpenDeviceError> {
     let name = spec.name.clone();
     let io = |what: &'static str, path: &Path| {
         let name = name.clone();
@@ -469,6 +478,7 @@ fn open_device(spec: &DeviceSpec) -> Result<Running, OpenDeviceError> {
         backend,
         info,
     )?;
+    dev.follow_idle_poll(idle_poll.clone());
     let failover = ha.map(|ha| {
         dev.lun_mut().set_alua(ha.alua);
         ha.failover

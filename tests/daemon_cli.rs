@@ -176,6 +176,7 @@ fn lifecycle_reload_status_and_drain() {
     assert!(s.starts_with("tcmu-rbd "), "{s}");
     assert!(s.contains(&format!("pid={}", d.child.id())), "{s}");
     assert!(s.contains("netlink=no dbus=no"), "{s}");
+    assert!(s.contains("idle_poll_us=50"), "{s}");
 
     // A changed file is picked up without a signal: DEBUG goes live.
     write_conf(
@@ -191,7 +192,10 @@ fn lifecycle_reload_status_and_drain() {
     // Back to WARNING, then SIGHUP: nothing below WARN is logged any more.
     write_conf(
         d.dir.path(),
-        &format!("log_level = 2\nlog_dir = \"{}\"\n", d.path("log").display()),
+        &format!(
+            "log_level = 2\nlog_dir = \"{}\"\nidle_poll_us = 7\n",
+            d.path("log").display()
+        ),
     );
     std::thread::sleep(Duration::from_millis(300));
     let before = d.log().len();
@@ -200,7 +204,7 @@ fn lifecycle_reload_status_and_drain() {
     let o = run(&["status", "--run-dir", run_dir.to_str().unwrap()]);
     assert_eq!(o.status.code(), Some(0));
     assert!(
-        text(&o.stdout).contains("log_level=2"),
+        text(&o.stdout).contains("log_level=2 idle_poll_us=7"),
         "{}",
         text(&o.stdout)
     );

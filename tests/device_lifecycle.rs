@@ -106,3 +106,48 @@ fn resize_through_the_control_channel() {
         "read past the old end failed after resize: {statuses:?}"
     );
 }
+
+#[test]
+fn idle_poll_follows_the_daemon_setting_live() {
+    use std::sync::atomic::Ordering;
+    use tcmu_rbd::device::IdlePoll;
+    let ram: Arc<dyn Backend> = Arc::new(RamBackend::new(1 << 20, 512).unwrap());
+    let (mut emu, mut dev) = emu_device(small_layout(), ram);
+    let live = IdlePoll::new(Duration::ZERO);
+    dev.follow_idle_poll(live.clone());
+    let stats = dev.stats();
+    let stop = dev.stopper();
+    let worker = std::thread::spawn(move || dev.run());
+    let sleeps = || stats.sleeps.load(Ordering::Relaxed);
+    let wait_sleeps = |n: u64, within: Duration| {
+        let deadline = Instant::now() + within;
+        while sleeps() < n && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        sleeps()
+    };
+    let tur = [0u8; 6];
+    // 0: the worker sleeps as soon as it has nothing to do.
+    assert!(wait_sleeps(1, Duration::from_secs(5)) >= 1, "never slept");
+    emu.submit(&tur, Data::None).unwrap();
+    assert_eq!(wait_reap(&mut emu, 1, 5).len(), 1);
+    let s0 = sleeps();
+    assert!(
+        wait_sleeps(s0 + 1, Duration::from_secs(5)) > s0,
+        "idle poll 0 but the worker did not sleep after answering"
+    );
+    // 400 ms, changed while the device runs: after answering, the worker
+    // keeps polling (does not sleep) for that long, then sleeps.
+    live.set(Duration::from_millis(400));
+    emu.submit(&tur, Data::None).unwrap();
+    assert_eq!(wait_reap(&mut emu, 1, 5).len(), 1);
+    let s1 = sleeps();
+    std::thread::sleep(Duration::from_millis(150));
+    assert_eq!(sleeps(), s1, "slept during a 400 ms idle poll");
+    assert!(
+        wait_sleeps(s1 + 1, Duration::from_secs(5)) > s1,
+        "never slept after the idle poll ran out"
+    );
+    stop.stop();
+    worker.join().unwrap().unwrap();
+}
