@@ -355,7 +355,7 @@ fn devices_share_one_connection_per_user_and_op_timeout() {
 
 #[test]
 #[ignore = "needs the live Ceph cluster: scripts/test-rbd.sh runs it"]
-fn a_takeover_never_fences_a_client_of_this_daemon() {
+fn a_takeover_never_fences_this_gateways_own_clients() {
     use tcmu_handler::rbd::lock::{LockError, LockView};
     use tcmu_handler::rbd::RbdBackend;
     let img = TestImage::new("ownclient", 8 << 20);

@@ -69,12 +69,16 @@ pub fn get(key: &ConnKey, timeout: Duration, stale: Option<&Rados>) -> Result<Ra
     Ok(r)
 }
 
-/// The addresses of every connection of this process that is still open
-/// (those a takeover must never blocklist).
-pub fn live_addrs() -> Vec<String> {
+/// The addresses of this process's open connections for `key`, whatever
+/// their op timeout: devices that differ only in `osd_op_timeout` belong
+/// to one gateway, so a takeover by one must never blocklist another's
+/// client. (Clients of another cephx user or ceph.conf are kept apart
+/// on purpose, as separate gateways would be.)
+pub fn live_addrs(key: &ConnKey) -> Vec<String> {
     let map = cache().lock().unwrap_or_else(|e| e.into_inner());
-    map.values()
-        .filter_map(WeakRados::upgrade)
+    map.iter()
+        .filter(|((k, _), _)| k == key)
+        .filter_map(|(_, w)| w.upgrade())
         .filter_map(|r| r.addrs().ok())
         .collect()
 }

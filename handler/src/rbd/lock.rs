@@ -42,9 +42,10 @@ pub enum LockError {
         /// The error.
         source: rbd_ffi::Error,
     },
-    /// The lock is held by another image handle of one of this daemon's
-    /// own clients (a second device of this daemon on the same image):
-    /// blocklisting it would fence this gateway itself.
+    /// The lock is held by another image handle of this gateway's own
+    /// client, or of its client for the same user with another op timeout
+    /// (a second device of this daemon on the same image): blocklisting
+    /// it would fence this gateway itself.
     #[error("{image}: the lock is held by this gateway's own client ({owner}), another device of this daemon")]
     OwnClient {
         /// The image.
@@ -202,12 +203,10 @@ impl RbdBackend {
             .image
             .lock_owners()
             .map_err(self.call_err("lock_get_owners"))?;
-        // Every client of this daemon counts as its own: devices with
-        // another osd_op_timeout have clients of their own, and
-        // blocklisting one of those would fence this gateway's other
-        // devices.
+        // This user's clients with another osd_op_timeout count as this
+        // gateway's own too: blocklisting one would fence its devices.
         let mut mine = vec![s.rados.addrs().map_err(self.call_err("rados_getaddrs"))?];
-        mine.extend(super::conn::live_addrs());
+        mine.extend(super::conn::live_addrs(&self.shared.key));
         if let Some(owner) = owners
             .owners
             .iter()
