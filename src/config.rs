@@ -107,6 +107,28 @@ fn unquote(v: &str) -> &str {
     v
 }
 
+/// A number up to `max`: a larger one is clamped to `max` with a note (as
+/// tcmu-runner clamps log_level), anything else is a note and no value.
+fn bounded(
+    key: &str,
+    v: &str,
+    max: u32,
+    what: &str,
+    note: &mut impl FnMut(String, bool),
+) -> Option<u32> {
+    match v.parse::<u64>() {
+        Ok(n) if n <= u64::from(max) => Some(n as u32),
+        Ok(n) => {
+            note(format!("{key} {n} is above {max}; using {max}"), true);
+            Some(max)
+        }
+        Err(_) => {
+            note(format!("{key} wants {what}, got {v:?}"), true);
+            None
+        }
+    }
+}
+
 /// Parses the file's text over the defaults.
 pub fn parse(text: &str) -> (Config, Vec<Note>) {
     let mut cfg = Config::default();
@@ -133,20 +155,12 @@ pub fn parse(text: &str) -> (Config, Vec<Note>) {
             continue;
         }
         match (key, value) {
-            ("log_level", Some(v)) => match v.parse::<u32>() {
-                Ok(n) if n <= u32::from(MAX_LOG_LEVEL) => cfg.log_level = n as u8,
-                Ok(n) => {
-                    note(
-                        format!("log_level {n} is above {MAX_LOG_LEVEL}; using {MAX_LOG_LEVEL}"),
-                        true,
-                    );
-                    cfg.log_level = MAX_LOG_LEVEL;
+            ("log_level", Some(v)) => {
+                let what = format!("a number 0..{MAX_LOG_LEVEL}");
+                if let Some(n) = bounded(key, v, MAX_LOG_LEVEL.into(), &what, &mut note) {
+                    cfg.log_level = n as u8;
                 }
-                Err(_) => note(
-                    format!("log_level wants a number 0..{MAX_LOG_LEVEL}, got {v:?}"),
-                    true,
-                ),
-            },
+            }
             ("log_dir" | "log_dir_path", Some(v)) => {
                 let dir = unquote(v);
                 if dir.starts_with('/') {
@@ -158,20 +172,12 @@ pub fn parse(text: &str) -> (Config, Vec<Note>) {
                     );
                 }
             }
-            ("idle_poll_us", Some(v)) => match v.parse::<u64>() {
-                Ok(n) if n <= u64::from(MAX_IDLE_POLL_US) => cfg.idle_poll_us = n as u32,
-                Ok(n) => {
-                    note(
-                        format!("idle_poll_us {n} is above {MAX_IDLE_POLL_US}; using {MAX_IDLE_POLL_US}"),
-                        true,
-                    );
-                    cfg.idle_poll_us = MAX_IDLE_POLL_US;
+            ("idle_poll_us", Some(v)) => {
+                let what = "a number of microseconds";
+                if let Some(n) = bounded(key, v, MAX_IDLE_POLL_US, what, &mut note) {
+                    cfg.idle_poll_us = n;
                 }
-                Err(_) => note(
-                    format!("idle_poll_us wants a number of microseconds, got {v:?}"),
-                    true,
-                ),
-            },
+            }
             ("log_level" | "log_dir" | "log_dir_path" | "idle_poll_us", None) => {
                 note(format!("{key} needs a value (`{key} = ...`)"), true)
             }
