@@ -9,14 +9,6 @@ command -v fio >/dev/null || {
   echo "bench-rbd: installing fio"
   DEBIAN_FRONTEND=noninteractive apt-get install -y -q -o DPkg::Lock::Timeout=600 fio >/dev/null
 }
-if [ -z "${CEPH_MON_PORT:-}" ]; then
-  for base in $(seq 13300 100 16200); do
-    if ! ss -Hltn | awk -v b="$base" '{n = split($4, a, ":"); p = a[n] + 0} p >= b && p < b + 100 {f = 1} END {exit !f}'; then
-      export CEPH_MON_PORT=$base CEPH_OSD_PORTS="$((base + 10))-$((base + 99))"
-      break
-    fi
-  done
-fi
 dir=$(mktemp -d /tmp/tcmu-rbd-bench.XXXXXX)
 rmdir "$dir"
 trap 'scripts/ceph-cluster.sh stop "$dir" || true' EXIT

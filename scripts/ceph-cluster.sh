@@ -14,8 +14,10 @@
 #
 # Environment:
 #   CEPH_BIND_ADDR   address the daemons bind to (default 127.0.0.1)
-#   CEPH_MON_PORT    mon msgr2 port (default 13300); msgr1 is CEPH_MON_PORT+1
-#   CEPH_OSD_PORTS   OSD port range (default 13310-13399)
+#   CEPH_MON_PORT    mon msgr2 port; msgr1 is CEPH_MON_PORT+1 (default: the
+#                    first base 13300, 13400, ... with no listener in
+#                    base..base+99)
+#   CEPH_OSD_PORTS   OSD port range (default base+10 - base+99)
 #   CEPH_OSD_SIZE    sparse block file size (default 20G)
 #   CEPH_WITH_MGR    1: also start a mgr (service daemons show in `ceph -s`)
 #
@@ -31,6 +33,26 @@ dir=$2
 case "$dir" in /*) ;; *) dir="$PWD/$dir" ;; esac
 
 addr=${CEPH_BIND_ADDR:-127.0.0.1}
+
+# The first block of 100 ports from 13300 up that nothing here (this host,
+# or this network namespace) listens in: several clusters of test and bench
+# runs can then live side by side. Only `start` needs ports; the other
+# commands read them from DIR's ceph.conf.
+free_port_block() {
+  local base
+  for base in $(seq 13300 100 16200); do
+    if ! ss -Hltn | awk -v b="$base" '{n = split($4, a, ":"); p = a[n] + 0} p >= b && p < b + 100 {f = 1} END {exit !f}'; then
+      echo "$base"
+      return 0
+    fi
+  done
+  return 1
+}
+if [ "$cmd" = start ] && [ -z "${CEPH_MON_PORT:-}" ]; then
+  base=$(free_port_block) || die "no free port block in 13300-16299; set CEPH_MON_PORT and CEPH_OSD_PORTS"
+  CEPH_MON_PORT=$base
+  CEPH_OSD_PORTS=${CEPH_OSD_PORTS:-$((base + 10))-$((base + 99))}
+fi
 mon_port=${CEPH_MON_PORT:-13300}
 mon_port1=$((mon_port + 1))
 osd_ports=${CEPH_OSD_PORTS:-13310-13399}
@@ -238,7 +260,10 @@ case "$cmd" in
     ;;
   kill-osd)
     [ -s "$dir/run/osd.0.pid" ] || die "no OSD pid file in $dir"
-    kill -9 "$(cat "$dir/run/osd.0.pid")"
+    pid=$(cat "$dir/run/osd.0.pid")
+    kill -9 "$pid"
+    # Gone before returning, so an immediate start-osd does not see it.
+    for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.05; done
     ;;
   start-osd)
     [ -e "$conf" ] || die "no cluster in $dir"

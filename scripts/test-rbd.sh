@@ -11,16 +11,7 @@ cd "$(dirname "$0")/.."
 if [ -n "${KEEP_CLUSTER:-}" ]; then
   dir=$KEEP_CLUSTER
 else
-  # A port block no other cluster on this machine listens in (several
-  # test runs may share it): mon at base, OSD ports base+10..base+99.
-  if [ -z "${CEPH_MON_PORT:-}" ]; then
-    for base in $(seq 13300 100 16200); do
-      if ! ss -Hltn | awk -v b="$base" '{n = split($4, a, ":"); p = a[n] + 0} p >= b && p < b + 100 {f = 1} END {exit !f}'; then
-        export CEPH_MON_PORT=$base CEPH_OSD_PORTS="$((base + 10))-$((base + 99))"
-        break
-      fi
-    done
-  fi
+  # ceph-cluster.sh picks a port block no other cluster here listens in.
   dir=$(mktemp -d /tmp/tcmu-rbd-ceph.XXXXXX)
   rmdir "$dir"
   trap 'scripts/ceph-cluster.sh stop "$dir" || true' EXIT
