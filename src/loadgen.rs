@@ -84,6 +84,19 @@ impl Report {
     }
 }
 
+/// A byte count as the bench tools take it: a number with an optional
+/// binary suffix K, M or G (`4k`, `64K`, `1G`); None if malformed or
+/// too large.
+pub fn parse_size(s: &str) -> Option<u64> {
+    let (n, mult) = match s.chars().last()? {
+        'K' | 'k' => (&s[..s.len() - 1], 1u64 << 10),
+        'M' | 'm' => (&s[..s.len() - 1], 1 << 20),
+        'G' | 'g' => (&s[..s.len() - 1], 1 << 30),
+        _ => (s, 1),
+    };
+    n.parse::<u64>().ok()?.checked_mul(mult)
+}
+
 /// CPU time the calling thread has used.
 pub fn thread_cpu() -> Duration {
     let mut ts = libc::timespec {
@@ -311,4 +324,20 @@ pub fn run_with(
         p99: pct(0.99),
         errors,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_size;
+
+    #[test]
+    fn sizes_with_and_without_suffix() {
+        assert_eq!(parse_size("4096"), Some(4096));
+        assert_eq!(parse_size("4k"), Some(4096));
+        assert_eq!(parse_size("64K"), Some(65536));
+        assert_eq!(parse_size("1G"), Some(1 << 30));
+        for bad in ["", "k", "4x", "-1", "1.5G", "99999999999999999999G"] {
+            assert_eq!(parse_size(bad), None, "{bad:?}");
+        }
+    }
 }

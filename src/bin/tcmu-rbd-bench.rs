@@ -7,7 +7,7 @@
 
 use std::sync::Arc;
 use std::time::Duration;
-use tcmu_rbd::loadgen::{run, Job, Pattern};
+use tcmu_rbd::loadgen::{parse_size, run, Job, Pattern};
 use tcmu_rbd::registry::{lun_info, ConfigfsAttrs, DeviceSpec};
 
 fn usage() -> ! {
@@ -16,16 +16,6 @@ fn usage() -> ! {
          [--rw randread|randwrite|read|write[,...]] [--bs BYTES] [--qd N[,N...]] [--seconds N] [--spin N]"
     );
     std::process::exit(2)
-}
-
-fn parse_size(s: &str) -> Option<u64> {
-    let (n, mult) = match s.chars().last()? {
-        'K' | 'k' => (&s[..s.len() - 1], 1u64 << 10),
-        'M' | 'm' => (&s[..s.len() - 1], 1 << 20),
-        'G' | 'g' => (&s[..s.len() - 1], 1 << 30),
-        _ => (s, 1),
-    };
-    n.parse::<u64>().ok()?.checked_mul(mult)
 }
 
 fn main() {

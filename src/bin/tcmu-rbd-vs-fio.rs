@@ -23,7 +23,7 @@
 use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
-use tcmu_rbd::loadgen::{run, thread_cpu, Job, Pattern};
+use tcmu_rbd::loadgen::{parse_size, run, thread_cpu, Job, Pattern};
 use tcmu_rbd::registry::{lun_info, ConfigfsAttrs, DeviceSpec};
 
 struct Case {
@@ -84,16 +84,6 @@ fn usage() -> ! {
          [--seconds 10] [--repeat 3] [--direct] [--fio-defaults] [--spin N] [--cases rw:bs:qd,...]"
     );
     std::process::exit(2)
-}
-
-fn parse_size(s: &str) -> Option<u64> {
-    let (n, mult) = match s.chars().last()? {
-        'K' | 'k' => (&s[..s.len() - 1], 1u64 << 10),
-        'M' | 'm' => (&s[..s.len() - 1], 1 << 20),
-        'G' | 'g' => (&s[..s.len() - 1], 1 << 30),
-        _ => (s, 1),
-    };
-    n.parse::<u64>().ok()?.checked_mul(mult)
 }
 
 fn fail(msg: impl std::fmt::Display) -> ! {
