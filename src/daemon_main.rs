@@ -20,6 +20,7 @@ use nix::sys::signal::{SigSet, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tracing::{debug, error, info, warn};
@@ -35,6 +36,9 @@ pub fn subtypes() -> Vec<&'static str> {
 pub const DEFAULT_RUN_DIR: &str = "/run/tcmu-rbd";
 const PID_FILE: &str = "tcmu-rbd.pid";
 const STATUS_FILE: &str = "status";
+/// How often the D-Bus registration is checked (and redone after the bus
+/// restarted).
+const DBUS_CHECK: Duration = Duration::from_secs(2);
 
 const USAGE: &str = "\
 usage: tcmu-rbd [OPTIONS]                 serve TCMU devices (file, ram, rbd)
@@ -423,7 +427,8 @@ struct Daemon {
     cfg: Config,
     nl: Option<TcmuChannel>,
     status: Status,
-    dbus_up: bool,
+    /// Registered on D-Bus now (the supervisor thread keeps it current).
+    dbus_up: Arc<AtomicBool>,
 }
 
 impl Daemon {
@@ -433,7 +438,11 @@ impl Daemon {
             env!("CARGO_PKG_VERSION"),
             std::process::id(),
             if self.nl.is_some() { "yes" } else { "no" },
-            if self.dbus_up { "yes" } else { "no" },
+            if self.dbus_up.load(Ordering::Relaxed) {
+                "yes"
+            } else {
+                "no"
+            },
             self.o.config.display(),
             self.cfg.log_level,
             self.cfg.idle_poll_us
@@ -562,34 +571,41 @@ fn serve(o: Opts) -> i32 {
         logging,
         cfg,
         nl: None,
-        dbus_up: false,
+        dbus_up: Arc::new(AtomicBool::new(false)),
     };
     if d.o.netlink {
         d.open_netlink();
     }
-    let _dbus = match &d.o.dbus {
-        None => None,
-        Some(bus) => {
-            let changer: Arc<dyn dbus::MediumChanger> =
-                Arc::new(ConfigfsMedium { reg: reg.clone() });
-            match dbus::serve(bus, &crate::backends::handlers(), Some(changer)) {
-                Ok(c) => {
-                    info!(name = dbus::BUS_NAME, "D-Bus service registered");
-                    d.dbus_up = true;
-                    Some(c)
-                }
-                Err(e @ dbus::DbusError::NameTaken) => {
-                    error!(error = %e, "refusing to run next to another TCMU daemon");
-                    let _ = std::fs::remove_file(d.o.run_dir.join(PID_FILE));
-                    return 1;
-                }
-                Err(e) => {
-                    warn!(error = %e, "D-Bus unavailable: targetcli cannot list user: backstores");
-                    None
-                }
+    if let Some(bus) = d.o.dbus.clone() {
+        let changer: Arc<dyn dbus::MediumChanger> = Arc::new(ConfigfsMedium { reg: reg.clone() });
+        let first = match dbus::serve(&bus, &crate::backends::handlers(), Some(changer.clone())) {
+            Ok(c) => {
+                info!(name = dbus::BUS_NAME, "D-Bus service registered");
+                d.dbus_up.store(true, Ordering::Relaxed);
+                Some(c)
             }
+            Err(e @ dbus::DbusError::NameTaken) => {
+                error!(error = %e, "refusing to run next to another TCMU daemon");
+                let _ = std::fs::remove_file(d.o.run_dir.join(PID_FILE));
+                return 1;
+            }
+            Err(e) => {
+                warn!(error = %e, "D-Bus unavailable: targetcli cannot list user: backstores until it is back");
+                None
+            }
+        };
+        if let Err(e) = dbus::supervise(
+            bus,
+            crate::backends::handlers(),
+            Some(changer),
+            first,
+            d.dbus_up.clone(),
+            DBUS_CHECK,
+        ) {
+            error!(error = %e, "cannot start the D-Bus thread");
+            return 1;
         }
-    };
+    }
     // Devices created before we started (or while we were down).
     d.ctl.rescan();
     d.write_status(false);

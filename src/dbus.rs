@@ -266,6 +266,59 @@ pub fn serve(
     }
 }
 
+/// Keeps the service on the bus for the life of the process, on a thread
+/// of its own so a wedged bus never holds up the daemon: every `every` it
+/// checks the connection with a call to the bus itself, and when the
+/// connection is gone (dbus-daemon restarted) or was never made (no bus at
+/// start), it connects and registers again. `up` says whether the service
+/// is registered now (for status output).
+pub fn supervise(
+    bus: Bus,
+    handlers: Vec<HandlerDesc>,
+    changer: Option<Arc<dyn MediumChanger>>,
+    first: Option<zbus::blocking::Connection>,
+    up: Arc<std::sync::atomic::AtomicBool>,
+    every: std::time::Duration,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    use std::sync::atomic::Ordering;
+    std::thread::Builder::new()
+        .name("tcmu-dbus".into())
+        .spawn(move || {
+            let mut conn = first;
+            let mut last_err = String::new();
+            loop {
+                std::thread::sleep(every);
+                if let Some(c) = &conn {
+                    let alive = zbus::blocking::fdo::DBusProxy::new(c)
+                        .map_err(|e| e.to_string())
+                        .and_then(|p| p.get_id().map_err(|e| e.to_string()));
+                    if let Err(e) = alive {
+                        tracing::warn!(error = %e, "D-Bus connection lost; registering again when the bus is back");
+                        conn = None;
+                        up.store(false, Ordering::Relaxed);
+                    }
+                    continue;
+                }
+                match serve(&bus, &handlers, changer.clone()) {
+                    Ok(c) => {
+                        tracing::info!(name = BUS_NAME, "D-Bus service registered");
+                        conn = Some(c);
+                        up.store(true, Ordering::Relaxed);
+                        last_err.clear();
+                    }
+                    Err(e) => {
+                        // Said once per distinct failure, not every turn.
+                        let msg = e.to_string();
+                        if msg != last_err {
+                            tracing::warn!(error = %msg, "D-Bus registration failed; retrying");
+                            last_err = msg;
+                        }
+                    }
+                }
+            }
+        })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

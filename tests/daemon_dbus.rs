@@ -13,7 +13,40 @@ const BIN: &str = env!("CARGO_BIN_EXE_tcmu-rbd");
 struct Bus {
     child: Child,
     addr: String,
+    sock: std::path::PathBuf,
+    conf: std::path::PathBuf,
     _dir: tempfile::TempDir,
+}
+
+impl Bus {
+    /// Stops dbus-daemon (as a crash or an upgrade would).
+    fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.sock);
+    }
+
+    /// Starts it again at the same address.
+    fn start(&mut self) {
+        self.child = spawn_bus(&self.conf).expect("dbus-daemon ran before");
+        wait_for_socket(&self.sock);
+    }
+}
+
+fn spawn_bus(conf: &std::path::Path) -> std::io::Result<Child> {
+    Command::new("dbus-daemon")
+        .arg(format!("--config-file={}", conf.display()))
+        .arg("--nofork")
+        .stdout(Stdio::null())
+        .spawn()
+}
+
+fn wait_for_socket(sock: &std::path::Path) {
+    let end = Instant::now() + Duration::from_secs(5);
+    while !sock.exists() && Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(sock.exists(), "dbus-daemon did not start");
 }
 
 impl Drop for Bus {
@@ -64,26 +97,19 @@ fn bus_with(kind: &str, policy: &str) -> Option<Bus> {
         ),
     )
     .unwrap();
-    let child = match Command::new("dbus-daemon")
-        .arg(format!("--config-file={}", conf.display()))
-        .arg("--nofork")
-        .stdout(Stdio::null())
-        .spawn()
-    {
+    let child = match spawn_bus(&conf) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("SKIPPED: dbus-daemon not runnable ({e}); install the `dbus` package");
             return None;
         }
     };
-    let end = Instant::now() + Duration::from_secs(5);
-    while !sock.exists() && Instant::now() < end {
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    assert!(sock.exists(), "dbus-daemon did not start");
+    wait_for_socket(&sock);
     Some(Bus {
         child,
         addr: format!("unix:path={}", sock.display()),
+        sock,
+        conf,
         _dir: dir,
     })
 }
@@ -459,4 +485,41 @@ fn a_slow_check_does_not_block_other_calls() {
         took > quick + Duration::from_millis(500),
         "check took {took:?}, listing {quick:?}: the check was not slow, the test proves nothing"
     );
+}
+
+fn answers_check_config(bus: &Bus) {
+    let conn = connect(bus);
+    wait_for_name(&conn);
+    let (ok, msg): (bool, String) = call(
+        &conn,
+        "/org/kernel/TCMUService1/ram",
+        "org.kernel.TCMUService1",
+        "CheckConfig",
+        &("ram/x",),
+    );
+    assert!(ok, "{msg}");
+}
+
+#[test]
+fn the_service_comes_back_after_dbus_daemon_restarts() {
+    let Some(mut bus) = private_bus() else { return };
+    let _d = start_daemon(&bus);
+    answers_check_config(&bus);
+    // dbus-daemon goes away and comes back (a crash, an upgrade): the
+    // daemon registers again by itself, and targetcli finds it.
+    bus.stop();
+    std::thread::sleep(Duration::from_secs(3));
+    bus.start();
+    answers_check_config(&bus);
+}
+
+#[test]
+fn the_service_registers_once_the_bus_is_up() {
+    let Some(mut bus) = private_bus() else { return };
+    // No bus when the daemon starts (it came up first at boot).
+    bus.stop();
+    let _d = start_daemon(&bus);
+    std::thread::sleep(Duration::from_secs(1));
+    bus.start();
+    answers_check_config(&bus);
 }
