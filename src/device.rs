@@ -163,7 +163,7 @@ impl Stopper {
 }
 
 /// Tuning for the worker loop.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct WorkerOptions {
     /// Turns of the loop with nothing to do before sleeping in poll().
     /// Spinning trades a core for latency; 0 sleeps at once.
@@ -174,7 +174,9 @@ pub struct WorkerOptions {
     /// more than that (tens of microseconds when its virtual CPU halted).
     /// Not spent while backend operations are pending: their completions
     /// wake the worker. An idle daemon spends it once per command burst.
-    pub idle_poll: Duration,
+    /// A handle: the daemon gives every device the same one, so a change
+    /// (tcmu.conf `idle_poll_us`) reaches running devices.
+    pub idle_poll: IdlePoll,
     /// How long to wait for backend operations when stopping.
     pub drain_timeout: Duration,
 }
@@ -183,14 +185,14 @@ impl Default for WorkerOptions {
     fn default() -> Self {
         WorkerOptions {
             spin: 0,
-            idle_poll: Duration::from_micros(50),
+            idle_poll: IdlePoll::new(Duration::from_micros(50)),
             drain_timeout: Duration::from_secs(30),
         }
     }
 }
 
-/// A daemon-wide idle poll shared by every device that follows it
-/// ([`Device::follow_idle_poll`]); tcmu.conf's `idle_poll_us`.
+/// An idle poll duration that can be changed while workers read it
+/// ([`WorkerOptions::idle_poll`]); clones share the value.
 #[derive(Debug, Clone)]
 pub struct IdlePoll(Arc<AtomicU64>);
 
@@ -216,7 +218,7 @@ impl IdlePoll {
 
 impl Default for IdlePoll {
     fn default() -> Self {
-        IdlePoll::new(WorkerOptions::default().idle_poll)
+        WorkerOptions::default().idle_poll
     }
 }
 
@@ -236,8 +238,6 @@ pub struct Device {
     ctl_tx: crossbeam_channel::Sender<ControlFn>,
     ctl_rx: crossbeam_channel::Receiver<ControlFn>,
     options: WorkerOptions,
-    /// The daemon's idle poll (tcmu.conf), when it overrides `options`.
-    idle_poll_live: Option<IdlePoll>,
     /// The doorbell, the completion queue and the stop fd, registered once
     /// (cheaper per sleep than poll() on three fds).
     epoll: Epoll,
@@ -300,7 +300,6 @@ impl Device {
             ctl_tx,
             ctl_rx,
             options: WorkerOptions::default(),
-            idle_poll_live: None,
             epoll,
         })
     }
@@ -308,20 +307,6 @@ impl Device {
     /// Sets the loop's tuning.
     pub fn set_options(&mut self, options: WorkerOptions) {
         self.options = options;
-    }
-
-    /// Takes the idle poll from `live` from now on (read each time the
-    /// worker goes idle, so a change applies to running devices at once)
-    /// instead of from [`WorkerOptions::idle_poll`].
-    pub fn follow_idle_poll(&mut self, live: IdlePoll) {
-        self.idle_poll_live = Some(live);
-    }
-
-    fn idle_poll(&self) -> Duration {
-        match &self.idle_poll_live {
-            Some(l) => l.get(),
-            None => self.options.idle_poll,
-        }
     }
 
     /// The device's name (for logs).
@@ -510,13 +495,14 @@ impl Device {
         let _g = span.enter();
         info!(backend = %self.backend.name(), "serving");
         let mut idle = 0u32;
-        let mut idle_since: Option<Instant> = None;
-        let mut idle_poll = self.idle_poll();
+        // End of the current idle poll (read from the handle as it starts,
+        // so a changed setting applies at the next idle moment).
+        let mut poll_until: Option<Instant> = None;
         while !self.stop_flag.load(Ordering::Relaxed) {
             let ctl = self.run_controls();
             if self.turn()? || ctl {
                 idle = 0;
-                idle_since = None;
+                poll_until = None;
                 continue;
             }
             idle += 1;
@@ -525,17 +511,15 @@ impl Device {
                 continue;
             }
             if self.ring.in_flight() == 0 {
-                let since = *idle_since.get_or_insert_with(|| {
-                    idle_poll = self.idle_poll();
-                    Instant::now()
-                });
-                if since.elapsed() < idle_poll {
+                let until = *poll_until
+                    .get_or_insert_with(|| Instant::now() + self.options.idle_poll.get());
+                if Instant::now() < until {
                     std::hint::spin_loop();
                     continue;
                 }
             }
             idle = 0;
-            idle_since = None;
+            poll_until = None;
             self.sleep()?;
         }
         self.drain()

@@ -3,7 +3,7 @@
 //! resizing, and closing.
 
 use crate::backends;
-use crate::device::{Device, IdlePoll, Stats, Stopper, UioDoorbell};
+use crate::device::{Device, IdlePoll, Stats, Stopper, UioDoorbell, WorkerOptions};
 use crate::ring::shm::SharedMem;
 use crate::scsi::LunInfo;
 use std::collections::HashMap;
@@ -310,8 +310,7 @@ impl Registry {
         if !sent {
             return None;
         }
-        rx.recv_timeout(crate::device::WorkerOptions::default().drain_timeout)
-            .ok()
+        rx.recv_timeout(WorkerOptions::default().drain_timeout).ok()
     }
 
     /// The spec `name` is served with; `size` is the LUN's current size.
@@ -478,7 +477,10 @@ fn open_device(spec: &DeviceSpec, idle_poll: &IdlePoll) -> Result<Running, OpenD
         backend,
         info,
     )?;
-    dev.follow_idle_poll(idle_poll.clone());
+    dev.set_options(WorkerOptions {
+        idle_poll: idle_poll.clone(),
+        ..WorkerOptions::default()
+    });
     let failover = ha.map(|ha| {
         dev.lun_mut().set_alua(ha.alua);
         ha.failover

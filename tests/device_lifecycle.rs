@@ -110,11 +110,14 @@ fn resize_through_the_control_channel() {
 #[test]
 fn idle_poll_follows_the_daemon_setting_live() {
     use std::sync::atomic::Ordering;
-    use tcmu_rbd::device::IdlePoll;
+    use tcmu_rbd::device::{IdlePoll, WorkerOptions};
     let ram: Arc<dyn Backend> = Arc::new(RamBackend::new(1 << 20, 512).unwrap());
     let (mut emu, mut dev) = emu_device(small_layout(), ram);
     let live = IdlePoll::new(Duration::ZERO);
-    dev.follow_idle_poll(live.clone());
+    dev.set_options(WorkerOptions {
+        idle_poll: live.clone(),
+        ..WorkerOptions::default()
+    });
     let stats = dev.stats();
     let stop = dev.stopper();
     let worker = std::thread::spawn(move || dev.run());
