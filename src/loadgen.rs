@@ -236,53 +236,8 @@ pub fn run_with(
     let mut outstanding = 0usize;
     let mut ops = 0u64;
     let result = (|| -> Result<(), LoadError> {
-        let batch = Instant::now();
-        while outstanding < job.queue_depth {
-            if !issue(&mut emu, &mut submitted_at, batch)? {
-                break;
-            }
-            outstanding += 1;
-        }
-        emu.kick();
+        let mut batch = Instant::now();
         loop {
-            // Wait for the doorbell: spin, then sleep in poll().
-            let mut reaped;
-            let spun = Instant::now();
-            let mut turns = 0u32;
-            loop {
-                let mut now: Option<Instant> = None;
-                reaped = emu.reap(|r, _| {
-                    if r.status != 0 {
-                        errors += 1;
-                    }
-                    let t = *now.get_or_insert_with(Instant::now);
-                    lat.push(t.duration_since(submitted_at[r.cmd_id as usize]).as_nanos() as u32);
-                })?;
-                turns += 1;
-                let spun_out = match generator_spin {
-                    Some(d) => spun.elapsed() >= d,
-                    None => turns > job.spin.max(1),
-                };
-                if reaped > 0 || spun_out {
-                    break;
-                }
-                std::hint::spin_loop();
-            }
-            if reaped == 0 {
-                let mut fds = [nix::poll::PollFd::new(
-                    emu.doorbell_fd(),
-                    nix::poll::PollFlags::POLLIN,
-                )];
-                let _ = nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(1000u16));
-                emu.ack_doorbell();
-                continue;
-            }
-            ops += reaped as u64;
-            outstanding -= reaped;
-            let batch = Instant::now();
-            if batch >= end {
-                break;
-            }
             while outstanding < job.queue_depth {
                 if !issue(&mut emu, &mut submitted_at, batch)? {
                     break;
@@ -290,6 +245,51 @@ pub fn run_with(
                 outstanding += 1;
             }
             emu.kick();
+            // Wait for completions: spin, then sleep in poll() on the
+            // doorbell.
+            loop {
+                let spin_until = generator_spin.map(|d| Instant::now() + d);
+                let mut turns = 0u32;
+                let reaped = loop {
+                    let mut now: Option<Instant> = None;
+                    let reaped = emu.reap(|r, _| {
+                        if r.status != 0 {
+                            errors += 1;
+                        }
+                        let t = *now.get_or_insert_with(Instant::now);
+                        lat.push(
+                            t.duration_since(submitted_at[r.cmd_id as usize]).as_nanos() as u32
+                        );
+                    })?;
+                    ops += reaped as u64;
+                    outstanding -= reaped;
+                    if reaped > 0 {
+                        break true;
+                    }
+                    turns += 1;
+                    let spun_out = match spin_until {
+                        Some(t) => Instant::now() >= t,
+                        None => turns > job.spin.max(1),
+                    };
+                    if spun_out {
+                        break false;
+                    }
+                    std::hint::spin_loop();
+                };
+                if reaped {
+                    break;
+                }
+                let mut fds = [nix::poll::PollFd::new(
+                    emu.doorbell_fd(),
+                    nix::poll::PollFlags::POLLIN,
+                )];
+                let _ = nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(1000u16));
+                emu.ack_doorbell();
+            }
+            batch = Instant::now();
+            if batch >= end {
+                break;
+            }
         }
         // Let the rest finish.
         let deadline = Instant::now() + Duration::from_secs(10);
