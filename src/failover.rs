@@ -620,9 +620,7 @@ pub fn open_rbd(
 mod tests {
     //! The state machine against a fake lock: no cluster.
     use super::*;
-    use crate::scsi::alua::{
-        support, AluaConfig, AluaMode, AluaSource, GroupConfig, LocalPort, StpgRequest,
-    };
+    use crate::scsi::alua::{AluaConfig, AluaSource, GroupConfig, LocalPort, StpgRequest};
     use tcmu_handler::{CompletionQueue, IoResult};
 
     /// The lock as the fake cluster sees it.
@@ -757,20 +755,7 @@ mod tests {
     }
 
     fn alua() -> SharedAlua {
-        let g = |id: u16| GroupConfig {
-            name: format!("gw{id}"),
-            id,
-            state: AccessState::ActiveOptimized,
-            status: 0,
-            preferred: false,
-            supported: support::DEFAULT,
-            mode: AluaMode {
-                implicit: true,
-                explicit: true,
-            },
-            implicit_trans_secs: 10,
-            ports: vec![(id, id == 1)],
-        };
+        let g = |id: u16| GroupConfig::new(id, AccessState::ActiveOptimized, vec![(id, id == 1)]);
         SharedAlua::new(AluaConfig {
             groups: vec![g(1), g(2)],
             local: LocalPort {

@@ -16,15 +16,10 @@ use tcmu_rbd::scsi::alua::{
 
 fn group(id: u16, state: AccessState, ports: &[u16], mode: AluaMode) -> GroupConfig {
     GroupConfig {
-        name: format!("gw{id}"),
-        id,
-        state,
-        status: 0,
         preferred: id == 1,
-        supported: support::DEFAULT,
         mode,
         implicit_trans_secs: 30,
-        ports: ports.iter().map(|&p| (p, p == 2)).collect(),
+        ..GroupConfig::new(id, state, ports.iter().map(|&p| (p, p == 2)).collect())
     }
 }
 

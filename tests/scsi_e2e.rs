@@ -11,9 +11,7 @@ use tcmu_handler::ram::RamBackend;
 use tcmu_handler::Backend;
 use tcmu_rbd::device::Device;
 use tcmu_rbd::emulator::{Data, KernelEmu, Reaped};
-use tcmu_rbd::scsi::alua::{
-    support, AccessState, AluaConfig, AluaMode, GroupConfig, LocalPort, SharedAlua,
-};
+use tcmu_rbd::scsi::alua::{AccessState, AluaConfig, GroupConfig, LocalPort, SharedAlua};
 
 const BS: usize = 512;
 
@@ -203,18 +201,8 @@ fn compare_and_write_through_the_ring() {
 fn alua_standby_and_resize_through_the_ring() {
     let mut r = Rig::new(4096);
     let g = |id, state| GroupConfig {
-        name: format!("gw{id}"),
-        id,
-        state,
-        status: 0,
-        preferred: false,
-        supported: support::DEFAULT,
-        mode: AluaMode {
-            implicit: true,
-            explicit: true,
-        },
         implicit_trans_secs: 20,
-        ports: vec![(id, id == 1)],
+        ..GroupConfig::new(id, state, vec![(id, id == 1)])
     };
     let alua = SharedAlua::new(AluaConfig {
         groups: vec![

@@ -32,9 +32,7 @@ use tcmu_rbd::device::{Device, EventDoorbell};
 use tcmu_rbd::emulator::{Data, EmuError, KernelEmu, Layout};
 use tcmu_rbd::failover::{state_name, Failover, FailoverOptions};
 use tcmu_rbd::ring::shm::SharedMem;
-use tcmu_rbd::scsi::alua::{
-    support, AccessState, AluaConfig, AluaMode, GroupConfig, LocalPort, SharedAlua,
-};
+use tcmu_rbd::scsi::alua::{AccessState, AluaConfig, GroupConfig, LocalPort, SharedAlua};
 use tcmu_rbd::scsi::LunInfo;
 
 const BS: usize = 512;
@@ -250,21 +248,7 @@ fn serve(
     opts: FailoverOptions,
 ) -> Result<(), String> {
     let rbd = Arc::new(RbdBackend::open(cfg, size, BS as u32)?);
-    let mode = AluaMode {
-        implicit: true,
-        explicit: true,
-    };
-    let g = |id: u16| GroupConfig {
-        name: format!("gw{id}"),
-        id,
-        state: AccessState::Standby,
-        status: 0,
-        preferred: false,
-        supported: support::DEFAULT,
-        mode,
-        implicit_trans_secs: 10,
-        ports: vec![(id, id == group)],
-    };
+    let g = |id: u16| GroupConfig::new(id, AccessState::Standby, vec![(id, id == group)]);
     let alua = SharedAlua::new(AluaConfig {
         groups: vec![g(1), g(2)],
         local: LocalPort {

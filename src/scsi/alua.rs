@@ -261,6 +261,29 @@ pub struct GroupConfig {
     pub ports: Vec<(u16, bool)>,
 }
 
+impl GroupConfig {
+    /// A group built in code (the gateway simulator, tests): named
+    /// `gw<id>`, in `state` with status 0, not preferred, every state
+    /// supported, implicit and explicit ALUA, a 10 s implicit transition;
+    /// `ports` are its members. Change fields with struct update syntax.
+    pub fn new(id: u16, state: AccessState, ports: Vec<(u16, bool)>) -> Self {
+        GroupConfig {
+            name: format!("gw{id}"),
+            id,
+            state,
+            status: 0,
+            preferred: false,
+            supported: support::DEFAULT,
+            mode: AluaMode {
+                implicit: true,
+                explicit: true,
+            },
+            implicit_trans_secs: 10,
+            ports,
+        }
+    }
+}
+
 /// The ALUA configuration of one LUN.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct AluaConfig {
