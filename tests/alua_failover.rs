@@ -139,6 +139,11 @@ impl Gw {
 
     /// Waits until `state` contains `want`.
     fn wait_state(&mut self, want: &str, limit: Duration) -> String {
+        self.wait_state_every(want, limit, Duration::from_millis(100))
+    }
+
+    /// As [`wait_state`](Self::wait_state), asking every `every`.
+    fn wait_state_every(&mut self, want: &str, limit: Duration, every: Duration) -> String {
         let t0 = Instant::now();
         loop {
             let s = self.state();
@@ -151,7 +156,7 @@ impl Gw {
                 self.name,
                 self.log
             );
-            std::thread::sleep(Duration::from_millis(100));
+            std::thread::sleep(every);
         }
     }
 
@@ -550,16 +555,11 @@ fn drill_clean_stop_while_reopening() {
         next.wait_state("alua=active/optimized lock=mine", Duration::from_secs(20));
         // The old owner sees it was fenced (lock check every 100 ms) and
         // starts reopening: stop it as soon as it shows the loss.
-        let t0 = Instant::now();
-        while !owner.state().contains("losses=1") {
-            assert!(
-                t0.elapsed() < Duration::from_secs(10),
-                "{}: never saw it lost the lock (log {})",
-                owner.name,
-                owner.log
-            );
-            std::thread::sleep(Duration::from_millis(2));
-        }
+        owner.wait_state_every(
+            "losses=1",
+            Duration::from_secs(10),
+            Duration::from_millis(2),
+        );
         owner.stop_clean();
         owner = next;
     }
