@@ -95,10 +95,14 @@ struct Session {
     rados: Rados,
 }
 
-/// State shared with librbd callbacks: plain atomics only, so a callback
-/// never holds (and never drops) an image or a connection.
+/// State shared with librbd callbacks: plain atomics and the image's
+/// name, so a callback never holds (and never drops) an image or a
+/// connection.
 #[derive(Default)]
 struct Signals {
+    /// The image (`rbd:pool/image`), for error messages: one reference
+    /// per command serves both this and the atomics.
+    name: Arc<str>,
     /// Generation of the session that saw ESHUTDOWN (0: none).
     fenced: AtomicU64,
     /// Header updates seen by the watch (resize, lock changes).
@@ -255,7 +259,11 @@ impl RbdBackend {
             Ok(false) => warn!(image = %spec, "exclusive-lock is not enabled: no HA failover"),
             Err(e) => warn!(image = %spec, "cannot read image features: {e}"),
         }
-        let signals = Arc::new(Signals::default());
+        let name: Arc<str> = format!("rbd:{spec}").into();
+        let signals = Arc::new(Signals {
+            name: Arc::clone(&name),
+            ..Signals::default()
+        });
         watch(&session, &signals, &spec);
         info!(image = %spec, client = %session.rados.name(), size, block_size, "rbd image opened");
         let shared = Arc::new(Shared {
@@ -271,10 +279,7 @@ impl RbdBackend {
             closing: AtomicBool::new(false),
             reopen_threads: Mutex::new(Vec::new()),
         });
-        Ok(RbdBackend {
-            name: format!("rbd:{spec}").into(),
-            shared,
-        })
+        Ok(RbdBackend { name, shared })
     }
 
     /// How many times the image was reopened after blocklisting.
@@ -336,14 +341,13 @@ impl RbdBackend {
         what: &'static str,
     ) -> impl Fn(Result<(), rbd_ffi::Error>) -> IoResult + Send + 'static {
         let signals = Arc::clone(&self.shared.signals);
-        let name = Arc::clone(&self.name);
         move |r| match r {
             Ok(()) => Ok(()),
             Err(e) => {
                 if e.errno == libc::ESHUTDOWN {
                     signals.fenced.store(gen, Ordering::SeqCst);
                 }
-                Err(map_errno(e.errno, format!("{name}: {what}: {e}")))
+                Err(map_errno(e.errno, format!("{}: {what}: {e}", signals.name)))
             }
         }
     }
