@@ -1089,17 +1089,8 @@ mod tests {
     fn two_groups() -> SharedAlua {
         let g = |id, state, ports: Vec<(u16, bool)>| GroupConfig {
             name: format!("g{id}"),
-            id,
-            state,
-            status: 0,
             preferred: id == 1,
-            supported: support::DEFAULT,
-            mode: AluaMode {
-                implicit: true,
-                explicit: true,
-            },
-            implicit_trans_secs: 10,
-            ports,
+            ..GroupConfig::new(id, state, ports)
         };
         SharedAlua::new(AluaConfig {
             groups: vec![
