@@ -11,6 +11,9 @@
 #                                       stop / restart the OSD (failure tests)
 #   scripts/ceph-cluster.sh start-mgr DIR
 #                                       add a mgr (service map tests)
+#   scripts/ceph-cluster.sh restart-mon DIR
+#                                       kill -9 the mon and start it again
+#                                       (chaos soak); returns once it answers
 #
 # Environment:
 #   CEPH_BIND_ADDR   address the daemons bind to (default 127.0.0.1)
@@ -27,7 +30,7 @@ set -euo pipefail
 
 die() { echo "ceph-cluster: $*" >&2; exit 1; }
 
-[ $# -eq 2 ] || die "usage: $0 start|stop|env|kill-osd|start-osd|start-mgr DIR"
+[ $# -eq 2 ] || die "usage: $0 start|stop|env|kill-osd|start-osd|restart-mon|start-mgr DIR"
 cmd=$1
 dir=$2
 case "$dir" in /*) ;; *) dir="$PWD/$dir" ;; esac
@@ -270,10 +273,19 @@ case "$cmd" in
     pid_alive "$dir/run/osd.0.pid" && die "osd.0 is already running"
     start_osd
     ;;
+  restart-mon)
+    [ -s "$dir/run/mon.a.pid" ] || die "no mon pid file in $dir"
+    pid=$(cat "$dir/run/mon.a.pid")
+    kill -9 "$pid"
+    for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.05; done
+    rm -f "$dir/run/mon.a.pid"
+    ceph-mon -c "$conf" -i a >>"$dir/log/mon.a.out" 2>&1 || fail "ceph-mon failed to restart"
+    wait_for 30 ceph_ mon stat || fail "the mon does not answer 30 s after a restart"
+    ;;
   start-mgr)
     [ -e "$conf" ] || die "no cluster in $dir"
     pid_alive "$dir/run/mgr.x.pid" && die "mgr.x is already running"
     start_mgr
     ;;
-  *) die "unknown command $cmd (start|stop|env|kill-osd|start-osd|start-mgr)" ;;
+  *) die "unknown command $cmd (start|stop|env|kill-osd|start-osd|restart-mon|start-mgr)" ;;
 esac

@@ -56,6 +56,12 @@ pub trait LockSource: Backend {
     fn release_lock(&self) -> Result<(), LockError>;
     /// Marks the session fenced and reopens on a fresh client.
     fn fence_and_reopen(&self);
+    /// Submits `op` only if session `generation` is the one serving I/O
+    /// (checked on the same session the op then runs on, so a reopen
+    /// between the gate and the submission cannot send it to a session
+    /// that never took the lock); otherwise completes it with
+    /// [`IoError::Fenced`].
+    fn submit_on(&self, generation: u64, op: Op, done: Done);
 }
 
 impl LockSource for RbdBackend {
@@ -79,6 +85,9 @@ impl LockSource for RbdBackend {
     }
     fn fence_and_reopen(&self) {
         RbdBackend::fence_and_reopen(self)
+    }
+    fn submit_on(&self, generation: u64, op: Op, done: Done) {
+        RbdBackend::submit_on(self, generation, op, done)
     }
 }
 
@@ -274,9 +283,15 @@ impl Shared {
         Ok(())
     }
 
-    fn gate_open(&self) -> bool {
-        self.serving.load(Ordering::Acquire)
-            && self.backend.generation() == self.owned_gen.load(Ordering::Acquire)
+    /// The session an op may run on now: the one that took the lock,
+    /// while this gateway serves. The backend checks it again against
+    /// the session it submits on ([`LockSource::submit_on`]).
+    fn admitted_generation(&self) -> Option<u64> {
+        // owned_gen before serving: a takeover stores owned_gen and then
+        // sets serving, so a stale generation read here can only be
+        // refused by the backend, never admitted to a newer session.
+        let gen = self.owned_gen.load(Ordering::Acquire);
+        (self.serving.load(Ordering::Acquire) && gen != 0).then_some(gen)
     }
 
     /// The manager thread.
@@ -565,15 +580,17 @@ impl Backend for Gated {
     }
 
     fn submit(&self, op: Op, done: Done) {
-        if !self.shared.gate_open() {
+        let Some(gen) = self.shared.admitted_generation() else {
             self.shared.suspect.store(true, Ordering::Release);
             done.complete(Err(IoError::Fenced(format!(
                 "{}: this gateway does not hold the image's exclusive lock",
                 self.shared.name
             ))));
             return;
-        }
-        self.shared.backend.submit(op, done);
+        };
+        // A reopen since the lock was taken makes the backend refuse it
+        // (and the manager notices the new generation at its next check).
+        self.shared.backend.submit_on(gen, op, done);
     }
 
     fn resize(&self, size: u64) -> Result<(), IoError> {
@@ -639,6 +656,8 @@ mod tests {
         releases: u32,
         reopens: u32,
         ops: u32,
+        /// Run once at the next submit_on, before its session check.
+        reopen_before_submit: Option<Box<dyn FnOnce(&FakeLock) + Send>>,
     }
 
     struct FakeLock(Mutex<Lock>);
@@ -752,6 +771,16 @@ mod tests {
                 l.reopens += 1;
             });
         }
+        fn submit_on(&self, generation: u64, op: Op, done: Done) {
+            // A reopen that lands between the gate and the submission.
+            if let Some(hook) = self.with(|l| l.reopen_before_submit.take()) {
+                hook(self);
+            }
+            if self.with(|l| l.generation) != generation {
+                return done.complete(Err(IoError::Fenced("fake: another session".into())));
+            }
+            self.submit(op, done)
+        }
     }
 
     fn alua() -> SharedAlua {
@@ -840,6 +869,42 @@ mod tests {
         stpg(&a, 1, AccessState::ActiveOptimized);
         std::thread::sleep(Duration::from_millis(50));
         assert_eq!(lock.with(|l| l.takes), 1);
+    }
+
+    /// The gate and the session check are one step: a reopen on a fresh
+    /// client that lands after the gate admitted an op (and before the
+    /// manager's next check) must not send the op to the new session,
+    /// which never took the lock.
+    #[test]
+    fn an_op_admitted_before_a_reopen_never_runs_on_the_new_session() {
+        let lock = FakeLock::new();
+        let a = alua();
+        // A slow poll: the manager does not see the reopen in time.
+        let opts = FailoverOptions {
+            poll: Duration::from_secs(60),
+            ..FailoverOptions::default()
+        };
+        let f = Failover::start("t", lock.clone(), &a, opts).unwrap();
+        f.request_active();
+        wait(&f, "active", |s| s.serving);
+        assert_eq!(write_through(&*f.backend()), Ok(()));
+        lock.with(|l| {
+            l.reopen_before_submit = Some(Box::new(|fake: &FakeLock| {
+                fake.with(|l| {
+                    l.generation += 1;
+                    l.held = false;
+                })
+            }))
+        });
+        assert!(matches!(
+            write_through(&*f.backend()),
+            Err(IoError::Fenced(_))
+        ));
+        assert_eq!(
+            lock.with(|l| l.ops),
+            1,
+            "the op admitted on generation 1 reached generation 2"
+        );
     }
 
     #[test]

@@ -12,6 +12,8 @@
 //! TAG rtpg                    -> TAG ok 1=STATE,2=STATE   (REPORT TARGET PORT GROUPS)
 //! TAG tur                     -> TEST UNIT READY
 //! TAG state                   -> TAG ok <failover status>
+//! TAG client                  -> TAG ok ADDRS   (the rados client serving the
+//!                                image, as `osd blocklist add` takes it)
 //! ```
 //! Replies come as commands complete (several may be in flight). Each
 //! written block carries a header (magic, LBA, SEED) and SEED-derived
@@ -256,7 +258,8 @@ fn serve(
             rel_port: group,
         },
     });
-    let fo = Failover::start(name, rbd, &alua, opts).map_err(|e| e.to_string())?;
+    let fo =
+        Failover::start(name, Arc::clone(&rbd) as _, &alua, opts).map_err(|e| e.to_string())?;
     let backend = fo.backend();
 
     let mut emu = KernelEmu::with_layout(Layout {
@@ -330,10 +333,20 @@ fn serve(
                 if line.is_empty() {
                     continue;
                 }
-                if line.split_whitespace().nth(1) == Some("state") {
-                    let tag = line.split_whitespace().next().unwrap_or("?");
-                    say(format!("{tag} ok {}", fo.status()));
-                    continue;
+                let tag = line.split_whitespace().next().unwrap_or("?");
+                match line.split_whitespace().nth(1) {
+                    Some("state") => {
+                        say(format!("{tag} ok {}", fo.status()));
+                        continue;
+                    }
+                    Some("client") => {
+                        say(match rbd.client_addrs() {
+                            Ok(a) => format!("{tag} ok {a}"),
+                            Err(e) => format!("{tag} error {e}"),
+                        });
+                        continue;
+                    }
+                    _ => {}
                 }
                 match parse(&line, group) {
                     Ok(c) => waiting.push_back(c),

@@ -132,6 +132,8 @@ struct Shared {
 }
 
 struct CawJob {
+    /// The session the job was admitted on: it runs there or nowhere.
+    session: Arc<Session>,
     offset: u64,
     compare: IoBufs,
     write: IoBufs,
@@ -442,7 +444,14 @@ impl RbdBackend {
         }
     }
 
-    fn submit_caw(&self, s: &Session, offset: u64, compare: IoBufs, write: IoBufs, done: Done) {
+    fn submit_caw(
+        &self,
+        s: &Arc<Session>,
+        offset: u64,
+        compare: IoBufs,
+        write: IoBufs,
+        done: Done,
+    ) {
         let len = compare.len() as u64;
         if len != write.len() as u64 {
             done.complete(Err(IoError::Io {
@@ -501,6 +510,7 @@ impl RbdBackend {
             caw.clone()
         };
         let job = CawJob {
+            session: Arc::clone(s),
             offset,
             compare,
             write,
@@ -530,8 +540,15 @@ fn caw_thread(shared: Weak<Shared>, name: String, rx: mpsc::Receiver<Box<CawJob>
             }));
             continue;
         };
-        let s = Arc::clone(&sh.session.read().unwrap_or_else(|e| e.into_inner()));
+        let fenced = sh.signals.fenced.load(Ordering::SeqCst);
         drop(sh);
+        let s = Arc::clone(&job.session);
+        if fenced != 0 && fenced == s.generation {
+            job.done.complete(Err(IoError::Fenced(format!(
+                "{name}: client blocklisted, reopening the image"
+            ))));
+            continue;
+        }
         let map =
             |e: rbd_ffi::Error, what: &str| map_errno(e.errno, format!("{name}: {what}: {e}"));
         let res = crate::compare_then_write(
@@ -643,7 +660,32 @@ impl Backend for RbdBackend {
     }
 
     fn submit(&self, op: Op, done: Done) {
+        self.submit_session(self.session(), op, done)
+    }
+
+    fn resize(&self, size: u64) -> Result<(), IoError> {
+        self.resize_image(size)
+    }
+}
+
+impl RbdBackend {
+    /// Submits `op` only if the session serving I/O is `generation` (the
+    /// one the HA gate admitted it for: the session that took the lock).
+    /// The session is read once and the op runs on exactly that session,
+    /// so a reopen cannot slip in between the check and the submission.
+    pub fn submit_on(&self, generation: u64, op: Op, done: Done) {
         let s = self.session();
+        if s.generation != generation {
+            done.complete(Err(IoError::Fenced(format!(
+                "{}: the session that holds the lock (generation {generation}) was replaced by generation {}",
+                self.name, s.generation
+            ))));
+            return;
+        }
+        self.submit_session(s, op, done)
+    }
+
+    fn submit_session(&self, s: Arc<Session>, op: Op, done: Done) {
         let fenced = self.shared.signals.fenced.load(Ordering::SeqCst);
         if fenced != 0 && fenced == s.generation {
             // The session is known blocklisted: fail fast (the initiator
@@ -778,7 +820,7 @@ impl Backend for RbdBackend {
         }
     }
 
-    fn resize(&self, size: u64) -> Result<(), IoError> {
+    fn resize_image(&self, size: u64) -> Result<(), IoError> {
         let s = self.session();
         let image_size = s
             .image
