@@ -640,6 +640,9 @@ mod tests {
     use crate::scsi::alua::{AluaConfig, AluaSource, GroupConfig, LocalPort, StpgRequest};
     use tcmu_handler::{CompletionQueue, IoResult};
 
+    /// Something done to the fake at a chosen moment.
+    type Hook = Box<dyn FnOnce(&FakeLock) + Send>;
+
     /// The lock as the fake cluster sees it.
     #[derive(Default)]
     struct Lock {
@@ -657,7 +660,7 @@ mod tests {
         reopens: u32,
         ops: u32,
         /// Run once at the next submit_on, before its session check.
-        reopen_before_submit: Option<Box<dyn FnOnce(&FakeLock) + Send>>,
+        reopen_before_submit: Option<Hook>,
     }
 
     struct FakeLock(Mutex<Lock>);

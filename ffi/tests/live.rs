@@ -6,7 +6,7 @@ use rbd_ffi::{AioBuf, CawError, Image, IoCtx, LockMode, OwnedBuf, Rados, RadosBu
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 const NEEDS: &str = "needs the live Ceph cluster: scripts/test-rbd.sh runs it";
 
@@ -476,4 +476,267 @@ fn errors_name_the_fault() {
     // Config read back.
     assert_eq!(r.conf_get("rados_osd_op_timeout").unwrap(), "30");
     assert!(r.conf_get("no_such_option").is_err());
+}
+
+// ---- what the HA lock gate relies on: a handle without the managed lock,
+// or a fenced one, has its writes refused (promptly, not parked), and
+// releasing the lock drains the writes in flight.
+
+/// `t`'s image opened through another client.
+fn open_via(r: &Rados, t: &TestImage) -> Image {
+    Image::open(&r.ioctx(&pool()).expect("pool"), &t.name).expect("open image")
+}
+
+/// Submits an aio write of `data` at `off`; the receiver gets its result.
+fn write_async(img: &Image, off: u64, data: Vec<u8>) -> mpsc::Receiver<rbd_ffi::Result<usize>> {
+    let (tx, rx) = mpsc::channel();
+    img.aio_writev(off, OwnedBuf::new(data), move |r, _| {
+        let _ = tx.send(r);
+    });
+    rx
+}
+
+/// What `rx` delivers within `limit` and the time since `t0`; `None` if
+/// nothing came (the request is parked).
+fn within<T>(rx: &mpsc::Receiver<T>, t0: Instant, limit: Duration) -> Option<(T, Duration)> {
+    rx.recv_timeout(limit).ok().map(|v| (v, t0.elapsed()))
+}
+
+/// How long a refused request may take before the test calls it parked.
+const PARKED: Duration = Duration::from_secs(60);
+
+/// Fails the test for a request that never completed. The image is leaked:
+/// closing it would wait for the parked request, hanging instead of failing.
+fn parked(img: Image, what: &str) -> ! {
+    std::mem::forget(img);
+    panic!("{what} did not complete within {PARKED:?}: librbd parked it");
+}
+
+fn read_back(img: &Image, off: u64, len: usize) -> Vec<u8> {
+    let mut v = vec![0u8; len];
+    assert_eq!(img.read_at(off, &mut v).unwrap(), len);
+    v
+}
+
+#[test]
+#[ignore = "needs the live Ceph cluster: scripts/test-rbd.sh runs it"]
+fn a_write_on_a_handle_that_released_its_managed_lock_is_refused_not_parked() {
+    let ra = connect(None);
+    let rb = connect(None);
+    let t = TestImage::new(&ra, "released", 8 << 20);
+    let a = t.open();
+    let b = open_via(&rb, &t);
+    assert!(a.has_exclusive_lock_feature().unwrap());
+
+    a.lock_acquire(LockMode::Exclusive).unwrap();
+    let before = pattern(1, 4096);
+    a.write_at(0, &before).unwrap();
+    a.lock_release().unwrap();
+    assert!(!a.is_exclusive_lock_owner().unwrap());
+    b.lock_acquire(LockMode::Exclusive).unwrap();
+    assert!(b.is_exclusive_lock_owner().unwrap());
+
+    // A released the lock itself (lock_acquire switched it off automatic
+    // lock requests): its write fails with EROFS instead of asking B for
+    // the lock or waiting for it.
+    let t0 = Instant::now();
+    let rx = write_async(&a, 0, pattern(2, 4096));
+    let Some((res, took)) = within(&rx, t0, PARKED) else {
+        parked(a, "the write on the released handle")
+    };
+    eprintln!("released handle: write -> {res:?} after {took:?}");
+    let e = res.expect_err("a handle that released the lock wrote");
+    assert_eq!(e.errno, libc::EROFS, "{e}");
+    assert!(took < Duration::from_secs(5), "EROFS came after {took:?}");
+
+    let (tx, rx) = mpsc::channel();
+    let t0 = Instant::now();
+    a.aio_flush(move |r| {
+        let _ = tx.send(r);
+    });
+    let Some((res, took)) = within(&rx, t0, PARKED) else {
+        parked(a, "the flush on the released handle")
+    };
+    eprintln!("released handle: flush -> {res:?} after {took:?}");
+    let e = res.expect_err("a handle that released the lock flushed");
+    assert_eq!(e.errno, libc::EROFS, "{e}");
+    assert!(took < Duration::from_secs(5), "EROFS came after {took:?}");
+
+    // Nothing landed, and B kept the lock.
+    assert_eq!(read_back(&b, 0, 4096), before, "the refused write landed");
+    assert!(b.is_exclusive_lock_owner().unwrap());
+    assert!(!a.is_exclusive_lock_owner().unwrap());
+    b.lock_release().unwrap();
+}
+
+#[test]
+#[ignore = "needs the live Ceph cluster: scripts/test-rbd.sh runs it"]
+fn a_write_on_a_never_locked_handle_is_refused_while_another_holds_the_managed_lock() {
+    let rb = connect(None);
+    let rc = connect(None);
+    let t = TestImage::new(&rb, "neverlocked", 8 << 20);
+    let b = t.open();
+    b.lock_acquire(LockMode::Exclusive).unwrap();
+    let before = pattern(1, 4096);
+    b.write_at(0, &before).unwrap();
+
+    // C never called lock_acquire: its write asks B for the lock, and B
+    // (which took it explicitly) refuses; librbd fails the write with
+    // EROFS rather than retrying forever.
+    let c = open_via(&rc, &t);
+    assert!(!c.is_exclusive_lock_owner().unwrap());
+    let t0 = Instant::now();
+    let rx = write_async(&c, 0, pattern(2, 4096));
+    let Some((res, took)) = within(&rx, t0, PARKED) else {
+        parked(c, "the write on the never-locked handle")
+    };
+    eprintln!("never-locked handle: write -> {res:?} after {took:?}");
+    let e = res.expect_err("a handle without the lock wrote");
+    assert_eq!(e.errno, libc::EROFS, "{e}");
+    assert!(took < Duration::from_secs(10), "EROFS came after {took:?}");
+
+    assert_eq!(read_back(&b, 0, 4096), before, "the refused write landed");
+    assert!(b.is_exclusive_lock_owner().unwrap(), "B lost the lock");
+    assert!(!c.is_exclusive_lock_owner().unwrap());
+    b.lock_release().unwrap();
+}
+
+#[test]
+#[ignore = "needs the live Ceph cluster: scripts/test-rbd.sh runs it"]
+fn a_blocklisted_handles_writes_fail_and_close_returns() {
+    let ra = connect(None);
+    let rb = connect(None);
+    // The image's context is B's: A's client is fenced.
+    let t = TestImage::new(&rb, "fenced", 8 << 20);
+    let a = open_via(&ra, &t);
+    a.lock_acquire(LockMode::Exclusive).unwrap();
+    let before = pattern(1, 4096);
+    a.write_at(0, &before).unwrap();
+
+    let addrs = ra.addrs().unwrap();
+    let one = addrs
+        .trim_matches(|c| c == '[' || c == ']')
+        .split(',')
+        .next()
+        .unwrap()
+        .to_string();
+    rb.blocklist_add(&one, 600).unwrap();
+    // blocklist_add returns once B's client has the osdmap with the entry.
+    // An op from B makes the PG it reaches catch up to that map before
+    // serving it, so once this read (of the object A writes below) has
+    // completed, that PG enforces the entry: no write of A's can race it.
+    let d = t.open();
+    assert_eq!(read_back(&d, 0, 4096), before);
+
+    // Several writes at once, all into the first object.
+    let n = 8;
+    let t0 = Instant::now();
+    let rxs: Vec<_> = (0..n)
+        .map(|i| write_async(&a, i * 4096, pattern(10 + i as u8, 4096)))
+        .collect();
+    let mut slowest = Duration::ZERO;
+    for (i, rx) in rxs.iter().enumerate() {
+        let Some((res, took)) = within(rx, t0, PARKED) else {
+            parked(a, "a write on the blocklisted handle")
+        };
+        eprintln!("blocklisted handle: write {i} -> {res:?} after {took:?}");
+        let e = res.expect_err("a blocklisted client wrote");
+        assert_eq!(e.errno, libc::ESHUTDOWN, "write {i}: {e}");
+        slowest = slowest.max(took);
+    }
+    assert!(
+        slowest < Duration::from_secs(30),
+        "ESHUTDOWN after {slowest:?}"
+    );
+
+    // None landed: a fresh handle of another client reads the old data.
+    let d2 = open_via(&connect(None), &t);
+    assert_eq!(read_back(&d2, 0, 4096), before, "write 0 landed");
+    assert!(
+        read_back(&d2, 4096, (n as usize - 1) * 4096)
+            .iter()
+            .all(|&x| x == 0),
+        "a write of the blocklisted client landed"
+    );
+
+    // Closing the fenced handle (it still thinks it holds the lock)
+    // returns rather than hanging on the lock it cannot release.
+    let t0 = Instant::now();
+    let closing = std::thread::spawn(move || a.close());
+    while !closing.is_finished() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "closing the blocklisted handle hangs"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let res = closing.join().expect("close panicked");
+    eprintln!(
+        "blocklisted handle: close -> {res:?} after {:?}",
+        t0.elapsed()
+    );
+
+    // Only this test's client was fenced; lift the entry.
+    let lifted = rb.mon_command(
+        &format!(r#"{{"prefix": "osd blocklist", "blocklistop": "rm", "addr": "{one}"}}"#),
+        b"",
+    );
+    eprintln!("blocklist rm {one} -> {lifted:?}");
+}
+
+#[test]
+#[ignore = "needs the live Ceph cluster: scripts/test-rbd.sh runs it"]
+fn lock_release_waits_for_writes_in_flight() {
+    let r = connect(None);
+    let t = TestImage::new(&r, "drain", 16 << 20);
+    let a = t.open();
+    let n = 32;
+    let len = 65536;
+    // A round whose writes all completed before lock_release was even
+    // called proves nothing; such rounds are repeated (a few at most).
+    for round in 0..10u8 {
+        a.lock_acquire(LockMode::Exclusive).unwrap();
+        let completed = Arc::new(AtomicUsize::new(0));
+        let (tx, rx) = mpsc::channel();
+        for i in 0..n {
+            let completed = completed.clone();
+            let tx = tx.clone();
+            a.aio_writev(
+                (i * len) as u64,
+                OwnedBuf::new(pattern(i as u8 ^ round, len)),
+                move |r, _| {
+                    let _ = tx.send((i, r));
+                    completed.fetch_add(1, Ordering::SeqCst);
+                },
+            );
+        }
+        let at_release = completed.load(Ordering::SeqCst);
+        let t0 = Instant::now();
+        a.lock_release().unwrap();
+        let after = completed.load(Ordering::SeqCst);
+        eprintln!(
+            "drain round {round}: {at_release} of {n} done when lock_release was \
+             called, {after} when it returned after {:?}",
+            t0.elapsed()
+        );
+        assert_eq!(after, n, "lock_release returned with writes in flight");
+        assert!(!a.is_exclusive_lock_owner().unwrap());
+        for _ in 0..n {
+            let (i, res) = rx.try_recv().expect("a completion counted but not sent");
+            // (librbd's write completions return 0, not the length.)
+            res.unwrap_or_else(|e| panic!("write {i}: {e}"));
+        }
+        let fresh = t.open();
+        for i in 0..n {
+            assert_eq!(
+                read_back(&fresh, (i * len) as u64, len),
+                pattern(i as u8 ^ round, len),
+                "write {i}"
+            );
+        }
+        if at_release < n {
+            return;
+        }
+    }
+    panic!("every round's writes completed before lock_release was called");
 }
