@@ -33,5 +33,16 @@ run -p tcmu-rbd --test rbd_live --test rbd_scsi --test scsi_rbd -- --ignored
 run -p tcmu-rbd --test rbd_outage -- --ignored --test-threads=1
 # HA failover drills: two gateway processes per drill on one image; one
 # drill at a time so the failover times are not skewed by the others.
-run -p tcmu-rbd --test alua_failover -- --ignored --test-threads=1 --nocapture
+# They guard data, so each runs three times in a row: a race that fails
+# one run in three must show here, not on a user's gateway.
+for i in 1 2 3; do
+  echo "rbd: HA drills, run $i of 3"
+  run -p tcmu-rbd --test alua_failover -- --ignored --test-threads=1 --nocapture
+done
+# The chaos soak, bounded: random faults (planned move, kill -9, SIGSTOP,
+# OSD and mon restarts, blocklisting) under a writer whose every write is
+# checked after each round. It stops the OSD and the mon, so it runs last.
+cargo build -p tcmu-rbd-testkit --bin tcmu-rbd-chaos
+target/debug/tcmu-rbd-chaos --rounds "${CHAOS_ROUNDS:-30}" --top "$PWD" \
+  --gw-sim target/debug/tcmu-rbd-gw-sim --log-dir target/tmp/chaos
 echo "rbd: PASS"
