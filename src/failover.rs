@@ -54,8 +54,9 @@ pub trait LockSource: Backend {
     fn take_lock(&self, blocklist_expire_secs: u32) -> Result<Taken, LockError>;
     /// Releases the lock.
     fn release_lock(&self) -> Result<(), LockError>;
-    /// Marks the session fenced and reopens on a fresh client.
-    fn fence_and_reopen(&self);
+    /// Marks session `generation` fenced and reopens on a fresh client
+    /// (nothing if that session was already replaced).
+    fn fence_and_reopen(&self, generation: u64);
     /// Submits `op` only if session `generation` is the one serving I/O
     /// (checked on the same session the op then runs on, so a reopen
     /// between the gate and the submission cannot send it to a session
@@ -83,8 +84,8 @@ impl LockSource for RbdBackend {
     fn release_lock(&self) -> Result<(), LockError> {
         RbdBackend::release_lock(self)
     }
-    fn fence_and_reopen(&self) {
-        RbdBackend::fence_and_reopen(self)
+    fn fence_and_reopen(&self, generation: u64) {
+        RbdBackend::fence_and_reopen(self, generation)
     }
     fn submit_on(&self, generation: u64, op: Op, done: Done) {
         RbdBackend::submit_on(self, generation, op, done)
@@ -181,7 +182,6 @@ struct Shared {
     name: String,
     backend: Arc<dyn LockSource>,
     alua: AluaHandle,
-    groups: Vec<u16>,
     opts: FailoverOptions,
     /// The gate: set only while the lock is held on session `owned_gen`.
     serving: AtomicBool,
@@ -196,6 +196,8 @@ struct Shared {
     lock_view: Mutex<String>,
     last_takeover_ms: Mutex<Option<u64>>,
     tx: Sender<Msg>,
+    /// Ops that arrived with no ALUA groups while the first takeover ran.
+    parked: Mutex<Vec<(Op, Done)>>,
 }
 
 impl Shared {
@@ -214,6 +216,55 @@ impl Shared {
         }
     }
 
+    /// What this gateway's group reports while it does not hold the lock:
+    /// Standby, or Active/Non-optimized when the group only does implicit
+    /// ALUA (ceph-iscsi's groups): a host never sends I/O to a Standby
+    /// path it cannot activate by STPG, so the I/O that takes the lock
+    /// would never come.
+    fn idle_state(&self) -> AccessState {
+        let m = self.alua.mode();
+        if m.implicit && !m.explicit {
+            AccessState::ActiveNonOptimized
+        } else {
+            AccessState::Standby
+        }
+    }
+
+    /// Reports every group as the lock says now: this one Active/Optimized
+    /// and the others idle while serving; this one Transitioning while
+    /// taking the lock; idle otherwise.
+    fn apply_states(&self) {
+        let local = self.alua.local_group();
+        if self.serving.load(Ordering::Acquire) {
+            let others = self.idle_state();
+            for g in self.alua.group_ids() {
+                if g != local {
+                    self.alua.set_state(g, others, status::BY_IMPLICIT);
+                }
+            }
+            self.set_local(AccessState::ActiveOptimized, "exclusive lock held");
+        } else if self.acquiring.load(Ordering::Acquire) {
+            self.set_local(AccessState::Transitioning, "taking the exclusive lock");
+        } else {
+            self.set_local(self.idle_state(), "this gateway does not hold the lock");
+        }
+    }
+
+    /// Submits the ops parked during a takeover if it left the gate open,
+    /// fails them otherwise.
+    fn flush_parked(&self) {
+        let ops = std::mem::take(&mut *self.parked.lock().unwrap_or_else(|e| e.into_inner()));
+        for (op, done) in ops {
+            match self.admitted_generation() {
+                Some(gen) => self.backend.submit_on(gen, op, done),
+                None => done.complete(Err(IoError::Fenced(format!(
+                    "{}: the takeover failed; this gateway does not hold the image's exclusive lock",
+                    self.name
+                )))),
+            }
+        }
+    }
+
     /// Starts a takeover unless one is under way. Never blocks.
     fn kick_acquire(&self, why: &'static str) {
         if self.serving.load(Ordering::Acquire) {
@@ -225,7 +276,8 @@ impl Shared {
         self.set_local(AccessState::Transitioning, why);
         if self.tx.send(Msg::Acquire(why)).is_err() {
             self.acquiring.store(false, Ordering::Release);
-            self.set_local(AccessState::Standby, "failover manager gone");
+            self.set_local(self.idle_state(), "failover manager gone");
+            self.flush_parked();
         }
     }
 
@@ -299,6 +351,7 @@ impl Shared {
         let span = info_span!("failover", dev = %self.name);
         let _g = span.enter();
         let mut last_view = Instant::now() - Duration::from_secs(10);
+        let mut last_groups = Instant::now();
         loop {
             match rx.recv_timeout(self.opts.poll) {
                 Ok(Msg::Stop) | Err(RecvTimeoutError::Disconnected) => break,
@@ -307,6 +360,14 @@ impl Shared {
                 Err(RecvTimeoutError::Timeout) => {}
             }
             self.check();
+            // Groups created after the device opened (ceph-iscsi maps the
+            // disk, and creates its groups, after enabling the backstore).
+            if last_groups.elapsed() >= Duration::from_secs(1) {
+                last_groups = Instant::now();
+                if self.alua.reload_groups() {
+                    self.apply_states();
+                }
+            }
             if !self.serving.load(Ordering::Acquire)
                 && last_view.elapsed() >= Duration::from_secs(1)
             {
@@ -314,6 +375,7 @@ impl Shared {
                 self.refresh_view();
             }
         }
+        self.flush_parked();
         info!("failover manager stopped");
     }
 
@@ -370,9 +432,12 @@ impl Shared {
             why,
             "exclusive lock lost: serving no more I/O, reopening on a fresh client"
         );
-        self.set_local(AccessState::Standby, "lock lost");
+        self.set_local(self.idle_state(), "lock lost");
         *self.lock_view.lock().unwrap_or_else(|e| e.into_inner()) = "lost".into();
-        self.backend.fence_and_reopen();
+        // The session that held the lock: a reopen that already replaced
+        // it (an I/O saw ESHUTDOWN first) must not be thrown away too.
+        self.backend
+            .fence_and_reopen(self.owned_gen.load(Ordering::Acquire));
     }
 
     fn acquire(&self, why: &str) {
@@ -400,13 +465,7 @@ impl Shared {
             Ok(t) => {
                 self.owned_gen.store(t.generation, Ordering::Release);
                 self.serving.store(true, Ordering::Release);
-                for &g in &self.groups {
-                    if g != self.alua.local_group() {
-                        self.alua
-                            .set_state(g, AccessState::Standby, status::BY_IMPLICIT);
-                    }
-                }
-                self.set_local(AccessState::ActiveOptimized, "exclusive lock held");
+                self.apply_states();
                 let ms = t0.elapsed().as_millis() as u64;
                 *self
                     .last_takeover_ms
@@ -420,10 +479,11 @@ impl Shared {
             }
             Err(e) => {
                 error!(error = %e, "takeover failed; staying standby");
-                self.set_local(AccessState::Standby, "takeover failed");
+                self.set_local(self.idle_state(), "takeover failed");
             }
         }
         self.acquiring.store(false, Ordering::Release);
+        self.flush_parked();
     }
 
     fn release(&self) {
@@ -433,7 +493,7 @@ impl Shared {
         if let Err(e) = self.backend.release_lock() {
             warn!(error = %e, "lock release failed");
         }
-        self.set_local(AccessState::Standby, "lock released");
+        self.set_local(self.idle_state(), "lock released");
     }
 }
 
@@ -465,14 +525,12 @@ impl Failover {
         alua: &SharedAlua,
         opts: FailoverOptions,
     ) -> Result<Failover, FailoverError> {
-        use crate::scsi::alua::AluaSource;
         let (tx, rx) = crossbeam_channel::unbounded();
         let local_group = alua.local_port_cached().group;
         let shared = Arc::new(Shared {
             name: name.to_string(),
             backend,
             alua: alua.handle(),
-            groups: alua.groups().iter().map(|g| g.id).collect(),
             opts,
             serving: AtomicBool::new(false),
             owned_gen: AtomicU64::new(0),
@@ -484,8 +542,9 @@ impl Failover {
             lock_view: Mutex::new("unknown".into()),
             last_takeover_ms: Mutex::new(None),
             tx,
+            parked: Mutex::new(Vec::new()),
         });
-        shared.set_local(AccessState::Standby, "gateway started without the lock");
+        shared.set_local(shared.idle_state(), "gateway started without the lock");
         let weak = Arc::downgrade(&shared);
         alua.on_request_active(move || {
             if let Some(s) = weak.upgrade() {
@@ -582,6 +641,27 @@ impl Backend for Gated {
     fn submit(&self, op: Op, done: Done) {
         let Some(gen) = self.shared.admitted_generation() else {
             self.shared.suspect.store(true, Ordering::Release);
+            // Without ALUA groups nothing else asks for the lock: the
+            // first I/O does (implicit takeover), and is retried.
+            // Such a host has no ALUA handler to retry a transition
+            // sense, so the op waits for the takeover (off the ring
+            // thread: the manager submits or fails it when it is done).
+            if !self.shared.alua.mode().enabled() && !self.shared.in_holdoff() {
+                self.shared.kick_acquire("I/O (no ALUA groups)");
+                if self.shared.acquiring.load(Ordering::Acquire) {
+                    self.shared
+                        .parked
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .push((op, done));
+                    // The takeover may have ended between the check and
+                    // the push: then nobody else would flush.
+                    if !self.shared.acquiring.load(Ordering::Acquire) {
+                        self.shared.flush_parked();
+                    }
+                    return;
+                }
+            }
             done.complete(Err(IoError::Fenced(format!(
                 "{}: this gateway does not hold the image's exclusive lock",
                 self.shared.name
@@ -609,28 +689,51 @@ pub struct HaRbd {
     pub failover: Failover,
 }
 
-/// Opens the rbd image `cfgstring` for device `name` as an HA gateway with
-/// the ALUA groups `config` (from configfs): the exclusive lock decides
-/// which gateway is Active/Optimized.
+/// What [`open_rbd`] opened.
+pub enum RbdDevice {
+    /// Gated on the image's exclusive lock.
+    Ha(HaRbd),
+    /// The image has no exclusive-lock feature: served as it is, with no
+    /// failover (logged as a warning).
+    Plain(Arc<dyn Backend>),
+}
+
+/// Opens the rbd image `cfgstring` for device `name`. Every image with the
+/// exclusive-lock feature is served behind the lock gate: only the gateway
+/// holding the lock writes, whether or not ALUA groups exist yet. `alua`
+/// holds the device's groups (none yet is fine: with
+/// [`SharedAlua::follow_configfs`] groups created later are picked up,
+/// and until then the first I/O takes the lock).
 pub fn open_rbd(
     name: &str,
     cfgstring: &str,
     size: u64,
     block_size: u32,
-    config: crate::scsi::alua::AluaConfig,
+    alua: SharedAlua,
     opts: FailoverOptions,
-) -> Result<HaRbd, crate::backends::OpenError> {
+) -> Result<RbdDevice, crate::backends::OpenError> {
     use crate::backends::OpenError;
     crate::backends::check_geometry(size, block_size)?;
     let rbd = Arc::new(RbdBackend::open(cfgstring, size, block_size).map_err(OpenError::Open)?);
-    let alua = SharedAlua::new(config);
+    match rbd.has_exclusive_lock() {
+        Ok(true) => {}
+        Ok(false) => {
+            warn!(dev = %name, "the image has no exclusive-lock feature: no lock gating, no failover (never export it from two gateways)");
+            return Ok(RbdDevice::Plain(rbd));
+        }
+        Err(e) => {
+            return Err(OpenError::Open(format!(
+                "cannot read the image's features: {e}"
+            )))
+        }
+    }
     let failover =
         Failover::start(name, rbd, &alua, opts).map_err(|e| OpenError::Open(e.to_string()))?;
-    Ok(HaRbd {
+    Ok(RbdDevice::Ha(HaRbd {
         backend: failover.backend(),
         alua: Arc::new(alua),
         failover,
-    })
+    }))
 }
 
 #[cfg(test)]
@@ -766,9 +869,12 @@ mod tests {
             });
             Ok(())
         }
-        fn fence_and_reopen(&self) {
+        fn fence_and_reopen(&self, generation: u64) {
             // The reopen on a fresh client, done at once.
             self.with(|l| {
+                if l.generation != generation {
+                    return;
+                }
                 l.fenced = false;
                 l.generation += 1;
                 l.reopens += 1;
@@ -872,6 +978,96 @@ mod tests {
         stpg(&a, 1, AccessState::ActiveOptimized);
         std::thread::sleep(Duration::from_millis(50));
         assert_eq!(lock.with(|l| l.takes), 1);
+    }
+
+    /// An I/O that saw ESHUTDOWN makes the backend reopen on its own; the
+    /// manager, noticing the loss afterwards, must not fence and reopen
+    /// that fresh session again (it did: two reopens per loss, and a
+    /// drill waiting for generation 2 saw 3).
+    #[test]
+    fn a_loss_seen_after_the_backend_reopened_keeps_the_fresh_session() {
+        let lock = FakeLock::new();
+        let a = alua();
+        let f = start(&lock, &a, Duration::from_secs(60), Duration::from_secs(1));
+        stpg(&a, 1, AccessState::ActiveOptimized);
+        wait(&f, "active", |s| s.serving);
+        // Blocklisted; the ring path's reopen finishes before the manager looks.
+        lock.with(|l| {
+            l.held = false;
+            l.generation = 2;
+        });
+        let s = wait(&f, "lost", |s| s.losses == 1);
+        assert_eq!(s.generation, 2);
+        std::thread::sleep(Duration::from_millis(50));
+        assert_eq!(
+            lock.with(|l| (l.generation, l.reopens)),
+            (2, 0),
+            "the fresh session was fenced and reopened again"
+        );
+    }
+
+    /// Without ALUA groups the device is still gated: the first I/O takes
+    /// the lock and waits for it (such a host has no ALUA handler to
+    /// retry a transition sense); nothing reaches the image before the
+    /// lock is held.
+    #[test]
+    fn without_alua_groups_the_first_io_takes_the_lock() {
+        let lock = FakeLock::new();
+        let a = SharedAlua::off();
+        let f = start(&lock, &a, Duration::from_secs(60), Duration::from_secs(1));
+        assert_eq!(write_through(&*f.backend()), Ok(()));
+        assert_eq!(lock.with(|l| (l.takes, l.ops)), (1, 1));
+        assert!(f.status().serving);
+        assert_eq!(write_through(&*f.backend()), Ok(()));
+        assert_eq!(lock.with(|l| (l.takes, l.ops)), (1, 2));
+        // Lost: refused, and within the hold-off I/O does not take it back.
+        lock.stolen();
+        wait(&f, "lost", |s| !s.serving && s.losses == 1);
+        assert!(matches!(
+            write_through(&*f.backend()),
+            Err(IoError::Fenced(_))
+        ));
+        std::thread::sleep(Duration::from_millis(50));
+        assert_eq!(lock.with(|l| l.takes), 1, "stale I/O took the lock back");
+    }
+
+    /// Implicit-only groups (ceph-iscsi's): a gateway without the lock
+    /// reports Active/Non-optimized, not Standby (a host never sends I/O
+    /// to a Standby path it cannot activate), and the owner reports the
+    /// others Active/Non-optimized too.
+    #[test]
+    fn implicit_only_groups_report_non_optimized_not_standby() {
+        let lock = FakeLock::new();
+        let g = |id: u16| GroupConfig {
+            mode: crate::scsi::alua::AluaMode {
+                implicit: true,
+                explicit: false,
+            },
+            ..GroupConfig::new(id, AccessState::ActiveOptimized, vec![(id, id == 1)])
+        };
+        let a = SharedAlua::new(AluaConfig {
+            groups: vec![g(1), g(2)],
+            local: LocalPort {
+                group: 1,
+                rel_port: 1,
+            },
+        });
+        let f = start(&lock, &a, Duration::ZERO, Duration::from_secs(1));
+        assert_eq!(f.status().state, AccessState::ActiveNonOptimized);
+        // I/O at the non-optimized port (the SCSI layer's implicit check).
+        a.request_active();
+        wait(&f, "active", |s| s.serving);
+        let states: Vec<_> = a.groups().iter().map(|g| g.state).collect();
+        assert_eq!(
+            states,
+            vec![
+                AccessState::ActiveOptimized,
+                AccessState::ActiveNonOptimized
+            ]
+        );
+        lock.stolen();
+        let s = wait(&f, "lost", |s| !s.serving);
+        assert_eq!(s.state, AccessState::ActiveNonOptimized);
     }
 
     /// The gate and the session check are one step: a reopen on a fresh

@@ -416,39 +416,47 @@ fn open_device(spec: &DeviceSpec, idle_poll: &IdlePoll) -> Result<Running, OpenD
         name: name.clone(),
         source,
     };
-    // An rbd device with ALUA groups in configfs is an HA gateway: its
-    // ALUA states follow the image's exclusive lock.
-    let alua_cfg = match &spec.configfs_dir {
-        Some(dir) if spec.subtype == "rbd" => crate::scsi::alua::AluaConfig::from_configfs(dir)
-            .map_err(|e| OpenDeviceError::Config {
-                name: name.clone(),
-                msg: format!("ALUA groups: {e}"),
-            })?,
-        _ => None,
-    };
-    let (backend, ha) = match alua_cfg {
-        Some(cfg) => {
-            let ha = crate::failover::open_rbd(
-                &name,
-                &spec.cfgstring,
-                size,
-                block_size,
-                cfg,
-                crate::failover::FailoverOptions::default(),
-            )
-            .map_err(backend_err)?;
-            // Fabrics link the LUN after the device opens: RTPG and VPD
-            // 0x83 re-read the member ports.
-            if let Some(dir) = &spec.configfs_dir {
-                ha.alua.follow_configfs(dir);
+    // Every rbd device (with the exclusive-lock feature) is gated on the
+    // image's lock; its ALUA groups come from configfs, now or when they
+    // are created (ceph-iscsi creates them after enabling the backstore).
+    let (backend, ha) = if spec.subtype == "rbd" {
+        use crate::scsi::alua::{AluaConfig, SharedAlua};
+        let alua = match &spec.configfs_dir {
+            Some(dir) => {
+                let a =
+                    match AluaConfig::from_configfs(dir).map_err(|e| OpenDeviceError::Config {
+                        name: name.clone(),
+                        msg: format!("ALUA groups: {e}"),
+                    })? {
+                        Some(cfg) => SharedAlua::new(cfg),
+                        None => SharedAlua::off(),
+                    };
+                // Fabrics link the LUN after the device opens: RTPG and
+                // VPD 0x83 re-read the member ports, and the groups.
+                a.follow_configfs(dir);
+                a
             }
-            (ha.backend.clone(), Some(ha))
+            None => SharedAlua::off(),
+        };
+        match crate::failover::open_rbd(
+            &name,
+            &spec.cfgstring,
+            size,
+            block_size,
+            alua,
+            crate::failover::FailoverOptions::default(),
+        )
+        .map_err(backend_err)?
+        {
+            crate::failover::RbdDevice::Ha(ha) => (ha.backend.clone(), Some(ha)),
+            crate::failover::RbdDevice::Plain(b) => (b, None),
         }
-        None => (
+    } else {
+        (
             backends::open(&spec.subtype, &spec.cfgstring, size, block_size)
                 .map_err(backend_err)?,
             None,
-        ),
+        )
     };
 
     // Commands a previous process left in the ring may have had their

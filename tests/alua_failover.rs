@@ -621,8 +621,8 @@ fn wait_status(f: &tcmu_rbd::failover::Failover, want: &str) -> tcmu_rbd::failov
 #[test]
 #[ignore = "needs the live Ceph cluster: scripts/test-rbd.sh runs it"]
 fn configfs_groups_make_an_ha_device() {
-    use tcmu_rbd::failover::{open_rbd, FailoverOptions};
-    use tcmu_rbd::scsi::alua::{AccessState, AluaConfig, AluaSource};
+    use tcmu_rbd::failover::{open_rbd, FailoverOptions, RbdDevice};
+    use tcmu_rbd::scsi::alua::{AccessState, AluaConfig, AluaSource, SharedAlua};
     let _ = tracing_subscriber::fmt()
         .with_test_writer()
         .with_ansi(false)
@@ -637,15 +637,19 @@ fn configfs_groups_make_an_ha_device() {
         let cfg = AluaConfig::from_configfs(&dev)
             .expect("configfs")
             .expect("groups");
-        open_rbd(
+        match open_rbd(
             "disk0",
             &img.cfg(extra),
             img.size,
             512,
-            cfg,
+            SharedAlua::new(cfg),
             FailoverOptions::default(),
         )
         .unwrap_or_else(|e| panic!("open: {e}"))
+        {
+            RbdDevice::Ha(ha) => ha,
+            RbdDevice::Plain(_) => panic!("an image with exclusive-lock opened without gating"),
+        }
     };
     let one = open("");
     assert_eq!(one.alua.groups().len(), 2);
@@ -694,4 +698,139 @@ fn configfs_groups_make_an_ha_device() {
     d1.write(0, &pattern(3, 4096))
         .expect("write after taking the lock back");
     assert_eq!(d1.read(0, 4096).expect("read"), pattern(3, 4096));
+}
+
+/// ceph-iscsi's layout on one gateway's configfs: the iSCSI target with a
+/// TPG per gateway (only `local`'s enabled here), and, once the disk is
+/// mapped, group `ao` (the owner gateway's TPG 1) and `ano2` (TPG 2),
+/// implicit ALUA only.
+fn configfs_ceph_iscsi(
+    root: &std::path::Path,
+    local: u16,
+    with_groups: bool,
+) -> std::path::PathBuf {
+    let dev = root.join("target/core/user_0/disk_1");
+    std::fs::create_dir_all(dev.join("alua/default_tg_pt_gp")).expect("mkdir");
+    let iqn = "iqn.2003-01.com.redhat.iscsi-gw:iscsi-igw";
+    for tpg in [1u16, 2] {
+        let t = root.join(format!("target/iscsi/{iqn}/tpgt_{tpg}"));
+        put(&t, "lun/lun_0/statistics/scsi_port/indx", &tpg.to_string());
+        put(&t, "enable", if tpg == local { "1" } else { "0" });
+    }
+    if with_groups {
+        for (name, id, state) in [("ao", 1u16, "0"), ("ano2", 2, "1")] {
+            let g = format!("alua/{name}");
+            put(&dev, &format!("{g}/tg_pt_gp_id"), &id.to_string());
+            put(&dev, &format!("{g}/alua_access_type"), "Implicit");
+            put(&dev, &format!("{g}/alua_access_state"), state);
+            put(
+                &dev,
+                &format!("{g}/members"),
+                &format!("iSCSI/{iqn}/tpgt_{id}/lun_0"),
+            );
+        }
+    }
+    dev
+}
+
+/// Under ceph-iscsi the lock gating must engage although the device opens
+/// before any ALUA group exists: the first I/O takes the lock; the groups
+/// ceph-iscsi creates when it maps the disk are picked up (implicit only:
+/// the non-owner reports Active/Non-optimized so that I/O reaches it); a
+/// second gateway takes the lock by I/O and the first stops writing.
+#[test]
+#[ignore = "needs the live Ceph cluster: scripts/test-rbd.sh runs it"]
+fn ceph_iscsi_groups_created_after_open_engage_the_lock() {
+    use tcmu_handler::IoError;
+    use tcmu_rbd::failover::{open_rbd, FailoverOptions, RbdDevice};
+    use tcmu_rbd::scsi::alua::{AccessState, AluaSource, SharedAlua};
+    let _ = tracing_subscriber::fmt()
+        .with_test_writer()
+        .with_ansi(false)
+        .with_env_filter("info")
+        .try_init();
+    let img = TestImage::new("alua-ceph-iscsi", 8 << 20);
+    let open = |extra: &str, dev: &std::path::Path| {
+        let alua = SharedAlua::off();
+        alua.follow_configfs(dev);
+        match open_rbd(
+            "disk_1",
+            &img.cfg(extra),
+            img.size,
+            512,
+            alua,
+            FailoverOptions::default(),
+        )
+        .unwrap_or_else(|e| panic!("open: {e}"))
+        {
+            RbdDevice::Ha(ha) => ha,
+            RbdDevice::Plain(_) => panic!("an image with exclusive-lock opened without gating"),
+        }
+    };
+    // Gateway 1: the backstore is enabled, no groups yet.
+    let t1 = tempfile::tempdir().expect("tempdir");
+    let dev1 = configfs_ceph_iscsi(t1.path(), 1, false);
+    let one = open("", &dev1);
+    assert!(!one.alua.mode().enabled(), "no groups yet");
+    assert!(!one.failover.status().serving);
+    let mut d1 = Direct::new(one.backend.clone());
+    // The first write takes the lock, waits for it, and is served.
+    d1.write(0, &pattern(1, 4096))
+        .expect("the first write waits for the lock");
+    let s = wait_status(&one.failover, "lock=mine");
+    assert_eq!(s.takeovers, 1, "{s}");
+
+    // ceph-iscsi maps the disk: its groups appear; the manager picks them
+    // up within a second or two.
+    configfs_ceph_iscsi(t1.path(), 1, true);
+    let t0 = Instant::now();
+    while one.alua.groups().len() != 2 {
+        assert!(t0.elapsed() < Duration::from_secs(5), "groups never seen");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(one.alua.mode().tpgs(), 1, "implicit only");
+    let states = |h: &tcmu_rbd::failover::HaRbd| {
+        let mut v: Vec<(u16, AccessState)> =
+            h.alua.groups().iter().map(|g| (g.id, g.state)).collect();
+        v.sort_by_key(|x| x.0);
+        v
+    };
+    let t0 = Instant::now();
+    while states(&one)
+        != vec![
+            (1, AccessState::ActiveOptimized),
+            (2, AccessState::ActiveNonOptimized),
+        ]
+    {
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "states on the owner: {:?}",
+            states(&one)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // Gateway 2 (another client: client.tcmu), groups already there.
+    let t2 = tempfile::tempdir().expect("tempdir");
+    let dev2 = configfs_ceph_iscsi(t2.path(), 2, true);
+    let two = open(";id=tcmu", &dev2);
+    assert_eq!(two.alua.local_port().group, 2);
+    assert_eq!(
+        two.failover.status().state,
+        AccessState::ActiveNonOptimized,
+        "a non-owner with implicit-only ALUA must take I/O"
+    );
+    // I/O at its non-optimized port (the SCSI layer's implicit check).
+    two.alua.request_active();
+    wait_status(&two.failover, "alua=active/optimized lock=mine");
+    let lost = wait_status(&one.failover, "alua=active/non-optimized");
+    assert_eq!(lost.losses, 1, "{lost}");
+    assert!(matches!(
+        d1.write(0, &pattern(2, 4096)),
+        Err(IoError::Fenced(_))
+    ));
+    let mut d2 = Direct::new(two.backend.clone());
+    assert_eq!(d2.read(0, 4096).expect("read"), pattern(1, 4096));
+    d2.write(0, &pattern(3, 4096))
+        .expect("the new owner writes");
 }

@@ -59,7 +59,7 @@
 use super::sense::{self, Sense};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, AtomicU8, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 
 /// Asymmetric access states (SPC-4 table 180).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -530,6 +530,46 @@ struct Slot {
 /// `local_slot` when the local group is not among the groups.
 const NO_SLOT: usize = usize::MAX;
 
+fn pack_mode(m: AluaMode) -> u8 {
+    m.tpgs()
+}
+
+fn unpack_mode(v: u8) -> AluaMode {
+    AluaMode {
+        implicit: v & 1 != 0,
+        explicit: v & 2 != 0,
+    }
+}
+
+/// What makes two group sets the same set (states and members aside).
+fn shape(groups: &[GroupConfig]) -> Vec<(String, u16, u8, u8, bool, u8)> {
+    groups
+        .iter()
+        .map(|g| {
+            (
+                g.name.clone(),
+                g.id,
+                g.mode.tpgs(),
+                g.supported,
+                g.preferred,
+                g.implicit_trans_secs,
+            )
+        })
+        .collect()
+}
+
+fn make_slots(groups: Vec<GroupConfig>) -> Vec<Slot> {
+    groups
+        .into_iter()
+        .map(|cfg| Slot {
+            state: AtomicU8::new(cfg.state as u8),
+            status: AtomicU8::new(cfg.status),
+            ports: Mutex::new(cfg.ports.clone()),
+            cfg,
+        })
+        .collect()
+}
+
 fn pack_local(l: LocalPort) -> u32 {
     (u32::from(l.group) << 16) | u32::from(l.rel_port)
 }
@@ -545,14 +585,19 @@ type RequestHook = Box<dyn Fn() + Send + Sync>;
 type StpgHook = Box<dyn Fn(&AluaHandle, &[StpgRequest]) -> Result<(), StpgError> + Send + Sync>;
 
 struct Inner {
-    mode: AluaMode,
+    /// The local group's [`AluaMode`] ([`pack_mode`]): it changes when
+    /// groups appear or go in configfs.
+    mode: AtomicU8,
     /// The local port ([`pack_local`]): it can change when the members
     /// are re-read.
     local: AtomicU32,
     /// Index of the local group in `slots`, or [`NO_SLOT`].
     local_slot: AtomicUsize,
-    trans_secs: u8,
-    slots: Vec<Slot>,
+    trans_secs: AtomicU8,
+    /// The groups. Replaced whole when configfs shows another set of
+    /// groups ([`SharedAlua::reload_groups`]): ceph-iscsi creates them
+    /// after the backstore is enabled, so after the daemon opened it.
+    slots: RwLock<Arc<Vec<Slot>>>,
     /// The device's configfs directory, when member ports are re-read
     /// from it ([`SharedAlua::follow_configfs`]).
     configfs: Mutex<Option<PathBuf>>,
@@ -606,23 +651,13 @@ impl SharedAlua {
             .iter()
             .position(|g| g.id == config.local.group);
         let trans_secs = local_slot.map_or(0, |i| config.groups[i].implicit_trans_secs);
-        let slots = config
-            .groups
-            .into_iter()
-            .map(|cfg| Slot {
-                state: AtomicU8::new(cfg.state as u8),
-                status: AtomicU8::new(cfg.status),
-                ports: Mutex::new(cfg.ports.clone()),
-                cfg,
-            })
-            .collect();
         SharedAlua {
             inner: Arc::new(Inner {
-                mode,
+                mode: AtomicU8::new(pack_mode(mode)),
                 local: AtomicU32::new(pack_local(config.local)),
                 local_slot: AtomicUsize::new(local_slot.unwrap_or(NO_SLOT)),
-                trans_secs,
-                slots,
+                trans_secs: AtomicU8::new(trans_secs),
+                slots: RwLock::new(Arc::new(make_slots(config.groups))),
                 configfs: Mutex::new(None),
                 on_request_active: Mutex::new(None),
                 on_stpg: Mutex::new(None),
@@ -642,6 +677,17 @@ impl SharedAlua {
         self.refresh();
     }
 
+    /// Re-reads the set of groups from configfs (when following it) and
+    /// replaces it if groups were created, removed or reconfigured. A
+    /// group that stays keeps its live state; a new one starts in its
+    /// configured state. Returns whether the set changed (the caller that
+    /// drives the states should then apply them again). A configuration
+    /// that cannot be read now (a group being created) is left for the
+    /// next call.
+    pub fn reload_groups(&self) -> bool {
+        self.handle().reload_groups()
+    }
+
     /// Re-reads the member ports and the local port (see
     /// [`follow_configfs`](Self::follow_configfs)). When the local port
     /// moves to another group, that group takes over the local state (the
@@ -651,9 +697,11 @@ impl SharedAlua {
         let Some(dev_dir) = self.inner.configfs.lock().ok().and_then(|g| g.clone()) else {
             return;
         };
+        self.reload_groups();
         let root = fabric_root(&dev_dir);
         let mut local = None;
-        for (i, s) in self.inner.slots.iter().enumerate() {
+        let slots = self.inner.slots();
+        for (i, s) in slots.iter().enumerate() {
             let g = dev_dir.join("alua").join(&s.cfg.name);
             let ports = match group_members(&root, &g) {
                 Ok(p) => p,
@@ -685,9 +733,9 @@ impl SharedAlua {
         let old = unpack_local(self.inner.local.swap(pack_local(port), Ordering::AcqRel));
         let old_slot = self.inner.local_slot.swap(slot, Ordering::AcqRel);
         if old_slot != slot {
-            if let Some(o) = self.inner.slots.get(old_slot) {
+            if let Some(o) = slots.get(old_slot) {
                 let st = o.state.swap(AccessState::Standby as u8, Ordering::AcqRel);
-                let new = &self.inner.slots[slot];
+                let new = &slots[slot];
                 new.status
                     .store(o.status.load(Ordering::Relaxed), Ordering::Relaxed);
                 new.state.store(st, Ordering::Release);
@@ -738,7 +786,7 @@ impl AluaHandle {
     /// Sets group `id`'s state and status code; false if no such group.
     /// A change is logged (in the caller's span, which names the device).
     pub fn set_state(&self, id: u16, state: AccessState, status: u8) -> bool {
-        match self.inner.slots.iter().find(|s| s.cfg.id == id) {
+        match self.inner.slots().iter().find(|s| s.cfg.id == id) {
             Some(s) => {
                 s.status.store(status, Ordering::Relaxed);
                 let old = s.state.swap(state as u8, Ordering::AcqRel);
@@ -771,20 +819,94 @@ impl AluaHandle {
 
     /// Group `id`'s state.
     pub fn state(&self, id: u16) -> Option<AccessState> {
-        let s = self.inner.slots.iter().find(|s| s.cfg.id == id)?;
+        let slots = self.inner.slots();
+        let s = slots.iter().find(|s| s.cfg.id == id)?;
         AccessState::from_u8(s.state.load(Ordering::Acquire))
+    }
+
+    /// The ids of the groups now.
+    pub fn group_ids(&self) -> Vec<u16> {
+        self.inner.slots().iter().map(|s| s.cfg.id).collect()
+    }
+
+    /// The local group's ALUA mode now (off while there are no groups).
+    pub fn mode(&self) -> AluaMode {
+        unpack_mode(self.inner.mode.load(Ordering::Acquire))
+    }
+
+    /// See [`SharedAlua::reload_groups`].
+    pub fn reload_groups(&self) -> bool {
+        let Some(dir) = self.inner.configfs.lock().ok().and_then(|g| g.clone()) else {
+            return false;
+        };
+        let cfg = match AluaConfig::from_configfs(&dir) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::debug!(error = %e, "ALUA groups not readable now");
+                return false;
+            }
+        };
+        let groups = cfg.as_ref().map_or(&[][..], |c| c.groups.as_slice());
+        let old = self.inner.slots();
+        let old_cfg: Vec<GroupConfig> = old.iter().map(|s| s.cfg.clone()).collect();
+        if shape(&old_cfg) == shape(groups) {
+            return false;
+        }
+        let (groups, local) = match cfg {
+            Some(c) => (c.groups, c.local),
+            None => (
+                Vec::new(),
+                LocalPort {
+                    group: 0,
+                    rel_port: 1,
+                },
+            ),
+        };
+        let slots = make_slots(groups);
+        for s in &slots {
+            if let Some(o) = old.iter().find(|o| o.cfg.id == s.cfg.id) {
+                s.state
+                    .store(o.state.load(Ordering::Acquire), Ordering::Release);
+                s.status
+                    .store(o.status.load(Ordering::Relaxed), Ordering::Relaxed);
+            }
+        }
+        let local_slot = slots.iter().position(|s| s.cfg.id == local.group);
+        let mode = local_slot.map_or(AluaMode::default(), |i| slots[i].cfg.mode);
+        let trans = local_slot.map_or(0, |i| slots[i].cfg.implicit_trans_secs);
+        tracing::info!(
+            groups = ?slots.iter().map(|s| (s.cfg.name.as_str(), s.cfg.id)).collect::<Vec<_>>(),
+            local_group = local.group,
+            tpgs = mode.tpgs(),
+            "ALUA groups changed in configfs"
+        );
+        let mut g = self.inner.slots.write().unwrap_or_else(|e| e.into_inner());
+        *g = Arc::new(slots);
+        self.inner
+            .local_slot
+            .store(local_slot.unwrap_or(NO_SLOT), Ordering::Release);
+        self.inner.local.store(pack_local(local), Ordering::Release);
+        self.inner.trans_secs.store(trans, Ordering::Relaxed);
+        self.inner.mode.store(pack_mode(mode), Ordering::Release);
+        true
+    }
+}
+
+impl Inner {
+    fn slots(&self) -> Arc<Vec<Slot>> {
+        Arc::clone(&self.slots.read().unwrap_or_else(|e| e.into_inner()))
     }
 }
 
 impl AluaSource for SharedAlua {
     fn mode(&self) -> AluaMode {
-        self.inner.mode
+        unpack_mode(self.inner.mode.load(Ordering::Acquire))
     }
 
     fn groups(&self) -> Vec<PortGroup> {
         self.refresh();
         self.inner
-            .slots
+            .slots()
             .iter()
             .map(|s| PortGroup {
                 id: s.cfg.id,
@@ -809,11 +931,8 @@ impl AluaSource for SharedAlua {
 
     #[inline]
     fn local_state(&self) -> AccessState {
-        match self
-            .inner
-            .slots
-            .get(self.inner.local_slot.load(Ordering::Acquire))
-        {
+        let slots = self.inner.slots();
+        match slots.get(self.inner.local_slot.load(Ordering::Acquire)) {
             Some(s) => AccessState::from_u8(s.state.load(Ordering::Acquire))
                 .unwrap_or(AccessState::Transitioning),
             None => AccessState::ActiveOptimized,
@@ -821,7 +940,7 @@ impl AluaSource for SharedAlua {
     }
 
     fn implicit_transition_secs(&self) -> u8 {
-        self.inner.trans_secs
+        self.inner.trans_secs.load(Ordering::Relaxed)
     }
 
     fn request_active(&self) {
@@ -833,8 +952,9 @@ impl AluaSource for SharedAlua {
     }
 
     fn set_target_port_groups(&self, requests: &[StpgRequest]) -> Result<(), StpgError> {
+        let slots = self.inner.slots();
         for (index, r) in requests.iter().enumerate() {
-            let Some(s) = self.inner.slots.iter().find(|s| s.cfg.id == r.group) else {
+            let Some(s) = slots.iter().find(|s| s.cfg.id == r.group) else {
                 return Err(StpgError::UnknownGroup {
                     index,
                     group: r.group,
@@ -1126,6 +1246,74 @@ mod tests {
         let f = p.join(rel);
         std::fs::create_dir_all(f.parent().unwrap()).unwrap();
         std::fs::write(f, format!("{v}\n")).unwrap();
+    }
+
+    /// ceph-iscsi enables the backstore (the daemon opens the device with
+    /// no groups: ALUA off), then creates its groups when it maps the
+    /// disk: `ao` for the owner gateway and `ano<N>` for the others,
+    /// implicit only. The device must follow: groups, TPGS, states.
+    #[test]
+    fn groups_created_after_open_are_followed() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("target");
+        let dev = root.join("core/user_0/disk_1");
+        std::fs::create_dir_all(dev.join("alua/default_tg_pt_gp")).unwrap();
+        let a = SharedAlua::off();
+        a.follow_configfs(&dev);
+        assert!(!a.mode().enabled(), "no groups yet: ALUA off");
+        assert!(!a.reload_groups(), "nothing changed");
+        assert_eq!(a.local_state(), AccessState::ActiveOptimized);
+
+        let tpg1 = root.join("iscsi/iqn.2003-01.com.redhat.iscsi-gw:ceph-igw/tpgt_1");
+        put(&tpg1, "lun/lun_0/statistics/scsi_port/indx", "1");
+        put(&tpg1, "enable", "1");
+        let tpg2 = root.join("iscsi/iqn.2003-01.com.redhat.iscsi-gw:ceph-igw/tpgt_2");
+        put(&tpg2, "lun/lun_0/statistics/scsi_port/indx", "2");
+        put(&tpg2, "enable", "0");
+        for (name, id, state, tpg) in [("ao", 1, 0, 1), ("ano2", 2, 1, 2)] {
+            let g = format!("alua/{name}");
+            put(&dev, &format!("{g}/tg_pt_gp_id"), &id.to_string());
+            put(&dev, &format!("{g}/alua_access_type"), "Implicit");
+            put(&dev, &format!("{g}/alua_access_state"), &state.to_string());
+            put(
+                &dev,
+                &format!("{g}/members"),
+                &format!("iSCSI/iqn.2003-01.com.redhat.iscsi-gw:ceph-igw/tpgt_{tpg}/lun_0"),
+            );
+        }
+        assert!(a.reload_groups(), "the new groups are picked up");
+        assert_eq!(
+            a.mode(),
+            AluaMode {
+                implicit: true,
+                explicit: false
+            }
+        );
+        assert_eq!(a.local_port().group, 1);
+        let mut g: Vec<_> = a
+            .groups()
+            .into_iter()
+            .map(|g| (g.id, g.state, g.ports))
+            .collect();
+        g.sort_by_key(|x| x.0);
+        assert_eq!(
+            g,
+            vec![
+                (1, AccessState::ActiveOptimized, vec![1]),
+                (2, AccessState::ActiveNonOptimized, vec![2]),
+            ]
+        );
+        // A live state survives a reload that changes another group.
+        a.handle().set_local_state(AccessState::Transitioning);
+        put(&dev, "alua/ano2/alua_access_type", "Implicit and Explicit");
+        assert!(a.reload_groups());
+        assert_eq!(a.local_state(), AccessState::Transitioning);
+        // The groups go away (disk unmapped): ALUA off again.
+        std::fs::remove_dir_all(dev.join("alua/ao")).unwrap();
+        std::fs::remove_dir_all(dev.join("alua/ano2")).unwrap();
+        assert!(a.reload_groups());
+        assert!(!a.mode().enabled());
+        assert!(a.groups().is_empty());
     }
 
     /// The daemon opens a device before its LUN is linked: the members

@@ -148,7 +148,6 @@ pub struct Lun {
     /// CAPACITY DATA HAS CHANGED is pending.
     ua_capacity: bool,
     alua: Arc<dyn AluaSource>,
-    alua_mode: AluaMode,
 }
 
 impl Lun {
@@ -161,15 +160,19 @@ impl Lun {
             wce: info.caps.write_cache,
             ua_capacity: false,
             alua: Arc::new(SharedAlua::off()),
-            alua_mode: AluaMode::default(),
             info,
         }
     }
 
     /// Uses `source` for ALUA groups and states from now on.
     pub fn set_alua(&mut self, source: Arc<dyn AluaSource>) {
-        self.alua_mode = source.mode();
         self.alua = source;
+    }
+
+    /// ALUA as the source has it now (groups can appear after the device
+    /// opened).
+    fn alua_mode(&self) -> AluaMode {
+        self.alua.mode()
     }
 
     /// The ALUA source.
@@ -218,7 +221,7 @@ impl Lun {
         let Some(&opcode) = cdb.first() else {
             return Outcome::check(INVALID_OPCODE);
         };
-        if self.ua_capacity || self.alua_mode.enabled() {
+        if self.ua_capacity || self.alua_mode().enabled() {
             if let Some(refused) = self.gate(opcode, cdb) {
                 return refused;
             }
@@ -237,8 +240,8 @@ impl Lun {
             self.ua_capacity = false;
             return Some(Outcome::check(sense::CAPACITY_CHANGED));
         }
-        if self.alua_mode.enabled() {
-            if let alua::Access::Refuse(s) = alua::check(&*self.alua, self.alua_mode, cdb) {
+        if self.alua_mode().enabled() {
+            if let alua::Access::Refuse(s) = alua::check(&*self.alua, self.alua_mode(), cdb) {
                 return Some(Outcome::check(s));
             }
         }
@@ -329,7 +332,7 @@ impl Lun {
         // the port's ALUA condition; else NO SENSE.
         let s = if std::mem::take(&mut self.ua_capacity) {
             sense::CAPACITY_CHANGED
-        } else if self.alua_mode.enabled() {
+        } else if self.alua_mode().enabled() {
             alua::state_sense(self.alua.local_state()).unwrap_or(Sense::new(key::NO_SENSE, 0, 0))
         } else {
             Sense::new(key::NO_SENSE, 0, 0)
@@ -359,7 +362,7 @@ impl Lun {
         match c.service_action() {
             sa::REPORT_SUPPORTED_OPCODES => {
                 let discard = self.info.caps.discard;
-                let mode = self.alua_mode;
+                let mode = self.alua_mode();
                 let r = opcodes::report(c, |n| match n {
                     opcodes::Needs::Always => true,
                     opcodes::Needs::Discard => discard,
@@ -368,7 +371,7 @@ impl Lun {
                 });
                 self.data_in(r, alloc, bufs)
             }
-            sa::REPORT_TARGET_PGS if self.alua_mode.enabled() => {
+            sa::REPORT_TARGET_PGS if self.alua_mode().enabled() => {
                 let extended = match c.u8(1) >> 5 {
                     0 => false,
                     1 => true,
@@ -381,7 +384,7 @@ impl Lun {
     }
 
     fn maintenance_out(&mut self, c: &Cdb, bufs: &IoBufs) -> Outcome {
-        if c.service_action() != sa::SET_TARGET_PGS || !self.alua_mode.explicit {
+        if c.service_action() != sa::SET_TARGET_PGS || !self.alua_mode().explicit {
             return Outcome::check(INVALID_OPCODE);
         }
         let len = c.be32(6) as usize;
@@ -450,7 +453,7 @@ impl Lun {
             // Transient: the initiator retries, then fails the path over.
             IoError::Timeout => Sense::new(key::ABORTED_COMMAND, 0x00, 0x00),
             // This gateway lost the image: send the initiator elsewhere.
-            IoError::Fenced(_) if self.alua_mode.enabled() => sense::ALUA_STANDBY,
+            IoError::Fenced(_) if self.alua_mode().enabled() => sense::ALUA_STANDBY,
             IoError::Fenced(_) => sense::NOT_READY,
             IoError::Unsupported => INVALID_OPCODE,
             IoError::Io { .. } => match kind {

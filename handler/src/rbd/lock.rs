@@ -141,12 +141,16 @@ impl RbdBackend {
         self.session_fenced(&s)
     }
 
-    /// Marks the current session fenced (e.g. the lock was found taken by
+    /// Marks session `generation` fenced (e.g. the lock was found taken by
     /// another gateway, so its client must be blocklisted) and starts a
-    /// reopen on a fresh client. Operations on the session fail fast
-    /// from now on.
-    pub fn fence_and_reopen(&self) {
+    /// reopen on a fresh client; operations on it fail fast from now on.
+    /// If that session was already replaced (an I/O saw ESHUTDOWN and the
+    /// reopen finished first), the fresh session is left alone.
+    pub fn fence_and_reopen(&self, generation: u64) {
         let s = self.session();
+        if s.generation != generation {
+            return;
+        }
         self.shared
             .signals
             .fenced

@@ -284,6 +284,15 @@ impl RbdBackend {
         Ok(RbdBackend { name, shared })
     }
 
+    /// Whether the image has the exclusive-lock feature (what HA gating
+    /// needs).
+    pub fn has_exclusive_lock(&self) -> Result<bool, String> {
+        self.session()
+            .image
+            .has_exclusive_lock_feature()
+            .map_err(|e| e.to_string())
+    }
+
     /// How many times the image was reopened after blocklisting.
     pub fn reopens(&self) -> u64 {
         self.shared.reopens.load(Ordering::SeqCst)
