@@ -10,11 +10,15 @@
 # Results come back over a second, writable 9p share.
 #
 # Environment:
-#   VM_SUITES   guest check groups (default: "local rbd targetcli compare mpath"):
+#   VM_SUITES   guest check groups (default: "local rbd iscsi targetcli compare mpath"):
 #               local    file and ram LUNs: I/O, SCSI, resize, removal, restart
 #               rbd      an rbd LUN on a Ceph micro cluster the guest reaches
 #                        over a bridge in a network namespace of this run;
 #                        the image is read back on the host with rbd export
+#               iscsi    an rbd LUN through LIO's iSCSI target with CHAP and
+#                        mutual CHAP; open-iscsi in the guest logs in
+#                        (wrong secrets refused) and verifies I/O
+#                        (vm/guest-iscsi.sh)
 #               targetcli  /backstores/user:rbd create through the
 #                        daemon's D-Bus service (dbus-daemon in the guest)
 #               compare  fio 4K randread/randwrite QD32: tcmu-rbd vs
@@ -31,7 +35,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 top=$PWD
 t0=$(date +%s)
-SUITES=${VM_SUITES:-local rbd targetcli compare mpath}
+SUITES=${VM_SUITES:-local rbd iscsi targetcli compare mpath}
 PROFILE=${VM_PROFILE:-release}
 CACHE=${VM_CACHE:-$top/target/vm-cache}
 log() { echo "vm: $*"; }
@@ -39,11 +43,12 @@ die() { echo "vm: FAIL: $*" >&2; exit 1; }
 
 # What the guest build and the checks need, from Debian packages only.
 want_rbd=0
-case " $SUITES " in *" rbd "* | *" compare "* | *" targetcli "* | *" mpath "*) want_rbd=1 ;; esac
+case " $SUITES " in *" rbd "* | *" compare "* | *" targetcli "* | *" mpath "* | *" iscsi "*) want_rbd=1 ;; esac
 extra=()
 [ $want_rbd = 1 ] && extra=(ceph-mon ceph-osd ceph-common iproute2 tcmu-runner targetcli-fb
   python3-rtslib-fb dbus-daemon dbus-bin)
 case " $SUITES " in *" mpath "*) extra+=(multipath-tools udev) ;; esac
+case " $SUITES " in *" iscsi "*) extra+=(open-iscsi) ;; esac
 scripts/deps.sh qemu-system-x86 linux-image-amd64 busybox-static kmod cpio \
   fio sg3-utils util-linux "${extra[@]}"
 
@@ -65,7 +70,7 @@ fi
 
 # --- initramfs (cached) ---------------------------------------------------
 mods="virtio_pci 9pnet_virtio 9p configfs target_core_user tcm_loop sd_mod scsi_dh_alua
-  dm_multipath dm_service_time virtio_net"
+  dm_multipath dm_service_time virtio_net iscsi_target_mod iscsi_tcp"
 busybox=$(command -v busybox)
 key=$( (echo "$kver $mods"; cat scripts/vm/init; sha256sum "$busybox" "$kernel") | sha256sum | cut -c1-16)
 initrd=$CACHE/$kver/initrd-$key.cpio.gz
@@ -148,7 +153,8 @@ if [ $want_rbd = 1 ]; then
   rbd_ create --size 256M rbd/img0
   rbd_ create --size 1G rbd/bench
   rbd_ create --size 1G rbd/tcli
-  log "cluster up in $(($(date +%s) - tc)) s; images rbd/img0 (256M), rbd/bench and rbd/tcli (1G)"
+  rbd_ create --size 256M rbd/iscsi0
+  log "cluster up in $(($(date +%s) - tc)) s; images rbd/img0 and rbd/iscsi0 (256M), rbd/bench and rbd/tcli (1G)"
   # The guest's client config: the cluster's address and key, but logs and
   # sockets in the guest's own writable /tmp and /run.
   mon_host=$(sed -n 's/^mon host = //p' "$cdir/ceph.conf")

@@ -555,6 +555,10 @@ suite_compare() {
   compare_one tcmu-rbd 2
 }
 
+# The iSCSI gateway with CHAP (suite_iscsi), in its own file.
+# shellcheck source=scripts/vm/guest-iscsi.sh
+. "$TOP/scripts/vm/guest-iscsi.sh"
+
 # The multipath drill (suite_mpath), in its own file.
 # shellcheck source=scripts/vm/guest-mpath.sh
 . "$TOP/scripts/vm/guest-mpath.sh"

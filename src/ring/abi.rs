@@ -1,7 +1,7 @@
 //! The TCMU shared-memory ABI (include/uapi/linux/target_core_user.h),
-//! as byte offsets. Checked against the C header by a test that compiles
-//! nothing: the numbers below were read off `offsetof` on Debian 12's
-//! linux-libc-dev and match the kernel's packed layout.
+//! as byte offsets. Pinned by `tests/abi_layout.rs`, which compiles a C
+//! program against the installed header (Debian's linux-libc-dev) and
+//! compares every `offsetof`/`sizeof` and flag below.
 
 /// Mailbox version this code speaks.
 pub const MAILBOX_VERSION: u16 = 2;

@@ -107,7 +107,8 @@ impl SharedMem {
         Ok(())
     }
 
-    /// Volatile read of a naturally aligned little-endian u8/u16/u32/u64.
+    /// Volatile read of a naturally aligned u8/u16/u32/u64 in the host's
+    /// byte order (the kernel writes the ring natively, not little-endian).
     pub fn read_u8(&self, offset: usize) -> Result<u8, OutOfBounds> {
         let off = self.check(offset as u64, 1, 1)?;
         // SAFETY: checked above.
