@@ -70,7 +70,7 @@ fi
 
 # --- initramfs (cached) ---------------------------------------------------
 mods="virtio_pci 9pnet_virtio 9p configfs target_core_user tcm_loop sd_mod scsi_dh_alua
-  dm_multipath dm_service_time virtio_net iscsi_target_mod iscsi_tcp"
+  dm_multipath dm_service_time virtio_net iscsi_target_mod iscsi_tcp crc32c_generic"
 busybox=$(command -v busybox)
 key=$( (echo "$kver $mods"; cat scripts/vm/init; sha256sum "$busybox" "$kernel") | sha256sum | cut -c1-16)
 initrd=$CACHE/$kver/initrd-$key.cpio.gz

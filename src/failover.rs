@@ -204,7 +204,8 @@ impl Shared {
     fn set_local(&self, state: AccessState, why: &str) {
         let old = self.alua.state(self.alua.local_group());
         self.alua.set_local_state(state);
-        if old != Some(state) {
+        // No group (ALUA off): nothing is reported, nothing to log.
+        if old.is_some() && old != Some(state) {
             info!(
                 dev = %self.name,
                 group = self.alua.local_group(),
