@@ -10,7 +10,7 @@
 # Results come back over a second, writable 9p share.
 #
 # Environment:
-#   VM_SUITES   guest check groups (default: "local rbd iscsi targetcli compare mpath"):
+#   VM_SUITES   guest check groups (default: "local rbd iscsi targetcli compare mpath mpath_iscsi"):
 #               local    file and ram LUNs: I/O, SCSI, resize, removal, restart
 #               rbd      an rbd LUN on a Ceph micro cluster the guest reaches
 #                        over a bridge in a network namespace of this run;
@@ -27,6 +27,9 @@
 #                        own daemon (--devices) and tcm_loop target, grouped
 #                        by dm-multipath; fio with verification while the
 #                        active gateway's daemon is killed (vm/guest-mpath.sh)
+#               mpath_iscsi  the same over LIO iSCSI (two targets, two
+#                        portals, open-iscsi sessions) with ceph-iscsi's
+#                        implicit-only ALUA: no STPG, I/O moves the lock
 #   VM_PROFILE  cargo profile of the daemon under test (default: release)
 #   VM_CACHE    initramfs cache (default: target/vm-cache), keyed on kernel
 #               version and the init script
@@ -35,7 +38,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 top=$PWD
 t0=$(date +%s)
-SUITES=${VM_SUITES:-local rbd iscsi targetcli compare mpath}
+SUITES=${VM_SUITES:-local rbd iscsi targetcli compare mpath mpath_iscsi}
 PROFILE=${VM_PROFILE:-release}
 CACHE=${VM_CACHE:-$top/target/vm-cache}
 log() { echo "vm: $*"; }
@@ -43,12 +46,12 @@ die() { echo "vm: FAIL: $*" >&2; exit 1; }
 
 # What the guest build and the checks need, from Debian packages only.
 want_rbd=0
-case " $SUITES " in *" rbd "* | *" compare "* | *" targetcli "* | *" mpath "* | *" iscsi "*) want_rbd=1 ;; esac
+case " $SUITES " in *" rbd "* | *" compare "* | *" targetcli "* | *" mpath"* | *" iscsi "*) want_rbd=1 ;; esac
 extra=()
 [ $want_rbd = 1 ] && extra=(ceph-mon ceph-osd ceph-common iproute2 tcmu-runner targetcli-fb
   python3-rtslib-fb dbus-daemon dbus-bin)
-case " $SUITES " in *" mpath "*) extra+=(multipath-tools udev) ;; esac
-case " $SUITES " in *" iscsi "*) extra+=(open-iscsi) ;; esac
+case " $SUITES " in *" mpath"*) extra+=(multipath-tools udev) ;; esac
+case " $SUITES " in *"iscsi "*) extra+=(open-iscsi) ;; esac
 scripts/deps.sh qemu-system-x86 linux-image-amd64 busybox-static kmod cpio \
   fio sg3-utils util-linux "${extra[@]}"
 

@@ -641,6 +641,19 @@ impl Backend for Gated {
 
     fn submit(&self, op: Op, done: Done) {
         let Some(gen) = self.shared.admitted_generation() else {
+            // A non-optimized port serves reads without the lock (librbd
+            // reads need none; nothing is changed) and answers a flush:
+            // with rbd_cache off every acknowledged write is already on
+            // the OSDs.
+            if self.shared.alua.state(self.shared.alua.local_group())
+                == Some(AccessState::ActiveNonOptimized)
+            {
+                match op {
+                    Op::Read { .. } => return self.shared.backend.submit(op, done),
+                    Op::Flush => return done.complete(Ok(())),
+                    _ => {}
+                }
+            }
             self.shared.suspect.store(true, Ordering::Release);
             // Without ALUA groups nothing else asks for the lock: the
             // first I/O does (implicit takeover), and is retried.
@@ -1069,6 +1082,35 @@ mod tests {
         lock.stolen();
         let s = wait(&f, "lost", |s| !s.serving);
         assert_eq!(s.state, AccessState::ActiveNonOptimized);
+        // Not the owner: reads are served, writes refused.
+        let ops = lock.with(|l| l.ops);
+        let q = CompletionQueue::new().unwrap();
+        let b = f.backend();
+        b.submit(
+            Op::Read {
+                offset: 0,
+                bufs: tcmu_handler::IoBufs::from_vec(vec![0; 512]),
+            },
+            q.done(1),
+        );
+        assert_eq!(
+            q.recv_timeout(Duration::from_secs(5)).unwrap().result,
+            Ok(())
+        );
+        assert_eq!(lock.with(|l| l.ops), ops + 1, "the read reached the image");
+        b.submit(
+            Op::Write {
+                offset: 0,
+                bufs: tcmu_handler::IoBufs::from_vec(vec![0; 512]),
+                fua: false,
+            },
+            q.done(2),
+        );
+        assert!(matches!(
+            q.recv_timeout(Duration::from_secs(5)).unwrap().result,
+            Err(IoError::Fenced(_))
+        ));
+        assert_eq!(lock.with(|l| l.ops), ops + 1, "the write reached the image");
     }
 
     /// The gate and the session check are one step: a reopen on a fresh

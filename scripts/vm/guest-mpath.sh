@@ -19,8 +19,17 @@
 MP_IMG=rbd/mpath
 MP_SIZE=$((256 << 20))
 declare -A MP_PID=() MP_EXIT=() MP_WWN=([a]=naa.50014050000000a1 [b]=naa.50014050000000b1) MP_GID=([a]=11 [b]=22)
+declare -A MP_IQN=([a]=iqn.2003-01.org.linux-iscsi.tcmu-rbd:mp-a [b]=iqn.2003-01.org.linux-iscsi.tcmu-rbd:mp-b)
+declare -A MP_PORT=([a]=3260 [b]=3261)
 MP_SERIAL=
 MP_ACT_AFTER=
+# The fabric: loop (tcm_loop, suite mpath) or iscsi (LIO iSCSI target and
+# open-iscsi, suite mpath_iscsi); the groups' ALUA type: 3 (implicit and
+# explicit: STPG moves the lock) or 1 (implicit only, as ceph-iscsi
+# creates its groups: I/O at a non-optimized port moves the lock).
+MP_FABRIC=loop
+MP_ALUA_TYPE=3
+MP_LUN=":0:1:0"
 
 mp_served() { # X: daemon X holds disk_X's uio device
   local u
@@ -39,7 +48,7 @@ mp_backstore() { # X
   # The gateway's own port group, explicit and implicit ALUA.
   ok mkdir -p "$g" || return 1
   ok sh -c "echo ${MP_GID[$1]} > $g/tg_pt_gp_id" || return 1
-  ok sh -c "echo 3 > $g/alua_access_type" || return 1
+  ok sh -c "echo $MP_ALUA_TYPE > $g/alua_access_type" || return 1
   # A dead gateway's commands fail back after 10 s (default 30 s), so
   # the path fails and multipath moves on.
   ok sh -c "echo 10 > $d/attrib/cmd_time_out" || return 1
@@ -61,24 +70,65 @@ mp_daemon() { # X
   fi
 }
 
+mp_tpg() { # X: gateway X's TPG directory
+  if [ "$MP_FABRIC" = iscsi ]; then
+    echo "$T/iscsi/${MP_IQN[$1]}/tpgt_1"
+  else
+    echo "$T/loopback/${MP_WWN[$1]}/tpgt_1"
+  fi
+}
+
 mp_export() { # X
-  local tp=$T/loopback/${MP_WWN[$1]}/tpgt_1 h
+  local tp h
+  tp=$(mp_tpg "$1")
   ok mkdir -p "$tp/lun/lun_0" || return 1
-  ok sh -c "echo -n naa.50014050000000${1}2 > $tp/nexus" || return 1
+  [ "$MP_FABRIC" = loop ] && { ok sh -c "echo -n naa.50014050000000${1}2 > $tp/nexus" || return 1; }
   ok ln -s "$T/core/user_0/disk_$1" "$tp/lun/lun_0/disk_$1" || return 1
   ok sh -c "echo gw_$1 > $tp/lun/lun_0/alua_tg_pt_gp" || return 1
   cat "$tp/lun/lun_0/alua_tg_pt_gp"
-  h=$(cut -d: -f1 "$tp/address") || { why="no tcm_loop address"; return 1; }
-  wait_for 60 has_disk "$h" || { why="no disk on scsi host $h after 60 s"; return 1; }
-  echo "disk_$1: scsi host $h, $(basename /sys/class/scsi_disk/"$h":0:1:0/device/block/sd*)"
+  if [ "$MP_FABRIC" = iscsi ]; then
+    # One portal per gateway; any initiator, no CHAP (suite iscsi tests it).
+    ok mkdir -p "$tp/np/$IS_ADDR:${MP_PORT[$1]}" || return 1
+    ok sh -c "echo 0 > $tp/attrib/authentication" || return 1
+    ok sh -c "echo 1 > $tp/attrib/generate_node_acls" || return 1
+    ok sh -c "echo 0 > $tp/attrib/demo_mode_write_protect" || return 1
+    ok sh -c "echo 1 > $tp/enable" || return 1
+    ok timeout 60 iscsiadm -m discovery -t sendtargets -p "$IS_ADDR:${MP_PORT[$1]}" || return 1
+    ok timeout 60 iscsiadm -m node -T "${MP_IQN[$1]}" -p "$IS_ADDR:${MP_PORT[$1]}" --login || return 1
+  fi
+  h=$(mp_host_of "$1") || { why="no SCSI host for gateway $1's path"; return 1; }
+  wait_for 60 mp_has_disk "$h" || { why="no disk on scsi host $h after 60 s"; return 1; }
+  echo "disk_$1: scsi host $h, $(basename /sys/class/scsi_disk/"$h$MP_LUN"/device/block/sd*)"
+}
+
+mp_has_disk() { # H
+  local b
+  for b in /sys/class/scsi_disk/"$1$MP_LUN"/device/block/sd*; do
+    [ -e "$b" ] && return 0
+  done
+  return 1
 }
 
 mp_host_of() { # X: SCSI host number of gateway X's path
+  local s t
+  if [ "$MP_FABRIC" = iscsi ]; then
+    for s in /sys/class/iscsi_session/session*; do
+      grep -qx "${MP_IQN[$1]}" "$s/targetname" 2>/dev/null || continue
+      for t in "$s"/device/target*; do
+        [ -e "$t" ] || continue
+        t=$(basename "$t")
+        t=${t#target}
+        echo "${t%%:*}"
+        return 0
+      done
+    done
+    return 1
+  fi
   cut -d: -f1 "$T/loopback/${MP_WWN[$1]}/tpgt_1/address"
 }
 
 mp_sd() { # X: the sd node of gateway X's path
-  echo "/dev/$(basename /sys/class/scsi_disk/"$(mp_host_of "$1")":0:1:0/device/block/sd*)"
+  echo "/dev/$(basename /sys/class/scsi_disk/"$(mp_host_of "$1")$MP_LUN"/device/block/sd*)"
 }
 
 # RTPG through gateway X's path reports its port group with the port the
@@ -87,7 +137,7 @@ mp_sd() { # X: the sd node of gateway X's path
 # members again after the fabric linked the LUN.
 t_mp_rtpg_port() { # X
   local indx out gid id
-  indx=$(cat "$T/loopback/${MP_WWN[$1]}/tpgt_1/lun/lun_0/statistics/scsi_port/indx") ||
+  indx=$(cat "$(mp_tpg "$1")/lun/lun_0/statistics/scsi_port/indx") ||
     { why="no scsi_port index for gateway $1"; return 1; }
   out=$(sg_rtpg -d "$(mp_sd "$1")") || { why="sg_rtpg failed on gateway $1's path"; return 1; }
   echo "$out"
@@ -102,6 +152,7 @@ mp_start() {
   # The 9p root is read-only: /etc on a tmpfs copy (multipathd writes
   # /etc/multipath/{wwids,bindings}; its config is fixed at
   # /etc/multipath.conf).
+  rm -rf /tmp/etc
   ok cp -a /etc /tmp/etc || return 1
   ok mount --bind /tmp/etc /etc || return 1
   mkdir -p /etc/multipath
@@ -133,7 +184,7 @@ EOF
   ok udevadm trigger --action=add || return 1
   ok timeout 120 udevadm settle || return 1
   ok multipathd || return 1
-  wait_for 60 sh -c "[ \$(multipath -ll 2>/dev/null | grep -cE '[0-9]+:0:1:0 +sd') = 2 ]" ||
+  wait_for 60 sh -c "[ \$(multipath -ll 2>/dev/null | grep -cE '[0-9]+$MP_LUN +sd') = 2 ]" ||
     { why="multipath did not group 2 paths within 60 s"; multipath -ll; multipath -v3 2>&1 | tail -50; return 1; }
   multipath -ll
   # udev makes /dev/mapper/<wwid> a moment after the map.
@@ -155,9 +206,16 @@ t_mp_topology() {
   sleep 2
   o=$(multipath -ll)
   echo "$o"
-  [ "$(echo "$o" | grep -cE '[0-9]+:0:1:0 +sd')" = 2 ] || { why="not 2 paths in the map"; return 1; }
+  [ "$(echo "$o" | grep -cE "[0-9]+$MP_LUN +sd")" = 2 ] || { why="not 2 paths in the map"; return 1; }
   echo "$o" | grep -q "status=active" || { why="no active path group"; return 1; }
-  echo "$o" | grep -q "ghost" || { why="no standby (ghost) path"; return 1; }
+  if [ "$MP_ALUA_TYPE" = 1 ]; then
+    # Implicit only: the other gateway is Active/Non-optimized (a usable
+    # path in the group multipath keeps enabled), not a ghost.
+    echo "$o" | grep -q "status=enabled" || { why="no enabled (non-optimized) path group"; return 1; }
+    echo "$o" | grep -q "ghost" && { why="a ghost path with implicit-only ALUA (nothing could activate it)"; return 1; }
+  else
+    echo "$o" | grep -q "ghost" || { why="no standby (ghost) path"; return 1; }
+  fi
   echo "$o" | grep -q "hwhandler='1 alua'" || { why="alua hardware handler not attached"; return 1; }
 }
 
@@ -187,14 +245,21 @@ t_mp_settled() {
   expect "lock losses in 60 s" "$(mp_count "exclusive lock lost")" "$ls" || return 1
   expect "active gateway after 60 s" "$(mp_active)" "$act" || return 1
   sg_rtpg -d "$(mp_sd "$act")" | grep -q "active/optimized" || { why="gateway $act is not active/optimized"; return 1; }
-  [ "$(echo "$o" | grep -c ghost)" = 1 ] || { why="not exactly one ghost path"; return 1; }
+  if [ "$MP_ALUA_TYPE" = 1 ]; then
+    local other=b
+    [ "$act" = b ] && other=a
+    sg_rtpg -d "$(mp_sd "$other")" | grep -q "active/non optimized" ||
+      { why="gateway $other is not active/non-optimized"; sg_rtpg -d "$(mp_sd "$other")"; return 1; }
+  else
+    [ "$(echo "$o" | grep -c ghost)" = 1 ] || { why="not exactly one ghost path"; return 1; }
+  fi
 }
 
 # The gateway whose path is in the active group.
 mp_active() {
   local o h x
   o=$(multipath -ll)
-  h=$(echo "$o" | awk '/status=active/ {getline; print}' | grep -oE '[0-9]+:0:1:0' | cut -d: -f1)
+  h=$(echo "$o" | awk '/status=active/ {getline; print}' | grep -oE "[0-9]+$MP_LUN" | cut -d: -f1)
   for x in a b; do
     [ "$(mp_host_of $x)" = "$h" ] && { echo $x; return 0; }
   done
@@ -260,9 +325,15 @@ mp_cleanup() {
     fi
   done
   for x in a b; do
-    local tp=$T/loopback/${MP_WWN[$x]}/tpgt_1
+    local tp
+    tp=$(mp_tpg "$x")
+    if [ "$MP_FABRIC" = iscsi ]; then
+      timeout 60 iscsiadm -m node -T "${MP_IQN[$x]}" -p "$IS_ADDR:${MP_PORT[$x]}" --logout
+      echo 0 >"$tp/enable"
+      timeout 30 rmdir "$tp/np/$IS_ADDR:${MP_PORT[$x]}"
+    fi
     timeout 60 rm -f "$tp/lun/lun_0/disk_$x"
-    timeout 30 rmdir "$tp/lun/lun_0" "$tp" "$T/loopback/${MP_WWN[$x]}"
+    timeout 30 rmdir "$tp/lun/lun_0" "$tp" "$(dirname "$tp")"
     timeout 30 rmdir "$T/core/user_0/disk_$x/alua/gw_$x"
     timeout 60 rmdir "$T/core/user_0/disk_$x"
   done
@@ -288,25 +359,50 @@ t_mp_daemons_clean() {
   [ -z "$bad" ] || { why=${bad%;}; return 1; }
 }
 
-suite_mpath() {
-  check mpath.cluster_reachable ok rbd_cli info rbd/img0 || return 1
-  check mpath.image ok rbd_cli create --size "$((MP_SIZE >> 20))M" "$MP_IMG" || return 1
+mp_suite() { # NAME
+  local n=$1
+  check $n.cluster_reachable ok rbd_cli info rbd/img0 || return 1
+  check $n.image ok rbd_cli create --size "$((MP_SIZE >> 20))M" "$MP_IMG" || return 1
   # One daemon per gateway: the shared one must not claim these devices.
-  check mpath.shared_daemon_stop stop_daemon || return 1
+  check $n.shared_daemon_stop stop_daemon || return 1
   MP_SERIAL=$(cat /proc/sys/kernel/random/uuid)
-  if check mpath.backstore_a mp_backstore a && check mpath.backstore_b mp_backstore b &&
-    check mpath.daemon_a mp_daemon a && check mpath.daemon_b mp_daemon b &&
-    check mpath.export_a mp_export a && check mpath.export_b mp_export b &&
-    check mpath.multipathd mp_start; then
-    check mpath.rtpg_port_a t_mp_rtpg_port a
-    check mpath.rtpg_port_b t_mp_rtpg_port b
-    check mpath.topology t_mp_topology
-    check mpath.one_owner_60s t_mp_settled
-    check mpath.fio_verify_across_kill t_mp_fio_kill
+  MP_PID=()
+  MP_EXIT=()
+  MP_ACT_AFTER=
+  if check $n.backstore_a mp_backstore a && check $n.backstore_b mp_backstore b &&
+    check $n.daemon_a mp_daemon a && check $n.daemon_b mp_daemon b &&
+    check $n.export_a mp_export a && check $n.export_b mp_export b &&
+    check $n.multipathd mp_start; then
+    check $n.rtpg_port_a t_mp_rtpg_port a
+    check $n.rtpg_port_b t_mp_rtpg_port b
+    check $n.topology t_mp_topology
+    check $n.one_owner_60s t_mp_settled
+    check $n.fio_verify_across_kill t_mp_fio_kill
     # The log of the gateway that took over shows the takeover.
     [ -n "${MP_ACT_AFTER:-}" ] && grep -iE "lock|alua|takeover|standby|active" "$OUT/daemon-$MP_ACT_AFTER.log" | tail -20 >>"$LOG"
   fi
-  check mpath.cleanup mp_cleanup
-  check mpath.daemons_clean_exit t_mp_daemons_clean
-  check mpath.shared_daemon_restart start_daemon
+  check $n.cleanup mp_cleanup
+  check $n.daemons_clean_exit t_mp_daemons_clean
+  check $n.shared_daemon_restart start_daemon
+}
+
+# Two gateways through tcm_loop, explicit and implicit ALUA (STPG).
+suite_mpath() {
+  MP_FABRIC=loop MP_ALUA_TYPE=3 MP_LUN=":0:1:0" MP_IMG=rbd/mpath
+  mp_suite mpath
+}
+
+# Two gateways through LIO's iSCSI target and open-iscsi, with
+# ceph-iscsi's implicit-only ALUA: no STPG, the non-owner reports
+# Active/Non-optimized and I/O reaching it moves the lock.
+suite_mpath_iscsi() {
+  MP_FABRIC=iscsi MP_ALUA_TYPE=1 MP_LUN=":0:0:0" MP_IMG=rbd/mpath_iscsi
+  if ! pgrep -x iscsid >/dev/null; then
+    check mpath_iscsi.iscsid t_iscsid || return 1
+  fi
+  # The daemons' logs of suite mpath stay apart.
+  for x in a b; do
+    [ -e "$OUT/daemon-$x.log" ] && mv "$OUT/daemon-$x.log" "$OUT/daemon-$x.mpath.log"
+  done
+  mp_suite mpath_iscsi
 }

@@ -1059,6 +1059,26 @@ fn media_access(cdb: &[u8]) -> bool {
     )
 }
 
+/// Whether a media command that changes the image.
+fn media_write(cdb: &[u8]) -> bool {
+    use super::cdb::op;
+    matches!(
+        cdb.first().copied(),
+        Some(
+            op::WRITE_6
+                | op::WRITE_10
+                | op::WRITE_12
+                | op::WRITE_16
+                | op::WRITE_VERIFY_10
+                | op::WRITE_VERIFY_16
+                | op::WRITE_SAME_10
+                | op::WRITE_SAME_16
+                | op::UNMAP
+                | op::COMPARE_AND_WRITE
+        )
+    )
+}
+
 /// Decides whether the local port serves `cdb` in its current state. With
 /// implicit ALUA, a media command reaching a non-optimized or standby
 /// port asks the source to become active; if the source then reports
@@ -1070,13 +1090,17 @@ pub fn check(src: &dyn AluaSource, mode: AluaMode, cdb: &[u8]) -> Access {
     if state == AccessState::ActiveOptimized {
         return Access::Serve;
     }
-    if mode.implicit
-        && matches!(
-            state,
-            AccessState::ActiveNonOptimized | AccessState::Standby
-        )
-        && media_access(cdb)
-    {
+    // A standby port asks for the lock on any media command; a
+    // non-optimized one (implicit-only groups, as ceph-iscsi makes them)
+    // only on a write: it serves reads without the lock, so the reads an
+    // initiator's scan sends down every path at login do not move the
+    // lock from gateway to gateway.
+    let wants_lock = match state {
+        AccessState::Standby => media_access(cdb),
+        AccessState::ActiveNonOptimized => media_write(cdb),
+        _ => false,
+    };
+    if mode.implicit && wants_lock {
         src.request_active();
         state = src.local_state();
     }
@@ -1473,6 +1497,32 @@ mod tests {
         );
         // TUR sees a ghost (standby), not a dead path (see `check`).
         assert_eq!(check(&a, m, &[0; 6]), Access::Refuse(sense::ALUA_STANDBY));
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+    }
+
+    /// A non-optimized port (implicit-only groups) serves reads without
+    /// asking for the lock, and asks for it on a write.
+    #[test]
+    fn a_non_optimized_port_asks_for_the_lock_on_writes_only() {
+        let a = two_groups();
+        let h = a.handle();
+        h.set_local_state(AccessState::ActiveNonOptimized);
+        let calls = Arc::new(AtomicU8::new(0));
+        let c2 = calls.clone();
+        let h2 = a.handle();
+        a.on_request_active(move || {
+            c2.fetch_add(1, Ordering::SeqCst);
+            h2.set_local_state(AccessState::Transitioning);
+        });
+        let m = a.mode();
+        for read in [[0x28u8; 10], [0x2f; 10], [0x35; 10]] {
+            assert_eq!(check(&a, m, &read), Access::Serve, "{:#x}", read[0]);
+        }
+        assert_eq!(calls.load(Ordering::SeqCst), 0, "a read asked for the lock");
+        assert_eq!(
+            check(&a, m, &[0x2a; 10]),
+            Access::Refuse(sense::ALUA_TRANSITIONING)
+        );
         assert_eq!(calls.load(Ordering::SeqCst), 1);
     }
 }
