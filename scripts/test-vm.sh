@@ -27,6 +27,9 @@
 #                        own daemon (--devices) and tcm_loop target, grouped
 #                        by dm-multipath; fio with verification while the
 #                        active gateway's daemon is killed (vm/guest-mpath.sh)
+#               gateway  (not in the default suites: the README's main job)
+#                        fio through the iSCSI initiator, tcmu-rbd vs
+#                        tcmu-runner, ceph-iscsi's LUN settings
 #               mpath_iscsi  the same over LIO iSCSI (two targets, two
 #                        portals, open-iscsi sessions) with ceph-iscsi's
 #                        implicit-only ALUA: no STPG, I/O moves the lock
@@ -46,12 +49,12 @@ die() { echo "vm: FAIL: $*" >&2; exit 1; }
 
 # What the guest build and the checks need, from Debian packages only.
 want_rbd=0
-case " $SUITES " in *" rbd "* | *" compare "* | *" targetcli "* | *" mpath"* | *" iscsi "*) want_rbd=1 ;; esac
+case " $SUITES " in *" rbd "* | *" compare "* | *" targetcli "* | *" mpath"* | *" iscsi "* | *" gateway "*) want_rbd=1 ;; esac
 extra=()
 [ $want_rbd = 1 ] && extra=(ceph-mon ceph-osd ceph-common iproute2 tcmu-runner targetcli-fb
   python3-rtslib-fb dbus-daemon dbus-bin)
 case " $SUITES " in *" mpath"*) extra+=(multipath-tools udev) ;; esac
-case " $SUITES " in *"iscsi "*) extra+=(open-iscsi) ;; esac
+case " $SUITES " in *"iscsi "* | *" gateway "*) extra+=(open-iscsi) ;; esac
 scripts/deps.sh qemu-system-x86 linux-image-amd64 busybox-static kmod cpio \
   fio sg3-utils util-linux "${extra[@]}"
 
@@ -238,6 +241,45 @@ for rw in ("randwrite", "randread"):
     ratio = ia / ib if ib else float("inf")
     rounds = "  ".join(f"{x[0]:.0f}/{y[0]:.0f}" for x, y in zip(a, b))
     print(f"  {rw:<10} {ia:>14.0f} {pa:>8.0f} {ib:>17.0f} {pb:>8.0f} {ratio:>6.2f}   {rounds}")
+PY
+fi
+
+# The gateway run (the README's main job): fio through the iSCSI initiator.
+if [[ " $SUITES " == *" gateway "* ]]; then
+  python3 - "$out" <<'PY' | tee "$out/gateway.txt"
+import json, sys, os
+out = sys.argv[1]
+def result(label, job, rnd):
+    p = os.path.join(out, f"gateway.{label}.{job}.{rnd}.json")
+    try:
+        with open(p) as f:
+            j = json.load(f)["jobs"][0]
+    except (OSError, ValueError, KeyError, IndexError):
+        return None
+    side = j["write" if "write" in job else "read"]
+    pct = side["clat_ns"]["percentile"]
+    return (side["iops"], side["bw_bytes"] / 1e6, pct.get("50.000000", 0) / 1e3, pct.get("99.000000", 0) / 1e3)
+print("gateway: fio through the iSCSI initiator (open-iscsi, CHAP) in the guest, LIO iSCSI target,")
+print("LUN settings as ceph-iscsi makes them (max_data_area_mb=8, hw_max_sectors=1024, cmd_time_out=0),")
+print("image rbd/bench on the micro cluster; rounds tcmu-rbd, tcmu-runner, tcmu-runner, tcmu-rbd, 10 s each;")
+print("figures are the mean of 2 rounds (latency: the worse round)")
+hdr = f"  {'job':<16} {'daemon':<12} {'IOPS':>8} {'MB/s':>8} {'p50 us':>9} {'p99 us':>9}"
+print(hdr)
+for job, name in (("randwrite-4k", "4K randwrite QD32"), ("randread-4k", "4K randread QD32"),
+                  ("write-1m", "1M write QD8"), ("read-1m", "1M read QD8")):
+    rows = {}
+    for label in ("tcmu-rbd", "tcmu-runner"):
+        r = [result(label, job, n) for n in (1, 2)]
+        if None in r:
+            print(f"  {name:<16} {label:<12} missing result")
+            continue
+        rows[label] = (sum(x[0] for x in r) / 2, sum(x[1] for x in r) / 2,
+                       max(x[2] for x in r), max(x[3] for x in r))
+        i, mb, p50, p99 = rows[label]
+        print(f"  {name:<16} {label:<12} {i:>8.0f} {mb:>8.1f} {p50:>9.0f} {p99:>9.0f}")
+    if len(rows) == 2 and rows["tcmu-runner"][0]:
+        a, b = rows["tcmu-rbd"], rows["tcmu-runner"]
+        print(f"  {name:<16} {'ratio':<12} {a[0] / b[0]:>8.2f}x{'':>8} {'':>9} {a[3] / b[3] if b[3] else 0:>8.2f}x")
 PY
 fi
 

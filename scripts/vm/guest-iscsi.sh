@@ -162,3 +162,60 @@ suite_iscsi() {
   check $n.teardown t_iscsi_teardown iscsi_disk
   check $n.daemon_alive ok daemon_alive
 }
+
+# --- suite "gateway": the README's main job -------------------------------
+# The same gateway as suite iscsi (CHAP, open-iscsi in the guest), with the
+# LUN settings ceph-iscsi uses (max_data_area_mb=8, hw_max_sectors=1024,
+# cmd_time_out=0, qfull_time_out=5), measured with fio through the
+# initiator: 4K random QD32 and 1 MiB sequential QD8, served by tcmu-rbd
+# and by tcmu-runner (handler_rbd) on the same image, in the order
+# tcmu-rbd, tcmu-runner, tcmu-runner, tcmu-rbd.
+
+gw_backstore() { # NAME CFG SIZE
+  local d=$T/core/user_0/$1
+  ok mkdir -p "$d" || return 1
+  ok sh -c "echo -n 'dev_size=$3,dev_config=rbd/$2,max_data_area_mb=8,hw_max_sectors=1024' > $d/control" || return 1
+  ok sh -c "echo -n '$(cat /proc/sys/kernel/random/uuid)' > $d/wwn/vpd_unit_serial" || return 1
+  ok sh -c "echo -n 1 > $d/enable" || return 1
+  ok sh -c "echo 0 > $d/attrib/cmd_time_out" || return 1
+  ok sh -c "echo 5 > $d/attrib/qfull_time_out" || return 1
+  wait_for 20 served "$1" || { why="the daemon did not open $1's uio device within 20 s"; return 1; }
+}
+
+gw_fio() { # LABEL ROUND
+  local job
+  echo "--- $1 round $2 $(date +%T)"
+  for job in "randwrite 4k 32" "randread 4k 32" "write 1m 8" "read 1m 8"; do
+    set -- "$1" "$2" $job
+    ok timeout 120 fio --name="$3-$4" --filename="/dev/$DEV" --direct=1 --ioengine=libaio \
+      --iodepth="$5" --rw="$3" --bs="$4" --size=1g --time_based --runtime=10 --ramp_time=2 \
+      --randrepeat=0 --output-format=json --output="$OUT/gateway.$1.$3-$4.$2.json" || return 1
+    echo "gateway: $1 round $2 $3 $4 QD$5 done"
+    set -- "$1" "$2"
+  done
+}
+
+gw_round() { # LABEL ROUND
+  local n="gateway.$1.$2"
+  if check "$n.create" gw_backstore gwbench "bench;conf=$CEPH_CONF_GUEST;id=admin" $((1 << 30)) &&
+    check "$n.target" t_iscsi_target gwbench && check "$n.discovery" t_iscsi_discovery &&
+    check "$n.login" t_iscsi_login; then
+    check_dev "$n.fio" gw_fio "$1" "$2"
+    check "$n.logout" t_iscsi_logout
+  fi
+  DEV=
+  check "$n.teardown" t_iscsi_teardown gwbench
+}
+
+suite_gateway() {
+  pgrep -x iscsid >/dev/null || check gateway.iscsid t_iscsid || return 1
+  daemon_alive || check gateway.tcmu-rbd.start start_daemon || return 1
+  gw_round tcmu-rbd 1
+  check gateway.tcmu-rbd.stop stop_daemon || return 1
+  check gateway.tcmu-runner.start start_tcmu_runner || return 1
+  gw_round tcmu-runner 1
+  gw_round tcmu-runner 2
+  check gateway.tcmu-runner.stop stop_daemon || return 1
+  check gateway.tcmu-rbd.restart start_daemon || return 1
+  gw_round tcmu-rbd 2
+}
