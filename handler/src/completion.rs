@@ -68,6 +68,7 @@ impl CompletionQueue {
             tag,
             tx: self.tx.clone(),
             waker: self.waker.clone(),
+            sent: false,
         }
     }
 
@@ -111,10 +112,14 @@ impl CompletionQueue {
 }
 
 /// Completes one operation, exactly once (consumed by [`complete`](Self::complete)).
+/// Dropped without completing, it fails the operation (EIO) with a logged
+/// error rather than leave its command to the kernel's timeout.
+#[must_use = "complete() it, or its command is failed when it is dropped"]
 pub struct Done {
     tag: u64,
     tx: Sender<Completion>,
     waker: Arc<Waker>,
+    sent: bool,
 }
 
 impl Done {
@@ -124,7 +129,15 @@ impl Done {
     }
 
     /// Reports the outcome and wakes the worker if it sleeps.
-    pub fn complete(self, result: IoResult) {
+    pub fn complete(mut self, result: IoResult) {
+        self.send(result);
+    }
+
+    fn send(&mut self, result: IoResult) {
+        if self.sent {
+            return;
+        }
+        self.sent = true;
         // The worker may be gone (device removed); nothing is owed then.
         let _ = self.tx.send(Completion {
             tag: self.tag,
@@ -134,8 +147,41 @@ impl Done {
     }
 }
 
+impl Drop for Done {
+    fn drop(&mut self) {
+        if !self.sent {
+            tracing::error!(
+                tag = self.tag,
+                "an operation was dropped without being completed: failing it"
+            );
+            self.send(Err(crate::IoError::Io {
+                errno: libc::EIO,
+                msg: "the backend dropped the operation without completing it".into(),
+            }));
+        }
+    }
+}
+
 impl std::fmt::Debug for Done {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Done").field("tag", &self.tag).finish()
+    }
+}
+
+#[cfg(test)]
+mod drop_tests {
+    use super::*;
+
+    #[test]
+    fn a_dropped_done_fails_its_operation_once() {
+        let q = CompletionQueue::new().unwrap();
+        drop(q.done(7));
+        let c = q.try_recv().expect("a completion for the dropped operation");
+        assert_eq!(c.tag, 7);
+        assert!(matches!(c.result, Err(crate::IoError::Io { errno, .. }) if errno == libc::EIO));
+        q.done(8).complete(Ok(()));
+        let c = q.try_recv().expect("completed");
+        assert_eq!((c.tag, c.result), (8, Ok(())));
+        assert!(q.try_recv().is_none(), "completed once, not again on drop");
     }
 }
