@@ -146,7 +146,9 @@ suite_iscsi() {
   local n=iscsi
   daemon_alive || check $n.daemon_start start_daemon || return 1
   check $n.iscsid t_iscsid || return 1
-  check $n.create mk_backstore iscsi_disk rbd "rbd/iscsi0;conf=$CEPH_CONF_GUEST;id=admin" $((256 << 20)) || return 1
+  # The LUN as ceph-iscsi makes it: 8 MiB data area, 512 KiB max I/O,
+  # cmd_time_out=0, qfull_time_out=5 (gw_backstore, below).
+  check $n.create gw_backstore iscsi_disk "iscsi0;conf=$CEPH_CONF_GUEST;id=admin" $((256 << 20)) || return 1
   check $n.target_chap t_iscsi_target iscsi_disk || return 1
   check $n.discovery t_iscsi_discovery || return 1
   check $n.login_wrong_secret_refused t_iscsi_wrong_secret
@@ -155,6 +157,9 @@ suite_iscsi() {
   check_dev $n.dd_pattern t_dd
   check_dev $n.fio_verify_4k t_fio 4k 4m
   check_dev $n.fio_verify_64k t_fio 64k 16m
+  # Large I/Os split to 512 KiB by the kernel and filling the 8 MiB data
+  # area 16 at a time (QD16): queued for space (qfull), never failed.
+  check_dev $n.fio_verify_1m t_fio 1m 64m
   check_dev $n.sg_inq_std t_inq_std
   check_dev $n.sg_readcap t_readcap $((256 << 20))
   check_dev $n.logout t_iscsi_logout

@@ -204,8 +204,16 @@ mp_dev() { # the map's block device
 
 t_mp_topology() {
   local o
-  # One I/O through the map activates a path group (explicit ALUA: STPG).
-  ok dd if="$(mp_dev)" of=/dev/null bs=4k count=1 iflag=direct status=none || return 1
+  # One I/O through the map activates a path group: with explicit ALUA a
+  # read (scsi_dh_alua sends STPG); with implicit-only ALUA a write (a
+  # non-optimized port serves reads without taking the lock).
+  if [ "$MP_ALUA_TYPE" = 1 ]; then
+    ok dd if=/dev/zero of="$(mp_dev)" bs=4k count=1 oflag=direct conv=notrunc status=none || return 1
+    # multipathd re-reads the priorities (AO 50, ANO 10) on its next check.
+    wait_for 30 sh -c "multipath -ll | grep -q 'prio=50 status=active'" || true
+  else
+    ok dd if="$(mp_dev)" of=/dev/null bs=4k count=1 iflag=direct status=none || return 1
+  fi
   wait_for 30 sh -c "multipath -ll | grep -q 'status=active'" || true
   sleep 2
   o=$(multipath -ll)
