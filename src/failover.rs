@@ -656,10 +656,10 @@ impl Backend for Gated {
             }
             self.shared.suspect.store(true, Ordering::Release);
             // Without ALUA groups nothing else asks for the lock: the
-            // first I/O does (implicit takeover), and is retried.
-            // Such a host has no ALUA handler to retry a transition
-            // sense, so the op waits for the takeover (off the ring
-            // thread: the manager submits or fails it when it is done).
+            // first I/O does, and waits for it (such a host has no ALUA
+            // handler to retry a transition sense). It is parked off the
+            // ring thread; the manager submits or fails it when the
+            // takeover ends.
             if !self.shared.alua.mode().enabled() && !self.shared.in_holdoff() {
                 self.shared.kick_acquire("I/O (no ALUA groups)");
                 if self.shared.acquiring.load(Ordering::Acquire) {

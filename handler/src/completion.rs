@@ -176,7 +176,9 @@ mod drop_tests {
     fn a_dropped_done_fails_its_operation_once() {
         let q = CompletionQueue::new().unwrap();
         drop(q.done(7));
-        let c = q.try_recv().expect("a completion for the dropped operation");
+        let c = q
+            .try_recv()
+            .expect("a completion for the dropped operation");
         assert_eq!(c.tag, 7);
         assert!(matches!(c.result, Err(crate::IoError::Io { errno, .. }) if errno == libc::EIO));
         q.done(8).complete(Ok(()));
