@@ -148,7 +148,7 @@ suite_iscsi() {
   check $n.iscsid t_iscsid || return 1
   # The LUN as ceph-iscsi makes it: 8 MiB data area, 512 KiB max I/O,
   # cmd_time_out=0, qfull_time_out=5 (gw_backstore, below).
-  check $n.create gw_backstore iscsi_disk "iscsi0;conf=$CEPH_CONF_GUEST;id=admin" $((256 << 20)) || return 1
+  check $n.create gw_backstore iscsi_disk "rbd/iscsi0;conf=$CEPH_CONF_GUEST;id=admin" $((256 << 20)) || return 1
   check $n.target_chap t_iscsi_target iscsi_disk || return 1
   check $n.discovery t_iscsi_discovery || return 1
   check $n.login_wrong_secret_refused t_iscsi_wrong_secret
@@ -202,7 +202,7 @@ gw_fio() { # LABEL ROUND
 
 gw_round() { # LABEL ROUND
   local n="gateway.$1.$2"
-  if check "$n.create" gw_backstore gwbench "bench;conf=$CEPH_CONF_GUEST;id=admin" $((1 << 30)) &&
+  if check "$n.create" gw_backstore gwbench "rbd/bench;conf=$CEPH_CONF_GUEST;id=admin" $((1 << 30)) &&
     check "$n.target" t_iscsi_target gwbench && check "$n.discovery" t_iscsi_discovery &&
     check "$n.login" t_iscsi_login; then
     check_dev "$n.fio" gw_fio "$1" "$2"
