@@ -177,6 +177,9 @@ pub struct Registry {
     devices: Mutex<HashMap<String, Running>>,
     /// tcmu.conf's `idle_poll_us`, followed by every device opened here.
     idle_poll: IdlePoll,
+    /// Failover managers of removed devices, stopping in the background
+    /// (see [`Registry::remove`]); joined by [`Registry::stop_all`].
+    retiring: Mutex<Vec<JoinHandle<()>>>,
 }
 
 /// A device's state for status output.
@@ -252,10 +255,33 @@ impl Registry {
     pub fn remove(&self, name: &str) -> bool {
         let r = self.devices.lock().ok().and_then(|mut d| d.remove(name));
         match r {
-            Some(r) => {
+            Some(mut r) => {
                 r.stopper.stop();
                 if r.thread.join().is_err() {
                     error!(dev = %name, "worker thread panicked");
+                }
+                // The kernel's rmdir holds the device's configfs directory
+                // until the daemon answers the REMOVED event, and the
+                // failover thread may be inside a read of that directory
+                // (it follows the ALUA groups): stopping it here would
+                // wait for the answer it blocks. It stops in the
+                // background (releasing the lock if held; the worker has
+                // drained every command already).
+                if let Some(f) = r.failover.take() {
+                    let dev = name.to_string();
+                    match std::thread::Builder::new()
+                        .name("tcmu-retire".into())
+                        .spawn(move || drop(f))
+                    {
+                        Ok(h) => {
+                            let mut g = self.retiring.lock().unwrap_or_else(|e| e.into_inner());
+                            g.retain(|h| !h.is_finished());
+                            g.push(h);
+                        }
+                        Err(e) => {
+                            error!(dev = %dev, "cannot stop the failover manager in the background: {e}")
+                        }
+                    }
                 }
                 info!(dev = %name, "removed");
                 true
@@ -383,6 +409,11 @@ impl Registry {
     pub fn stop_all(&self) {
         for n in self.names() {
             self.remove(&n);
+        }
+        let retiring =
+            std::mem::take(&mut *self.retiring.lock().unwrap_or_else(|e| e.into_inner()));
+        for h in retiring {
+            let _ = h.join();
         }
     }
 }
