@@ -263,7 +263,7 @@ print("gateway: fio through the iSCSI initiator (open-iscsi, CHAP) in the guest,
 print("LUN settings as ceph-iscsi makes them (max_data_area_mb=8, hw_max_sectors=1024, cmd_time_out=0),")
 print("image rbd/bench on the micro cluster; rounds tcmu-rbd, tcmu-runner, tcmu-runner, tcmu-rbd, 10 s each;")
 print("figures are the mean of 2 rounds (latency: the worse round)")
-hdr = f"  {'job':<16} {'daemon':<12} {'IOPS':>8} {'MB/s':>8} {'p50 us':>9} {'p99 us':>9}"
+hdr = f"  {'job':<18} {'daemon':<12} {'IOPS':>8} {'MB/s':>8} {'p50 us':>9} {'p99 us':>9}"
 print(hdr)
 for job, name in (("randwrite-4k", "4K randwrite QD32"), ("randread-4k", "4K randread QD32"),
                   ("write-1m", "1M write QD8"), ("read-1m", "1M read QD8")):
@@ -271,15 +271,15 @@ for job, name in (("randwrite-4k", "4K randwrite QD32"), ("randread-4k", "4K ran
     for label in ("tcmu-rbd", "tcmu-runner"):
         r = [result(label, job, n) for n in (1, 2)]
         if None in r:
-            print(f"  {name:<16} {label:<12} missing result")
+            print(f"  {name:<18} {label:<12} missing result")
             continue
         rows[label] = (sum(x[0] for x in r) / 2, sum(x[1] for x in r) / 2,
                        max(x[2] for x in r), max(x[3] for x in r))
         i, mb, p50, p99 = rows[label]
-        print(f"  {name:<16} {label:<12} {i:>8.0f} {mb:>8.1f} {p50:>9.0f} {p99:>9.0f}")
+        print(f"  {name:<18} {label:<12} {i:>8.0f} {mb:>8.1f} {p50:>9.0f} {p99:>9.0f}")
     if len(rows) == 2 and rows["tcmu-runner"][0]:
         a, b = rows["tcmu-rbd"], rows["tcmu-runner"]
-        print(f"  {name:<16} {'ratio':<12} {a[0] / b[0]:>8.2f}x{'':>8} {'':>9} {a[3] / b[3] if b[3] else 0:>8.2f}x")
+        print(f"  {name:<18} {'ratio':<12} {a[0] / b[0]:>8.2f}x{'':>8} {'':>9} {a[3] / b[3] if b[3] else 0:>8.2f}x")
 PY
 fi
 
