@@ -46,6 +46,8 @@ PROFILE=${VM_PROFILE:-release}
 CACHE=${VM_CACHE:-$top/target/vm-cache}
 log() { echo "vm: $*"; }
 die() { echo "vm: FAIL: $*" >&2; exit 1; }
+# The guest sees the host's / but mounts a tmpfs of its own on /tmp.
+case "$top/" in /tmp/*) die "the repository is under /tmp ($top), which the guest hides behind its own tmpfs; clone it elsewhere" ;; esac
 
 # What the guest build and the checks need, from Debian packages only.
 want_rbd=0
