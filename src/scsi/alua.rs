@@ -542,12 +542,14 @@ fn unpack_mode(v: u8) -> AluaMode {
 }
 
 /// What makes two group sets the same set (states and members aside).
-fn shape(groups: &[GroupConfig]) -> Vec<(String, u16, u8, u8, bool, u8)> {
+fn shape<'a>(
+    groups: impl IntoIterator<Item = &'a GroupConfig>,
+) -> Vec<(&'a str, u16, u8, u8, bool, u8)> {
     groups
-        .iter()
+        .into_iter()
         .map(|g| {
             (
-                g.name.clone(),
+                g.name.as_str(),
                 g.id,
                 g.mode.tpgs(),
                 g.supported,
@@ -597,7 +599,7 @@ struct Inner {
     /// The groups. Replaced whole when configfs shows another set of
     /// groups ([`SharedAlua::reload_groups`]): ceph-iscsi creates them
     /// after the backstore is enabled, so after the daemon opened it.
-    slots: RwLock<Arc<Vec<Slot>>>,
+    slots: RwLock<Vec<Slot>>,
     /// The device's configfs directory, when member ports are re-read
     /// from it ([`SharedAlua::follow_configfs`]).
     configfs: Mutex<Option<PathBuf>>,
@@ -657,7 +659,7 @@ impl SharedAlua {
                 local: AtomicU32::new(pack_local(config.local)),
                 local_slot: AtomicUsize::new(local_slot.unwrap_or(NO_SLOT)),
                 trans_secs: AtomicU8::new(trans_secs),
-                slots: RwLock::new(Arc::new(make_slots(config.groups))),
+                slots: RwLock::new(make_slots(config.groups)),
                 configfs: Mutex::new(None),
                 on_request_active: Mutex::new(None),
                 on_stpg: Mutex::new(None),
@@ -847,9 +849,10 @@ impl AluaHandle {
             }
         };
         let groups = cfg.as_ref().map_or(&[][..], |c| c.groups.as_slice());
-        let old = self.inner.slots();
-        let old_cfg: Vec<GroupConfig> = old.iter().map(|s| s.cfg.clone()).collect();
-        if shape(&old_cfg) == shape(groups) {
+        // Write-locked from the comparison to the swap: a state set
+        // meanwhile (the failover thread) is not lost in the copy.
+        let mut old = self.inner.slots.write().unwrap_or_else(|e| e.into_inner());
+        if shape(old.iter().map(|s| &s.cfg)) == shape(groups) {
             return false;
         }
         let (groups, local) = match cfg {
@@ -880,8 +883,7 @@ impl AluaHandle {
             tpgs = mode.tpgs(),
             "ALUA groups changed in configfs"
         );
-        let mut g = self.inner.slots.write().unwrap_or_else(|e| e.into_inner());
-        *g = Arc::new(slots);
+        *old = slots;
         self.inner
             .local_slot
             .store(local_slot.unwrap_or(NO_SLOT), Ordering::Release);
@@ -893,8 +895,10 @@ impl AluaHandle {
 }
 
 impl Inner {
-    fn slots(&self) -> Arc<Vec<Slot>> {
-        Arc::clone(&self.slots.read().unwrap_or_else(|e| e.into_inner()))
+    /// The groups, read-locked (no copy, no reference count: this is on
+    /// every command's path through [`check`]).
+    fn slots(&self) -> std::sync::RwLockReadGuard<'_, Vec<Slot>> {
+        self.slots.read().unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -1468,18 +1472,24 @@ mod tests {
         );
     }
 
-    #[test]
-    fn implicit_request_can_turn_standby_into_transitioning() {
+    /// Two groups, the local one in `state`; asking for the lock counts
+    /// the request and turns the local group Transitioning.
+    fn local_in(state: AccessState) -> (SharedAlua, Arc<AtomicU8>) {
         let a = two_groups();
-        let h = a.handle();
-        h.set_local_state(AccessState::Standby);
+        a.handle().set_local_state(state);
         let calls = Arc::new(AtomicU8::new(0));
         let c2 = calls.clone();
-        let h2 = a.handle();
+        let h = a.handle();
         a.on_request_active(move || {
             c2.fetch_add(1, Ordering::SeqCst);
-            h2.set_local_state(AccessState::Transitioning);
+            h.set_local_state(AccessState::Transitioning);
         });
+        (a, calls)
+    }
+
+    #[test]
+    fn implicit_request_can_turn_standby_into_transitioning() {
+        let (a, calls) = local_in(AccessState::Standby);
         let m = a.mode();
         // TUR does not ask for the lock; a READ does.
         assert_eq!(check(&a, m, &[0; 6]), Access::Refuse(sense::ALUA_STANDBY));
@@ -1504,16 +1514,7 @@ mod tests {
     /// asking for the lock, and asks for it on a write.
     #[test]
     fn a_non_optimized_port_asks_for_the_lock_on_writes_only() {
-        let a = two_groups();
-        let h = a.handle();
-        h.set_local_state(AccessState::ActiveNonOptimized);
-        let calls = Arc::new(AtomicU8::new(0));
-        let c2 = calls.clone();
-        let h2 = a.handle();
-        a.on_request_active(move || {
-            c2.fetch_add(1, Ordering::SeqCst);
-            h2.set_local_state(AccessState::Transitioning);
-        });
+        let (a, calls) = local_in(AccessState::ActiveNonOptimized);
         let m = a.mode();
         for read in [[0x28u8; 10], [0x2f; 10], [0x35; 10]] {
             assert_eq!(check(&a, m, &read), Access::Serve, "{:#x}", read[0]);
