@@ -729,17 +729,9 @@ pub fn open_rbd(
     use crate::backends::OpenError;
     crate::backends::check_geometry(size, block_size)?;
     let rbd = Arc::new(RbdBackend::open(cfgstring, size, block_size).map_err(OpenError::Open)?);
-    match rbd.has_exclusive_lock() {
-        Ok(true) => {}
-        Ok(false) => {
-            warn!(dev = %name, "the image has no exclusive-lock feature: no lock gating, no failover (never export it from two gateways)");
-            return Ok(RbdDevice::Plain(rbd));
-        }
-        Err(e) => {
-            return Err(OpenError::Open(format!(
-                "cannot read the image's features: {e}"
-            )))
-        }
+    // (RbdBackend::open logged the warning for an image without it.)
+    if !rbd.has_exclusive_lock().map_err(OpenError::Open)? {
+        return Ok(RbdDevice::Plain(rbd));
     }
     let failover =
         Failover::start(name, rbd, &alua, opts).map_err(|e| OpenError::Open(e.to_string()))?;

@@ -144,6 +144,8 @@ struct CawJob {
 pub struct RbdBackend {
     shared: Arc<Shared>,
     name: Arc<str>,
+    /// The image's exclusive-lock feature, as read at open.
+    exclusive_lock: Result<bool, String>,
 }
 
 impl std::fmt::Debug for RbdBackend {
@@ -256,10 +258,12 @@ impl RbdBackend {
                  resize one to match"
             ));
         }
-        match session.image.has_exclusive_lock_feature() {
-            Ok(true) => {}
-            Ok(false) => warn!(image = %spec, "exclusive-lock is not enabled: no HA failover"),
-            Err(e) => warn!(image = %spec, "cannot read image features: {e}"),
+        let exclusive_lock = session
+            .image
+            .has_exclusive_lock_feature()
+            .map_err(|e| format!("rbd: cannot read the features of {spec}: {e}"));
+        if exclusive_lock == Ok(false) {
+            warn!(image = %spec, "the image has no exclusive-lock feature: no lock gating, no failover (never export it from two gateways)");
         }
         let name: Arc<str> = format!("rbd:{spec}").into();
         let signals = Arc::new(Signals {
@@ -281,16 +285,17 @@ impl RbdBackend {
             closing: AtomicBool::new(false),
             reopen_threads: Mutex::new(Vec::new()),
         });
-        Ok(RbdBackend { name, shared })
+        Ok(RbdBackend {
+            name,
+            shared,
+            exclusive_lock,
+        })
     }
 
     /// Whether the image has the exclusive-lock feature (what HA gating
     /// needs).
     pub fn has_exclusive_lock(&self) -> Result<bool, String> {
-        self.session()
-            .image
-            .has_exclusive_lock_feature()
-            .map_err(|e| e.to_string())
+        self.exclusive_lock.clone()
     }
 
     /// How many times the image was reopened after blocklisting.
@@ -673,7 +678,27 @@ impl Backend for RbdBackend {
     }
 
     fn resize(&self, size: u64) -> Result<(), IoError> {
-        self.resize_image(size)
+        let s = self.session();
+        let image_size = s
+            .image
+            .size()
+            .map_err(|e| map_errno(e.errno, format!("{}: size: {e}", self.name)))?;
+        if image_size < size {
+            // The LUN grew first: grow the image to match.
+            s.image
+                .resize(size)
+                .map_err(|e| map_errno(e.errno, format!("{}: resize to {size}: {e}", self.name)))?;
+        } else if image_size > size {
+            // Never shrink data away from under the initiator.
+            return Err(IoError::OutOfRange);
+        }
+        self.shared
+            .geometry
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .size = size;
+        info!(image = %self.name, size, "resized");
+        Ok(())
     }
 }
 
@@ -827,30 +852,6 @@ impl RbdBackend {
                 write,
             } => self.submit_caw(&s, offset, compare, write, done),
         }
-    }
-
-    fn resize_image(&self, size: u64) -> Result<(), IoError> {
-        let s = self.session();
-        let image_size = s
-            .image
-            .size()
-            .map_err(|e| map_errno(e.errno, format!("{}: size: {e}", self.name)))?;
-        if image_size < size {
-            // The LUN grew first: grow the image to match.
-            s.image
-                .resize(size)
-                .map_err(|e| map_errno(e.errno, format!("{}: resize to {size}: {e}", self.name)))?;
-        } else if image_size > size {
-            // Never shrink data away from under the initiator.
-            return Err(IoError::OutOfRange);
-        }
-        self.shared
-            .geometry
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .size = size;
-        info!(image = %self.name, size, "resized");
-        Ok(())
     }
 }
 
