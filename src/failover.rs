@@ -938,10 +938,15 @@ mod tests {
         }
     }
 
-    fn write_through(b: &dyn Backend) -> IoResult {
+    /// Runs `op` on `b` and waits for its result.
+    fn run(b: &dyn Backend, op: Op) -> IoResult {
         let q = CompletionQueue::new().unwrap();
-        b.submit(Op::Flush, q.done(1));
+        b.submit(op, q.done(1));
         q.recv_timeout(Duration::from_secs(5)).unwrap().result
+    }
+
+    fn write_through(b: &dyn Backend) -> IoResult {
+        run(b, Op::Flush)
     }
 
     fn stpg(a: &SharedAlua, group: u16, state: AccessState) {
@@ -1076,32 +1081,19 @@ mod tests {
         assert_eq!(s.state, AccessState::ActiveNonOptimized);
         // Not the owner: reads are served, writes refused.
         let ops = lock.with(|l| l.ops);
-        let q = CompletionQueue::new().unwrap();
         let b = f.backend();
-        b.submit(
-            Op::Read {
-                offset: 0,
-                bufs: tcmu_handler::IoBufs::from_vec(vec![0; 512]),
-            },
-            q.done(1),
-        );
-        assert_eq!(
-            q.recv_timeout(Duration::from_secs(5)).unwrap().result,
-            Ok(())
-        );
+        let read = Op::Read {
+            offset: 0,
+            bufs: tcmu_handler::IoBufs::from_vec(vec![0; 512]),
+        };
+        assert_eq!(run(&*b, read), Ok(()));
         assert_eq!(lock.with(|l| l.ops), ops + 1, "the read reached the image");
-        b.submit(
-            Op::Write {
-                offset: 0,
-                bufs: tcmu_handler::IoBufs::from_vec(vec![0; 512]),
-                fua: false,
-            },
-            q.done(2),
-        );
-        assert!(matches!(
-            q.recv_timeout(Duration::from_secs(5)).unwrap().result,
-            Err(IoError::Fenced(_))
-        ));
+        let write = Op::Write {
+            offset: 0,
+            bufs: tcmu_handler::IoBufs::from_vec(vec![0; 512]),
+            fua: false,
+        };
+        assert!(matches!(run(&*b, write), Err(IoError::Fenced(_))));
         assert_eq!(lock.with(|l| l.ops), ops + 1, "the write reached the image");
     }
 

@@ -505,6 +505,21 @@ fn within<T>(rx: &mpsc::Receiver<T>, t0: Instant, limit: Duration) -> Option<(T,
 /// How long a refused request may take before the test calls it parked.
 const PARKED: Duration = Duration::from_secs(60);
 
+/// Waits for `what`, which must fail with `errno`: how long it took, or
+/// `None` if it is still parked after [`PARKED`].
+fn refused<T: std::fmt::Debug>(
+    rx: &mpsc::Receiver<rbd_ffi::Result<T>>,
+    t0: Instant,
+    errno: i32,
+    what: &str,
+) -> Option<Duration> {
+    let (res, took) = within(rx, t0, PARKED)?;
+    eprintln!("{what} -> {res:?} after {took:?}");
+    let e = res.expect_err(&format!("{what} succeeded"));
+    assert_eq!(e.errno, errno, "{what}: {e}");
+    Some(took)
+}
+
 /// Fails the test for a request that never completed. The image is leaked:
 /// closing it would wait for the parked request, hanging instead of failing.
 fn parked(img: Image, what: &str) -> ! {
@@ -541,12 +556,10 @@ fn a_write_on_a_handle_that_released_its_managed_lock_is_refused_not_parked() {
     // the lock or waiting for it.
     let t0 = Instant::now();
     let rx = write_async(&a, 0, pattern(2, 4096));
-    let Some((res, took)) = within(&rx, t0, PARKED) else {
-        parked(a, "the write on the released handle")
+    let what = "a write on the handle that released the lock";
+    let Some(took) = refused(&rx, t0, libc::EROFS, what) else {
+        parked(a, what)
     };
-    eprintln!("released handle: write -> {res:?} after {took:?}");
-    let e = res.expect_err("a handle that released the lock wrote");
-    assert_eq!(e.errno, libc::EROFS, "{e}");
     assert!(took < Duration::from_secs(5), "EROFS came after {took:?}");
 
     let (tx, rx) = mpsc::channel();
@@ -554,12 +567,10 @@ fn a_write_on_a_handle_that_released_its_managed_lock_is_refused_not_parked() {
     a.aio_flush(move |r| {
         let _ = tx.send(r);
     });
-    let Some((res, took)) = within(&rx, t0, PARKED) else {
-        parked(a, "the flush on the released handle")
+    let what = "a flush on the handle that released the lock";
+    let Some(took) = refused(&rx, t0, libc::EROFS, what) else {
+        parked(a, what)
     };
-    eprintln!("released handle: flush -> {res:?} after {took:?}");
-    let e = res.expect_err("a handle that released the lock flushed");
-    assert_eq!(e.errno, libc::EROFS, "{e}");
     assert!(took < Duration::from_secs(5), "EROFS came after {took:?}");
 
     // Nothing landed, and B kept the lock.
@@ -587,12 +598,10 @@ fn a_write_on_a_never_locked_handle_is_refused_while_another_holds_the_managed_l
     assert!(!c.is_exclusive_lock_owner().unwrap());
     let t0 = Instant::now();
     let rx = write_async(&c, 0, pattern(2, 4096));
-    let Some((res, took)) = within(&rx, t0, PARKED) else {
-        parked(c, "the write on the never-locked handle")
+    let what = "a write on the never-locked handle";
+    let Some(took) = refused(&rx, t0, libc::EROFS, what) else {
+        parked(c, what)
     };
-    eprintln!("never-locked handle: write -> {res:?} after {took:?}");
-    let e = res.expect_err("a handle without the lock wrote");
-    assert_eq!(e.errno, libc::EROFS, "{e}");
     assert!(took < Duration::from_secs(10), "EROFS came after {took:?}");
 
     assert_eq!(read_back(&b, 0, 4096), before, "the refused write landed");
@@ -636,12 +645,10 @@ fn a_blocklisted_handles_writes_fail_and_close_returns() {
         .collect();
     let mut slowest = Duration::ZERO;
     for (i, rx) in rxs.iter().enumerate() {
-        let Some((res, took)) = within(rx, t0, PARKED) else {
-            parked(a, "a write on the blocklisted handle")
+        let what = format!("write {i} on the blocklisted handle");
+        let Some(took) = refused(rx, t0, libc::ESHUTDOWN, &what) else {
+            parked(a, &what)
         };
-        eprintln!("blocklisted handle: write {i} -> {res:?} after {took:?}");
-        let e = res.expect_err("a blocklisted client wrote");
-        assert_eq!(e.errno, libc::ESHUTDOWN, "write {i}: {e}");
         slowest = slowest.max(took);
     }
     assert!(
