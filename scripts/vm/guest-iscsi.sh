@@ -177,14 +177,11 @@ suite_iscsi() {
 # tcmu-rbd, tcmu-runner, tcmu-runner, tcmu-rbd.
 
 gw_backstore() { # NAME CFG SIZE
-  local d=$T/core/user_0/$1
-  ok mkdir -p "$d" || return 1
-  ok sh -c "echo -n 'dev_size=$3,dev_config=rbd/$2,max_data_area_mb=8,hw_max_sectors=1024' > $d/control" || return 1
-  ok sh -c "echo -n '$(cat /proc/sys/kernel/random/uuid)' > $d/wwn/vpd_unit_serial" || return 1
-  ok sh -c "echo -n 1 > $d/enable" || return 1
+  local d
+  mk_backstore "$1" rbd "$2" "$3" ",max_data_area_mb=8" || return 1
+  d=$(bs_dir "$1")
   ok sh -c "echo 0 > $d/attrib/cmd_time_out" || return 1
-  ok sh -c "echo 5 > $d/attrib/qfull_time_out" || return 1
-  wait_for 20 served "$1" || { why="the daemon did not open $1's uio device within 20 s"; return 1; }
+  ok sh -c "echo 5 > $d/attrib/qfull_time_out"
 }
 
 gw_fio() { # LABEL ROUND

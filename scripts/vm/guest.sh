@@ -117,12 +117,13 @@ bs_dir() {
   done
   echo "$T/core/user_0/$1"
 }
-# mk_backstore NAME SUBTYPE CFG SIZE: a user:SUBTYPE backstore, enabled,
-# then waits for the daemon to serve it.
+# mk_backstore NAME SUBTYPE CFG SIZE [CONTROL]: a user:SUBTYPE backstore
+# (CONTROL: more control options, ",opt=val,..."), enabled, then waits for
+# the daemon to serve it.
 mk_backstore() {
   local d=$T/core/user_0/$1
   ok mkdir -p "$d" || return 1
-  ok sh -c "echo -n 'dev_size=$4,dev_config=$2/$3,hw_max_sectors=1024' > $d/control" || return 1
+  ok sh -c "echo -n 'dev_size=$4,dev_config=$2/$3,hw_max_sectors=1024${5:-}' > $d/control" || return 1
   # Like targetcli: the unit serial is set before the LUN is exported.
   ok sh -c "echo -n '$(cat /proc/sys/kernel/random/uuid)' > $d/wwn/vpd_unit_serial" || return 1
   ok sh -c "echo -n 1 > $d/enable" || return 1
