@@ -11,6 +11,8 @@
 #                                       stop / restart the OSD (failure tests)
 #   scripts/ceph-cluster.sh start-mgr DIR
 #                                       add a mgr (service map tests)
+#   scripts/ceph-cluster.sh ensure-mgr DIR
+#                                       start-mgr unless one runs
 #   scripts/ceph-cluster.sh restart-mon DIR
 #                                       kill -9 the mon and start it again
 #                                       (chaos soak); returns once it answers
@@ -30,7 +32,7 @@ set -euo pipefail
 
 die() { echo "ceph-cluster: $*" >&2; exit 1; }
 
-[ $# -eq 2 ] || die "usage: $0 start|stop|env|kill-osd|start-osd|restart-mon|start-mgr DIR"
+[ $# -eq 2 ] || die "usage: $0 start|stop|env|kill-osd|start-osd|restart-mon|start-mgr|ensure-mgr DIR"
 cmd=$1
 dir=$2
 case "$dir" in /*) ;; *) dir="$PWD/$dir" ;; esac
@@ -287,5 +289,9 @@ case "$cmd" in
     pid_alive "$dir/run/mgr.x.pid" && die "mgr.x is already running"
     start_mgr
     ;;
-  *) die "unknown command $cmd (start|stop|env|kill-osd|start-osd|restart-mon|start-mgr)" ;;
+  ensure-mgr)
+    [ -e "$conf" ] || die "no cluster in $dir"
+    pid_alive "$dir/run/mgr.x.pid" || start_mgr
+    ;;
+  *) die "unknown command $cmd (start|stop|env|kill-osd|start-osd|restart-mon|start-mgr|ensure-mgr)" ;;
 esac

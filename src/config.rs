@@ -12,6 +12,10 @@
 //! 1000000): how long a device's worker keeps looking at its ring after
 //! answering every command before it sleeps; 0 sleeps at once, which saves
 //! CPU on many lightly used devices at the cost of a wakeup per burst.
+//! And `service_map` (`per_image`, the default, or `off`): whether each
+//! rbd image gets the `tcmu-runner` service-map entry ceph-iscsi and the
+//! Ceph dashboard read (see `tcmu_handler::rbd::service`); it applies to
+//! images opened after a change.
 //! Other keys are noted and ignored, a malformed line gets a
 //! warning naming it, and everything else in the file still applies.
 //!
@@ -54,6 +58,8 @@ pub struct Config {
     pub log_dir: PathBuf,
     /// How long a worker polls its ring before sleeping, µs.
     pub idle_poll_us: u32,
+    /// Per-image `tcmu-runner` service-map entries (`service_map`).
+    pub service_map: bool,
 }
 
 impl Default for Config {
@@ -62,6 +68,7 @@ impl Default for Config {
             log_level: DEFAULT_LOG_LEVEL,
             log_dir: PathBuf::from(DEFAULT_LOG_DIR),
             idle_poll_us: DEFAULT_IDLE_POLL_US,
+            service_map: true,
         }
     }
 }
@@ -178,7 +185,15 @@ pub fn parse(text: &str) -> (Config, Vec<Note>) {
                     cfg.idle_poll_us = n;
                 }
             }
-            ("log_level" | "log_dir" | "log_dir_path" | "idle_poll_us", None) => {
+            ("service_map", Some(v)) => match unquote(v) {
+                "per_image" => cfg.service_map = true,
+                "off" => cfg.service_map = false,
+                other => note(
+                    format!("service_map is per_image or off, got {other:?}"),
+                    true,
+                ),
+            },
+            ("log_level" | "log_dir" | "log_dir_path" | "idle_poll_us" | "service_map", None) => {
                 note(format!("{key} needs a value (`{key} = ...`)"), true)
             }
             _ => note(format!("unknown option {key:?} ignored"), false),
@@ -449,6 +464,19 @@ mod tests {
         assert_eq!(notes.len(), 2);
         assert!(notes[0].msg.contains("\"-1\""), "{notes:?}");
         assert!(notes[1].msg.contains("needs a value"), "{notes:?}");
+    }
+
+    #[test]
+    fn service_map_is_per_image_unless_turned_off() {
+        assert!(parse("").0.service_map);
+        assert!(!parse("service_map = off\n").0.service_map);
+        assert!(parse("service_map = \"per_image\"\n").0.service_map);
+        let (cfg, notes) = parse("service_map = off\nservice_map = sometimes\n");
+        assert!(!cfg.service_map, "a bad value leaves the last good one");
+        assert!(
+            notes[0].malformed && notes[0].msg.contains("\"sometimes\""),
+            "{notes:?}"
+        );
     }
 
     #[test]

@@ -474,7 +474,8 @@ impl Daemon {
         self.ctl
             .registry()
             .set_idle_poll(Duration::from_micros(u64::from(cfg.idle_poll_us)));
-        info!(reason = why, log_level = cfg.log_level, log_dir = %cfg.log_dir.display(), idle_poll_us = cfg.idle_poll_us, "configuration reloaded");
+        tcmu_handler::rbd::service::set_enabled(cfg.service_map);
+        info!(reason = why, log_level = cfg.log_level, log_dir = %cfg.log_dir.display(), idle_poll_us = cfg.idle_poll_us, service_map = cfg.service_map, "configuration reloaded");
         debug!("debug logging is on");
         self.cfg = cfg;
         self.write_status(false);
@@ -555,6 +556,7 @@ fn serve(o: Opts) -> i32 {
     }
     let reg = Arc::new(Registry::new());
     reg.set_idle_poll(Duration::from_micros(u64::from(cfg.idle_poll_us)));
+    tcmu_handler::rbd::service::set_enabled(cfg.service_map);
     let mut ctl = Control::new(reg.clone(), &o.sysfs, &o.configfs);
     if let Some(names) = &o.devices {
         info!(devices = ?names, "serving only these backstores (--devices)");
@@ -705,6 +707,7 @@ fn serve(o: Opts) -> i32 {
         }
     }
     reg.stop_all();
+    tcmu_handler::rbd::service::stop();
     d.write_status(false);
     let _ = std::fs::remove_file(d.o.run_dir.join(PID_FILE));
     info!("stopped");

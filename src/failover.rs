@@ -63,6 +63,10 @@ pub trait LockSource: Backend {
     /// that never took the lock); otherwise completes it with
     /// [`IoError::Fenced`].
     fn submit_on(&self, generation: u64, op: Op, done: Done);
+    /// Tells the image's service-map entry whether this gateway holds the
+    /// lock, and counts a loss (`lost`); ceph-iscsi and the dashboard read
+    /// it. Nothing by default.
+    fn report_lock(&self, _owner: bool, _lost: bool) {}
 }
 
 impl LockSource for RbdBackend {
@@ -89,6 +93,13 @@ impl LockSource for RbdBackend {
     }
     fn submit_on(&self, generation: u64, op: Op, done: Done) {
         RbdBackend::submit_on(self, generation, op, done)
+    }
+    fn report_lock(&self, owner: bool, lost: bool) {
+        let s = self.service_status();
+        s.set_lock_owner(owner);
+        if lost {
+            s.lock_lost();
+        }
     }
 }
 
@@ -434,6 +445,7 @@ impl Shared {
             "exclusive lock lost: serving no more I/O, reopening on a fresh client"
         );
         self.set_local(self.idle_state(), "lock lost");
+        self.backend.report_lock(false, true);
         *self.lock_view.lock().unwrap_or_else(|e| e.into_inner()) = "lost".into();
         // The session that held the lock: a reopen that already replaced
         // it (an I/O saw ESHUTDOWN first) must not be thrown away too.
@@ -473,6 +485,7 @@ impl Shared {
                     .lock()
                     .unwrap_or_else(|e| e.into_inner()) = Some(ms);
                 *self.lock_view.lock().unwrap_or_else(|e| e.into_inner()) = "mine".into();
+                self.backend.report_lock(true, false);
                 if !t.already {
                     self.takeovers.fetch_add(1, Ordering::Relaxed);
                 }
@@ -494,6 +507,7 @@ impl Shared {
         if let Err(e) = self.backend.release_lock() {
             warn!(error = %e, "lock release failed");
         }
+        self.backend.report_lock(false, false);
         self.set_local(self.idle_state(), "lock released");
     }
 }

@@ -314,13 +314,14 @@ fn devices_on_a_blocklisted_connection_move_to_one_fresh_connection() {
 #[test]
 #[ignore = "needs the live Ceph cluster: scripts/test-rbd.sh runs it"]
 fn service_registration_waits_for_a_mgr() {
-    // The test cluster starts without a mgr: opening works all the same.
+    // The test cluster starts without a mgr (unless an earlier test
+    // started one): opening works all the same.
     let img = TestImage::new("service", 8 << 20);
     let rbd = RbdBackend::open(&img.cfg(";id=tcmu"), img.size, 512)
         .unwrap_or_else(|e| panic!("open without a mgr: {e}"));
     // (The service map itself lives in the mgr: nothing to query yet.)
     // Once a mgr runs, the gateway shows in the service map.
-    cluster("start-mgr");
+    cluster("ensure-mgr");
     let t0 = Instant::now();
     loop {
         let dump = cli("ceph", &["service", "dump", "--format", "json"]);
@@ -338,4 +339,146 @@ fn service_registration_waits_for_a_mgr() {
         t0.elapsed()
     );
     drop(rbd);
+}
+
+/// `ceph service status` / `service dump` as JSON.
+fn service_json(what: &str) -> serde_json::Value {
+    let out = cli("ceph", &["service", what, "--format", "json"]);
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("ceph service {what}: {e}: {out}"))
+}
+
+/// Waits until the image's `tcmu-runner` status entry satisfies `ok`.
+fn wait_entry(
+    daemon: &str,
+    why: &str,
+    ok: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let t0 = Instant::now();
+    loop {
+        let st = service_json("status");
+        let entry = &st["tcmu-runner"][daemon]["status"];
+        if ok(entry) {
+            eprintln!("service map: {why} after {:?}: {entry}", t0.elapsed());
+            return entry.clone();
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "service map never showed {why} for {daemon}: {st}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+/// Each image shows in the mgr's service map as ceph-iscsi and the Ceph
+/// dashboard look for it: service `tcmu-runner`, daemon
+/// `<gateway>:<pool>/<image>`, lock_owner following the exclusive lock
+/// and the counters moving on a fence. ceph-iscsi's own watcher (its
+/// `device_status.py`, run from the Debian package) then reports the
+/// gateway as the owner and the image as degraded.
+#[test]
+#[ignore = "needs the live Ceph cluster: scripts/test-rbd.sh runs it"]
+fn images_show_in_the_service_map_as_ceph_iscsi_reads_them() {
+    use tcmu_handler::rbd::service;
+    use tcmu_rbd::failover::{open_rbd, FailoverOptions, RbdDevice};
+    use tcmu_rbd::scsi::alua::SharedAlua;
+    cluster("ensure-mgr");
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .expect("hostname")
+        .trim()
+        .to_string();
+    let img = TestImage::new("svcmap", 8 << 20);
+    let quiet = TestImage::new("svcmap-off", 8 << 20);
+    let open = |img: &TestImage| match open_rbd(
+        "disk_1",
+        &img.cfg(";id=tcmu;osd_op_timeout=10"),
+        img.size,
+        512,
+        SharedAlua::off(),
+        FailoverOptions::default(),
+    )
+    .unwrap_or_else(|e| panic!("open: {e}"))
+    {
+        RbdDevice::Ha(ha) => ha,
+        RbdDevice::Plain(_) => panic!("an image with exclusive-lock opened without gating"),
+    };
+    // tcmu.conf `service_map = off` for one image: it must not show.
+    service::set_enabled(false);
+    let off = open(&quiet);
+    service::set_enabled(true);
+    let dev = open(&img);
+    let daemon = format!("{host}:{}", img.spec());
+    let mut d = Direct::new(dev.backend.clone());
+    d.write(0, &pattern(1, 4096))
+        .expect("the first write takes the lock");
+    wait_entry(&daemon, "lock_owner true", |e| e["lock_owner"] == "true");
+    // The service map itself (what the dashboard reads) follows at the
+    // mgr's next commit.
+    let t0 = Instant::now();
+    let dump = loop {
+        let dump = service_json("dump");
+        if !dump["services"]["tcmu-runner"]["daemons"][&daemon].is_null() {
+            break dump;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "{daemon} not in the service map: {dump}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    let meta = &dump["services"]["tcmu-runner"]["daemons"][&daemon]["metadata"];
+    assert_eq!(meta["pool_name"], pool().as_str(), "{meta}");
+    assert_eq!(meta["image_name"], img.name.as_str(), "{meta}");
+    assert!(
+        meta["image_id"].as_str().is_some_and(|s| !s.is_empty()),
+        "{meta}"
+    );
+    let off_name = format!("{host}:{}", quiet.spec());
+    assert!(
+        dump["services"]["tcmu-runner"]["daemons"][&off_name].is_null(),
+        "an image opened with service_map off is registered: {dump}"
+    );
+
+    // ceph-iscsi's watcher runs across a fence of this gateway's client.
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/testkit/py/ceph_iscsi_status.py"
+    );
+    let mut watcher = Command::new("/usr/bin/python3")
+        .args([script, &conf(), "120"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{script}: {e}"));
+    // Two of its polls see the healthy state first.
+    std::thread::sleep(Duration::from_secs(3));
+    // Another gateway (another cephx user: this process never fences its
+    // own clients) takes the lock, fencing this one. On this host it
+    // would register the same daemon name, so it registers none.
+    service::set_enabled(false);
+    let thief = RbdBackend::open(&img.cfg(""), img.size, 512)
+        .unwrap_or_else(|e| panic!("open the other gateway: {e}"));
+    service::set_enabled(true);
+    let taken = thief
+        .take_lock(600)
+        .expect("the other gateway takes the lock");
+    assert!(!taken.fenced.is_empty(), "nobody fenced: {taken:?}");
+    let st = wait_entry(&daemon, "the fence counted", |e| {
+        e["lock_owner"] == "false" && e["lock_lost_cnt"] == "1" && e["conn_lost_cnt"] == "1"
+    });
+    assert_eq!(st["cmd_timed_out_cnt"], "0", "{st}");
+    std::thread::sleep(Duration::from_secs(3));
+    drop(watcher.stdin.take());
+    let out = watcher.wait_with_output().expect("watcher output");
+    assert!(out.status.success(), "the ceph-iscsi watcher failed");
+    let view: serde_json::Value = serde_json::from_slice(&out.stdout).expect("watcher JSON");
+    let v = &view[img.spec()];
+    eprintln!("ceph-iscsi's view: {v}");
+    assert_eq!(v["lock_owner"], host.as_str(), "{view}");
+    assert_eq!(v["gateways"][&host]["lock_lost_cnt"], 1, "{view}");
+    assert_eq!(v["gateways"][&host]["conn_lost_cnt"], 1, "{view}");
+    assert_eq!(v["state"], "Degraded - cluster access failure", "{view}");
+    drop(d);
+    drop(dev);
+    drop(off);
+    drop(thief);
 }

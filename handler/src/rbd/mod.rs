@@ -35,6 +35,7 @@
 pub mod config;
 pub mod conn;
 pub mod lock;
+pub mod service;
 
 use crate::{Backend, Caps, Done, Geometry, IoBufs, IoError, IoResult, Op};
 use config::RbdConfig;
@@ -109,6 +110,8 @@ struct Signals {
     header_updates: AtomicU64,
     /// Operations in flight in librbd.
     inflight: AtomicUsize,
+    /// What the image's service-map entry reports (ceph-iscsi's counters).
+    status: Arc<service::ImageStatus>,
 }
 
 struct Shared {
@@ -146,6 +149,8 @@ pub struct RbdBackend {
     name: Arc<str>,
     /// The image's exclusive-lock feature, as read at open.
     exclusive_lock: Result<bool, String>,
+    /// The image's `tcmu-runner` service-map entry (None: turned off).
+    _service: Option<service::Registration>,
 }
 
 impl std::fmt::Debug for RbdBackend {
@@ -270,6 +275,16 @@ impl RbdBackend {
             name: Arc::clone(&name),
             ..Signals::default()
         });
+        let service = service::register(
+            service::Entry {
+                key: key.clone(),
+                spec: spec.clone(),
+                pool: cfg.pool.clone(),
+                image: cfg.image.clone(),
+                image_id: session.image.id().unwrap_or_default(),
+            },
+            Arc::clone(&signals.status),
+        );
         watch(&session, &signals, &spec);
         info!(image = %spec, client = %session.rados.name(), size, block_size, "rbd image opened");
         let shared = Arc::new(Shared {
@@ -289,6 +304,7 @@ impl RbdBackend {
             name,
             shared,
             exclusive_lock,
+            _service: service,
         })
     }
 
@@ -296,6 +312,12 @@ impl RbdBackend {
     /// needs).
     pub fn has_exclusive_lock(&self) -> Result<bool, String> {
         self.exclusive_lock.clone()
+    }
+
+    /// What the image's service-map entry reports; the failover manager
+    /// sets the lock fields.
+    pub fn service_status(&self) -> &Arc<service::ImageStatus> {
+        &self.shared.signals.status
     }
 
     /// How many times the image was reopened after blocklisting.
@@ -362,6 +384,9 @@ impl RbdBackend {
             Err(e) => {
                 if e.errno == libc::ESHUTDOWN {
                     signals.fenced.store(gen, Ordering::SeqCst);
+                }
+                if e.errno == libc::ETIMEDOUT {
+                    signals.status.cmd_timed_out();
                 }
                 Err(map_errno(e.errno, format!("{}: {what}: {e}", signals.name)))
             }
@@ -436,6 +461,7 @@ impl RbdBackend {
         if self.shared.reopening.swap(true, Ordering::SeqCst) {
             return;
         }
+        self.shared.signals.status.conn_lost();
         let weak = Arc::downgrade(&self.shared);
         let name = self.name.to_string();
         let spawned = std::thread::Builder::new()

@@ -1,0 +1,331 @@
+//! Per-image entries in the mgr's service map, as ceph-iscsi and the Ceph
+//! dashboard read them.
+//!
+//! Both look under the service type `tcmu-runner` for one daemon per image
+//! named `<gateway>:<pool>/<image>` (ceph-iscsi's `device_status.py` splits
+//! the name at the first `:`), with metadata `pool_name`, `image_name`,
+//! `image_id` and a status holding `lock_owner` (`"true"`/`"false"`) and
+//! the counters `lock_lost_cnt`, `conn_lost_cnt` and `cmd_timed_out_cnt`.
+//! ceph-iscsi marks an image degraded when one of the counters moves, and
+//! the dashboard counts an image's optimized paths by `lock_owner`.
+//!
+//! librados registers one daemon per client, so each image gets a small
+//! rados client of its own for this entry (as tcmu-runner does, which has
+//! one client per image anyway). That client does no I/O, so fencing the
+//! gateway's I/O client never touches it. One thread per process connects
+//! the clients and pushes a status when it changed; device opens do not
+//! wait for it. `service_map = off` in tcmu.conf turns the entries off
+//! (each costs a mon and a mgr session and a few threads); the gateway's
+//! own `tcmu-rbd` entry (see [`super::conn`]) stays.
+
+use super::conn::ConnKey;
+use rbd_ffi::{Rados, RadosBuilder};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::time::Duration;
+use tracing::{info, warn};
+
+/// The service type ceph-iscsi and the dashboard read.
+pub const SERVICE: &str = "tcmu-runner";
+
+/// How often the status thread looks for changes.
+const TICK: Duration = Duration::from_secs(1);
+
+static ENABLED: AtomicBool = AtomicBool::new(true);
+
+/// Held by the status thread while it is inside librados; [`stop`] takes
+/// it for good.
+static BUSY: Mutex<bool> = Mutex::new(false);
+
+/// Turns the per-image entries on or off for images opened from now on
+/// (tcmu.conf's `service_map`).
+pub fn set_enabled(on: bool) {
+    ENABLED.store(on, Ordering::Relaxed);
+}
+
+/// Whether images opened now get an entry.
+pub fn enabled() -> bool {
+    ENABLED.load(Ordering::Relaxed)
+}
+
+/// What an image reports; the rbd backend and the failover manager
+/// update it, the status thread publishes it.
+#[derive(Debug, Default)]
+pub struct ImageStatus {
+    lock_owner: AtomicBool,
+    lock_lost: AtomicU64,
+    conn_lost: AtomicU64,
+    cmd_timed_out: AtomicU64,
+}
+
+impl ImageStatus {
+    /// This gateway holds (true) or no longer holds the exclusive lock.
+    pub fn set_lock_owner(&self, owner: bool) {
+        self.lock_owner.store(owner, Ordering::Relaxed);
+    }
+    /// The lock was lost to another gateway.
+    pub fn lock_lost(&self) {
+        self.lock_lost.fetch_add(1, Ordering::Relaxed);
+    }
+    /// The image's client was cut off (blocklisted) and is reopened.
+    pub fn conn_lost(&self) {
+        self.conn_lost.fetch_add(1, Ordering::Relaxed);
+    }
+    /// A command failed because an OSD op timed out.
+    pub fn cmd_timed_out(&self) {
+        self.cmd_timed_out.fetch_add(1, Ordering::Relaxed);
+    }
+    /// The status fields as the service map takes them.
+    pub fn fields(&self) -> [(&'static str, String); 4] {
+        [
+            (
+                "lock_owner",
+                self.lock_owner.load(Ordering::Relaxed).to_string(),
+            ),
+            (
+                "lock_lost_cnt",
+                self.lock_lost.load(Ordering::Relaxed).to_string(),
+            ),
+            (
+                "conn_lost_cnt",
+                self.conn_lost.load(Ordering::Relaxed).to_string(),
+            ),
+            (
+                "cmd_timed_out_cnt",
+                self.cmd_timed_out.load(Ordering::Relaxed).to_string(),
+            ),
+        ]
+    }
+}
+
+/// What identifies an image's entry.
+#[derive(Debug, Clone)]
+pub struct Entry {
+    /// Connection settings (the image's ceph.conf and cephx id).
+    pub key: ConnKey,
+    /// `<pool>/<image>` or `<pool>/<namespace>/<image>`.
+    pub spec: String,
+    /// Pool name.
+    pub pool: String,
+    /// Image name.
+    pub image: String,
+    /// The image's id (empty if unknown).
+    pub image_id: String,
+}
+
+impl Entry {
+    /// The daemon name: `<gateway>:<spec>`, the gateway being this host.
+    pub fn daemon(&self) -> String {
+        format!("{}:{}", hostname(), self.spec)
+    }
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "localhost".into())
+}
+
+/// An image's registration; dropping it (with the backend) ends the
+/// entry: the mgr drops a daemon that stopped reporting.
+pub struct Registration {
+    inner: Arc<Slot>,
+}
+
+impl Registration {
+    /// The status the entry publishes.
+    pub fn status(&self) -> &Arc<ImageStatus> {
+        &self.inner.status
+    }
+}
+
+struct Slot {
+    entry: Entry,
+    status: Arc<ImageStatus>,
+    /// The entry's own client, once connected, and the status last sent.
+    conn: Mutex<SlotConn>,
+}
+
+#[derive(Default)]
+struct SlotConn {
+    rados: Option<Rados>,
+    sent: Option<[(&'static str, String); 4]>,
+    /// Connect attempts that failed (logged once, then retried quietly).
+    failures: u32,
+}
+
+fn slots() -> &'static Mutex<Vec<Weak<Slot>>> {
+    static SLOTS: OnceLock<Mutex<Vec<Weak<Slot>>>> = OnceLock::new();
+    SLOTS.get_or_init(|| {
+        if let Err(e) = std::thread::Builder::new()
+            .name("rbd-service-map".into())
+            .spawn(publisher)
+        {
+            warn!("no service-map thread (ceph-iscsi will not see the images): {e}");
+        }
+        Mutex::new(Vec::new())
+    })
+}
+
+/// Registers `entry` (if entries are enabled); the status thread connects
+/// its client and publishes within a second or two.
+pub fn register(entry: Entry, status: Arc<ImageStatus>) -> Option<Registration> {
+    if !enabled() {
+        return None;
+    }
+    let inner = Arc::new(Slot {
+        entry,
+        status,
+        conn: Mutex::new(SlotConn::default()),
+    });
+    let mut v = slots().lock().unwrap_or_else(|e| e.into_inner());
+    v.retain(|w| w.strong_count() > 0);
+    v.push(Arc::downgrade(&inner));
+    Some(Registration { inner })
+}
+
+/// Stops the status thread for good, waiting for a librados call under
+/// way to return: a process must not exit while a thread is inside
+/// librados (its static destructors then run under the thread). The
+/// daemon calls it after its devices stopped.
+pub fn stop() {
+    *BUSY.lock().unwrap_or_else(|e| e.into_inner()) = true;
+}
+
+/// The status thread: connects new entries, publishes changed statuses.
+fn publisher() {
+    loop {
+        std::thread::sleep(TICK);
+        let stopped = BUSY.lock().unwrap_or_else(|e| e.into_inner());
+        if *stopped {
+            return;
+        }
+        let live: Vec<Arc<Slot>> = {
+            let mut v = slots().lock().unwrap_or_else(|e| e.into_inner());
+            v.retain(|w| w.strong_count() > 0);
+            v.iter().filter_map(Weak::upgrade).collect()
+        };
+        for s in live {
+            s.publish();
+        }
+        // The last reference to an entry whose image closed meanwhile
+        // goes here, closing its client while BUSY is held.
+        drop(stopped);
+    }
+}
+
+impl Slot {
+    fn publish(&self) {
+        let mut c = self.conn.lock().unwrap_or_else(|e| e.into_inner());
+        if c.rados.is_none() {
+            // Every tenth tick after a failure: a cluster that is down is
+            // not hammered by hundreds of images.
+            if c.failures > 0 && c.failures % 10 != 0 {
+                c.failures += 1;
+                return;
+            }
+            match self.connect() {
+                Ok(r) => {
+                    c.rados = Some(r);
+                    c.failures = 0;
+                }
+                Err(e) => {
+                    if c.failures == 0 {
+                        warn!(image = %self.entry.spec, "no service-map entry yet (retrying): {e}");
+                    }
+                    c.failures += 1;
+                    return;
+                }
+            }
+        }
+        let now = self.status.fields();
+        if c.sent.as_ref() == Some(&now) {
+            return;
+        }
+        let Some(r) = &c.rados else { return };
+        let kv: Vec<(&str, &str)> = now.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        match r.service_update_status(&kv) {
+            Ok(()) => c.sent = Some(now),
+            Err(e) => warn!(image = %self.entry.spec, "service-map status update failed: {e}"),
+        }
+    }
+
+    fn connect(&self) -> Result<Rados, String> {
+        let e = &self.entry;
+        let b = RadosBuilder::new(Some(&e.key.id)).map_err(|x| x.to_string())?;
+        let b = b
+            .read_conf(e.key.conf.as_deref())
+            .map_err(|x| format!("ceph config: {x}"))?;
+        // A client that only talks to the mon and the mgr: one messenger
+        // thread is plenty.
+        let b = b
+            .set("ms_async_op_threads", "1")
+            .map_err(|x| x.to_string())?;
+        let b = b
+            .set("client_mount_timeout", "10")
+            .map_err(|x| x.to_string())?;
+        let r = b.connect().map_err(|x| format!("connect: {x}"))?;
+        let host = hostname();
+        let daemon = e.daemon();
+        let meta = [
+            ("pool_name", e.pool.as_str()),
+            ("image_name", e.image.as_str()),
+            ("image_id", e.image_id.as_str()),
+            ("daemon_type", "portal"),
+            ("daemon_prefix", host.as_str()),
+            ("gateway", "tcmu-rbd"),
+            ("version", env!("CARGO_PKG_VERSION")),
+        ];
+        r.service_register(SERVICE, &daemon, &meta)
+            .map_err(|x| format!("service register {SERVICE}/{daemon}: {x}"))?;
+        info!(service = SERVICE, daemon = %daemon, "image registered in the service map");
+        Ok(r)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fields_are_what_ceph_iscsi_parses() {
+        let s = ImageStatus::default();
+        s.set_lock_owner(true);
+        s.lock_lost();
+        s.lock_lost();
+        s.conn_lost();
+        s.cmd_timed_out();
+        let f = s.fields();
+        assert_eq!(
+            f.iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect::<Vec<_>>(),
+            [
+                "lock_owner=true",
+                "lock_lost_cnt=2",
+                "conn_lost_cnt=1",
+                "cmd_timed_out_cnt=1"
+            ]
+        );
+        s.set_lock_owner(false);
+        assert_eq!(s.fields()[0].1, "false");
+    }
+
+    #[test]
+    fn the_daemon_name_splits_at_the_first_colon_into_gateway_and_image() {
+        let e = Entry {
+            key: ConnKey {
+                conf: None,
+                id: "admin".into(),
+            },
+            spec: "rbd/ns1/disk_1".into(),
+            pool: "rbd".into(),
+            image: "disk_1".into(),
+            image_id: String::new(),
+        };
+        let d = e.daemon();
+        let (gw, image) = d.split_once(':').expect("a colon");
+        assert_eq!(gw, hostname());
+        assert_eq!(image, "rbd/ns1/disk_1");
+    }
+}
