@@ -220,7 +220,7 @@ impl Slot {
         if c.rados.is_none() {
             // Every tenth tick after a failure: a cluster that is down is
             // not hammered by hundreds of images.
-            if c.failures > 0 && c.failures % 10 != 0 {
+            if c.failures > 0 && !c.failures.is_multiple_of(10) {
                 c.failures += 1;
                 return;
             }
