@@ -20,6 +20,9 @@ else
   echo "rbd: cluster up in $(( $(date +%s) - t0 )) s"
 fi
 eval "$(scripts/ceph-cluster.sh env "$dir")"
+# ceph-iscsi's own health watcher reads the service-map entries in
+# rbd_outage (its Python modules, run as the package ships them).
+scripts/deps.sh ceph-iscsi
 
 run() {
   echo "rbd: cargo test $*"
