@@ -10,7 +10,7 @@
 # Results come back over a second, writable 9p share.
 #
 # Environment:
-#   VM_SUITES   guest check groups (default: "local rbd iscsi targetcli compare mpath mpath_iscsi"):
+#   VM_SUITES   guest check groups (default: "local rbd iscsi ceph_iscsi targetcli compare mpath mpath_iscsi"):
 #               local    file and ram LUNs: I/O, SCSI, resize, removal, restart
 #               rbd      an rbd LUN on a Ceph micro cluster the guest reaches
 #                        over a bridge in a network namespace of this run;
@@ -19,6 +19,11 @@
 #                        mutual CHAP; open-iscsi in the guest logs in
 #                        (wrong secrets refused) and verifies I/O
 #                        (vm/guest-iscsi.sh)
+#               ceph_iscsi  ceph-iscsi's rbd-target-api and gwcli on
+#                        tcmu-rbd: target, gateway, disk, CHAP host, mapping;
+#                        the initiator verifies I/O; gwcli shows the disk
+#                        Online and locked by this gateway (the cluster
+#                        gets a mgr for the service map) (vm/guest-ceph-iscsi.sh)
 #               targetcli  /backstores/user:rbd create through the
 #                        daemon's D-Bus service (dbus-daemon in the guest)
 #               compare  fio 4K randread/randwrite QD32: tcmu-rbd vs
@@ -41,7 +46,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 top=$PWD
 t0=$(date +%s)
-SUITES=${VM_SUITES:-local rbd iscsi targetcli compare mpath mpath_iscsi}
+SUITES=${VM_SUITES:-local rbd iscsi ceph_iscsi targetcli compare mpath mpath_iscsi}
 PROFILE=${VM_PROFILE:-release}
 CACHE=${VM_CACHE:-$top/target/vm-cache}
 log() { echo "vm: $*"; }
@@ -51,12 +56,13 @@ case "$top/" in /tmp/*) die "the repository is under /tmp ($top), which the gues
 
 # What the guest build and the checks need, from Debian packages only.
 want_rbd=0
-case " $SUITES " in *" rbd "* | *" compare "* | *" targetcli "* | *" mpath"* | *" iscsi "* | *" gateway "*) want_rbd=1 ;; esac
+case " $SUITES " in *" rbd "* | *" compare "* | *" targetcli "* | *" mpath"* | *"iscsi "* | *" gateway "*) want_rbd=1 ;; esac
 extra=()
 [ $want_rbd = 1 ] && extra=(ceph-mon ceph-osd ceph-common iproute2 tcmu-runner targetcli-fb
   python3-rtslib-fb dbus-daemon dbus-bin)
 case " $SUITES " in *" mpath"*) extra+=(multipath-tools udev) ;; esac
 case " $SUITES " in *"iscsi "* | *" gateway "*) extra+=(open-iscsi) ;; esac
+case " $SUITES " in *" ceph_iscsi "*) extra+=(ceph-iscsi ceph-mgr) ;; esac
 scripts/deps.sh qemu-system-x86 linux-image-amd64 busybox-static kmod cpio \
   fio sg3-utils util-linux "${extra[@]}"
 
@@ -155,7 +161,10 @@ if [ $want_rbd = 1 ]; then
   cdir=$top/target/vm-ceph-$$
   log "starting the Ceph micro cluster at $br_addr (netns $ns)"
   tc=$(date +%s)
-  ip netns exec "$ns" env CEPH_BIND_ADDR=$br_addr CEPH_OSD_SIZE=8G \
+  # ceph-iscsi reads the mgr's service map.
+  with_mgr=0
+  case " $SUITES " in *" ceph_iscsi "*) with_mgr=1 ;; esac
+  ip netns exec "$ns" env CEPH_BIND_ADDR=$br_addr CEPH_OSD_SIZE=8G CEPH_WITH_MGR=$with_mgr \
     scripts/ceph-cluster.sh start "$cdir" || die "the Ceph micro cluster did not start"
   rbd_() { ip netns exec "$ns" timeout 120 rbd -c "$cdir/ceph.conf" "$@"; }
   rbd_ create --size 256M rbd/img0

@@ -560,6 +560,10 @@ suite_compare() {
 # shellcheck source=scripts/vm/guest-iscsi.sh
 . "$TOP/scripts/vm/guest-iscsi.sh"
 
+# ceph-iscsi's rbd-target-api and gwcli over tcmu-rbd (suite_ceph_iscsi).
+# shellcheck source=scripts/vm/guest-ceph-iscsi.sh
+. "$TOP/scripts/vm/guest-ceph-iscsi.sh"
+
 # The multipath drill (suite_mpath), in its own file.
 # shellcheck source=scripts/vm/guest-mpath.sh
 . "$TOP/scripts/vm/guest-mpath.sh"
