@@ -3,8 +3,9 @@
 //!
 //! Layout: [`ring`] is the kernel ABI (the shared mapping, the command
 //! ring), [`scsi`] decodes and emulates SCSI, [`device`] ties one ring to one
-//! backend, [`emulator`] is the kernel's side of the ring for tests and
-//! benchmarks.
+//! backend. The kernel's side of the ring for tests and benchmarks (the
+//! emulator), the load generator and the drills live in the
+//! `tcmu-rbd-testkit` crate, which nothing shipped depends on.
 
 pub mod backends;
 pub mod config;
@@ -12,9 +13,7 @@ pub mod control;
 pub mod daemon_main;
 pub mod dbus;
 pub mod device;
-pub mod emulator;
 pub mod failover;
-pub mod loadgen;
 pub mod netlink;
 pub mod registry;
 pub mod ring;

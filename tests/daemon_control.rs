@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use tcmu_handler::ram::RamBackend;
 use tcmu_handler::Backend;
 use tcmu_rbd::control::{Control, DevState};
-use tcmu_rbd::emulator::{Data, KernelEmu};
+use tcmu_rbd_testkit::emulator::{Data, KernelEmu};
 use tcmu_rbd::netlink::{Event, EventKind};
 use tcmu_rbd::registry::{DeviceSpec, Registry};
 

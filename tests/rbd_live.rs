@@ -13,7 +13,7 @@ use rbd_util::*;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 use tcmu_handler::{IoBufs, IoError, Op};
-use tcmu_rbd::emulator::Data;
+use tcmu_rbd_testkit::emulator::Data;
 
 const BS: u64 = 512;
 

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tcmu_handler::rbd::RbdBackend;
 use tcmu_handler::{Backend, IoError};
-use tcmu_rbd::emulator::{Data, KernelEmu};
+use tcmu_rbd_testkit::emulator::{Data, KernelEmu};
 
 const BS: u64 = 512;
 const OP_TIMEOUT: u64 = 5;

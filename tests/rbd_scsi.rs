@@ -10,7 +10,7 @@ use common::*;
 use rbd_util::*;
 use std::time::{Duration, Instant};
 use tcmu_rbd::device::Stopper;
-use tcmu_rbd::emulator::{Data, KernelEmu, Reaped};
+use tcmu_rbd_testkit::emulator::{Data, KernelEmu, Reaped};
 
 const BS: usize = 512;
 

@@ -7,7 +7,7 @@ use common::*;
 use std::sync::Arc;
 use tcmu_handler::ram::RamBackend;
 use tcmu_handler::Backend;
-use tcmu_rbd::emulator::{Data, KernelEmu, Layout};
+use tcmu_rbd_testkit::emulator::{Data, KernelEmu, Layout};
 use tcmu_rbd::ring::abi::*;
 use tcmu_rbd::ring::shm::SharedMem;
 use tcmu_rbd::ring::{Completion, Entry, Ring, RingError};

@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use tcmu_handler::ram::RamBackend;
 use tcmu_handler::Backend;
-use tcmu_rbd::emulator::{Data, EmuError};
+use tcmu_rbd_testkit::emulator::{Data, EmuError};
 
 const BS: u64 = 512;
 

@@ -2,7 +2,7 @@
 //! run covers it: random CDBs (mostly with opcodes the core serves, with
 //! small LBAs and lengths so they pass the range checks and reach the
 //! parameter-list parsers) and random data-out buffers, through
-//! `scsi::fuzz_one`, which asserts no panic, data-in within the buffer
+//! `tcmu_rbd_testkit::fuzz::fuzz_one`, which asserts no panic, data-in within the buffer
 //! and every backend operation inside the device and the buffer.
 
 use rand::{rngs::SmallRng, Rng, SeedableRng};
@@ -34,7 +34,7 @@ fn random_cdbs_and_parameter_lists() {
         }
         if rng.gen_bool(0.02) {
             // A truncated CDB and nothing else.
-            tcmu_rbd::scsi::fuzz_one(&cdb[..rng.gen_range(0..16)]);
+            tcmu_rbd_testkit::fuzz::fuzz_one(&cdb[..rng.gen_range(0..16)]);
             continue;
         }
         let mut input = cdb.to_vec();
@@ -63,6 +63,6 @@ fn random_cdbs_and_parameter_lists() {
             }
         }
         input.extend(rest);
-        tcmu_rbd::scsi::fuzz_one(&input);
+        tcmu_rbd_testkit::fuzz::fuzz_one(&input);
     }
 }

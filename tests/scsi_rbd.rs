@@ -14,7 +14,7 @@ mod rbd_util;
 use common::*;
 use rbd_util::*;
 use tcmu_rbd::device::Device;
-use tcmu_rbd::emulator::{Data, KernelEmu, Reaped};
+use tcmu_rbd_testkit::emulator::{Data, KernelEmu, Reaped};
 
 const BS: usize = 512;
 

@@ -8,5 +8,5 @@
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    tcmu_rbd::scsi::fuzz_one(data);
+    tcmu_rbd_testkit::fuzz::fuzz_one(data);
 });

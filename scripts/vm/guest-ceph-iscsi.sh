@@ -57,10 +57,11 @@ EOF
     "$(/usr/bin/python3 -c 'import socket; print(socket.getfqdn())')" "$CI_HOST"
 }
 
-ci_ping() {
+ci_ping() { # the API answers an authenticated _ping (as gwcli sends it)
   /usr/bin/python3 - "$CI_API" <<'EOF'
-import sys, urllib.request
+import base64, sys, urllib.request
 req = urllib.request.Request(sys.argv[1] + "/api/_ping")
+req.add_header("Authorization", "Basic " + base64.b64encode(b"admin:admin-secret").decode())
 urllib.request.urlopen(req, timeout=5)
 EOF
 }

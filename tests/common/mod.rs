@@ -6,7 +6,7 @@ use rand::Rng;
 use std::sync::{Arc, Mutex};
 use tcmu_handler::{Backend, Caps, Done, Geometry, Op};
 use tcmu_rbd::device::{Device, EventDoorbell};
-use tcmu_rbd::emulator::{KernelEmu, Layout};
+use tcmu_rbd_testkit::emulator::{KernelEmu, Layout};
 use tcmu_rbd::ring::shm::SharedMem;
 use tcmu_rbd::scsi::LunInfo;
 

@@ -3,10 +3,10 @@
 //! latency and the worker's CPU time. Used by the benchmarks and by
 //! `tcmu-rbd-bench`.
 
-use crate::device::{Device, WorkerOptions};
+use tcmu_rbd::device::{Device, WorkerOptions};
 use crate::emulator::{Data, EmuError, KernelEmu, Layout};
-use crate::ring::shm::SharedMem;
-use crate::scsi::LunInfo;
+use tcmu_rbd::ring::shm::SharedMem;
+use tcmu_rbd::scsi::LunInfo;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tcmu_handler::Backend;
@@ -116,7 +116,7 @@ pub enum LoadError {
     Emu(#[from] EmuError),
     /// The device failed.
     #[error("device: {0}")]
-    Device(#[from] crate::device::DeviceError),
+    Device(#[from] tcmu_rbd::device::DeviceError),
     /// Mapping the ring failed.
     #[error("map: {0}")]
     Map(#[from] std::io::Error),
@@ -175,7 +175,7 @@ pub fn run_with(
     let mut dev = Device::new(
         "bench",
         mem,
-        Box::new(crate::device::EventDoorbell::new(ue.to_user, ue.from_user)),
+        Box::new(tcmu_rbd::device::EventDoorbell::new(ue.to_user, ue.from_user)),
         backend,
         info,
     )?;

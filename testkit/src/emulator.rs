@@ -23,8 +23,8 @@
 //! It is stricter than the kernel where the kernel would silently corrupt
 //! state: a `cmd_tail` that does not land on an entry boundary is reported.
 
-use crate::ring::abi::*;
-use crate::ring::shm::SharedMem;
+use tcmu_rbd::ring::abi::*;
+use tcmu_rbd::ring::shm::SharedMem;
 use std::collections::VecDeque;
 use std::fs::File;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
@@ -184,7 +184,7 @@ impl KernelEmu {
             .map_raw(&file)
             .map_err(setup)?;
         let mem = Arc::new(SharedMem::from_mmap(map));
-        let w = |r: Result<(), crate::ring::shm::OutOfBounds>| {
+        let w = |r: Result<(), tcmu_rbd::ring::shm::OutOfBounds>| {
             r.map_err(|e| EmuError::Setup(e.to_string()))
         };
         w(mem.write_u16(MB_VERSION, MAILBOX_VERSION))?;

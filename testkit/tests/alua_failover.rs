@@ -12,9 +12,8 @@
 //! Failover times (last write acknowledged by the old gateway to the
 //! first acknowledged by the new one) are printed.
 
-mod rbd_util;
-
-use rbd_util::*;
+use tcmu_rbd_testkit::cluster::*;
+use tcmu_rbd_testkit::direct::*;
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 use tcmu_rbd_testkit::gw::{block_at, Block, Gw, GwSpec, BS};

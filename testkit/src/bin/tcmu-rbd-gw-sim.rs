@@ -31,7 +31,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tcmu_handler::rbd::RbdBackend;
 use tcmu_rbd::device::{Device, EventDoorbell};
-use tcmu_rbd::emulator::{Data, EmuError, KernelEmu, Layout};
+use tcmu_rbd_testkit::emulator::{Data, EmuError, KernelEmu, Layout};
 use tcmu_rbd::failover::{state_name, Failover, FailoverOptions};
 use tcmu_rbd::ring::shm::SharedMem;
 use tcmu_rbd::scsi::alua::{AccessState, AluaConfig, GroupConfig, LocalPort, SharedAlua};
