@@ -17,8 +17,8 @@ use std::sync::Arc;
 use std::time::Duration;
 use tcmu_handler::ram::RamBackend;
 use tcmu_handler::Backend;
-use tcmu_rbd_testkit::loadgen::{run_with, Job, Pattern, Report};
 use tcmu_rbd::scsi::LunInfo;
+use tcmu_rbd_testkit::loadgen::{run_with, Job, Pattern, Report};
 
 fn env<T: std::str::FromStr>(name: &str, default: T) -> T {
     std::env::var(name)

@@ -13,5 +13,5 @@ dir=$(mktemp -d /tmp/tcmu-rbd-bench.XXXXXX)
 rmdir "$dir"
 trap 'scripts/ceph-cluster.sh stop "$dir" || true' EXIT
 scripts/ceph-cluster.sh start "$dir"
-cargo build --release --bin tcmu-rbd-vs-fio
+cargo build --release -p tcmu-rbd-testkit --bin tcmu-rbd-vs-fio
 target/release/tcmu-rbd-vs-fio --conf "$dir/ceph.conf" --size 1G "$@"

@@ -40,12 +40,12 @@ run -p tcmu-rbd --test rbd_outage -- --ignored --test-threads=1
 # one run in three must show here, not on a user's gateway.
 for i in 1 2 3; do
   echo "rbd: HA drills, run $i of 3"
-  run -p tcmu-rbd --test alua_failover -- --ignored --test-threads=1 --nocapture
+  run -p tcmu-rbd-testkit --test alua_failover -- --ignored --test-threads=1 --nocapture
 done
 # The chaos soak, bounded: random faults (planned move, kill -9, SIGSTOP,
 # OSD and mon restarts, blocklisting) under a writer whose every write is
 # checked after each round. It stops the OSD and the mon, so it runs last.
-cargo build -p tcmu-rbd-testkit --bin tcmu-rbd-chaos
+cargo build -p tcmu-rbd-testkit --bins
 target/debug/tcmu-rbd-chaos --rounds "${CHAOS_ROUNDS:-30}" --top "$PWD" \
   --gw-sim target/debug/tcmu-rbd-gw-sim --log-dir target/tmp/chaos
 echo "rbd: PASS"

@@ -13,9 +13,9 @@ use std::time::{Duration, Instant};
 use tcmu_handler::ram::RamBackend;
 use tcmu_handler::Backend;
 use tcmu_rbd::control::{Control, DevState};
-use tcmu_rbd_testkit::emulator::{Data, KernelEmu};
 use tcmu_rbd::netlink::{Event, EventKind};
 use tcmu_rbd::registry::{DeviceSpec, Registry};
+use tcmu_rbd_testkit::emulator::{Data, KernelEmu};
 
 const MIB: u64 = 1 << 20;
 

@@ -11,7 +11,11 @@ use tcmu_handler::ram::RamBackend;
 use tcmu_handler::Backend;
 use tcmu_rbd_testkit::emulator::Data;
 
-fn wait_reap(emu: &mut tcmu_rbd_testkit::emulator::KernelEmu, want: usize, secs: u64) -> Vec<(u16, u8)> {
+fn wait_reap(
+    emu: &mut tcmu_rbd_testkit::emulator::KernelEmu,
+    want: usize,
+    secs: u64,
+) -> Vec<(u16, u8)> {
     let mut got = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(secs);
     while got.len() < want && Instant::now() < deadline {

@@ -7,10 +7,10 @@ use common::*;
 use std::sync::Arc;
 use tcmu_handler::ram::RamBackend;
 use tcmu_handler::Backend;
-use tcmu_rbd_testkit::emulator::{Data, KernelEmu, Layout};
 use tcmu_rbd::ring::abi::*;
 use tcmu_rbd::ring::shm::SharedMem;
 use tcmu_rbd::ring::{Completion, Entry, Ring, RingError};
+use tcmu_rbd_testkit::emulator::{Data, KernelEmu, Layout};
 
 fn ram() -> Arc<dyn Backend> {
     Arc::new(RamBackend::new(1 << 20, 512).unwrap())
@@ -18,12 +18,7 @@ fn ram() -> Arc<dyn Backend> {
 
 /// The emulator plus a Ring of our own over the same memory.
 fn ring_over(emu: &KernelEmu) -> Ring {
-    let ue = emu.user_end().unwrap();
-    let map = memmap2::MmapOptions::new()
-        .len(ue.map_len)
-        .map_raw(&ue.file)
-        .unwrap();
-    Ring::new(Arc::new(SharedMem::from_mmap(map))).unwrap()
+    Ring::new(emu.user_end().unwrap().map().unwrap()).unwrap()
 }
 
 fn small() -> Layout {
@@ -132,12 +127,8 @@ fn bad_mailboxes_are_refused() {
     let check = |what: &str, f: &dyn Fn(&SharedMem)| {
         let emu = KernelEmu::with_layout(small()).unwrap();
         f(emu.mem());
-        let ue = emu.user_end().unwrap();
-        let map = memmap2::MmapOptions::new()
-            .len(ue.map_len)
-            .map_raw(&ue.file)
-            .unwrap();
-        let err = Ring::new(Arc::new(SharedMem::from_mmap(map))).expect_err(what);
+        let mem = emu.user_end().unwrap().map().unwrap();
+        let err = Ring::new(mem).expect_err(what);
         assert!(matches!(err, RingError::BadMailbox(_)), "{what}: {err}");
     };
     check("version", &|m| m.write_u16(MB_VERSION, 1).unwrap());

@@ -10,8 +10,8 @@ use std::sync::Arc;
 use tcmu_handler::ram::RamBackend;
 use tcmu_handler::Backend;
 use tcmu_rbd::device::Device;
-use tcmu_rbd_testkit::emulator::{Data, KernelEmu, Reaped};
 use tcmu_rbd::scsi::alua::{AccessState, AluaConfig, GroupConfig, LocalPort, SharedAlua};
+use tcmu_rbd_testkit::emulator::{Data, KernelEmu, Reaped};
 
 const BS: usize = 512;
 

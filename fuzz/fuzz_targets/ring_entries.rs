@@ -27,8 +27,7 @@ fuzz_target!(|data: &[u8]| {
     }
     let _ = m.write_u32(MB_CMD_HEAD, head);
     let Ok(ue) = emu.user_end() else { return };
-    let Ok(map) = memmap2::MmapOptions::new().len(ue.map_len).map_raw(&ue.file) else { return };
-    let mem = Arc::new(SharedMem::from_mmap(map));
+    let Ok(mem) = ue.map() else { return };
     let Ok(mut ring) = Ring::new(mem.clone()) else { return };
     let mut out = Vec::new();
     if ring.poll(&mut out).is_ok() {

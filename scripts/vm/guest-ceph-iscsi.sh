@@ -47,6 +47,9 @@ api_password = admin-secret
 trusted_ip_list = 127.0.0.1,$a,::1
 log_to_stderr = true
 log_to_file = false
+# One gateway in this guest (ceph-iscsi wants two before it accepts a
+# host); two gateways over iSCSI are the mpath_iscsi suite's.
+minimum_gateways = 1
 EOF
   ok mount --bind /tmp/ceph-etc /etc/ceph || return 1
   { echo "127.0.0.1 localhost"; echo "$a $CI_HOST"; } >/tmp/hosts
@@ -182,6 +185,7 @@ t_ci_logout() {
 }
 
 t_ci_api_stop() {
+  cp /tmp/gwcli-home/.gwcli/gwcli.log "$OUT/gwcli.log" 2>/dev/null
   kill -TERM "$CI_PID" 2>/dev/null
   wait_for 60 sh -c "! kill -0 $CI_PID" || { why="rbd-target-api did not stop"; kill -9 "$CI_PID"; return 1; }
   wait "$CI_PID" 2>/dev/null

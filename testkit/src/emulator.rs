@@ -23,12 +23,12 @@
 //! It is stricter than the kernel where the kernel would silently corrupt
 //! state: a `cmd_tail` that does not land on an entry boundary is reported.
 
-use tcmu_rbd::ring::abi::*;
-use tcmu_rbd::ring::shm::SharedMem;
 use std::collections::VecDeque;
 use std::fs::File;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
+use tcmu_rbd::ring::abi::*;
+use tcmu_rbd::ring::shm::SharedMem;
 
 /// Errors the emulated kernel reports.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -147,6 +147,19 @@ pub struct UserEnd {
     pub to_user: OwnedFd,
     /// Written by userspace after completing (UIO write side).
     pub from_user: OwnedFd,
+}
+
+impl UserEnd {
+    /// Maps the device's memory as the daemon maps /dev/uioN: the one
+    /// place the test kit does it.
+    pub fn map(&self) -> Result<Arc<SharedMem>, EmuError> {
+        // A raw map: both sides touch it only through SharedMem.
+        let map = memmap2::MmapOptions::new()
+            .len(self.map_len)
+            .map_raw(&self.file)
+            .map_err(|e| EmuError::Setup(format!("map the user end: {e}")))?;
+        Ok(Arc::new(SharedMem::from_mmap(map)))
+    }
 }
 
 fn eventfd() -> Result<OwnedFd, EmuError> {

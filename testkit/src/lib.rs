@@ -7,6 +7,7 @@
 //! - [`fuzz`]: the SCSI core under arbitrary CDBs and buffers;
 //! - [`loadgen`]: fio-like load through the emulated ring
 //!   (`tcmu-rbd-bench`, `tcmu-rbd-vs-fio`);
+//! - [`cdb`]: CDB builders;
 //! - [`cluster`]: the live micro cluster that `scripts/ceph-cluster.sh`
 //!   starts (CLI calls, test images, stopping and starting its daemons);
 //! - [`direct`]: operations straight on a backend, and test patterns;
@@ -15,6 +16,7 @@
 //! - [`ledger`]: every write a host issued, with its outcome, and the
 //!   check of an image against it (lost writes, zombie writes).
 
+pub mod cdb;
 pub mod cluster;
 pub mod direct;
 pub mod emulator;

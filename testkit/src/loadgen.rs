@@ -3,13 +3,12 @@
 //! latency and the worker's CPU time. Used by the benchmarks and by
 //! `tcmu-rbd-bench`.
 
-use tcmu_rbd::device::{Device, WorkerOptions};
 use crate::emulator::{Data, EmuError, KernelEmu, Layout};
-use tcmu_rbd::ring::shm::SharedMem;
-use tcmu_rbd::scsi::LunInfo;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tcmu_handler::Backend;
+use tcmu_rbd::device::{Device, WorkerOptions};
+use tcmu_rbd::scsi::LunInfo;
 
 /// Access pattern.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -168,14 +167,14 @@ pub fn run_with(
     }
     let mut emu = KernelEmu::with_layout(Layout::default())?;
     let ue = emu.user_end()?;
-    let map = memmap2::MmapOptions::new()
-        .len(ue.map_len)
-        .map_raw(&ue.file)?;
-    let mem = Arc::new(SharedMem::from_mmap(map));
+    let mem = ue.map()?;
     let mut dev = Device::new(
         "bench",
         mem,
-        Box::new(tcmu_rbd::device::EventDoorbell::new(ue.to_user, ue.from_user)),
+        Box::new(tcmu_rbd::device::EventDoorbell::new(
+            ue.to_user,
+            ue.from_user,
+        )),
         backend,
         info,
     )?;
@@ -200,9 +199,7 @@ pub fn run_with(
     let mut submitted_at = vec![Instant::now(); 65536];
     let mut lat: Vec<u32> = Vec::with_capacity(1 << 22);
     let mut errors = 0u64;
-    let mut cdb = [0u8; 16];
-    cdb[0] = if write { 0x8a } else { 0x88 };
-    cdb[10..14].copy_from_slice(&blocks_per_io.to_be_bytes());
+    let mut cdb = crate::cdb::rw16(write, 0, blocks_per_io);
 
     // A command's latency counts from the start of the batch it was queued
     // in (the kernel makes a batch visible at once, on the kick after it),

@@ -12,10 +12,10 @@
 //! Failover times (last write acknowledged by the old gateway to the
 //! first acknowledged by the new one) are printed.
 
-use tcmu_rbd_testkit::cluster::*;
-use tcmu_rbd_testkit::direct::*;
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
+use tcmu_rbd_testkit::cluster::*;
+use tcmu_rbd_testkit::direct::*;
 use tcmu_rbd_testkit::gw::{block_at, Block, Gw, GwSpec, BS};
 
 /// Blocks per write.

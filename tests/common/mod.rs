@@ -6,9 +6,10 @@ use rand::Rng;
 use std::sync::{Arc, Mutex};
 use tcmu_handler::{Backend, Caps, Done, Geometry, Op};
 use tcmu_rbd::device::{Device, EventDoorbell};
-use tcmu_rbd_testkit::emulator::{KernelEmu, Layout};
-use tcmu_rbd::ring::shm::SharedMem;
 use tcmu_rbd::scsi::LunInfo;
+#[allow(unused_imports)]
+pub use tcmu_rbd_testkit::cdb::rw16;
+use tcmu_rbd_testkit::emulator::{KernelEmu, Layout};
 
 /// LunInfo for a backend.
 pub fn lun_info(b: &dyn Backend) -> LunInfo {
@@ -27,11 +28,7 @@ pub fn lun_info(b: &dyn Backend) -> LunInfo {
 pub fn emu_device(layout: Layout, backend: Arc<dyn Backend>) -> (KernelEmu, Device) {
     let emu = KernelEmu::with_layout(layout).expect("emulator");
     let ue = emu.user_end().expect("user end");
-    let map = memmap2::MmapOptions::new()
-        .len(ue.map_len)
-        .map_raw(&ue.file)
-        .expect("map");
-    let mem = Arc::new(SharedMem::from_mmap(map));
+    let mem = ue.map().expect("map");
     let info = lun_info(&*backend);
     let dev = Device::new(
         "test",
@@ -52,15 +49,6 @@ pub fn small_layout() -> Layout {
         data_size: 8 << 20,
         ..Layout::default()
     }
-}
-
-/// READ(16) / WRITE(16) CDBs.
-pub fn rw16(write: bool, lba: u64, blocks: u32) -> [u8; 16] {
-    let mut c = [0u8; 16];
-    c[0] = if write { 0x8a } else { 0x88 };
-    c[2..10].copy_from_slice(&lba.to_be_bytes());
-    c[10..14].copy_from_slice(&blocks.to_be_bytes());
-    c
 }
 
 /// A backend that holds operations until the test releases them, in any

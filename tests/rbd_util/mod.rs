@@ -2,7 +2,6 @@
 //! scripts/test-rbd.sh starts (it exports TCMU_RBD_TEST_CONF, _POOL, _DIR).
 #![allow(dead_code)]
 
-
 /// The reason every live test gives when ignored.
 pub const NEEDS: &str = "needs the live Ceph cluster: scripts/test-rbd.sh runs it";
 
@@ -10,4 +9,3 @@ pub const NEEDS: &str = "needs the live Ceph cluster: scripts/test-rbd.sh runs i
 pub use tcmu_rbd_testkit::cluster::{cli, cluster_dir, conf, pool, TestImage};
 #[allow(unused_imports)]
 pub use tcmu_rbd_testkit::direct::{pattern, Direct};
-

@@ -6,6 +6,10 @@ use std::sync::{Arc, Mutex};
 use tcmu_handler::ram::RamBackend;
 use tcmu_handler::{Backend, Caps, CompletionQueue, Done, Geometry, IoBufs, Op};
 use tcmu_rbd::scsi::{Lun, LunInfo, Outcome, Response};
+#[allow(unused_imports)]
+pub use tcmu_rbd_testkit::cdb::rw10;
+#[allow(unused_imports)]
+pub use tcmu_rbd_testkit::cdb::rw16;
 
 /// What the backend was asked to do, without the buffers.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -204,25 +208,6 @@ impl T {
         self.good(&rw16(true, lba, (data.len() as u64 / BS) as u32), data);
         self.ops();
     }
-}
-
-/// READ(16) / WRITE(16).
-pub fn rw16(write: bool, lba: u64, blocks: u32) -> [u8; 16] {
-    let mut c = [0u8; 16];
-    c[0] = if write { 0x8a } else { 0x88 };
-    c[2..10].copy_from_slice(&lba.to_be_bytes());
-    c[10..14].copy_from_slice(&blocks.to_be_bytes());
-    c
-}
-
-/// READ(10) / WRITE(10) with byte 1 = `flags`.
-pub fn rw10(opcode: u8, flags: u8, lba: u32, blocks: u16) -> [u8; 10] {
-    let mut c = [0u8; 10];
-    c[0] = opcode;
-    c[1] = flags;
-    c[2..6].copy_from_slice(&lba.to_be_bytes());
-    c[7..9].copy_from_slice(&blocks.to_be_bytes());
-    c
 }
 
 /// Asserts key/ASC/ASCQ of fixed sense bytes.

@@ -31,11 +31,11 @@ use std::sync::Arc;
 use std::time::Duration;
 use tcmu_handler::rbd::RbdBackend;
 use tcmu_rbd::device::{Device, EventDoorbell};
-use tcmu_rbd_testkit::emulator::{Data, EmuError, KernelEmu, Layout};
 use tcmu_rbd::failover::{state_name, Failover, FailoverOptions};
-use tcmu_rbd::ring::shm::SharedMem;
 use tcmu_rbd::scsi::alua::{AccessState, AluaConfig, GroupConfig, LocalPort, SharedAlua};
 use tcmu_rbd::scsi::LunInfo;
+use tcmu_rbd_testkit::cdb::rw16;
+use tcmu_rbd_testkit::emulator::{Data, EmuError, KernelEmu, Layout};
 
 const BS: usize = 512;
 const MAGIC: &[u8; 8] = b"ALUAGWBK";
@@ -82,14 +82,6 @@ fn decode(b: &[u8], lba: u64) -> String {
     } else {
         "x".into()
     }
-}
-
-fn rw16(write: bool, lba: u64, blocks: u32) -> [u8; 16] {
-    let mut c = [0u8; 16];
-    c[0] = if write { 0x8a } else { 0x88 };
-    c[2..10].copy_from_slice(&lba.to_be_bytes());
-    c[10..14].copy_from_slice(&blocks.to_be_bytes());
-    c
 }
 
 /// What a queued command was, to format its reply.
@@ -268,11 +260,7 @@ fn serve(
     })
     .map_err(|e| e.to_string())?;
     let ue = emu.user_end().map_err(|e| e.to_string())?;
-    let map = memmap2::MmapOptions::new()
-        .len(ue.map_len)
-        .map_raw(&ue.file)
-        .map_err(|e| format!("map: {e}"))?;
-    let mem = Arc::new(SharedMem::from_mmap(map));
+    let mem = ue.map().map_err(|e| e.to_string())?;
     let info = LunInfo {
         vendor: "LIO-ORG".into(),
         product: "TCMU device".into(),
