@@ -9,7 +9,7 @@ use tcmu_handler::ram::RamBackend;
 use tcmu_handler::Backend;
 use tcmu_rbd::ring::abi::*;
 use tcmu_rbd::ring::shm::SharedMem;
-use tcmu_rbd::ring::{Completion, Entry, Ring, RingError};
+use tcmu_rbd::ring::{Completion, Entry, EntryFault, MailboxFault, Ring, RingError};
 use tcmu_rbd_testkit::emulator::{Data, KernelEmu, Layout};
 
 fn ram() -> Arc<dyn Backend> {
@@ -50,58 +50,135 @@ fn refused(what: &str, f: impl FnOnce(&SharedMem)) -> RingError {
     err
 }
 
+/// Asserts that a refused entry was refused for the fault `pat`.
+macro_rules! fault {
+    ($err:expr, $pat:pat) => {{
+        let err = $err;
+        assert!(
+            matches!(
+                &err,
+                RingError::BadEntry {
+                    offset: 0,
+                    fault: $pat
+                }
+            ),
+            "want {}, got {err:?}",
+            stringify!($pat)
+        );
+    }};
+}
+
 #[test]
 fn malformed_entries_are_refused() {
     let e = first_entry();
-    refused("zero length", |m| m.write_u32(e, OP_CMD).unwrap());
-    refused("length past head", |m| {
-        m.write_u32(e, 4096 | OP_CMD).unwrap()
-    });
-    refused("unknown op", |m| {
-        let l = m.read_u32(e).unwrap();
-        m.write_u32(e, (l & !OP_MASK) | 5).unwrap()
-    });
-    refused("short CMD entry", |m| {
-        m.write_u32(e, 64 | OP_CMD).unwrap();
-        m.write_u32(MB_CMD_HEAD, 64).unwrap();
-    });
-    refused("cmd_id 0", |m| m.write_u16(e + HDR_CMD_ID, 0).unwrap());
-    refused("iov count beyond entry", |m| {
-        m.write_u32(e + REQ_IOV_CNT, 1000).unwrap()
-    });
-    refused("iov count overflow", |m| {
-        m.write_u32(e + REQ_IOV_CNT, u32::MAX).unwrap();
-        m.write_u32(e + REQ_IOV_BIDI_CNT, u32::MAX).unwrap();
-    });
-    refused("iov base in the command ring", |m| {
-        m.write_u64(e + REQ_IOV, 256).unwrap()
-    });
-    refused("iov beyond the map", |m| {
-        m.write_u64(e + REQ_IOV + 8, 1 << 40).unwrap()
-    });
-    refused("iov length overflow", |m| {
-        m.write_u64(e + REQ_IOV + 8, u64::MAX).unwrap()
-    });
-    refused("cdb_off before the entry", |m| {
-        m.write_u64(e + REQ_CDB_OFF, 8).unwrap()
-    });
-    refused("cdb_off inside the iovecs", |m| {
-        m.write_u64(e + REQ_CDB_OFF, (e + REQ_IOV) as u64).unwrap()
-    });
-    refused("cdb_off past the entry", |m| {
-        m.write_u64(e + REQ_CDB_OFF, (e + 4096) as u64).unwrap()
-    });
-    refused("CDB overruns the entry", |m| {
-        // A 16-byte opcode placed 8 bytes before the end of the entry.
-        let len = m.read_u32(e).unwrap() & !OP_MASK;
-        let at = e + len as usize - 8;
-        m.write_u64(e + REQ_CDB_OFF, at as u64).unwrap();
-        m.write_u8(at, 0x88).unwrap();
-    });
-    refused("head misaligned", |m| m.write_u32(MB_CMD_HEAD, 3).unwrap());
-    refused("head outside the ring", |m| {
-        m.write_u32(MB_CMD_HEAD, 1 << 30).unwrap()
-    });
+    fault!(
+        refused("zero length", |m| m.write_u32(e, OP_CMD).unwrap()),
+        EntryFault::Length { len: 0, .. }
+    );
+    fault!(
+        refused("length past head", |m| {
+            m.write_u32(e, 4096 | OP_CMD).unwrap()
+        }),
+        EntryFault::Length { len: 4096, .. }
+    );
+    fault!(
+        refused("unknown op", |m| {
+            let l = m.read_u32(e).unwrap();
+            m.write_u32(e, (l & !OP_MASK) | 5).unwrap()
+        }),
+        EntryFault::UnknownOpcode(5)
+    );
+    fault!(
+        refused("short CMD entry", |m| {
+            m.write_u32(e, 64 | OP_CMD).unwrap();
+            m.write_u32(MB_CMD_HEAD, 64).unwrap();
+        }),
+        EntryFault::CmdTooShort(64)
+    );
+    fault!(
+        refused("cmd_id 0", |m| m.write_u16(e + HDR_CMD_ID, 0).unwrap()),
+        EntryFault::CmdIdZero
+    );
+    fault!(
+        refused("iov count beyond entry", |m| {
+            m.write_u32(e + REQ_IOV_CNT, 1000).unwrap()
+        }),
+        EntryFault::IovecsOverflow { iov: 1000, .. }
+    );
+    fault!(
+        refused("iov count overflow", |m| {
+            m.write_u32(e + REQ_IOV_CNT, u32::MAX).unwrap();
+            m.write_u32(e + REQ_IOV_BIDI_CNT, u32::MAX).unwrap();
+        }),
+        EntryFault::IovecsOverflow { .. }
+    );
+    fault!(
+        refused("iov base in the command ring", |m| {
+            m.write_u64(e + REQ_IOV, 256).unwrap()
+        }),
+        EntryFault::IovecBelowData {
+            index: 0,
+            base: 256
+        }
+    );
+    fault!(
+        refused("iov beyond the map", |m| {
+            m.write_u64(e + REQ_IOV + 8, 1 << 40).unwrap()
+        }),
+        EntryFault::IovecBeyondData {
+            index: 0,
+            len: 0x100_0000_0000,
+            ..
+        }
+    );
+    fault!(
+        refused("iov length overflow", |m| {
+            m.write_u64(e + REQ_IOV + 8, u64::MAX).unwrap()
+        }),
+        EntryFault::IovecBeyondData {
+            index: 0,
+            len: u64::MAX,
+            ..
+        }
+    );
+    fault!(
+        refused("cdb_off before the entry", |m| {
+            m.write_u64(e + REQ_CDB_OFF, 8).unwrap()
+        }),
+        EntryFault::CdbOffset { cdb_off: 8, .. }
+    );
+    fault!(
+        refused("cdb_off inside the iovecs", |m| {
+            m.write_u64(e + REQ_CDB_OFF, (e + REQ_IOV) as u64).unwrap()
+        }),
+        EntryFault::CdbOffset { .. }
+    );
+    fault!(
+        refused("cdb_off past the entry", |m| {
+            m.write_u64(e + REQ_CDB_OFF, (e + 4096) as u64).unwrap()
+        }),
+        EntryFault::CdbOffset { .. }
+    );
+    fault!(
+        refused("CDB overruns the entry", |m| {
+            // A 16-byte opcode placed 8 bytes before the end of the entry.
+            let len = m.read_u32(e).unwrap() & !OP_MASK;
+            let at = e + len as usize - 8;
+            m.write_u64(e + REQ_CDB_OFF, at as u64).unwrap();
+            m.write_u8(at, 0x88).unwrap();
+        }),
+        EntryFault::CdbOverrun { need: 16, room: 8 }
+    );
+    assert_eq!(
+        refused("head misaligned", |m| m.write_u32(MB_CMD_HEAD, 3).unwrap()),
+        RingError::BadHead(3)
+    );
+    assert_eq!(
+        refused("head outside the ring", |m| {
+            m.write_u32(MB_CMD_HEAD, 1 << 30).unwrap()
+        }),
+        RingError::BadHead(1 << 30)
+    );
 }
 
 #[test]
@@ -119,33 +196,66 @@ fn duplicate_id_in_flight_is_refused() {
         .unwrap();
     let mut out = Vec::new();
     let err = ring.poll(&mut out).unwrap_err();
+    assert_eq!(
+        err,
+        RingError::BadEntry {
+            offset: first_len,
+            fault: EntryFault::CmdIdInFlight(1)
+        }
+    );
     assert!(err.to_string().contains("already in flight"), "{err}");
 }
 
 #[test]
 fn bad_mailboxes_are_refused() {
-    let check = |what: &str, f: &dyn Fn(&SharedMem)| {
+    let check = |what: &str, f: &dyn Fn(&SharedMem)| -> MailboxFault {
         let emu = KernelEmu::with_layout(small()).unwrap();
         f(emu.mem());
         let mem = emu.user_end().unwrap().map().unwrap();
-        let err = Ring::new(mem).expect_err(what);
-        assert!(matches!(err, RingError::BadMailbox(_)), "{what}: {err}");
+        match Ring::new(mem).expect_err(what) {
+            RingError::BadMailbox(f) => f,
+            other => panic!("{what}: not a mailbox fault: {other}"),
+        }
     };
-    check("version", &|m| m.write_u16(MB_VERSION, 1).unwrap());
-    check("cmdr_off inside the mailbox", &|m| {
-        m.write_u32(MB_CMDR_OFF, 64).unwrap()
-    });
-    check("cmdr_off misaligned", &|m| {
-        m.write_u32(MB_CMDR_OFF, 130).unwrap()
-    });
-    check("cmdr_size zero", &|m| m.write_u32(MB_CMDR_SIZE, 0).unwrap());
-    check("ring beyond map", &|m| {
-        m.write_u32(MB_CMDR_SIZE, u32::MAX - 7).unwrap()
-    });
-    check("tail outside ring", &|m| {
-        m.write_u32(MB_CMD_TAIL, 8192).unwrap()
-    });
-    check("tail misaligned", &|m| m.write_u32(MB_CMD_TAIL, 4).unwrap());
+    assert_eq!(
+        check("version", &|m| m.write_u16(MB_VERSION, 1).unwrap()),
+        MailboxFault::Version { found: 1 }
+    );
+    assert_eq!(
+        check("cmdr_off inside the mailbox", &|m| {
+            m.write_u32(MB_CMDR_OFF, 64).unwrap()
+        }),
+        MailboxFault::CmdrOff(64)
+    );
+    assert_eq!(
+        check("cmdr_off misaligned", &|m| {
+            m.write_u32(MB_CMDR_OFF, 130).unwrap()
+        }),
+        MailboxFault::CmdrOff(130)
+    );
+    assert_eq!(
+        check("cmdr_size zero", &|m| m.write_u32(MB_CMDR_SIZE, 0).unwrap()),
+        MailboxFault::CmdrSize(0)
+    );
+    assert!(matches!(
+        check("ring beyond map", &|m| {
+            m.write_u32(MB_CMDR_SIZE, u32::MAX - 7).unwrap()
+        }),
+        MailboxFault::RingBeyondMap {
+            cmdr_size: 0xffff_fff8,
+            ..
+        }
+    ));
+    assert_eq!(
+        check("tail outside ring", &|m| {
+            m.write_u32(MB_CMD_TAIL, 8192).unwrap()
+        }),
+        MailboxFault::CmdTail(8192)
+    );
+    assert_eq!(
+        check("tail misaligned", &|m| m.write_u32(MB_CMD_TAIL, 4).unwrap()),
+        MailboxFault::CmdTail(4)
+    );
 }
 
 #[test]

@@ -36,14 +36,14 @@ use tcmu_handler::{IoBufs, KeepAlive};
 pub enum RingError {
     /// The mailbox does not describe a ring we can use.
     #[error("bad mailbox: {0}")]
-    BadMailbox(String),
+    BadMailbox(MailboxFault),
     /// An entry the kernel queued is malformed.
-    #[error("malformed entry at ring offset {offset:#x}: {what}")]
+    #[error("malformed entry at ring offset {offset:#x}: {fault}")]
     BadEntry {
         /// Offset of the entry in the command ring.
         offset: u32,
         /// What is wrong.
-        what: String,
+        fault: EntryFault,
     },
     /// `cmd_head` is outside the ring or misaligned.
     #[error("cmd_head {0:#x} outside the command ring or misaligned")]
@@ -55,6 +55,146 @@ pub enum RingError {
     /// that the kernel never sees it).
     #[error("completion for cmd_id {0}, which is not in flight")]
     NotInFlight(u16),
+}
+
+/// What makes a mailbox unusable (each a way the kernel side can be
+/// wrong, or a mapping that is not a TCMU device).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MailboxFault {
+    /// The mapping cannot even hold a mailbox.
+    #[error("mapping of {len} bytes is too small")]
+    TooSmall {
+        /// The mapping's length.
+        len: usize,
+    },
+    /// Another mailbox version than the one this code speaks.
+    #[error("version {found}, expected {MAILBOX_VERSION}")]
+    Version {
+        /// The version found.
+        found: u16,
+    },
+    /// The command ring starts inside the mailbox or misaligned.
+    #[error("cmdr_off {0:#x}")]
+    CmdrOff(usize),
+    /// The command ring is too small or misaligned.
+    #[error("cmdr_size {0:#x}")]
+    CmdrSize(u32),
+    /// The command ring ends beyond the mapping.
+    #[error("command ring {cmdr_off:#x}+{cmdr_size:#x} beyond the {map_len:#x}-byte mapping")]
+    RingBeyondMap {
+        /// Ring offset.
+        cmdr_off: usize,
+        /// Ring size.
+        cmdr_size: u32,
+        /// Mapping length.
+        map_len: usize,
+    },
+    /// `cmd_tail` is outside the ring or misaligned.
+    #[error("cmd_tail {0:#x}")]
+    CmdTail(u32),
+    /// A mailbox field could not be read.
+    #[error(transparent)]
+    OutOfBounds(#[from] OutOfBounds),
+}
+
+/// What makes one ring entry malformed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EntryFault {
+    /// Not even a header fits before the ring's end or the head.
+    #[error("no room for a header (to end {to_end}, queued {queued})")]
+    NoRoomForHeader {
+        /// Bytes to the end of the ring.
+        to_end: u32,
+        /// Bytes queued up to the head.
+        queued: u32,
+    },
+    /// The entry's length is zero or runs past the ring's end or the head.
+    #[error("length {len} (to end of ring {to_end}, queued {queued})")]
+    Length {
+        /// The length in the header.
+        len: u32,
+        /// Bytes to the end of the ring.
+        to_end: u32,
+        /// Bytes queued up to the head.
+        queued: u32,
+    },
+    /// An opcode other than PAD, CMD and TMR.
+    #[error("unknown opcode {0}")]
+    UnknownOpcode(u32),
+    /// A TMR entry shorter than its fixed part.
+    #[error("TMR entry of {0} bytes")]
+    TmrTooShort(usize),
+    /// A TMR entry listing more ids than it holds.
+    #[error("TMR lists {count} ids in {len} bytes")]
+    TmrIdsOverflow {
+        /// The id count in the entry.
+        count: usize,
+        /// The entry's length.
+        len: usize,
+    },
+    /// A CMD entry shorter than its fixed part.
+    #[error("CMD entry of {0} bytes")]
+    CmdTooShort(usize),
+    /// cmd_id 0, which the kernel never uses.
+    #[error("cmd_id 0")]
+    CmdIdZero,
+    /// A cmd_id that is already in flight.
+    #[error("cmd_id {0} is already in flight")]
+    CmdIdInFlight(u16),
+    /// The iovec counts do not fit the entry.
+    #[error("{iov}+{bidi}+{dif} iovecs do not fit a {len}-byte entry")]
+    IovecsOverflow {
+        /// Data iovecs.
+        iov: usize,
+        /// Bidirectional iovecs.
+        bidi: usize,
+        /// DIF iovecs.
+        dif: usize,
+        /// The entry's length.
+        len: usize,
+    },
+    /// The CDB offset is outside the entry's CDB area.
+    #[error("cdb_off {cdb_off:#x} outside the entry's CDB area {start:#x}..{end:#x}")]
+    CdbOffset {
+        /// The offset in the entry.
+        cdb_off: u64,
+        /// Where the CDB area starts (after the iovecs).
+        start: usize,
+        /// Where the entry ends.
+        end: usize,
+    },
+    /// The CDB area cannot hold the CDB's first bytes.
+    #[error("CDB area of {0} bytes too short")]
+    CdbAreaTooShort(usize),
+    /// The CDB's length (from its opcode) runs past the entry.
+    #[error("CDB of {need} bytes overruns the entry ({room} left)")]
+    CdbOverrun {
+        /// The CDB's length.
+        need: usize,
+        /// Bytes left in the entry.
+        room: usize,
+    },
+    /// A data iovec points below the data area (into the ring or mailbox).
+    #[error("iovec {index} base {base:#x} below the data area")]
+    IovecBelowData {
+        /// The iovec's index.
+        index: usize,
+        /// Its base offset.
+        base: u64,
+    },
+    /// A data iovec runs beyond the mapping.
+    #[error("iovec {index} {base:#x}+{len:#x} beyond the data area")]
+    IovecBeyondData {
+        /// The iovec's index.
+        index: usize,
+        /// Its base offset.
+        base: u64,
+        /// Its length.
+        len: u64,
+    },
+    /// A field of the entry could not be read.
+    #[error(transparent)]
+    OutOfBounds(#[from] OutOfBounds),
 }
 
 /// Mailbox capabilities.
@@ -180,37 +320,41 @@ impl Ring {
     /// ring through configfs first where it can, since a crashed process
     /// may have left completions half-recorded.
     pub fn new(mem: Arc<SharedMem>) -> Result<Self, RingError> {
-        let bad = |s: String| RingError::BadMailbox(s);
+        let bad = |f: MailboxFault| Err(RingError::BadMailbox(f));
         if mem.len() < MB_SIZE {
-            return Err(bad(format!("mapping of {} bytes is too small", mem.len())));
+            return bad(MailboxFault::TooSmall { len: mem.len() });
         }
-        let version = mem.read_u16(MB_VERSION)?;
+        let rd = |r: Result<u32, OutOfBounds>| r.map_err(|e| RingError::BadMailbox(e.into()));
+        let version = mem
+            .read_u16(MB_VERSION)
+            .map_err(|e| RingError::BadMailbox(e.into()))?;
         if version != MAILBOX_VERSION {
-            return Err(bad(format!(
-                "version {version}, expected {MAILBOX_VERSION}"
-            )));
+            return bad(MailboxFault::Version { found: version });
         }
-        let flags = mem.read_u16(MB_FLAGS)?;
-        let cmdr_off = mem.read_u32(MB_CMDR_OFF)? as usize;
-        let cmdr_size = mem.read_u32(MB_CMDR_SIZE)?;
+        let flags = mem
+            .read_u16(MB_FLAGS)
+            .map_err(|e| RingError::BadMailbox(e.into()))?;
+        let cmdr_off = rd(mem.read_u32(MB_CMDR_OFF))? as usize;
+        let cmdr_size = rd(mem.read_u32(MB_CMDR_SIZE))?;
         if cmdr_off < MB_SIZE || !cmdr_off.is_multiple_of(OP_ALIGN) {
-            return Err(bad(format!("cmdr_off {cmdr_off:#x}")));
+            return bad(MailboxFault::CmdrOff(cmdr_off));
         }
         if (cmdr_size as usize) < 2 * CMD_ENTRY_SIZE
             || !(cmdr_size as usize).is_multiple_of(OP_ALIGN)
         {
-            return Err(bad(format!("cmdr_size {cmdr_size:#x}")));
+            return bad(MailboxFault::CmdrSize(cmdr_size));
         }
         let data_off = cmdr_off as u64 + u64::from(cmdr_size);
         if data_off > mem.len() as u64 {
-            return Err(bad(format!(
-                "command ring {cmdr_off:#x}+{cmdr_size:#x} beyond the {:#x}-byte mapping",
-                mem.len()
-            )));
+            return bad(MailboxFault::RingBeyondMap {
+                cmdr_off,
+                cmdr_size,
+                map_len: mem.len(),
+            });
         }
-        let tail = mem.read_u32(MB_CMD_TAIL)?;
+        let tail = rd(mem.read_u32(MB_CMD_TAIL))?;
         if tail >= cmdr_size || !(tail as usize).is_multiple_of(OP_ALIGN) {
-            return Err(bad(format!("cmd_tail {tail:#x}")));
+            return bad(MailboxFault::CmdTail(tail));
         }
         let features = Features {
             ooo: flags & FLAG_CAP_OOOC != 0,
@@ -299,23 +443,29 @@ impl Ring {
         let mut n = 0;
         while self.next != head {
             let pos = self.next;
-            let bad = |what: String| RingError::BadEntry { offset: pos, what };
+            let bad = |fault: EntryFault| RingError::BadEntry { offset: pos, fault };
             // Bytes from pos up to head, going round the ring.
             let avail = (head + self.cmdr_size - pos) % self.cmdr_size;
             let to_end = self.cmdr_size - pos;
             if (to_end as usize) < HDR_SIZE || (avail as usize) < HDR_SIZE {
-                return Err(bad(format!(
-                    "no room for a header (to end {to_end}, queued {avail})"
-                )));
+                return Err(bad(EntryFault::NoRoomForHeader {
+                    to_end,
+                    queued: avail,
+                }));
             }
             let base = self.cmdr_off + pos as usize;
-            let len_op = self.mem.read_u32(base + HDR_LEN_OP)?;
+            let len_op = self
+                .mem
+                .read_u32(base + HDR_LEN_OP)
+                .map_err(|e| bad(e.into()))?;
             let op = len_op & OP_MASK;
             let len = len_op & !OP_MASK;
             if len == 0 || len > to_end || len > avail {
-                return Err(bad(format!(
-                    "length {len} (to end of ring {to_end}, queued {avail})"
-                )));
+                return Err(bad(EntryFault::Length {
+                    len,
+                    to_end,
+                    queued: avail,
+                }));
             }
             match op {
                 OP_PAD => self.slots.push_back(Slot::Skip { len }),
@@ -335,82 +485,80 @@ impl Ring {
                     out.push(Entry::Cmd(cmd));
                     n += 1;
                 }
-                other => return Err(bad(format!("unknown opcode {other}"))),
+                other => return Err(bad(EntryFault::UnknownOpcode(other))),
             }
             self.next = (pos + len) % self.cmdr_size;
         }
         Ok(n)
     }
 
-    fn parse_tmr(&self, base: usize, len: u32) -> Result<Tmr, String> {
+    fn parse_tmr(&self, base: usize, len: u32) -> Result<Tmr, EntryFault> {
         let len = len as usize;
         if len < TMR_ENTRY_SIZE {
-            return Err(format!("TMR entry of {len} bytes"));
+            return Err(EntryFault::TmrTooShort(len));
         }
         let m = &self.mem;
-        let tmr_type = m.read_u8(base + TMR_TYPE).map_err(|e| e.to_string())?;
-        let cnt = m.read_u32(base + TMR_CMD_CNT).map_err(|e| e.to_string())? as usize;
+        let tmr_type = m.read_u8(base + TMR_TYPE)?;
+        let cnt = m.read_u32(base + TMR_CMD_CNT)? as usize;
         if cnt > (len - TMR_ENTRY_SIZE) / 2 {
-            return Err(format!("TMR lists {cnt} ids in {len} bytes"));
+            return Err(EntryFault::TmrIdsOverflow { count: cnt, len });
         }
         let mut cmd_ids = Vec::with_capacity(cnt);
         for i in 0..cnt {
-            cmd_ids.push(
-                m.read_u16(base + TMR_CMD_IDS + 2 * i)
-                    .map_err(|e| e.to_string())?,
-            );
+            cmd_ids.push(m.read_u16(base + TMR_CMD_IDS + 2 * i)?);
         }
         Ok(Tmr { tmr_type, cmd_ids })
     }
 
-    fn parse_cmd(&self, base: usize, len: u32) -> Result<Command, String> {
+    fn parse_cmd(&self, base: usize, len: u32) -> Result<Command, EntryFault> {
         let len = len as usize;
         let m = &self.mem;
-        let e = |x: OutOfBounds| x.to_string();
         if len < CMD_ENTRY_SIZE {
-            return Err(format!("CMD entry of {len} bytes"));
+            return Err(EntryFault::CmdTooShort(len));
         }
-        let cmd_id = m.read_u16(base + HDR_CMD_ID).map_err(e)?;
+        let cmd_id = m.read_u16(base + HDR_CMD_ID)?;
         if cmd_id == 0 {
-            return Err("cmd_id 0".into());
+            return Err(EntryFault::CmdIdZero);
         }
         if self.is_inflight(cmd_id) {
-            return Err(format!("cmd_id {cmd_id} is already in flight"));
+            return Err(EntryFault::CmdIdInFlight(cmd_id));
         }
-        let iov_cnt = m.read_u32(base + REQ_IOV_CNT).map_err(e)? as usize;
-        let bidi = m.read_u32(base + REQ_IOV_BIDI_CNT).map_err(e)? as usize;
-        let dif = m.read_u32(base + REQ_IOV_DIF_CNT).map_err(e)? as usize;
+        let iov_cnt = m.read_u32(base + REQ_IOV_CNT)? as usize;
+        let bidi = m.read_u32(base + REQ_IOV_BIDI_CNT)? as usize;
+        let dif = m.read_u32(base + REQ_IOV_DIF_CNT)? as usize;
         let total = iov_cnt
             .checked_add(bidi)
             .and_then(|t| t.checked_add(dif))
             .filter(|&t| t <= (len - REQ_IOV) / IOVEC_SIZE)
-            .ok_or_else(|| {
-                format!("{iov_cnt}+{bidi}+{dif} iovecs do not fit a {len}-byte entry")
+            .ok_or(EntryFault::IovecsOverflow {
+                iov: iov_cnt,
+                bidi,
+                dif,
+                len,
             })?;
         let iov_end = base + REQ_IOV + total * IOVEC_SIZE;
         let entry_end = base + len;
 
         // The CDB must lie inside this entry, after the iovecs.
-        let cdb_off = m.read_u64(base + REQ_CDB_OFF).map_err(e)?;
+        let cdb_off = m.read_u64(base + REQ_CDB_OFF)?;
         if cdb_off < iov_end as u64 || cdb_off >= entry_end as u64 {
-            return Err(format!(
-                "cdb_off {cdb_off:#x} outside the entry's CDB area {iov_end:#x}..{entry_end:#x}"
-            ));
+            return Err(EntryFault::CdbOffset {
+                cdb_off,
+                start: iov_end,
+                end: entry_end,
+            });
         }
         let cdb_off = cdb_off as usize;
         let room = entry_end - cdb_off;
         let mut cdb = [0u8; MAX_CDB];
         let head_len = room.min(MAX_CDB).min(8);
-        m.read_bytes(cdb_off, &mut cdb[..head_len]).map_err(e)?;
-        let need = cdb_len(&cdb[..head_len])
-            .ok_or_else(|| format!("CDB area of {room} bytes too short"))?;
+        m.read_bytes(cdb_off, &mut cdb[..head_len])?;
+        let need = cdb_len(&cdb[..head_len]).ok_or(EntryFault::CdbAreaTooShort(room))?;
         if need > room {
-            return Err(format!(
-                "CDB of {need} bytes overruns the entry ({room} left)"
-            ));
+            return Err(EntryFault::CdbOverrun { need, room });
         }
         let take = need.min(MAX_CDB);
-        m.read_bytes(cdb_off, &mut cdb[..take]).map_err(e)?;
+        m.read_bytes(cdb_off, &mut cdb[..take])?;
 
         // Data iovecs: offsets from the start of the map, inside the data area.
         // Most commands carry one or two iovecs: keep those off the heap.
@@ -419,14 +567,18 @@ impl Ring {
         let mut nseg = 0usize;
         for i in 0..iov_cnt {
             let at = base + REQ_IOV + i * IOVEC_SIZE;
-            let ib = m.read_u64(at).map_err(e)?;
-            let il = m.read_u64(at + 8).map_err(e)?;
+            let ib = m.read_u64(at)?;
+            let il = m.read_u64(at + 8)?;
             if ib < self.data_off {
-                return Err(format!("iovec {i} base {ib:#x} below the data area"));
+                return Err(EntryFault::IovecBelowData { index: i, base: ib });
             }
             let p = m
                 .raw_range(ib, il)
-                .map_err(|_| format!("iovec {i} {ib:#x}+{il:#x} beyond the data area"))?;
+                .map_err(|_| EntryFault::IovecBeyondData {
+                    index: i,
+                    base: ib,
+                    len: il,
+                })?;
             if il > 0 {
                 if nseg < inline.len() {
                     inline[nseg] = (p, il as usize);
