@@ -19,18 +19,62 @@ pub fn subtypes() -> Vec<&'static str> {
     backends::handlers().iter().map(|h| h.subtype).collect()
 }
 
-/// Parses a UIO device name `tcm-user/<hba>/<name>/<subtype>/<cfgstring>`.
-pub fn parse_uio_name(name: &str) -> Option<(u32, String, String, String)> {
+/// A TCMU device's UIO name, `tcm-user/<hba>/<name>/<subtype>/<cfgstring>`,
+/// taken apart.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UioName {
+    /// The user HBA's index (`core/user_<hba>` in configfs).
+    pub hba: u32,
+    /// The backstore's name.
+    pub dev: String,
+    /// The handler subtype (`rbd`, `file`, ...).
+    pub subtype: String,
+    /// The config string after the subtype.
+    pub cfgstring: String,
+}
+
+/// Parses a UIO device name; None if it is not a TCMU device's.
+pub fn parse_uio_name(name: &str) -> Option<UioName> {
     let rest = name.strip_prefix("tcm-user/")?;
     let mut it = rest.splitn(4, '/');
     let hba = it.next()?.parse().ok()?;
     let dev = it.next()?.to_string();
     let subtype = it.next()?.to_string();
-    let cfg = it.next().unwrap_or("").to_string();
+    let cfgstring = it.next().unwrap_or("").to_string();
     if dev.is_empty() || subtype.is_empty() {
         return None;
     }
-    Some((hba, dev, subtype, cfg))
+    Some(UioName {
+        hba,
+        dev,
+        subtype,
+        cfgstring,
+    })
+}
+
+/// Why a UIO device cannot be served.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SpecError {
+    /// The name is not a TCMU device's.
+    #[error("{0:?} is not a TCMU device name")]
+    NotTcmu(String),
+    /// Another handler's subtype.
+    #[error("subtype {0:?} is not served by this daemon")]
+    SubtypeNotServed(String),
+    /// sysfs does not give the ring's size.
+    #[error("cannot read the ring size from {0}")]
+    NoRingSize(PathBuf),
+}
+
+impl SpecError {
+    /// The status the kernel gets in its netlink reply.
+    pub fn errno(&self) -> i32 {
+        neg(match self {
+            SpecError::NotTcmu(_) => libc::EINVAL,
+            SpecError::SubtypeNotServed(_) => libc::ENOENT,
+            SpecError::NoRingSize(_) => libc::ENODEV,
+        })
+    }
 }
 
 /// What the daemon knows about a device beyond its counters.
@@ -139,13 +183,18 @@ impl Control {
 
     /// The spec for UIO device `uio<minor>` named `uio_name`, if its
     /// subtype is served.
-    pub fn spec_for(&self, uio_name: &str, minor: u32) -> Result<DeviceSpec, i32> {
-        let Some((hba, dev, subtype, cfg)) = parse_uio_name(uio_name) else {
-            warn!(uio = uio_name, "not a TCMU device name");
-            return Err(neg(libc::EINVAL));
+    pub fn spec_for(&self, uio_name: &str, minor: u32) -> Result<DeviceSpec, SpecError> {
+        let Some(UioName {
+            hba,
+            dev,
+            subtype,
+            cfgstring,
+        }) = parse_uio_name(uio_name)
+        else {
+            return Err(SpecError::NotTcmu(uio_name.to_string()));
         };
         if !subtypes().contains(&subtype.as_str()) {
-            return Err(neg(libc::ENOENT));
+            return Err(SpecError::SubtypeNotServed(subtype));
         }
         let uio = format!("uio{minor}");
         let size_path = self
@@ -157,8 +206,7 @@ impl Control {
             .ok()
             .and_then(|s| usize::from_str_radix(s.trim().trim_start_matches("0x"), 16).ok());
         let Some(map_size) = map_size else {
-            warn!(dev = %dev, path = %size_path.display(), "cannot read the ring size");
-            return Err(neg(libc::ENODEV));
+            return Err(SpecError::NoRingSize(size_path));
         };
         let cfs = self.configfs.join(format!("target/core/user_{hba}/{dev}"));
         Ok(DeviceSpec {
@@ -166,7 +214,7 @@ impl Control {
             uio_path: PathBuf::from("/dev").join(uio),
             map_size,
             subtype,
-            cfgstring: cfg,
+            cfgstring,
             configfs_dir: cfs.is_dir().then_some(cfs),
             size: None,
         })
@@ -293,10 +341,9 @@ impl Control {
             Ok(()) => 0,
             Err(e) => {
                 warn!(dev = %name, size, error = %e, "resize refused");
-                if self.reg.spec(name).is_none() {
-                    neg(libc::ENODEV)
-                } else {
-                    neg(libc::EOPNOTSUPP)
+                match e {
+                    crate::registry::ResizeError::NotServed(_) => neg(libc::ENODEV),
+                    _ => neg(libc::EOPNOTSUPP),
                 }
             }
         }
@@ -323,15 +370,13 @@ impl Control {
 
     /// Handles one kernel event; returns the reply status.
     pub fn handle(&self, ev: &Event) -> i32 {
-        let name = parse_uio_name(&ev.device).map(|p| p.1);
+        let name = parse_uio_name(&ev.device).map(|p| p.dev);
         match (&ev.kind, name) {
             (EventKind::Added, _) => match self.spec_for(&ev.device, ev.minor) {
                 Ok(spec) => self.add(spec),
                 Err(e) => {
-                    if e == neg(libc::ENOENT) {
-                        warn!(uio = %ev.device, "subtype not served by this daemon");
-                    }
-                    e
+                    warn!(uio = %ev.device, error = %e, "device not served");
+                    e.errno()
                 }
             },
             (_, None) => {
@@ -354,7 +399,7 @@ impl Control {
                 let span = tracing::info_span!("event", dev = %ev.device);
                 let _g = span.enter();
                 info!(kind = ?ev.kind, minor = ev.minor, "kernel event");
-                let name = parse_uio_name(&ev.device).map(|p| p.1);
+                let name = parse_uio_name(&ev.device).map(|p| p.dev);
                 let silent_before = name.as_deref().is_some_and(|n| self.is_silent(n));
                 let st = self.handle(ev);
                 if st != 0 {
@@ -417,11 +462,13 @@ impl Control {
                 continue;
             };
             let name = name.trim_end_matches('\n');
-            if !parse_uio_name(name).is_some_and(|p| self.wants(&p.1)) {
+            if !parse_uio_name(name).is_some_and(|p| self.wants(&p.dev)) {
                 continue;
             }
-            if let Ok(spec) = self.spec_for(name, minor) {
-                out.push(spec);
+            match self.spec_for(name, minor) {
+                Ok(spec) => out.push(spec),
+                Err(SpecError::SubtypeNotServed(_)) => {}
+                Err(e) => warn!(uio = name, error = %e, "device not served"),
             }
         }
         out
@@ -491,19 +538,46 @@ mod tests {
     fn uio_names() {
         assert_eq!(
             parse_uio_name("tcm-user/1/disk0/rbd/rbd/img;osd_op_timeout=30"),
-            Some((
-                1,
-                "disk0".into(),
-                "rbd".into(),
-                "rbd/img;osd_op_timeout=30".into()
-            ))
+            Some(UioName {
+                hba: 1,
+                dev: "disk0".into(),
+                subtype: "rbd".into(),
+                cfgstring: "rbd/img;osd_op_timeout=30".into()
+            })
         );
         assert_eq!(
             parse_uio_name("tcm-user/0/d/file//tmp/x.img"),
-            Some((0, "d".into(), "file".into(), "/tmp/x.img".into()))
+            Some(UioName {
+                hba: 0,
+                dev: "d".into(),
+                subtype: "file".into(),
+                cfgstring: "/tmp/x.img".into()
+            })
         );
         assert_eq!(parse_uio_name("uio_pci_generic"), None);
         assert_eq!(parse_uio_name("tcm-user/x/d/file/a"), None);
+    }
+
+    #[test]
+    fn devices_not_served_say_why_and_get_their_errno() {
+        let t = tempfile::tempdir().unwrap();
+        fake_sysfs(t.path(), 3, "tcm-user/0/d3/file//tmp/x");
+        let c = Control::new(Arc::new(Registry::new()), t.path(), &t.path().join("cfs"));
+        let e = c.spec_for("uio_pci_generic", 1).unwrap_err();
+        assert_eq!(e, SpecError::NotTcmu("uio_pci_generic".into()));
+        assert_eq!(e.errno(), -libc::EINVAL);
+        let e = c.spec_for("tcm-user/0/d/glfs/vol@host/f", 3).unwrap_err();
+        assert_eq!(e, SpecError::SubtypeNotServed("glfs".into()));
+        assert_eq!(e.errno(), -libc::ENOENT);
+        // uio9 has no sysfs entry: no ring size.
+        let e = c.spec_for("tcm-user/0/d9/file//tmp/x", 9).unwrap_err();
+        assert!(
+            matches!(e, SpecError::NoRingSize(ref p) if p.ends_with("uio9/maps/map0/size")),
+            "{e}"
+        );
+        assert_eq!(e.errno(), -libc::ENODEV);
+        let spec = c.spec_for("tcm-user/0/d3/file//tmp/x", 3).unwrap();
+        assert_eq!((spec.name.as_str(), spec.map_size), ("d3", 0x800000));
     }
 
     fn fake_sysfs(root: &Path, minor: u32, name: &str) {

@@ -36,6 +36,27 @@ pub struct DeviceSpec {
     pub size: Option<u64>,
 }
 
+/// Why an online resize left the capacity as it was.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ResizeError {
+    /// No such device is served.
+    #[error("{0}: not served")]
+    NotServed(String),
+    /// The device's worker did not run the resize.
+    #[error("{0}: worker did not answer")]
+    WorkerGone(String),
+    /// The backend cannot serve the new size.
+    #[error("{dev}: backend cannot serve {size} bytes; capacity stays {capacity}")]
+    Refused {
+        /// Device.
+        dev: String,
+        /// The size asked for.
+        size: u64,
+        /// The capacity served.
+        capacity: u64,
+    },
+}
+
 /// Why a device could not be opened.
 #[derive(Debug, thiserror::Error)]
 pub enum OpenDeviceError {
@@ -293,9 +314,9 @@ impl Registry {
     /// Applies a new size (online resize): the LUN reports the new
     /// capacity and raises CAPACITY DATA HAS CHANGED. Waits for the
     /// worker; an error says why the capacity is unchanged.
-    pub fn resize(&self, name: &str, size: u64) -> Result<(), String> {
+    pub fn resize(&self, name: &str, size: u64) -> Result<(), ResizeError> {
         let Some(cur) = self.spec(name).and_then(|s| s.size) else {
-            return Err(format!("{name}: not served"));
+            return Err(ResizeError::NotServed(name.to_string()));
         };
         if cur == size {
             return Ok(());
@@ -305,11 +326,13 @@ impl Registry {
                 d.resize(size);
                 d.lun_mut().info().geometry.size
             })
-            .ok_or_else(|| format!("{name}: worker did not answer"))?;
+            .ok_or_else(|| ResizeError::WorkerGone(name.to_string()))?;
         if got != size {
-            return Err(format!(
-                "{name}: backend cannot serve {size} bytes; capacity stays {got}"
-            ));
+            return Err(ResizeError::Refused {
+                dev: name.to_string(),
+                size,
+                capacity: got,
+            });
         }
         if let Ok(mut devs) = self.devices.lock() {
             if let Some(r) = devs.get_mut(name) {
