@@ -28,6 +28,9 @@
 
 mod image;
 mod rados;
+// The C declarations, one for one with librados.h and librbd.h, which
+// document each call.
+#[allow(missing_docs)]
 pub mod sys;
 
 pub use image::Image;

@@ -218,13 +218,15 @@ impl Rados {
                 &mut outs_len,
             )
         };
-        // SAFETY: librados allocated these (or left them null) for us to
-        // free with rados_buffer_free; each is read within its length.
+        // librados allocated these (or left them null) for us to free
+        // with rados_buffer_free.
         let take = |p: *mut libc::c_char, n: usize| -> Vec<u8> {
             if p.is_null() {
                 return Vec::new();
             }
+            // SAFETY: a non-null buffer from librados holds `n` bytes.
             let v = unsafe { std::slice::from_raw_parts(p.cast::<u8>(), n) }.to_vec();
+            // SAFETY: librados allocated it for the caller to free, once.
             unsafe { sys::rados_buffer_free(p) };
             v
         };

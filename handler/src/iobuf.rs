@@ -233,10 +233,10 @@ unsafe fn stream_copy(src: *const u8, dst: *mut u8, n: usize) {
     // the ordinary way, then whole 64-byte lines, then the tail.
     let head = dst.align_offset(16).min(n);
     let body = (n - head) / 64 * 64;
-    // SAFETY (all three blocks): every access stays inside `0..n` of both
-    // ranges, which the caller vouches for; `dst + head + i` is 16-byte
-    // aligned because `head` aligned it and `i` steps by 16. SSE2 is part
-    // of the x86_64 baseline.
+    // SAFETY: every access stays inside `0..n` of both ranges, which the
+    // caller vouches for; `dst + head + i` is 16-byte aligned because
+    // `head` aligned it and `i` steps by 16. SSE2 is part of the x86_64
+    // baseline.
     unsafe {
         // The source was usually just written on another core (the kernel
         // copied the initiator's data in): ask for all of its lines at
@@ -286,6 +286,7 @@ mod tests {
     fn copy_across_segments() {
         let mut a = vec![0u8; 5];
         let mut b = vec![0u8; 7];
+        // SAFETY: both vectors outlive `bufs` (dropped before they are read).
         let bufs = unsafe {
             IoBufs::from_raw(
                 &[(a.as_mut_ptr(), a.len()), (b.as_mut_ptr(), b.len())],
@@ -313,6 +314,7 @@ mod tests {
         // around the 16-byte and 64-byte steps of the streaming loop.
         let mut a: Vec<u8> = (0..300u32).map(|i| (i * 7 + 1) as u8).collect();
         let mut b: Vec<u8> = (0..4133u32).map(|i| (i * 13 + 5) as u8).collect();
+        // SAFETY: both vectors outlive `bufs`.
         let bufs = unsafe {
             IoBufs::from_raw(
                 &[(a.as_mut_ptr(), a.len()), (b.as_mut_ptr(), b.len())],

@@ -51,6 +51,8 @@ fn exercise(b: &dyn Backend) {
     assert_eq!(read(b, 4096, 8192), data);
     let mut a = vec![0u8; 1000];
     let mut c = vec![0u8; 3096];
+    // SAFETY: `a` and `c` outlive `split` and are not touched while the
+    // backend writes into it.
     let split = unsafe {
         IoBufs::from_raw(
             &[(a.as_mut_ptr(), a.len()), (c.as_mut_ptr(), c.len())],
