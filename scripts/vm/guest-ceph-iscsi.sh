@@ -143,9 +143,14 @@ t_ci_lock() {
   echo "$out" | grep -q "auto " || { why="no exclusive lock on rbd/$CI_DISK after I/O: $out"; return 1; }
 }
 
-ci_service_owner() {
+ci_service_owner() { # the image's tcmu-runner entry says lock_owner true
   timeout 30 ceph -c "$CEPH_CONF_GUEST" service status --format json 2>/dev/null |
-    grep -q "\"$CI_HOST:rbd/$CI_DISK\": {[^}]*\"lock_owner\": \"true\""
+    /usr/bin/python3 -c '
+import json, sys
+st = json.load(sys.stdin)
+e = st.get("tcmu-runner", {}).get(sys.argv[1], {}).get("status", {})
+sys.exit(0 if e.get("lock_owner") == "true" else 1)
+' "$CI_HOST:rbd/$CI_DISK"
 }
 
 # The mgr's service map holds the per-image entry ceph-iscsi reads.
