@@ -36,8 +36,22 @@ enum Iovs {
 // guarantees stays valid and exclusively ours while the command is in flight
 // (see `from_raw`); moving the view between threads does not change that.
 unsafe impl Send for IoBufs {}
-// SAFETY: as above; concurrent use through `&IoBufs` is the backend's
-// responsibility, exactly as for a raw buffer handed to preadv.
+// SAFETY: as above. `IoBufs` is `Clone + Sync` and writes through `&self`
+// (`copy_in`, `fill_zero`, and librbd/preadv through `iovecs`), so safe
+// code *could* write one buffer from two threads at once. No caller does,
+// by this rule, which every writer keeps: a command's buffer has one
+// writer at a time, in order:
+// - the SCSI core, on the ring worker, before the command reaches a
+//   backend (emulated commands never do);
+// - then the one backend operation it was handed to (ram and file copy
+//   in on their own thread, rbd gives the iovecs to librbd), until that
+//   operation completes;
+// - the only clone that outlives a submission is VERIFY's scratch
+//   buffer (`scsi/rw.rs`), which the core reads after the read into it
+//   completed.
+// The ring takes the buffer back only after the completion. Making
+// writes take `&mut` would state this in types; it is left for when the
+// backend trait next changes.
 unsafe impl Sync for IoBufs {}
 
 impl std::fmt::Debug for IoBufs {
