@@ -506,18 +506,21 @@ impl RbdBackend {
         }
         // librbd's native compare-and-write covers one 512-byte sector.
         if len <= 512 && offset / 512 == (offset + len - 1) / 512 {
-            let fin = self.finisher(s.generation, "compare and write");
-            let g = self.inflight();
+            let c = self.call(s, "compare and write");
             s.image.aio_compare_and_write(
                 offset,
                 contiguous(compare),
                 contiguous(write),
                 move |r, _bufs| {
-                    drop(g);
                     let res = match r {
-                        Ok(()) => Ok(()),
-                        Err(CawError::Miscompare { offset }) => Err(IoError::Miscompare { offset }),
-                        Err(CawError::Other(e)) => fin(Err(e)),
+                        Ok(()) => c(Ok(())),
+                        Err(CawError::Miscompare { offset }) => {
+                            // (Counted out of flight; a miscompare is no
+                            // librbd error.)
+                            let _ = c(Ok(()));
+                            Err(IoError::Miscompare { offset })
+                        }
+                        Err(CawError::Other(e)) => c(Err(e)),
                     };
                     done.complete(res);
                 },
@@ -757,127 +760,134 @@ impl RbdBackend {
             ))));
             return;
         }
-        let gen = s.generation;
         match op {
-            Op::Read { offset, bufs } => {
-                if bufs.is_empty() {
-                    return done.complete(Ok(()));
-                }
-                let want = bufs.len();
-                let fin = self.finisher(gen, "read");
-                let g = self.inflight();
-                s.image.aio_readv(offset, RingBufs(bufs), move |r, _| {
-                    drop(g);
-                    let res = match r {
-                        Ok(n) if n == want => Ok(()),
-                        Ok(n) => Err(IoError::Io {
-                            errno: libc::EIO,
-                            msg: format!("short read: {n} of {want} bytes"),
-                        }),
-                        Err(e) => fin(Err(e)),
-                    };
-                    done.complete(res);
-                });
-            }
-            Op::Write { offset, bufs, fua } => {
-                if bufs.is_empty() {
-                    return done.complete(Ok(()));
-                }
-                let fin = self.finisher(gen, "write");
-                if fua {
-                    let j = Join::new(2, done);
-                    let j2 = Arc::clone(&j);
-                    let g = self.inflight();
-                    s.image.aio_writev(offset, RingBufs(bufs), move |r, _| {
-                        drop(g);
-                        j2.part(fin(r.map(|_| ())));
-                    });
-                    let fin = self.finisher(gen, "flush (FUA)");
-                    let g = self.inflight();
-                    s.image.aio_flush(move |r| {
-                        drop(g);
-                        j.part(fin(r));
-                    });
-                } else {
-                    let g = self.inflight();
-                    s.image.aio_writev(offset, RingBufs(bufs), move |r, _| {
-                        drop(g);
-                        done.complete(fin(r.map(|_| ())));
-                    });
-                }
-            }
-            Op::Flush => {
-                let fin = self.finisher(gen, "flush");
-                let g = self.inflight();
-                s.image.aio_flush(move |r| {
-                    drop(g);
-                    done.complete(fin(r));
-                });
-            }
-            Op::Discard { ranges } => {
-                let ranges: Vec<_> = ranges.into_iter().filter(|r| r.1 > 0).collect();
-                if ranges.is_empty() {
-                    return done.complete(Ok(()));
-                }
-                let j = Join::new(ranges.len(), done);
-                for (off, len) in ranges {
-                    let j = Arc::clone(&j);
-                    let fin = self.finisher(gen, "discard");
-                    let g = self.inflight();
-                    s.image.aio_discard(off, len, move |r| {
-                        drop(g);
-                        j.part(fin(r));
-                    });
-                }
-            }
+            Op::Read { offset, bufs } => self.read(&s, offset, bufs, done),
+            Op::Write { offset, bufs, fua } => self.write(&s, offset, bufs, fua, done),
+            Op::Flush => self.flush(&s, done),
+            Op::Discard { ranges } => self.discard(&s, ranges, done),
             Op::WriteZeroes { offset, len, unmap } => {
-                if len == 0 {
-                    return done.complete(Ok(()));
-                }
-                let fin = self.finisher(gen, "write zeroes");
-                let g = self.inflight();
-                let cb = move |r| {
-                    drop(g);
-                    done.complete(fin(r));
-                };
-                if unmap {
-                    s.image.aio_discard(offset, len, cb);
-                } else {
-                    s.image.aio_write_zeroes(offset, len, true, cb);
-                }
+                self.write_zeroes(&s, offset, len, unmap, done)
             }
             Op::WriteSame {
                 offset,
                 len,
                 pattern,
-            } => {
-                if len == 0 {
-                    return done.complete(Ok(()));
-                }
-                if pattern.is_empty() || len % pattern.len() as u64 != 0 {
-                    return done.complete(Err(IoError::Io {
-                        errno: libc::EINVAL,
-                        msg: format!(
-                            "{}: write same of {len} bytes with a {}-byte pattern",
-                            self.name,
-                            pattern.len()
-                        ),
-                    }));
-                }
-                let fin = self.finisher(gen, "write same");
-                let g = self.inflight();
-                s.image
-                    .aio_writesame(offset, len, contiguous(pattern), move |r, _| {
-                        drop(g);
-                        done.complete(fin(r));
-                    });
-            }
+            } => self.write_same(&s, offset, len, pattern, done),
             Op::CompareAndWrite {
                 offset,
                 compare,
                 write,
             } => self.submit_caw(&s, offset, compare, write, done),
         }
+    }
+
+    /// The completion of one librbd call on session `s`: the call counts
+    /// as in flight until librbd calls back; the result is mapped to an
+    /// [`IoResult`] (noting a blocklisting or a timeout on the way).
+    fn call(
+        &self,
+        s: &Session,
+        what: &'static str,
+    ) -> impl FnOnce(Result<(), rbd_ffi::Error>) -> IoResult + Send + 'static {
+        let fin = self.finisher(s.generation, what);
+        let g = self.inflight();
+        move |r| {
+            drop(g);
+            fin(r)
+        }
+    }
+
+    fn read(&self, s: &Session, offset: u64, bufs: IoBufs, done: Done) {
+        if bufs.is_empty() {
+            return done.complete(Ok(()));
+        }
+        let want = bufs.len();
+        let c = self.call(s, "read");
+        s.image.aio_readv(offset, RingBufs(bufs), move |r, _| {
+            let got = r.as_ref().ok().copied();
+            let res = c(r.map(|_| ())).and_then(|()| match got {
+                Some(n) if n != want => Err(IoError::Io {
+                    errno: libc::EIO,
+                    msg: format!("short read: {n} of {want} bytes"),
+                }),
+                _ => Ok(()),
+            });
+            done.complete(res);
+        });
+    }
+
+    fn write(&self, s: &Session, offset: u64, bufs: IoBufs, fua: bool, done: Done) {
+        if bufs.is_empty() {
+            return done.complete(Ok(()));
+        }
+        let c = self.call(s, "write");
+        if !fua {
+            s.image.aio_writev(offset, RingBufs(bufs), move |r, _| {
+                done.complete(c(r.map(|_| ())));
+            });
+            return;
+        }
+        // FUA: the flush right behind the write (librbd completes it only
+        // after the writes issued before it); the command ends with both.
+        let j = Join::new(2, done);
+        let j2 = Arc::clone(&j);
+        s.image.aio_writev(offset, RingBufs(bufs), move |r, _| {
+            j2.part(c(r.map(|_| ())));
+        });
+        let c = self.call(s, "flush (FUA)");
+        s.image.aio_flush(move |r| j.part(c(r)));
+    }
+
+    fn flush(&self, s: &Session, done: Done) {
+        let c = self.call(s, "flush");
+        s.image.aio_flush(move |r| done.complete(c(r)));
+    }
+
+    fn discard(&self, s: &Session, ranges: Vec<(u64, u64)>, done: Done) {
+        let ranges: Vec<_> = ranges.into_iter().filter(|r| r.1 > 0).collect();
+        if ranges.is_empty() {
+            return done.complete(Ok(()));
+        }
+        let j = Join::new(ranges.len(), done);
+        for (off, len) in ranges {
+            let j = Arc::clone(&j);
+            let c = self.call(s, "discard");
+            s.image.aio_discard(off, len, move |r| j.part(c(r)));
+        }
+    }
+
+    fn write_zeroes(&self, s: &Session, offset: u64, len: u64, unmap: bool, done: Done) {
+        if len == 0 {
+            return done.complete(Ok(()));
+        }
+        let c = self.call(s, "write zeroes");
+        let cb = move |r| done.complete(c(r));
+        if unmap {
+            s.image.aio_discard(offset, len, cb);
+        } else {
+            s.image.aio_write_zeroes(offset, len, true, cb);
+        }
+    }
+
+    fn write_same(&self, s: &Session, offset: u64, len: u64, pattern: IoBufs, done: Done) {
+        if len == 0 {
+            return done.complete(Ok(()));
+        }
+        if pattern.is_empty() || !len.is_multiple_of(pattern.len() as u64) {
+            return done.complete(Err(IoError::Io {
+                errno: libc::EINVAL,
+                msg: format!(
+                    "{}: write same of {len} bytes with a {}-byte pattern",
+                    self.name,
+                    pattern.len()
+                ),
+            }));
+        }
+        let c = self.call(s, "write same");
+        s.image
+            .aio_writesame(offset, len, contiguous(pattern), move |r, _| {
+                done.complete(c(r))
+            });
     }
 }
 
