@@ -525,6 +525,24 @@ impl Daemon {
 }
 
 fn serve(o: Opts) -> i32 {
+    let Some((mut d, sigfd, reg)) = start(o) else {
+        return 1;
+    };
+    if d.o.netlink {
+        d.open_netlink();
+    }
+    if let Err(code) = start_dbus(&mut d, &reg) {
+        return code;
+    }
+    let ino = go_ready(&mut d, &reg);
+    dispatch(&mut d, &sigfd, ino.as_ref(), &reg);
+    shutdown(&mut d, &reg);
+    0
+}
+
+/// Reads the configuration, starts logging, blocks the signals the main
+/// loop takes, writes the pid file and builds the device registry.
+fn start(o: Opts) -> Option<(Daemon, SignalFd, Arc<Registry>)> {
     let loaded = load_config(&o.config);
     let cfg = loaded.as_ref().map(|l| l.0.clone()).unwrap_or_default();
     let target = if o.log_stderr {
@@ -542,7 +560,7 @@ fn serve(o: Opts) -> i32 {
         Ok(s) => s,
         Err(e) => {
             error!(error = %e, "cannot set up signal handling");
-            return 1;
+            return None;
         }
     };
     if let Err(e) = std::fs::create_dir_all(&o.run_dir).and_then(|_| {
@@ -552,7 +570,7 @@ fn serve(o: Opts) -> i32 {
         )
     }) {
         error!(dir = %o.run_dir.display(), error = %e, "cannot write the pid file");
-        return 1;
+        return None;
     }
     let reg = Arc::new(Registry::new());
     reg.set_idle_poll(Duration::from_micros(u64::from(cfg.idle_poll_us)));
@@ -562,53 +580,62 @@ fn serve(o: Opts) -> i32 {
         info!(devices = ?names, "serving only these backstores (--devices)");
         ctl = ctl.with_device_filter(names.clone());
     }
-    let ctl = Arc::new(ctl);
-    let mut d = Daemon {
+    let d = Daemon {
         status: Status {
             dir: o.run_dir.clone(),
             generation: 0,
         },
         o,
-        ctl,
+        ctl: Arc::new(ctl),
         logging,
         cfg,
         nl: None,
         dbus_up: Arc::new(AtomicBool::new(false)),
     };
-    if d.o.netlink {
-        d.open_netlink();
-    }
-    if let Some(bus) = d.o.dbus.clone() {
-        let changer: Arc<dyn dbus::MediumChanger> = Arc::new(ConfigfsMedium { reg: reg.clone() });
-        let first = match dbus::serve(&bus, &crate::backends::handlers(), Some(changer.clone())) {
-            Ok(c) => {
-                info!(name = dbus::BUS_NAME, "D-Bus service registered");
-                d.dbus_up.store(true, Ordering::Relaxed);
-                Some(c)
-            }
-            Err(e @ dbus::DbusError::NameTaken) => {
-                error!(error = %e, "refusing to run next to another TCMU daemon");
-                let _ = std::fs::remove_file(d.o.run_dir.join(PID_FILE));
-                return 1;
-            }
-            Err(e) => {
-                warn!(error = %e, "D-Bus unavailable: targetcli cannot list user: backstores until it is back");
-                None
-            }
-        };
-        if let Err(e) = dbus::supervise(
-            bus,
-            crate::backends::handlers(),
-            Some(changer),
-            first,
-            d.dbus_up.clone(),
-            DBUS_CHECK,
-        ) {
-            error!(error = %e, "cannot start the D-Bus thread");
-            return 1;
+    Some((d, sigfd, reg))
+}
+
+/// Registers the D-Bus service targetcli talks to (if asked) and starts
+/// the thread that keeps it registered. Err: the exit code.
+fn start_dbus(d: &mut Daemon, reg: &Arc<Registry>) -> Result<(), i32> {
+    let Some(bus) = d.o.dbus.clone() else {
+        return Ok(());
+    };
+    let changer: Arc<dyn dbus::MediumChanger> = Arc::new(ConfigfsMedium { reg: reg.clone() });
+    let first = match dbus::serve(&bus, &crate::backends::handlers(), Some(changer.clone())) {
+        Ok(c) => {
+            info!(name = dbus::BUS_NAME, "D-Bus service registered");
+            d.dbus_up.store(true, Ordering::Relaxed);
+            Some(c)
         }
+        Err(e @ dbus::DbusError::NameTaken) => {
+            error!(error = %e, "refusing to run next to another TCMU daemon");
+            let _ = std::fs::remove_file(d.o.run_dir.join(PID_FILE));
+            return Err(1);
+        }
+        Err(e) => {
+            warn!(error = %e, "D-Bus unavailable: targetcli cannot list user: backstores until it is back");
+            None
+        }
+    };
+    if let Err(e) = dbus::supervise(
+        bus,
+        crate::backends::handlers(),
+        Some(changer),
+        first,
+        d.dbus_up.clone(),
+        DBUS_CHECK,
+    ) {
+        error!(error = %e, "cannot start the D-Bus thread");
+        return Err(1);
     }
-    // Devices created before we started (or while we were down).
+    Ok(())
+}
+
+/// Serves the devices that exist (created before this daemon started, or
+/// while none ran), watches the config file and tells systemd it is
+/// ready.
+fn go_ready(d: &mut Daemon, reg: &Registry) -> Option<Inotify> {
     d.ctl.rescan();
     d.write_status(false);
     let ino = watch_config(&d.o.config);
@@ -618,7 +645,72 @@ fn serve(o: Opts) -> i32 {
         netlink = d.nl.is_some(),
         "ready"
     );
+    ino
+}
 
+/// Which of the main loop's inputs are ready.
+struct Ready {
+    signal: bool,
+    netlink: bool,
+    config: bool,
+}
+
+/// Waits up to `timeout` for a signal, a netlink message or a config
+/// file change. None: poll failed for good.
+fn wait_inputs(
+    d: &Daemon,
+    sigfd: &SignalFd,
+    ino: Option<&Inotify>,
+    timeout: Duration,
+) -> Option<Ready> {
+    let mut fds = vec![PollFd::new(sigfd.as_fd(), PollFlags::POLLIN)];
+    if let Some(ch) = &d.nl {
+        fds.push(PollFd::new(ch.fd(), PollFlags::POLLIN));
+    }
+    let ino_idx = ino.map(|i| {
+        fds.push(PollFd::new(i.as_fd(), PollFlags::POLLIN));
+        fds.len() - 1
+    });
+    let ms = u16::try_from(timeout.as_millis()).unwrap_or(u16::MAX);
+    if let Err(e) = nix::poll::poll(&mut fds, PollTimeout::from(ms)) {
+        if e != nix::errno::Errno::EINTR {
+            error!(error = %e, "poll failed");
+            return None;
+        }
+    }
+    let ready = |i: usize| {
+        fds.get(i)
+            .and_then(|f| f.revents())
+            .is_some_and(|r| !r.is_empty())
+    };
+    Some(Ready {
+        signal: ready(0),
+        netlink: d.nl.is_some() && ready(1),
+        config: ino_idx.is_some_and(ready),
+    })
+}
+
+/// Handles the pending signals; true: stop.
+fn take_signals(d: &mut Daemon, sigfd: &SignalFd) -> bool {
+    let mut stop = false;
+    while let Ok(Some(si)) = sigfd.read_signal() {
+        match Signal::try_from(si.ssi_signo as i32) {
+            Ok(Signal::SIGTERM | Signal::SIGINT) => {
+                info!(signal = si.ssi_signo, "stopping");
+                stop = true;
+            }
+            Ok(Signal::SIGHUP) => d.reload("SIGHUP"),
+            Ok(Signal::SIGUSR1) => d.write_status(true),
+            _ => {}
+        }
+    }
+    stop
+}
+
+/// The main loop: kernel events, signals and config changes, until
+/// SIGTERM/SIGINT. Without netlink, sysfs is rescanned and netlink tried
+/// again now and then (the module may be loaded later).
+fn dispatch(d: &mut Daemon, sigfd: &SignalFd, ino: Option<&Inotify>, reg: &Registry) {
     let mut last_scan = Instant::now();
     let mut last_nl_try = Instant::now();
     loop {
@@ -627,55 +719,17 @@ fn serve(o: Opts) -> i32 {
         } else {
             d.o.rescan
         };
-        let (sig_ready, nl_ready, ino_ready) = {
-            let mut fds = vec![PollFd::new(sigfd.as_fd(), PollFlags::POLLIN)];
-            if let Some(ch) = &d.nl {
-                fds.push(PollFd::new(ch.fd(), PollFlags::POLLIN));
-            }
-            let ino_idx = ino.as_ref().map(|i| {
-                fds.push(PollFd::new(i.as_fd(), PollFlags::POLLIN));
-                fds.len() - 1
-            });
-            let ms = u16::try_from(timeout.as_millis()).unwrap_or(u16::MAX);
-            if let Err(e) = nix::poll::poll(&mut fds, PollTimeout::from(ms)) {
-                if e != nix::errno::Errno::EINTR {
-                    error!(error = %e, "poll failed");
-                    break;
-                }
-            }
-            let ready = |i: usize| {
-                fds.get(i)
-                    .and_then(|f| f.revents())
-                    .is_some_and(|r| !r.is_empty())
-            };
-            (
-                ready(0),
-                d.nl.is_some() && ready(1),
-                ino_idx.is_some_and(ready),
-            )
+        let Some(ready) = wait_inputs(d, sigfd, ino, timeout) else {
+            break;
         };
-        let mut stop = false;
-        if sig_ready {
-            while let Ok(Some(si)) = sigfd.read_signal() {
-                match Signal::try_from(si.ssi_signo as i32) {
-                    Ok(Signal::SIGTERM | Signal::SIGINT) => {
-                        info!(signal = si.ssi_signo, "stopping");
-                        stop = true;
-                    }
-                    Ok(Signal::SIGHUP) => d.reload("SIGHUP"),
-                    Ok(Signal::SIGUSR1) => d.write_status(true),
-                    _ => {}
-                }
-            }
-        }
-        if stop {
+        if ready.signal && take_signals(d, sigfd) {
             break;
         }
-        if nl_ready {
+        if ready.netlink {
             d.netlink_ready();
         }
-        if ino_ready {
-            if let Some(i) = &ino {
+        if ready.config {
+            if let Some(i) = ino {
                 if config_changed(i, &d.o.config) {
                     d.reload("file changed");
                 }
@@ -687,7 +741,6 @@ fn serve(o: Opts) -> i32 {
                 reg.poll_resizes();
                 last_scan = Instant::now();
             }
-            // The module may be loaded after we started.
             if d.o.netlink && last_nl_try.elapsed() >= Duration::from_secs(10) {
                 last_nl_try = Instant::now();
                 d.open_netlink();
@@ -697,6 +750,10 @@ fn serve(o: Opts) -> i32 {
             }
         }
     }
+}
+
+/// Drains and stops every device, then the service-map thread.
+fn shutdown(d: &mut Daemon, reg: &Registry) {
     sd_notify("STOPPING=1");
     info!("draining devices");
     // Devices created while no daemon runs must not wait for a reply
@@ -711,7 +768,6 @@ fn serve(o: Opts) -> i32 {
     d.write_status(false);
     let _ = std::fs::remove_file(d.o.run_dir.join(PID_FILE));
     info!("stopped");
-    0
 }
 
 #[cfg(test)]
