@@ -105,12 +105,7 @@ pub struct Control {
 /// admin's `nl_reply_supported=`), so devices created while no daemon
 /// had negotiated replies expect none, ever.
 fn reply_mode(spec: &DeviceSpec) -> Option<i32> {
-    let d = spec.configfs_dir.as_ref()?;
-    std::fs::read_to_string(d.join("attrib/nl_reply_supported"))
-        .ok()?
-        .trim()
-        .parse()
-        .ok()
+    crate::configfs::nl_reply_supported(spec.configfs_dir.as_ref()?)
 }
 
 fn neg(errno: i32) -> i32 {

@@ -354,7 +354,7 @@ impl dbus::MediumChanger for ConfigfsMedium {
             return Err((-libc::ENODEV, format!("{name} has no configfs directory")));
         };
         let write = |attr: &str, val: String| {
-            std::fs::write(dir.join("attrib").join(attr), &val).map_err(|e| {
+            crate::configfs::write_attrib(&dir, attr, &val).map_err(|e| {
                 (
                     -e.raw_os_error().unwrap_or(libc::EIO),
                     format!("{name}: setting {attr}={val}: {e}"),

@@ -730,7 +730,7 @@ pub enum RbdDevice {
 /// exclusive-lock feature is served behind the lock gate: only the gateway
 /// holding the lock writes, whether or not ALUA groups exist yet. `alua`
 /// holds the device's groups (none yet is fine: with
-/// [`SharedAlua::follow_configfs`] groups created later are picked up,
+/// [`SharedAlua::follow`] (from `crate::configfs::ConfigfsGroups`) groups created later are picked up,
 /// and until then the first I/O takes the lock).
 pub fn open_rbd(
     name: &str,

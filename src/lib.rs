@@ -9,6 +9,7 @@
 
 pub mod backends;
 pub mod config;
+pub mod configfs;
 pub mod control;
 pub mod daemon_main;
 pub mod dbus;

@@ -3,6 +3,7 @@
 //! resizing, and closing.
 
 use crate::backends;
+use crate::configfs;
 use crate::device::{Device, IdlePoll, Stats, Stopper, UioDoorbell, WorkerOptions};
 use crate::ring::shm::SharedMem;
 use crate::scsi::LunInfo;
@@ -93,49 +94,6 @@ pub enum OpenDeviceError {
     Device(#[from] crate::device::DeviceError),
 }
 
-fn read_trimmed(p: &Path) -> Option<String> {
-    std::fs::read_to_string(p)
-        .ok()
-        .map(|s| s.trim().to_string())
-}
-
-/// Attributes of a device read from configfs.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct ConfigfsAttrs {
-    /// `attrib/dev_size`.
-    pub size: Option<u64>,
-    /// `attrib/hw_block_size`.
-    pub block_size: Option<u32>,
-    /// `attrib/hw_max_sectors`.
-    pub max_sectors: Option<u32>,
-    /// The unit serial from `wwn/vpd_unit_serial`.
-    pub serial: Option<String>,
-}
-
-/// Reads what the daemon needs from a device's configfs directory.
-pub fn read_configfs(dir: &Path) -> ConfigfsAttrs {
-    let num = |f: &str| read_trimmed(&dir.join(f)).and_then(|s| s.parse::<u64>().ok());
-    let num32 = |f: &str| num(f).and_then(|v| u32::try_from(v).ok());
-    let serial = read_trimmed(&dir.join("wwn/vpd_unit_serial")).and_then(|s| {
-        // "T10 VPD Unit Serial Number: <serial>"
-        s.rsplit(':')
-            .next()
-            .map(|v| v.trim().to_string())
-            .filter(|v| !v.is_empty())
-    });
-    ConfigfsAttrs {
-        size: num("attrib/dev_size"),
-        block_size: num32("attrib/hw_block_size"),
-        max_sectors: num32("attrib/hw_max_sectors"),
-        serial,
-    }
-}
-
-/// Runs a configfs action (`block_dev`, `reset_ring`) on a device.
-fn action(dir: &Path, name: &str, val: &str) -> std::io::Result<()> {
-    std::fs::write(dir.join("action").join(name), val)
-}
-
 /// What [`reset_ring`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RingReset {
@@ -155,7 +113,7 @@ pub enum RingReset {
 /// Once blocked, the device is always unblocked again, or it would queue
 /// every command until cmd_time_out.
 pub fn reset_ring(dir: &Path, name: &str) -> RingReset {
-    match action(dir, "block_dev", "1") {
+    match configfs::action(dir, "block_dev", "1") {
         Ok(()) => {}
         Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
             debug!(dev = %name, "device not configured yet (being added): fresh ring, no reset");
@@ -166,8 +124,8 @@ pub fn reset_ring(dir: &Path, name: &str) -> RingReset {
             return RingReset::Failed;
         }
     }
-    let reset = action(dir, "reset_ring", "1");
-    let unblock = action(dir, "block_dev", "0");
+    let reset = configfs::action(dir, "reset_ring", "1");
+    let unblock = configfs::action(dir, "block_dev", "0");
     if let Err(e) = &unblock {
         error!(dev = %name, error = %e, "could not unblock the device after a ring reset");
     }
@@ -389,7 +347,7 @@ impl Registry {
                 .values()
                 .filter_map(|r| {
                     let dir = r.spec.configfs_dir.as_deref()?;
-                    let size = read_configfs(dir).size?;
+                    let size = configfs::read_configfs(dir).size?;
                     (size != r.size && size > 0).then(|| (r.spec.name.clone(), size))
                 })
                 .collect(),
@@ -456,7 +414,7 @@ fn open_device(spec: &DeviceSpec, idle_poll: &IdlePoll) -> Result<Running, OpenD
     let attrs = spec
         .configfs_dir
         .as_deref()
-        .map(read_configfs)
+        .map(configfs::read_configfs)
         .unwrap_or_default();
     let size = spec
         .size
@@ -474,20 +432,19 @@ fn open_device(spec: &DeviceSpec, idle_poll: &IdlePoll) -> Result<Running, OpenD
     // image's lock; its ALUA groups come from configfs, now or when they
     // are created (ceph-iscsi creates them after enabling the backstore).
     let (backend, ha) = if spec.subtype == "rbd" {
-        use crate::scsi::alua::{AluaConfig, SharedAlua};
+        use crate::scsi::alua::SharedAlua;
         let alua = match &spec.configfs_dir {
             Some(dir) => {
-                let a =
-                    match AluaConfig::from_configfs(dir).map_err(|e| OpenDeviceError::Config {
-                        name: name.clone(),
-                        msg: format!("ALUA groups: {e}"),
-                    })? {
-                        Some(cfg) => SharedAlua::new(cfg),
-                        None => SharedAlua::off(),
-                    };
+                let a = match configfs::alua_config(dir).map_err(|e| OpenDeviceError::Config {
+                    name: name.clone(),
+                    msg: format!("ALUA groups: {e}"),
+                })? {
+                    Some(cfg) => SharedAlua::new(cfg),
+                    None => SharedAlua::off(),
+                };
                 // Fabrics link the LUN after the device opens: RTPG and
                 // VPD 0x83 re-read the member ports, and the groups.
-                a.follow_configfs(dir);
+                a.follow(configfs::ConfigfsGroups::new(dir));
                 a
             }
             None => SharedAlua::off(),
@@ -592,7 +549,7 @@ fn truncate(s: &str, n: usize) -> &str {
 /// config string, so that it is stable across restarts.
 pub fn lun_info(
     spec: &DeviceSpec,
-    attrs: &ConfigfsAttrs,
+    attrs: &configfs::ConfigfsAttrs,
     backend: &dyn Backend,
     map_len: usize,
 ) -> LunInfo {

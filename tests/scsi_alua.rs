@@ -422,7 +422,9 @@ fn fake_configfs(root: &Path) -> std::path::PathBuf {
 fn configfs_groups() {
     let tmp = tempfile::tempdir().unwrap();
     let dev = fake_configfs(tmp.path());
-    let cfg = AluaConfig::from_configfs(&dev).unwrap().expect("groups");
+    let cfg = tcmu_rbd::configfs::alua_config(&dev)
+        .unwrap()
+        .expect("groups");
     assert_eq!(cfg.groups.len(), 2, "default_tg_pt_gp ignored");
     assert_eq!(
         cfg.local,
@@ -482,7 +484,9 @@ fn configfs_tcm_loop_port_without_enable() {
         .path()
         .join("target/loopback/naa.500140512345678a/tpgt_1");
     write(&tpg, "lun/lun_0/statistics/scsi_port/indx", "0x3");
-    let cfg = AluaConfig::from_configfs(&dev).unwrap().expect("group");
+    let cfg = tcmu_rbd::configfs::alua_config(&dev)
+        .unwrap()
+        .expect("group");
     assert_eq!(
         cfg.local,
         LocalPort {
@@ -501,25 +505,29 @@ fn configfs_without_alua_and_with_bad_values() {
     let dev = tmp.path().join("target/core/user_0/d");
     std::fs::create_dir_all(&dev).unwrap();
     assert!(
-        AluaConfig::from_configfs(&dev).unwrap().is_none(),
+        tcmu_rbd::configfs::alua_config(&dev).unwrap().is_none(),
         "no alua dir"
     );
     write(&dev, "alua/default_tg_pt_gp/tg_pt_gp_id", "0");
     assert!(
-        AluaConfig::from_configfs(&dev).unwrap().is_none(),
+        tcmu_rbd::configfs::alua_config(&dev).unwrap().is_none(),
         "only LIO's default"
     );
     let dev = fake_configfs(tmp.path());
     write(&dev, "alua/gw1/alua_access_state", "7");
-    let e = AluaConfig::from_configfs(&dev).unwrap_err().to_string();
+    let e = tcmu_rbd::configfs::alua_config(&dev)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("alua_access_state"), "{e}");
     let dev = fake_configfs(tmp.path());
     write(&dev, "alua/gw1/alua_access_type", "sometimes");
-    let e = AluaConfig::from_configfs(&dev).unwrap_err().to_string();
+    let e = tcmu_rbd::configfs::alua_config(&dev)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("alua_access_type"), "{e}");
     let dev = fake_configfs(tmp.path());
     std::fs::remove_file(dev.join("alua/gw2/tg_pt_gp_id")).unwrap();
-    assert!(AluaConfig::from_configfs(&dev).is_err());
+    assert!(tcmu_rbd::configfs::alua_config(&dev).is_err());
 }
 
 #[test]

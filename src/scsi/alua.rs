@@ -4,8 +4,9 @@
 //!
 //! The port groups come from an [`AluaSource`], swappable so that tests
 //! and the emulator can supply their own. [`SharedAlua`] is the provided
-//! one: its groups are fixed when it is built (in code, or from the
-//! device's `alua/` directory in configfs with [`AluaConfig::from_configfs`])
+//! one: its groups are given when it is built (in code, or read from the
+//! device's `alua/` directory in configfs by `crate::configfs`, which also
+//! re-reads them through a [`GroupSource`]: this module does no file I/O)
 //! and their states live in atomics that another thread (the rbd
 //! exclusive-lock watcher) changes at any time through an [`AluaHandle`].
 //!
@@ -44,7 +45,7 @@
 //! # use std::sync::Arc;
 //! # use tcmu_rbd::scsi::{alua::*, Lun};
 //! # fn f(lun: &mut Lun, dev_dir: &std::path::Path) -> Result<(), AluaConfigError> {
-//! if let Some(cfg) = AluaConfig::from_configfs(dev_dir)? {
+//! if let Some(cfg) = tcmu_rbd::configfs::alua_config(dev_dir)? {
 //!     let alua = SharedAlua::new(cfg);
 //!     let handle = alua.handle(); // for the lock watcher thread
 //!     alua.on_request_active(move || {
@@ -57,7 +58,7 @@
 //! ```
 
 use super::sense::{self, Sense};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
@@ -293,6 +294,18 @@ pub struct AluaConfig {
     pub local: LocalPort,
 }
 
+/// Where a [`SharedAlua`] re-reads its groups and their member ports
+/// (the daemon's configfs reader, `crate::configfs::ConfigfsGroups`;
+/// tests can supply their own). Reading is the source's business: the
+/// SCSI core only takes the values.
+pub trait GroupSource: Send + Sync {
+    /// The groups now (None: no group configured).
+    fn groups(&self) -> Result<Option<AluaConfig>, AluaConfigError>;
+    /// The member ports of group `name` now: (relative target port id,
+    /// enabled on this host), in configfs order.
+    fn members(&self, name: &str) -> Result<Vec<(u16, bool)>, AluaConfigError>;
+}
+
 /// Errors reading ALUA configuration from configfs.
 #[derive(Debug, thiserror::Error)]
 pub enum AluaConfigError {
@@ -312,211 +325,6 @@ pub enum AluaConfigError {
         /// Its contents.
         value: String,
     },
-}
-
-fn read_str(path: &Path) -> Result<String, AluaConfigError> {
-    std::fs::read_to_string(path)
-        .map(|s| s.trim().to_string())
-        .map_err(|source| AluaConfigError::Io {
-            path: path.to_path_buf(),
-            source,
-        })
-}
-
-fn parse_num(path: &Path, s: &str) -> Result<u64, AluaConfigError> {
-    let t = s.trim();
-    let v = if let Some(h) = t.strip_prefix("0x") {
-        u64::from_str_radix(h, 16).ok()
-    } else {
-        t.parse().ok()
-    };
-    v.ok_or_else(|| AluaConfigError::Parse {
-        path: path.to_path_buf(),
-        value: s.to_string(),
-    })
-}
-
-fn read_num(path: &Path) -> Result<u64, AluaConfigError> {
-    parse_num(path, &read_str(path)?)
-}
-
-fn read_num_or(path: &Path, default: u64) -> Result<u64, AluaConfigError> {
-    match std::fs::read_to_string(path) {
-        Ok(s) => parse_num(path, &s),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(default),
-        Err(source) => Err(AluaConfigError::Io {
-            path: path.to_path_buf(),
-            source,
-        }),
-    }
-}
-
-impl AluaConfig {
-    /// Reads the groups of a TCMU device from its configfs directory
-    /// (`.../target/core/user_N/DEV`): each `alua/<group>/` gives
-    /// `tg_pt_gp_id`, `alua_access_state`, `alua_access_status`,
-    /// `alua_access_type`, `preferred`, `implicit_trans_secs`, the
-    /// `alua_support_*` flags and `members` (`fabric/wwn/tpgt_N/lun_M`
-    /// lines). A member port's relative target port id is the LUN's
-    /// `statistics/scsi_port/indx` and its TPG's `enable` says whether it
-    /// is on this host, as tcmu-runner reads them (a TPG without `enable`,
-    /// as tcm_loop's, counts as enabled). The local port is the
-    /// first enabled member. `default_tg_pt_gp` is ignored: LIO creates it
-    /// for every device, so it alone means ALUA was not configured.
-    /// Returns `None` when no group is configured.
-    pub fn from_configfs(dev_dir: &Path) -> Result<Option<AluaConfig>, AluaConfigError> {
-        let alua = dev_dir.join("alua");
-        let root = fabric_root(dev_dir);
-        let rd = match std::fs::read_dir(&alua) {
-            Ok(rd) => rd,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(source) => return Err(AluaConfigError::Io { path: alua, source }),
-        };
-        let mut names: Vec<String> = rd
-            .filter_map(Result::ok)
-            .filter(|e| e.path().is_dir())
-            .filter_map(|e| e.file_name().into_string().ok())
-            .filter(|n| n != "default_tg_pt_gp")
-            .collect();
-        names.sort();
-        let mut groups = Vec::with_capacity(names.len());
-        let mut local = None;
-        for name in names {
-            let g = alua.join(&name);
-            let id = read_num(&g.join("tg_pt_gp_id"))?;
-            let id = u16::try_from(id).map_err(|_| AluaConfigError::Parse {
-                path: g.join("tg_pt_gp_id"),
-                value: id.to_string(),
-            })?;
-            let sp = g.join("alua_access_state");
-            let state = AccessState::from_u8(read_num_or(&sp, 0)? as u8).ok_or_else(|| {
-                AluaConfigError::Parse {
-                    path: sp.clone(),
-                    value: read_str(&sp).unwrap_or_default(),
-                }
-            })?;
-            let status = read_num_or(&g.join("alua_access_status"), 0)
-                .ok()
-                .and_then(|v| u8::try_from(v).ok())
-                .unwrap_or(0);
-            let tp = g.join("alua_access_type");
-            let ty = read_str(&tp)?;
-            // Shown as text ("Implicit and Explicit"), stored as 0..=3.
-            let mode = match ty.to_ascii_lowercase().as_str() {
-                "implicit and explicit" | "3" => AluaMode {
-                    implicit: true,
-                    explicit: true,
-                },
-                "implicit" | "1" => AluaMode {
-                    implicit: true,
-                    explicit: false,
-                },
-                "explicit" | "2" => AluaMode {
-                    implicit: false,
-                    explicit: true,
-                },
-                "none" | "0" => AluaMode::default(),
-                _ => {
-                    return Err(AluaConfigError::Parse {
-                        path: tp,
-                        value: ty,
-                    })
-                }
-            };
-            let preferred = read_num_or(&g.join("preferred"), 0)? != 0;
-            let implicit_trans_secs =
-                read_num_or(&g.join("implicit_trans_secs"), 0)?.min(255) as u8;
-            let mut supported = 0u8;
-            for (file, bit) in [
-                ("alua_support_transitioning", support::T),
-                ("alua_support_offline", support::O),
-                ("alua_support_lba_dependent", support::LBD),
-                ("alua_support_unavailable", support::U),
-                ("alua_support_standby", support::S),
-                ("alua_support_active_nonoptimized", support::AN),
-                ("alua_support_active_optimized", support::AO),
-            ] {
-                let default = u64::from(support::DEFAULT & bit != 0);
-                if read_num_or(&g.join(file), default)? != 0 {
-                    supported |= bit;
-                }
-            }
-            let ports = group_members(&root, &g)?;
-            if local.is_none() {
-                local = ports.iter().find(|p| p.1).map(|p| LocalPort {
-                    group: id,
-                    rel_port: p.0,
-                });
-            }
-            groups.push(GroupConfig {
-                name,
-                id,
-                state,
-                status,
-                preferred,
-                supported,
-                mode,
-                implicit_trans_secs,
-                ports,
-            });
-        }
-        if groups.is_empty() {
-            return Ok(None);
-        }
-        let local = local.unwrap_or(LocalPort {
-            group: groups[0].id,
-            rel_port: groups[0].ports.first().map_or(1, |p| p.0),
-        });
-        Ok(Some(AluaConfig { groups, local }))
-    }
-}
-
-/// The fabric root (`.../target`) of a device directory
-/// (`<root>/core/user_N/DEV`).
-fn fabric_root(dev_dir: &Path) -> PathBuf {
-    dev_dir
-        .parent()
-        .and_then(Path::parent)
-        .and_then(Path::parent)
-        .map(Path::to_path_buf)
-        .unwrap_or_default()
-}
-
-/// The member ports of the group directory `g` (its `members` file): (relative
-/// target port id, enabled here), in the file's order.
-fn group_members(root: &Path, g: &Path) -> Result<Vec<(u16, bool)>, AluaConfigError> {
-    let mut ports = Vec::new();
-    let members = std::fs::read_to_string(g.join("members")).unwrap_or_default();
-    for line in members.lines().map(str::trim).filter(|l| !l.is_empty()) {
-        if let Some(p) = member_port(root, line)? {
-            ports.push(p);
-        }
-    }
-    Ok(ports)
-}
-
-/// Resolves one `members` line, `fabric/wwn/tpgt_N/lun_M`, to the port's
-/// relative target port id and whether its TPG is enabled here.
-fn member_port(root: &Path, line: &str) -> Result<Option<(u16, bool)>, AluaConfigError> {
-    let parts: Vec<&str> = line.split('/').collect();
-    let [fabric, wwn, tpgt, lun] = parts[..] else {
-        return Ok(None);
-    };
-    // LIO shows the iSCSI fabric as "iSCSI" but names its directory "iscsi".
-    let fabric = if fabric == "iSCSI" { "iscsi" } else { fabric };
-    let tpg_dir = root.join(fabric).join(wwn).join(tpgt);
-    let indx = tpg_dir
-        .join("lun")
-        .join(lun)
-        .join("statistics/scsi_port/indx");
-    let port = read_num(&indx)?;
-    let port = u16::try_from(port).map_err(|_| AluaConfigError::Parse {
-        path: indx,
-        value: port.to_string(),
-    })?;
-    // Fabrics without an `enable` attribute (tcm_loop) are always live.
-    let enabled = read_num_or(&tpg_dir.join("enable"), 1)? != 0;
-    Ok(Some((port, enabled)))
 }
 
 struct Slot {
@@ -600,9 +408,9 @@ struct Inner {
     /// groups ([`SharedAlua::reload_groups`]): ceph-iscsi creates them
     /// after the backstore is enabled, so after the daemon opened it.
     slots: RwLock<Vec<Slot>>,
-    /// The device's configfs directory, when member ports are re-read
-    /// from it ([`SharedAlua::follow_configfs`]).
-    configfs: Mutex<Option<PathBuf>>,
+    /// Where groups and member ports are re-read from
+    /// ([`SharedAlua::follow`]).
+    source: Mutex<Option<Arc<dyn GroupSource>>>,
     on_request_active: Mutex<Option<RequestHook>>,
     on_stpg: Mutex<Option<StpgHook>>,
 }
@@ -660,21 +468,22 @@ impl SharedAlua {
                 local_slot: AtomicUsize::new(local_slot.unwrap_or(NO_SLOT)),
                 trans_secs: AtomicU8::new(trans_secs),
                 slots: RwLock::new(make_slots(config.groups)),
-                configfs: Mutex::new(None),
+                source: Mutex::new(None),
                 on_request_active: Mutex::new(None),
                 on_stpg: Mutex::new(None),
             }),
         }
     }
 
-    /// Re-reads the groups' member ports from the device's configfs
-    /// directory `dev_dir` whenever they are reported (REPORT TARGET PORT
-    /// GROUPS, the port designators of VPD page 0x83). The daemon opens a
-    /// device when its backstore is enabled, before any fabric links a LUN
-    /// to it, so the members read at open are usually none.
-    pub fn follow_configfs(&self, dev_dir: &Path) {
-        if let Ok(mut g) = self.inner.configfs.lock() {
-            *g = Some(dev_dir.to_path_buf());
+    /// Re-reads the groups' member ports from `source` whenever they are
+    /// reported (REPORT TARGET PORT GROUPS, the port designators of VPD
+    /// page 0x83), and the groups on [`reload_groups`](Self::reload_groups).
+    /// The daemon opens a device when its backstore is enabled, before any
+    /// fabric links a LUN to it, so the members read at open are usually
+    /// none.
+    pub fn follow(&self, source: Arc<dyn GroupSource>) {
+        if let Ok(mut g) = self.inner.source.lock() {
+            *g = Some(source);
         }
         self.refresh();
     }
@@ -691,21 +500,19 @@ impl SharedAlua {
     }
 
     /// Re-reads the member ports and the local port (see
-    /// [`follow_configfs`](Self::follow_configfs)). When the local port
+    /// [`follow`](Self::follow)). When the local port
     /// moves to another group, that group takes over the local state (the
     /// lock's view does not depend on which group names it) and the old
     /// one is reported Standby.
     fn refresh(&self) {
-        let Some(dev_dir) = self.inner.configfs.lock().ok().and_then(|g| g.clone()) else {
+        let Some(source) = self.inner.source.lock().ok().and_then(|g| g.clone()) else {
             return;
         };
         self.reload_groups();
-        let root = fabric_root(&dev_dir);
         let mut local = None;
         let slots = self.inner.slots();
         for (i, s) in slots.iter().enumerate() {
-            let g = dev_dir.join("alua").join(&s.cfg.name);
-            let ports = match group_members(&root, &g) {
+            let ports = match source.members(&s.cfg.name) {
                 Ok(p) => p,
                 Err(e) => {
                     // A LUN being linked or unlinked: keep what we had.
@@ -838,10 +645,10 @@ impl AluaHandle {
 
     /// See [`SharedAlua::reload_groups`].
     pub fn reload_groups(&self) -> bool {
-        let Some(dir) = self.inner.configfs.lock().ok().and_then(|g| g.clone()) else {
+        let Some(source) = self.inner.source.lock().ok().and_then(|g| g.clone()) else {
             return false;
         };
-        let cfg = match AluaConfig::from_configfs(&dir) {
+        let cfg = match source.groups() {
             Ok(c) => c,
             Err(e) => {
                 tracing::debug!(error = %e, "ALUA groups not readable now");
@@ -1268,133 +1075,6 @@ mod tests {
         let short = rtpg_data(&a, false);
         assert_eq!(&short[..4], &[0, 0, 0, 28]);
         assert_eq!(&short[4..], &d[8..]);
-    }
-
-    fn put(p: &Path, rel: &str, v: &str) {
-        let f = p.join(rel);
-        std::fs::create_dir_all(f.parent().unwrap()).unwrap();
-        std::fs::write(f, format!("{v}\n")).unwrap();
-    }
-
-    /// ceph-iscsi enables the backstore (the daemon opens the device with
-    /// no groups: ALUA off), then creates its groups when it maps the
-    /// disk: `ao` for the owner gateway and `ano<N>` for the others,
-    /// implicit only. The device must follow: groups, TPGS, states.
-    #[test]
-    fn groups_created_after_open_are_followed() {
-        let tmp = tempfile::tempdir().unwrap();
-        let root = tmp.path().join("target");
-        let dev = root.join("core/user_0/disk_1");
-        std::fs::create_dir_all(dev.join("alua/default_tg_pt_gp")).unwrap();
-        let a = SharedAlua::off();
-        a.follow_configfs(&dev);
-        assert!(!a.mode().enabled(), "no groups yet: ALUA off");
-        assert!(!a.reload_groups(), "nothing changed");
-        assert_eq!(a.local_state(), AccessState::ActiveOptimized);
-
-        let tpg1 = root.join("iscsi/iqn.2003-01.com.redhat.iscsi-gw:ceph-igw/tpgt_1");
-        put(&tpg1, "lun/lun_0/statistics/scsi_port/indx", "1");
-        put(&tpg1, "enable", "1");
-        let tpg2 = root.join("iscsi/iqn.2003-01.com.redhat.iscsi-gw:ceph-igw/tpgt_2");
-        put(&tpg2, "lun/lun_0/statistics/scsi_port/indx", "2");
-        put(&tpg2, "enable", "0");
-        for (name, id, state, tpg) in [("ao", 1, 0, 1), ("ano2", 2, 1, 2)] {
-            let g = format!("alua/{name}");
-            put(&dev, &format!("{g}/tg_pt_gp_id"), &id.to_string());
-            put(&dev, &format!("{g}/alua_access_type"), "Implicit");
-            put(&dev, &format!("{g}/alua_access_state"), &state.to_string());
-            put(
-                &dev,
-                &format!("{g}/members"),
-                &format!("iSCSI/iqn.2003-01.com.redhat.iscsi-gw:ceph-igw/tpgt_{tpg}/lun_0"),
-            );
-        }
-        assert!(a.reload_groups(), "the new groups are picked up");
-        assert_eq!(
-            a.mode(),
-            AluaMode {
-                implicit: true,
-                explicit: false
-            }
-        );
-        assert_eq!(a.local_port().group, 1);
-        let mut g: Vec<_> = a
-            .groups()
-            .into_iter()
-            .map(|g| (g.id, g.state, g.ports))
-            .collect();
-        g.sort_by_key(|x| x.0);
-        assert_eq!(
-            g,
-            vec![
-                (1, AccessState::ActiveOptimized, vec![1]),
-                (2, AccessState::ActiveNonOptimized, vec![2]),
-            ]
-        );
-        // A live state survives a reload that changes another group.
-        a.handle().set_local_state(AccessState::Transitioning);
-        put(&dev, "alua/ano2/alua_access_type", "Implicit and Explicit");
-        assert!(a.reload_groups());
-        assert_eq!(a.local_state(), AccessState::Transitioning);
-        // The groups go away (disk unmapped): ALUA off again.
-        std::fs::remove_dir_all(dev.join("alua/ao")).unwrap();
-        std::fs::remove_dir_all(dev.join("alua/ano2")).unwrap();
-        assert!(a.reload_groups());
-        assert!(!a.mode().enabled());
-        assert!(a.groups().is_empty());
-    }
-
-    /// The daemon opens a device before its LUN is linked: the members
-    /// read then are none, RTPG and VPD 0x83 must show the real ports.
-    #[test]
-    fn members_linked_after_open_are_reported() {
-        let tmp = tempfile::tempdir().unwrap();
-        let root = tmp.path().join("target");
-        let dev = root.join("core/user_0/disk_b");
-        for (name, id) in [("gw_a", 11), ("gw_b", 22)] {
-            put(&dev, &format!("alua/{name}/tg_pt_gp_id"), &id.to_string());
-            put(
-                &dev,
-                &format!("alua/{name}/alua_access_type"),
-                "Implicit and Explicit",
-            );
-            put(&dev, &format!("alua/{name}/members"), "");
-        }
-        let cfg = AluaConfig::from_configfs(&dev).unwrap().unwrap();
-        assert!(cfg.groups.iter().all(|g| g.ports.is_empty()));
-        let a = SharedAlua::new(cfg);
-        a.follow_configfs(&dev);
-        // Not linked yet: the fallback local port (first group), no ports.
-        assert_eq!(a.groups().iter().map(|g| g.ports.len()).sum::<usize>(), 0);
-        a.handle().set_local_state(AccessState::Standby);
-        assert_eq!(a.local_port().group, 11);
-        // The fabric links the LUN into gw_b (port 7) and another
-        // gateway's disabled TPG into gw_a (port 3).
-        let tpg = root.join("iscsi/iqn.x/tpgt_1");
-        put(&tpg, "lun/lun_0/statistics/scsi_port/indx", "7");
-        put(&tpg, "enable", "1");
-        let other = root.join("iscsi/iqn.x/tpgt_2");
-        put(&other, "lun/lun_0/statistics/scsi_port/indx", "3");
-        put(&other, "enable", "0");
-        put(&dev, "alua/gw_b/members", "iSCSI/iqn.x/tpgt_1/lun_0");
-        put(&dev, "alua/gw_a/members", "iSCSI/iqn.x/tpgt_2/lun_0");
-        let g = a.groups();
-        assert_eq!(g[0].ports, vec![3]);
-        assert_eq!(g[1].ports, vec![7]);
-        assert_eq!(
-            a.local_port(),
-            LocalPort {
-                group: 22,
-                rel_port: 7
-            }
-        );
-        assert_eq!(a.handle().local_group(), 22);
-        // The local state moved with the local port.
-        assert_eq!(a.local_state(), AccessState::Standby);
-        let d = rtpg_data(&a, false);
-        // Group 22's descriptor: TARGET PORT COUNT 1, port 7.
-        assert_eq!(&d[16..24], &[0x02, support::DEFAULT, 0, 22, 0, 0x02, 0, 1]);
-        assert_eq!(&d[24..28], &[0, 0, 0, 7]);
     }
 
     #[test]

@@ -621,7 +621,7 @@ fn wait_status(f: &tcmu_rbd::failover::Failover, want: &str) -> tcmu_rbd::failov
 #[ignore = "needs the live Ceph cluster: scripts/test-rbd.sh runs it"]
 fn configfs_groups_make_an_ha_device() {
     use tcmu_rbd::failover::{open_rbd, FailoverOptions, RbdDevice};
-    use tcmu_rbd::scsi::alua::{AccessState, AluaConfig, AluaSource, SharedAlua};
+    use tcmu_rbd::scsi::alua::{AccessState, AluaSource, SharedAlua};
     let _ = tracing_subscriber::fmt()
         .with_test_writer()
         .with_ansi(false)
@@ -633,7 +633,7 @@ fn configfs_groups_make_an_ha_device() {
     // Each gateway has its own rados client: devices of one process with
     // the same (conf, id) share one, so the second gateway uses client.tcmu.
     let open = |extra: &str| {
-        let cfg = AluaConfig::from_configfs(&dev)
+        let cfg = tcmu_rbd::configfs::alua_config(&dev)
             .expect("configfs")
             .expect("groups");
         match open_rbd(
@@ -751,7 +751,7 @@ fn ceph_iscsi_groups_created_after_open_engage_the_lock() {
     let img = TestImage::new("alua-ceph-iscsi", 8 << 20);
     let open = |extra: &str, dev: &std::path::Path| {
         let alua = SharedAlua::off();
-        alua.follow_configfs(dev);
+        alua.follow(tcmu_rbd::configfs::ConfigfsGroups::new(dev));
         match open_rbd(
             "disk_1",
             &img.cfg(extra),

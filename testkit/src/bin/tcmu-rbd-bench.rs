@@ -7,7 +7,8 @@
 
 use std::sync::Arc;
 use std::time::Duration;
-use tcmu_rbd::registry::{lun_info, ConfigfsAttrs, DeviceSpec};
+use tcmu_rbd::configfs::ConfigfsAttrs;
+use tcmu_rbd::registry::{lun_info, DeviceSpec};
 use tcmu_rbd_testkit::loadgen::{parse_size, run, Job, Pattern};
 
 fn usage() -> ! {

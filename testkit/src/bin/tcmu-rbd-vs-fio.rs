@@ -23,7 +23,8 @@
 use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
-use tcmu_rbd::registry::{lun_info, ConfigfsAttrs, DeviceSpec};
+use tcmu_rbd::configfs::ConfigfsAttrs;
+use tcmu_rbd::registry::{lun_info, DeviceSpec};
 use tcmu_rbd_testkit::loadgen::{parse_size, run, thread_cpu, Job, Pattern};
 
 struct Case {
