@@ -152,20 +152,67 @@ pub fn run_with(
     job: Job,
     generator_spin: Option<Duration>,
 ) -> Result<Report, LoadError> {
-    let geo = backend.geometry();
-    let bs = geo.block_size as usize;
-    if job.block_size == 0 || !job.block_size.is_multiple_of(bs) || job.queue_depth == 0 {
-        return Err(LoadError::Invalid(format!(
-            "block size {} must be a multiple of {bs}, queue depth > 0",
-            job.block_size
-        )));
+    let shape = Shape::of(&job, backend.geometry())?;
+    let (mut emu, stopper, worker) = start_worker(backend, info, &job)?;
+    let mut gen = Generator::new(&job, shape);
+    let start = Instant::now();
+    let result = gen.drive(&mut emu, start + job.duration, generator_spin);
+    let elapsed = start.elapsed();
+    stopper.stop();
+    let (wr, worker_cpu) = worker
+        .join()
+        .map_err(|_| LoadError::Invalid("worker thread panicked".into()))?;
+    result?;
+    wr?;
+    Ok(gen.report(elapsed, worker_cpu))
+}
+
+/// How a job maps onto the device: blocks per I/O and I/O slots.
+#[derive(Clone, Copy)]
+struct Shape {
+    blocks_per_io: u32,
+    slots: u64,
+}
+
+impl Shape {
+    fn of(job: &Job, geo: tcmu_handler::Geometry) -> Result<Shape, LoadError> {
+        let bs = geo.block_size as usize;
+        if job.block_size == 0 || !job.block_size.is_multiple_of(bs) || job.queue_depth == 0 {
+            return Err(LoadError::Invalid(format!(
+                "block size {} must be a multiple of {bs}, queue depth > 0",
+                job.block_size
+            )));
+        }
+        let blocks_per_io = (job.block_size / bs) as u32;
+        let slots = geo.blocks() / u64::from(blocks_per_io);
+        if slots == 0 {
+            return Err(LoadError::Invalid("device smaller than one I/O".into()));
+        }
+        Ok(Shape {
+            blocks_per_io,
+            slots,
+        })
     }
-    let blocks_per_io = (job.block_size / bs) as u32;
-    let slots = geo.blocks() / u64::from(blocks_per_io);
-    if slots == 0 {
-        return Err(LoadError::Invalid("device smaller than one I/O".into()));
-    }
-    let mut emu = KernelEmu::with_layout(Layout::default())?;
+}
+
+/// The worker's result and its thread CPU time.
+type WorkerResult = (Result<(), tcmu_rbd::device::DeviceError>, Duration);
+
+/// The emulated kernel and a device worker serving `backend` over it, on
+/// its own thread (the daemon's worker, as it runs in production).
+fn start_worker(
+    backend: Arc<dyn Backend>,
+    info: LunInfo,
+    job: &Job,
+) -> Result<
+    (
+        KernelEmu,
+        tcmu_rbd::device::Stopper,
+        std::thread::JoinHandle<WorkerResult>,
+    ),
+    LoadError,
+> {
+    let emu = KernelEmu::with_layout(Layout::default())?;
     let ue = emu.user_end()?;
     let mem = ue.map()?;
     let mut dev = Device::new(
@@ -190,105 +237,157 @@ pub fn run_with(
             let r = dev.run();
             (r, thread_cpu() - t0)
         })?;
+    Ok((emu, stopper, worker))
+}
 
-    let write = matches!(job.pattern, Pattern::RandWrite | Pattern::SeqWrite);
-    let random = matches!(job.pattern, Pattern::RandRead | Pattern::RandWrite);
-    let mut rng = Xorshift(0x9e37_79b9_7f4a_7c15);
-    let payload: Vec<u8> = (0..job.block_size).map(|_| rng.next() as u8).collect();
-    let mut seq = 0u64;
-    let mut submitted_at = vec![Instant::now(); 65536];
-    let mut lat: Vec<u32> = Vec::with_capacity(1 << 22);
-    let mut errors = 0u64;
-    let mut cdb = crate::cdb::rw16(write, 0, blocks_per_io);
+/// The host side of the load: issues commands, reaps them, times them.
+struct Generator {
+    shape: Shape,
+    write: bool,
+    random: bool,
+    block_size: usize,
+    queue_depth: usize,
+    spin: u32,
+    rng: Xorshift,
+    seq: u64,
+    payload: Vec<u8>,
+    cdb: [u8; 16],
+    /// When each command id's batch was queued.
+    submitted_at: Vec<Instant>,
+    /// Latencies, ns.
+    lat: Vec<u32>,
+    errors: u64,
+    ops: u64,
+    outstanding: usize,
+}
 
-    // A command's latency counts from the start of the batch it was queued
-    // in (the kernel makes a batch visible at once, on the kick after it),
-    // so one clock read serves the whole batch.
-    let mut issue =
-        |emu: &mut KernelEmu, at: &mut Vec<Instant>, batch: Instant| -> Result<bool, EmuError> {
-            let slot = if random {
-                rng.next() % slots
-            } else {
-                seq = (seq + 1) % slots;
-                seq
-            };
-            cdb[2..10].copy_from_slice(&(slot * u64::from(blocks_per_io)).to_be_bytes());
-            let data = if write {
-                Data::ToDevice(&payload)
-            } else {
-                Data::FromDevice(job.block_size)
-            };
-            match emu.queue(&cdb, data) {
-                Ok(id) => {
-                    at[id as usize] = batch;
-                    Ok(true)
-                }
-                Err(EmuError::Full) => Ok(false),
-                Err(e) => Err(e),
-            }
+impl Generator {
+    fn new(job: &Job, shape: Shape) -> Generator {
+        let write = matches!(job.pattern, Pattern::RandWrite | Pattern::SeqWrite);
+        let mut rng = Xorshift(0x9e37_79b9_7f4a_7c15);
+        let payload: Vec<u8> = (0..job.block_size).map(|_| rng.next() as u8).collect();
+        Generator {
+            shape,
+            write,
+            random: matches!(job.pattern, Pattern::RandRead | Pattern::RandWrite),
+            block_size: job.block_size,
+            queue_depth: job.queue_depth,
+            spin: job.spin,
+            rng,
+            seq: 0,
+            payload,
+            cdb: crate::cdb::rw16(write, 0, shape.blocks_per_io),
+            submitted_at: vec![Instant::now(); 65536],
+            lat: Vec::with_capacity(1 << 22),
+            errors: 0,
+            ops: 0,
+            outstanding: 0,
+        }
+    }
+
+    /// Queues one command; false when the ring is full. Its latency
+    /// counts from `batch`, the start of the batch it was queued in (the
+    /// kernel makes a batch visible at once, on the kick after it), so
+    /// one clock read serves the whole batch.
+    #[inline]
+    fn issue(&mut self, emu: &mut KernelEmu, batch: Instant) -> Result<bool, EmuError> {
+        let slot = if self.random {
+            self.rng.next() % self.shape.slots
+        } else {
+            self.seq = (self.seq + 1) % self.shape.slots;
+            self.seq
         };
+        let lba = slot * u64::from(self.shape.blocks_per_io);
+        self.cdb[2..10].copy_from_slice(&lba.to_be_bytes());
+        let data = if self.write {
+            Data::ToDevice(&self.payload)
+        } else {
+            Data::FromDevice(self.block_size)
+        };
+        match emu.queue(&self.cdb, data) {
+            Ok(id) => {
+                self.submitted_at[id as usize] = batch;
+                Ok(true)
+            }
+            Err(EmuError::Full) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
 
-    let start = Instant::now();
-    let end = start + job.duration;
-    let mut outstanding = 0usize;
-    let mut ops = 0u64;
-    let result = (|| -> Result<(), LoadError> {
+    /// Reaps what completed; how many.
+    #[inline]
+    fn reap(&mut self, emu: &mut KernelEmu) -> Result<usize, EmuError> {
+        let mut now: Option<Instant> = None;
+        let (errors, lat, at) = (&mut self.errors, &mut self.lat, &self.submitted_at);
+        let n = emu.reap(|r, _| {
+            if r.status != 0 {
+                *errors += 1;
+            }
+            let t = *now.get_or_insert_with(Instant::now);
+            lat.push(t.duration_since(at[r.cmd_id as usize]).as_nanos() as u32);
+        })?;
+        self.ops += n as u64;
+        self.outstanding -= n;
+        Ok(n)
+    }
+
+    /// Waits until at least one command completed: spins (for
+    /// `generator_spin`, or `spin` turns), then sleeps in poll() on the
+    /// doorbell.
+    fn wait_completions(
+        &mut self,
+        emu: &mut KernelEmu,
+        generator_spin: Option<Duration>,
+    ) -> Result<(), EmuError> {
+        loop {
+            let spin_until = generator_spin.map(|d| Instant::now() + d);
+            let mut turns = 0u32;
+            loop {
+                if self.reap(emu)? > 0 {
+                    return Ok(());
+                }
+                turns += 1;
+                let spun_out = match spin_until {
+                    Some(t) => Instant::now() >= t,
+                    None => turns > self.spin.max(1),
+                };
+                if spun_out {
+                    break;
+                }
+                std::hint::spin_loop();
+            }
+            let mut fds = [nix::poll::PollFd::new(
+                emu.doorbell_fd(),
+                nix::poll::PollFlags::POLLIN,
+            )];
+            let _ = nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(1000u16));
+            emu.ack_doorbell();
+        }
+    }
+
+    /// Keeps `queue_depth` commands in flight until `end`, then lets the
+    /// rest finish.
+    fn drive(
+        &mut self,
+        emu: &mut KernelEmu,
+        end: Instant,
+        generator_spin: Option<Duration>,
+    ) -> Result<(), LoadError> {
         let mut batch = Instant::now();
         loop {
-            while outstanding < job.queue_depth {
-                if !issue(&mut emu, &mut submitted_at, batch)? {
+            while self.outstanding < self.queue_depth {
+                if !self.issue(emu, batch)? {
                     break;
                 }
-                outstanding += 1;
+                self.outstanding += 1;
             }
             emu.kick();
-            // Wait for completions: spin, then sleep in poll() on the
-            // doorbell.
-            loop {
-                let spin_until = generator_spin.map(|d| Instant::now() + d);
-                let mut turns = 0u32;
-                let reaped = loop {
-                    let mut now: Option<Instant> = None;
-                    let reaped = emu.reap(|r, _| {
-                        if r.status != 0 {
-                            errors += 1;
-                        }
-                        let t = *now.get_or_insert_with(Instant::now);
-                        lat.push(
-                            t.duration_since(submitted_at[r.cmd_id as usize]).as_nanos() as u32
-                        );
-                    })?;
-                    ops += reaped as u64;
-                    outstanding -= reaped;
-                    if reaped > 0 {
-                        break true;
-                    }
-                    turns += 1;
-                    let spun_out = match spin_until {
-                        Some(t) => Instant::now() >= t,
-                        None => turns > job.spin.max(1),
-                    };
-                    if spun_out {
-                        break false;
-                    }
-                    std::hint::spin_loop();
-                };
-                if reaped {
-                    break;
-                }
-                let mut fds = [nix::poll::PollFd::new(
-                    emu.doorbell_fd(),
-                    nix::poll::PollFlags::POLLIN,
-                )];
-                let _ = nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(1000u16));
-                emu.ack_doorbell();
-            }
+            self.wait_completions(emu, generator_spin)?;
             batch = Instant::now();
             if batch >= end {
                 break;
             }
         }
-        // Let the rest finish.
         let deadline = Instant::now() + Duration::from_secs(10);
         while emu.in_flight() > 0 && Instant::now() < deadline {
             let n = emu.reap(|_, _| {})?;
@@ -297,30 +396,27 @@ pub fn run_with(
             }
         }
         Ok(())
-    })();
-    let elapsed = start.elapsed();
-    stopper.stop();
-    let (wr, worker_cpu) = worker
-        .join()
-        .map_err(|_| LoadError::Invalid("worker thread panicked".into()))?;
-    result?;
-    wr?;
-    lat.sort_unstable();
-    let pct = |p: f64| -> Duration {
-        if lat.is_empty() {
-            return Duration::ZERO;
+    }
+
+    fn report(mut self, elapsed: Duration, worker_cpu: Duration) -> Report {
+        self.lat.sort_unstable();
+        let lat = &self.lat;
+        let pct = |p: f64| -> Duration {
+            if lat.is_empty() {
+                return Duration::ZERO;
+            }
+            let i = ((lat.len() as f64 * p) as usize).min(lat.len() - 1);
+            Duration::from_nanos(u64::from(lat[i]))
+        };
+        Report {
+            ops: self.ops,
+            elapsed,
+            worker_cpu,
+            p50: pct(0.50),
+            p99: pct(0.99),
+            errors: self.errors,
         }
-        let i = ((lat.len() as f64 * p) as usize).min(lat.len() - 1);
-        Duration::from_nanos(u64::from(lat[i]))
-    };
-    Ok(Report {
-        ops,
-        elapsed,
-        worker_cpu,
-        p50: pct(0.50),
-        p99: pct(0.99),
-        errors,
-    })
+    }
 }
 
 #[cfg(test)]
