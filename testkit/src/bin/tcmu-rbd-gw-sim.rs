@@ -241,6 +241,42 @@ fn serve(
     group: u16,
     opts: FailoverOptions,
 ) -> Result<(), String> {
+    let (rbd, fo, alua) = open_gateway(name, cfg, size, group, opts)?;
+    let (mut emu, stop, worker) = start_device(name, fo.backend(), alua)?;
+    let mut host = Host {
+        group,
+        buf: Vec::new(),
+        waiting: VecDeque::new(),
+        inflight: HashMap::new(),
+        eof: false,
+    };
+    let stdin = std::io::stdin();
+    while !(host.eof && host.waiting.is_empty() && host.inflight.is_empty()) {
+        if wait_input(&emu, &stdin, host.eof) {
+            host.read_stdin(&stdin, &fo, &rbd);
+        }
+        host.queue_waiting(&mut emu);
+        emu.ack_doorbell();
+        if let Err(e) = host.reap(&mut emu) {
+            say(format!("- error ring: {e}"));
+            break;
+        }
+    }
+    stop.stop();
+    let _ = worker.join();
+    drop(fo);
+    Ok(())
+}
+
+/// The rbd image behind the failover manager, with this gateway's port
+/// in group `group` of two (both Standby until the lock says otherwise).
+fn open_gateway(
+    name: &str,
+    cfg: &str,
+    size: u64,
+    group: u16,
+    opts: FailoverOptions,
+) -> Result<(Arc<RbdBackend>, Failover, SharedAlua), String> {
     let rbd = Arc::new(RbdBackend::open(cfg, size, BS as u32)?);
     let g = |id: u16| GroupConfig::new(id, AccessState::Standby, vec![(id, id == group)]);
     let alua = SharedAlua::new(AluaConfig {
@@ -252,9 +288,18 @@ fn serve(
     });
     let fo =
         Failover::start(name, Arc::clone(&rbd) as _, &alua, opts).map_err(|e| e.to_string())?;
-    let backend = fo.backend();
+    Ok((rbd, fo, alua))
+}
 
-    let mut emu = KernelEmu::with_layout(Layout {
+type Worker = std::thread::JoinHandle<Result<(), tcmu_rbd::device::DeviceError>>;
+
+/// The emulated kernel and the device worker serving `backend` on it.
+fn start_device(
+    name: &str,
+    backend: Arc<dyn tcmu_handler::Backend>,
+    alua: SharedAlua,
+) -> Result<(KernelEmu, tcmu_rbd::device::Stopper, Worker), String> {
+    let emu = KernelEmu::with_layout(Layout {
         data_size: 16 << 20,
         ..Layout::default()
     })
@@ -284,67 +329,84 @@ fn serve(
         .name("tcmu-worker".into())
         .spawn(move || dev.run())
         .map_err(|e| e.to_string())?;
+    Ok((emu, stop, worker))
+}
 
+/// One line to the driver, flushed at once.
+fn say(s: String) {
     let out = std::io::stdout();
-    let say = |s: String| {
-        let mut o = out.lock();
-        let _ = writeln!(o, "{s}");
-        let _ = o.flush();
-    };
-    let stdin = std::io::stdin();
-    let mut buf = Vec::<u8>::new();
-    let mut waiting: VecDeque<Cmd> = VecDeque::new();
-    let mut inflight: HashMap<u16, Cmd> = HashMap::new();
-    let mut eof = false;
-    while !(eof && waiting.is_empty() && inflight.is_empty()) {
-        let (stdin_ready, _) = {
-            let sfd = stdin.as_fd();
-            let mut fds = vec![PollFd::new(emu.doorbell_fd(), PollFlags::POLLIN)];
-            if !eof {
-                fds.push(PollFd::new(sfd, PollFlags::POLLIN));
-            }
-            let _ = nix::poll::poll(&mut fds, PollTimeout::from(100u16));
-            let r = |f: &PollFd| f.revents().is_some_and(|r| !r.is_empty());
-            (fds.get(1).is_some_and(r), r(&fds[0]))
-        };
-        if stdin_ready {
-            let mut chunk = [0u8; 65536];
-            match nix::unistd::read(stdin.as_raw_fd(), &mut chunk) {
-                Ok(0) => eof = true,
-                Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                Err(nix::errno::Errno::EINTR | nix::errno::Errno::EAGAIN) => {}
-                Err(_) => eof = true,
-            }
-            while let Some(i) = buf.iter().position(|&b| b == b'\n') {
-                let line: Vec<u8> = buf.drain(..=i).collect();
-                let line = String::from_utf8_lossy(&line).trim().to_string();
-                if line.is_empty() {
-                    continue;
-                }
-                let tag = line.split_whitespace().next().unwrap_or("?");
-                match line.split_whitespace().nth(1) {
-                    Some("state") => {
-                        say(format!("{tag} ok {}", fo.status()));
-                        continue;
-                    }
-                    Some("client") => {
-                        say(match rbd.client_addrs() {
-                            Ok(a) => format!("{tag} ok {a}"),
-                            Err(e) => format!("{tag} error {e}"),
-                        });
-                        continue;
-                    }
-                    _ => {}
-                }
-                match parse(&line, group) {
-                    Ok(c) => waiting.push_back(c),
-                    Err((tag, e)) => say(format!("{tag} error {e}")),
-                }
+    let mut o = out.lock();
+    let _ = writeln!(o, "{s}");
+    let _ = o.flush();
+}
+
+/// Waits up to 100 ms for the doorbell or stdin; true if stdin is
+/// readable.
+fn wait_input(emu: &KernelEmu, stdin: &std::io::Stdin, eof: bool) -> bool {
+    let sfd = stdin.as_fd();
+    let mut fds = vec![PollFd::new(emu.doorbell_fd(), PollFlags::POLLIN)];
+    if !eof {
+        fds.push(PollFd::new(sfd, PollFlags::POLLIN));
+    }
+    let _ = nix::poll::poll(&mut fds, PollTimeout::from(100u16));
+    fds.get(1)
+        .is_some_and(|f| f.revents().is_some_and(|r| !r.is_empty()))
+}
+
+/// The driver's side of the ring: commands read from stdin, waiting for
+/// ring space, and in flight.
+struct Host {
+    group: u16,
+    buf: Vec<u8>,
+    waiting: VecDeque<Cmd>,
+    inflight: HashMap<u16, Cmd>,
+    eof: bool,
+}
+
+impl Host {
+    /// Reads what stdin has and handles each complete line.
+    fn read_stdin(&mut self, stdin: &std::io::Stdin, fo: &Failover, rbd: &RbdBackend) {
+        let mut chunk = [0u8; 65536];
+        match nix::unistd::read(stdin.as_raw_fd(), &mut chunk) {
+            Ok(0) => self.eof = true,
+            Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+            Err(nix::errno::Errno::EINTR | nix::errno::Errno::EAGAIN) => {}
+            Err(_) => self.eof = true,
+        }
+        while let Some(i) = self.buf.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = self.buf.drain(..=i).collect();
+            let line = String::from_utf8_lossy(&line).trim().to_string();
+            if !line.is_empty() {
+                self.line(&line, fo, rbd);
             }
         }
-        // Queue what fits in the ring; the rest waits for completions.
+    }
+
+    /// A query (`state`, `client`) is answered at once; a SCSI command
+    /// waits for ring space.
+    fn line(&mut self, line: &str, fo: &Failover, rbd: &RbdBackend) {
+        let tag = line.split_whitespace().next().unwrap_or("?");
+        match line.split_whitespace().nth(1) {
+            Some("state") => return say(format!("{tag} ok {}", fo.status())),
+            Some("client") => {
+                return say(match rbd.client_addrs() {
+                    Ok(a) => format!("{tag} ok {a}"),
+                    Err(e) => format!("{tag} error {e}"),
+                })
+            }
+            _ => {}
+        }
+        match parse(line, self.group) {
+            Ok(c) => self.waiting.push_back(c),
+            Err((tag, e)) => say(format!("{tag} error {e}")),
+        }
+    }
+
+    /// Queues what fits in the ring and kicks; the rest waits for
+    /// completions.
+    fn queue_waiting(&mut self, emu: &mut KernelEmu) {
         let mut queued = false;
-        while let Some(c) = waiting.pop_front() {
+        while let Some(c) = self.waiting.pop_front() {
             let data = if !c.out.is_empty() {
                 Data::ToDevice(&c.out)
             } else if c.in_len > 0 {
@@ -354,38 +416,32 @@ fn serve(
             };
             match emu.queue(&c.cdb, data) {
                 Ok(id) => {
-                    inflight.insert(id, c);
+                    self.inflight.insert(id, c);
                     queued = true;
                 }
                 Err(EmuError::Full) => {
-                    waiting.push_front(c);
+                    self.waiting.push_front(c);
                     break;
                 }
-                Err(e) => {
-                    say(format!("{} error {e}", c.tag));
-                }
+                Err(e) => say(format!("{} error {e}", c.tag)),
             }
         }
         if queued {
             emu.kick();
         }
-        emu.ack_doorbell();
+    }
+
+    /// Answers the completed commands.
+    fn reap(&mut self, emu: &mut KernelEmu) -> Result<(), EmuError> {
         let mut done = Vec::new();
-        let r = emu.reap(|r, data| {
+        emu.reap(|r, data| {
             done.push((r.cmd_id, r.status, r.sense.clone(), data.to_vec()));
-        });
-        if let Err(e) = r {
-            say(format!("- error ring: {e}"));
-            break;
-        }
+        })?;
         for (id, status, sense, data) in done {
-            if let Some(c) = inflight.remove(&id) {
+            if let Some(c) = self.inflight.remove(&id) {
                 say(reply(&c, status, sense.as_deref(), &data));
             }
         }
+        Ok(())
     }
-    stop.stop();
-    let _ = worker.join();
-    drop(fo);
-    Ok(())
 }
