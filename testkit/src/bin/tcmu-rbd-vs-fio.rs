@@ -337,71 +337,113 @@ fn main() {
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .with_writer(std::io::stderr)
         .init();
-    let mut conf = None;
-    let mut pool = "rbd".to_string();
-    let mut image = "tcmu-bench".to_string();
-    let mut size: u64 = 1 << 30;
-    let mut secs = 10u64;
-    let mut repeat = 3usize;
-    let mut with_direct = false;
-    let mut fio_defaults = false;
-    // Two cores serve librbd, the OSD and the ring here: no spinning by
-    // default.
-    let mut spin = 0u32;
-    let mut cases = "randwrite:4k:32,randread:4k:32,write:64k:32,read:64k:32".to_string();
-    let mut args = std::env::args().skip(1);
-    while let Some(a) = args.next() {
-        let mut val = || args.next().unwrap_or_else(|| usage());
-        match a.as_str() {
-            "--conf" => conf = Some(val()),
-            "--pool" => pool = val(),
-            "--image" => image = val(),
-            "--size" => size = parse_size(&val()).unwrap_or_else(|| usage()),
-            "--seconds" => secs = val().parse().unwrap_or_else(|_| usage()),
-            "--cases" => cases = val(),
-            "--direct" => with_direct = true,
-            "--fio-defaults" => fio_defaults = true,
-            "--spin" => spin = val().parse().unwrap_or_else(|_| usage()),
-            "--repeat" => repeat = val().parse().unwrap_or_else(|_| usage()),
-            _ => usage(),
+    let a = Args::parse();
+    let real = prepare_image(&a);
+    let cfg = format!("{};conf={}", a.spec(), a.conf);
+    print_header(&a, real);
+    for c in &a.cases {
+        compare_case(&a, c, &cfg, real);
+    }
+}
+
+/// The command line.
+struct Args {
+    conf: String,
+    pool: String,
+    image: String,
+    size: u64,
+    secs: u64,
+    repeat: usize,
+    with_direct: bool,
+    fio_defaults: bool,
+    spin: u32,
+    cases: Vec<Case>,
+}
+
+impl Args {
+    fn parse() -> Args {
+        let mut conf = None;
+        let mut pool = "rbd".to_string();
+        let mut image = "tcmu-bench".to_string();
+        let mut size: u64 = 1 << 30;
+        let mut secs = 10u64;
+        let mut repeat = 3usize;
+        let mut with_direct = false;
+        let mut fio_defaults = false;
+        // Two cores serve librbd, the OSD and the ring here: no spinning
+        // by default.
+        let mut spin = 0u32;
+        let mut cases = "randwrite:4k:32,randread:4k:32,write:64k:32,read:64k:32".to_string();
+        let mut args = std::env::args().skip(1);
+        while let Some(a) = args.next() {
+            let mut val = || args.next().unwrap_or_else(|| usage());
+            match a.as_str() {
+                "--conf" => conf = Some(val()),
+                "--pool" => pool = val(),
+                "--image" => image = val(),
+                "--size" => size = parse_size(&val()).unwrap_or_else(|| usage()),
+                "--seconds" => secs = val().parse().unwrap_or_else(|_| usage()),
+                "--cases" => cases = val(),
+                "--direct" => with_direct = true,
+                "--fio-defaults" => fio_defaults = true,
+                "--spin" => spin = val().parse().unwrap_or_else(|_| usage()),
+                "--repeat" => repeat = val().parse().unwrap_or_else(|_| usage()),
+                _ => usage(),
+            }
+        }
+        let cases = cases
+            .split(',')
+            .map(|c| {
+                let p: Vec<&str> = c.split(':').collect();
+                let [rw, bs, qd] = p.as_slice() else { usage() };
+                Case {
+                    rw: rw.to_string(),
+                    pattern: rw.parse().unwrap_or_else(|e: String| fail(e)),
+                    bs: parse_size(bs).unwrap_or_else(|| usage()) as usize,
+                    qd: qd.parse().unwrap_or_else(|_| usage()),
+                }
+            })
+            .collect();
+        Args {
+            conf: conf.unwrap_or_else(|| usage()),
+            pool,
+            image,
+            size,
+            secs,
+            repeat,
+            with_direct,
+            fio_defaults,
+            spin,
+            cases,
         }
     }
-    let conf = conf.unwrap_or_else(|| usage());
-    let cases: Vec<Case> = cases
-        .split(',')
-        .map(|c| {
-            let p: Vec<&str> = c.split(':').collect();
-            let [rw, bs, qd] = p.as_slice() else { usage() };
-            Case {
-                rw: rw.to_string(),
-                pattern: rw.parse().unwrap_or_else(|e: String| fail(e)),
-                bs: parse_size(bs).unwrap_or_else(|| usage()) as usize,
-                qd: qd.parse().unwrap_or_else(|_| usage()),
-            }
-        })
-        .collect();
-    let spec = format!("{pool}/{image}");
-    if rbd_cli(&conf, &["info", &spec]).is_err() {
-        rbd_cli(&conf, &["create", "--size", &format!("{size}B"), &spec])
-            .unwrap_or_else(|e| fail(format!("cannot create {spec}: {e}")));
-        // Fill it once, so reads meet allocated objects in both runs.
-        let fill = Case {
-            rw: "write".into(),
-            pattern: Pattern::SeqWrite,
-            bs: 4 << 20,
-            qd: 8,
-        };
+
+    fn spec(&self) -> String {
+        format!("{}/{}", self.pool, self.image)
+    }
+}
+
+/// Creates and fills the image if it does not exist (so reads meet
+/// allocated objects on both sides); returns its size.
+fn prepare_image(a: &Args) -> u64 {
+    let spec = a.spec();
+    if rbd_cli(&a.conf, &["info", &spec]).is_err() {
+        rbd_cli(
+            &a.conf,
+            &["create", "--size", &format!("{}B", a.size), &spec],
+        )
+        .unwrap_or_else(|e| fail(format!("cannot create {spec}: {e}")));
         let st = Command::new("fio")
-            .env("CEPH_CONF", &conf)
+            .env("CEPH_CONF", &a.conf)
             .args([
                 "--name=fill",
                 "--ioengine=rbd",
                 "--clientname=admin",
-                &format!("--pool={pool}"),
-                &format!("--rbdname={image}"),
-                &format!("--rw={}", fill.rw),
-                &format!("--bs={}", fill.bs),
-                &format!("--iodepth={}", fill.qd),
+                &format!("--pool={}", a.pool),
+                &format!("--rbdname={}", a.image),
+                "--rw=write",
+                &format!("--bs={}", 4 << 20),
+                "--iodepth=8",
                 "--output-format=terse",
             ])
             .output()
@@ -413,7 +455,7 @@ fn main() {
             ));
         }
     }
-    let real = rbd_cli(&conf, &["info", "--format", "json", &spec])
+    rbd_cli(&a.conf, &["info", "--format", "json", &spec])
         .ok()
         .and_then(|j| {
             let i = j.find("\"size\":")? + 7;
@@ -423,12 +465,17 @@ fn main() {
                 .parse::<u64>()
                 .ok()
         })
-        .unwrap_or(size);
-    let cfg = format!("{spec};conf={conf}");
+        .unwrap_or(a.size)
+}
+
+fn print_header(a: &Args, real: u64) {
     println!(
-        "image {spec} ({real} bytes), {secs} s per run, {repeat} runs each, same image, \
+        "image {} ({real} bytes), {} s per run, {} runs each, same image, \
          one after the other (ABBA order); medians, the ratios are medians of \
-         each round's ours/fio; fio CEPH_ARGS: {SAME_AS_BACKEND}"
+         each round's ours/fio; fio CEPH_ARGS: {SAME_AS_BACKEND}",
+        a.spec(),
+        a.secs,
+        a.repeat
     );
     println!(
         "{:<10} {:>5} {:>3} | {:>9} {:>9} | {:>9} {:>9} | {:>6} {:>6} | {:>9} | {:>9}",
@@ -444,102 +491,115 @@ fn main() {
         "CPU us/IO",
         "ctxsw/IO"
     );
-    for c in &cases {
-        let mut os = Vec::new();
-        let mut fs = Vec::new();
-        let run_ours = || {
-            ours(&cfg, real, c, secs, spin).unwrap_or_else(|e| fail(format!("{}: ours: {e}", c.rw)))
-        };
-        let run_fio = || {
-            fio(&conf, SAME_AS_BACKEND, &pool, &image, c, secs)
-                .unwrap_or_else(|e| fail(format!("{}: fio: {e}", c.rw)))
-        };
-        // ABBA: neither side always runs first (OSD caches, lock handover).
-        for i in 0..repeat.max(1) {
-            if i % 2 == 0 {
-                os.push(run_ours());
-                fs.push(run_fio());
-            } else {
-                fs.push(run_fio());
-                os.push(run_ours());
-            }
+}
+
+/// Each run's IOPS and p99 (and the CPU split, when known).
+fn runs_text(v: &[Measured]) -> String {
+    v.iter()
+        .map(|m| {
+            let split = m.split.map_or(String::new(), |(w, g)| {
+                format!(" (cpu {:.0}: worker {w:.0} gen {g:.0})", m.cpu_us_per_io)
+            });
+            format!("{:.0}/{:.1}ms{split}", m.iops, m.p99_us / 1000.0)
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn list(v: &[f64]) -> String {
+    v.iter()
+        .map(|x| format!("{x:.2}"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// One case: `repeat` rounds of ours and fio back to back (ABBA), the
+/// medians and the per-round ratios, then the optional extra runs.
+fn compare_case(a: &Args, c: &Case, cfg: &str, real: u64) {
+    let mut os = Vec::new();
+    let mut fs = Vec::new();
+    let run_ours = || {
+        ours(cfg, real, c, a.secs, a.spin).unwrap_or_else(|e| fail(format!("{}: ours: {e}", c.rw)))
+    };
+    let run_fio = || {
+        fio(&a.conf, SAME_AS_BACKEND, &a.pool, &a.image, c, a.secs)
+            .unwrap_or_else(|e| fail(format!("{}: fio: {e}", c.rw)))
+    };
+    // ABBA: neither side always runs first (OSD caches, lock handover).
+    for i in 0..a.repeat.max(1) {
+        if i % 2 == 0 {
+            os.push(run_ours());
+            fs.push(run_fio());
+        } else {
+            fs.push(run_fio());
+            os.push(run_ours());
         }
-        let runs = |v: &[Measured]| {
-            v.iter()
-                .map(|m| {
-                    let split = m.split.map_or(String::new(), |(w, g)| {
-                        format!(" (cpu {:.0}: worker {w:.0} gen {g:.0})", m.cpu_us_per_io)
-                    });
-                    format!("{:.0}/{:.1}ms{split}", m.iops, m.p99_us / 1000.0)
-                })
-                .collect::<Vec<_>>()
-                .join(" ")
-        };
-        // Ratios of the two runs of one round, which ran back to back: load
-        // drifting between rounds moves both sides of a pair alike.
-        let iops_x: Vec<f64> = os
-            .iter()
-            .zip(&fs)
-            .map(|(o, f)| o.iops / f.iops.max(1e-9))
-            .collect();
-        let p99_x: Vec<f64> = os
-            .iter()
-            .zip(&fs)
-            .map(|(o, f)| o.p99_us / f.p99_us.max(1e-9))
-            .collect();
-        let list = |v: &[f64]| {
-            v.iter()
-                .map(|x| format!("{x:.2}"))
-                .collect::<Vec<_>>()
-                .join(" ")
-        };
-        let runs_line = format!(
-            "  runs (IOPS/p99): ours {}; fio {}\n  per-round ratios: IOPS {}; p99 {}",
-            runs(&os),
-            runs(&fs),
-            list(&iops_x),
-            list(&p99_x)
-        );
-        let (o, f) = (median(os), median(fs));
-        let d = with_direct.then(|| {
-            direct(&cfg, real, c, secs).unwrap_or_else(|e| fail(format!("{}: direct: {e}", c.rw)))
-        });
+    }
+    // Ratios of the two runs of one round, which ran back to back: load
+    // drifting between rounds moves both sides of a pair alike.
+    let iops_x: Vec<f64> = os
+        .iter()
+        .zip(&fs)
+        .map(|(o, f)| o.iops / f.iops.max(1e-9))
+        .collect();
+    let p99_x: Vec<f64> = os
+        .iter()
+        .zip(&fs)
+        .map(|(o, f)| o.p99_us / f.p99_us.max(1e-9))
+        .collect();
+    let runs_line = format!(
+        "  runs (IOPS/p99): ours {}; fio {}\n  per-round ratios: IOPS {}; p99 {}",
+        runs_text(&os),
+        runs_text(&fs),
+        list(&iops_x),
+        list(&p99_x)
+    );
+    let (o, f) = (median(os), median(fs));
+    let d = a.with_direct.then(|| {
+        direct(cfg, real, c, a.secs).unwrap_or_else(|e| fail(format!("{}: direct: {e}", c.rw)))
+    });
+    println!(
+        "{:<10} {:>5} {:>3} | {:>9.0} {:>9.0} | {:>7.0}us {:>7.0}us | {:>6.3} {:>6.3} | {:>4.0}/{:<4.0} | {:>4.1}/{:<4.1}",
+        c.rw,
+        format!("{}k", c.bs / 1024),
+        c.qd,
+        o.iops,
+        f.iops,
+        o.p99_us,
+        f.p99_us,
+        median_of(iops_x),
+        median_of(p99_x),
+        o.cpu_us_per_io,
+        f.cpu_us_per_io,
+        o.cs_per_io,
+        f.cs_per_io
+    );
+    println!("{runs_line}");
+    if a.fio_defaults {
+        let f = fio(
+            &a.conf,
+            SAME_BUT_DISPATCH_THREAD,
+            &a.pool,
+            &a.image,
+            c,
+            a.secs,
+        )
+        .unwrap_or_else(|e| fail(format!("{}: fio: {e}", c.rw)));
         println!(
-            "{:<10} {:>5} {:>3} | {:>9.0} {:>9.0} | {:>7.0}us {:>7.0}us | {:>6.3} {:>6.3} | {:>4.0}/{:<4.0} | {:>4.1}/{:<4.1}",
-            c.rw,
-            format!("{}k", c.bs / 1024),
-            c.qd,
-            o.iops,
-            f.iops,
-            o.p99_us,
-            f.p99_us,
-            median_of(iops_x),
-            median_of(p99_x),
-            o.cpu_us_per_io,
-            f.cpu_us_per_io,
-            o.cs_per_io,
-            f.cs_per_io
+            "  (fio with librbd's dispatch thread, rbd_non_blocking_aio=true: {:.0} IOPS, p99 {:.0}us, {:.0} CPU us/IO)",
+            f.iops, f.p99_us, f.cpu_us_per_io
         );
-        println!("{runs_line}");
-        if fio_defaults {
-            let f = fio(&conf, SAME_BUT_DISPATCH_THREAD, &pool, &image, c, secs)
-                .unwrap_or_else(|e| fail(format!("{}: fio: {e}", c.rw)));
-            println!(
-                "  (fio with librbd's dispatch thread, rbd_non_blocking_aio=true: {:.0} IOPS, p99 {:.0}us, {:.0} CPU us/IO)",
-                f.iops, f.p99_us, f.cpu_us_per_io
-            );
-            let f = fio(&conf, "", &pool, &image, c, secs)
-                .unwrap_or_else(|e| fail(format!("{}: fio: {e}", c.rw)));
-            println!(
-                "  (fio with librbd's defaults, writes acknowledged early by its cache: {:.0} IOPS, p99 {:.0}us, {:.0} CPU us/IO)",
-                f.iops, f.p99_us, f.cpu_us_per_io
-            );
-        }
-        if let Some(d) = d {
-            println!(
-                "  (backend alone, no ring: {:.0} IOPS, p99 {:.0}us, {:.0} CPU us/IO, {:.1} ctxsw/IO)",
-                d.iops, d.p99_us, d.cpu_us_per_io, d.cs_per_io
-            );
-        }
+        let f = fio(&a.conf, "", &a.pool, &a.image, c, a.secs)
+            .unwrap_or_else(|e| fail(format!("{}: fio: {e}", c.rw)));
+        println!(
+            "  (fio with librbd's defaults, writes acknowledged early by its cache: {:.0} IOPS, p99 {:.0}us, {:.0} CPU us/IO)",
+            f.iops, f.p99_us, f.cpu_us_per_io
+        );
+    }
+    if let Some(d) = d {
+        println!(
+            "  (backend alone, no ring: {:.0} IOPS, p99 {:.0}us, {:.0} CPU us/IO, {:.1} ctxsw/IO)",
+            d.iops, d.p99_us, d.cpu_us_per_io, d.cs_per_io
+        );
     }
 }
