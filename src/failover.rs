@@ -436,7 +436,6 @@ impl Shared {
     fn lost(&self, why: &str) {
         // Gate first: not one more op reaches librbd on this session.
         self.serving.store(false, Ordering::Release);
-        self.losses.fetch_add(1, Ordering::Relaxed);
         if let Ok(mut g) = self.lost_at.lock() {
             *g = Some(Instant::now());
         }
@@ -445,6 +444,9 @@ impl Shared {
             "exclusive lock lost: serving no more I/O, reopening on a fresh client"
         );
         self.set_local(self.idle_state(), "lock lost");
+        // Counted once the port reports the loss: a status that shows the
+        // loss shows the new state too.
+        self.losses.fetch_add(1, Ordering::Release);
         self.backend.report_lock(false, true);
         *self.lock_view.lock().unwrap_or_else(|e| e.into_inner()) = "lost".into();
         // The session that held the lock: a reopen that already replaced
@@ -487,7 +489,7 @@ impl Shared {
                 *self.lock_view.lock().unwrap_or_else(|e| e.into_inner()) = "mine".into();
                 self.backend.report_lock(true, false);
                 if !t.already {
-                    self.takeovers.fetch_add(1, Ordering::Relaxed);
+                    self.takeovers.fetch_add(1, Ordering::Release);
                 }
                 info!(fenced = ?t.fenced, generation = t.generation, ms, "takeover done: active/optimized");
             }
@@ -602,6 +604,10 @@ impl Failover {
     /// The manager's state now.
     pub fn status(&self) -> FailoverStatus {
         let s = &self.shared;
+        // The counters first: a loss counted is a state already reported
+        // (see `lost`), so this snapshot never shows one without the other.
+        let losses = s.losses.load(Ordering::Acquire);
+        let takeovers = s.takeovers.load(Ordering::Acquire);
         FailoverStatus {
             state: s
                 .alua
@@ -614,8 +620,8 @@ impl Failover {
                 .map(|g| g.clone())
                 .unwrap_or_else(|_| "unknown".into()),
             generation: s.backend.generation(),
-            takeovers: s.takeovers.load(Ordering::Relaxed),
-            losses: s.losses.load(Ordering::Relaxed),
+            takeovers,
+            losses,
             last_takeover_ms: s.last_takeover_ms.lock().ok().and_then(|g| *g),
         }
     }

@@ -555,7 +555,7 @@ fn report_supported_opcodes_one() {
     assert_eq!(&d[..4], &[0, 0x03, 0, 10], "SUPPORT 011b, CDB SIZE 10");
     assert_eq!(
         &d[4..14],
-        &[0x2a, 0xe8, 0xff, 0xff, 0xff, 0xff, 0, 0xff, 0xff, 0]
+        &[0x2a, 0xf8, 0xff, 0xff, 0xff, 0xff, 0, 0xff, 0xff, 0]
     );
     // With RCTD: CTDP and the timeouts descriptor after the usage data.
     let d = t.good_in(&rsoc(1, true, 0x2a, 0, 64), 64);
@@ -592,4 +592,79 @@ fn report_supported_opcodes_one() {
     assert_eq!(d[1] & 0x07, 0x01);
     let s = nd.sense(&[0x42, 0, 0, 0, 0, 0, 0, 0, 24, 0], vec![0; 24]);
     assert_sense(&s, 5, 0x20, 0);
+}
+
+/// The CDB usage data REPORT SUPPORTED OPERATION CODES reports and what
+/// the decoders accept come from one table (`scsi::opcodes::COMMANDS`):
+/// every flag (byte 1) and control-byte bit outside a command's usage
+/// data is refused with ILLEGAL REQUEST / INVALID FIELD IN CDB pointing at
+/// that byte and bit, for every command the LUN serves.
+#[test]
+fn bits_outside_the_usage_data_are_refused_for_every_command() {
+    use tcmu_rbd::scsi::opcodes::COMMANDS;
+    let mut drift = Vec::new();
+    for k in COMMANDS {
+        for byte in [1, k.usage.len() - 1] {
+            for bit in 0..8u8 {
+                let mask = 1u8 << bit;
+                if k.usage[byte] & mask != 0 {
+                    continue;
+                }
+                // A CDB that is valid as far as usage goes: opcode and
+                // service action, everything else zero.
+                let mut cdb = k.usage.to_vec();
+                cdb.iter_mut().skip(1).for_each(|b| *b = 0);
+                if let Some(sa) = k.sa {
+                    cdb[1] = sa;
+                }
+                if (byte == 1 && k.sa.is_some() && mask & 0x1f != 0) || cdb[byte] & mask != 0 {
+                    continue; // the service action field itself
+                }
+                cdb[byte] |= mask;
+                let mut t = T::with_alua_explicit(64);
+                let (r, _) = t.run(&cdb, vec![0u8; 4096]);
+                let ok = r.status == 2
+                    && r.sense.as_ref().is_some_and(|s| {
+                        let f = s.to_fixed();
+                        f[2] & 0x0f == 5
+                            && f[12] == 0x24
+                            && f[15] == 0xc8 | bit
+                            && usize::from(u16::from_be_bytes([f[16], f[17]])) == byte
+                    });
+                if !ok {
+                    drift.push(format!(
+                        "{:02x}{} byte {byte} bit {bit}: status {}",
+                        k.opcode,
+                        k.sa.map_or(String::new(), |s| format!("/{s:02x}")),
+                        r.status
+                    ));
+                }
+            }
+        }
+    }
+    assert!(
+        drift.is_empty(),
+        "accepted outside the usage data:\n{}",
+        drift.join("\n")
+    );
+}
+
+/// DPO (byte 1 bit 4), which every read, write, verify and compare
+/// command's usage data shows, is accepted by each of them.
+#[test]
+fn dpo_is_accepted_where_the_usage_data_shows_it() {
+    use tcmu_rbd::scsi::opcodes::COMMANDS;
+    // READ/WRITE(10/12/16), WRITE AND VERIFY, VERIFY, COMPARE AND WRITE.
+    for op in [
+        0x28, 0x2a, 0x2e, 0x2f, 0x88, 0x89, 0x8a, 0x8e, 0x8f, 0xa8, 0xaa,
+    ] {
+        let k = COMMANDS.iter().find(|k| k.opcode == op).unwrap();
+        assert_eq!(k.usage[1] & 0x10, 0x10, "usage data of {op:02x} lacks DPO");
+        let mut cdb = vec![0u8; k.usage.len()];
+        cdb[0] = op;
+        cdb[1] = 0x10;
+        let mut t = T::new(64);
+        let (r, _) = t.run(&cdb, vec![0u8; 4096]);
+        assert_eq!(r.status, 0, "{op:02x} with DPO: {r:?}");
+    }
 }

@@ -456,6 +456,37 @@ fn caw(lba: u64, n: u8, fua: bool) -> [u8; 16] {
     c
 }
 
+/// SBC-4: a COMPARE AND WRITE longer than the MAXIMUM COMPARE AND WRITE
+/// LENGTH the Block Limits page reports ends with ILLEGAL REQUEST /
+/// INVALID FIELD IN CDB pointing at NUMBER OF LOGICAL BLOCKS (byte 13),
+/// and reaches no backend; one of exactly that length is executed.
+#[test]
+fn compare_and_write_longer_than_the_block_limits_is_refused() {
+    let mut t = T::new(4096);
+    let b0 = t.good_in(&[0x12, 1, 0xb0, 0, 64, 0], 64);
+    assert_eq!(b0[1], 0xb0);
+    let max = b0[5];
+    assert!(max >= 1, "MAXIMUM COMPARE AND WRITE LENGTH is 0");
+    if max < 255 {
+        let n = max + 1;
+        let buf = vec![0u8; 2 * usize::from(n) * BS as usize];
+        let s = t.sense(&caw(0, n, false), buf);
+        assert_sense(&s, 0x05, 0x24, 0x00);
+        assert_eq!(s[15] & 0xc7, 0xc7, "SKSV, C/D = CDB, BPV, bit 7: {s:?}");
+        assert_eq!(u16::from_be_bytes([s[16], s[17]]), 13, "field pointer");
+        assert!(t.ops().is_empty(), "a refused CAW reached the backend");
+    }
+    let buf = vec![0u8; 2 * usize::from(max) * BS as usize];
+    t.good(&caw(0, max, false), &buf);
+    assert_eq!(
+        t.ops(),
+        vec![Rec::Caw {
+            off: 0,
+            len: u64::from(max) * BS
+        }]
+    );
+}
+
 #[test]
 fn compare_and_write() {
     let mut t = T::new(1000);

@@ -232,6 +232,11 @@ impl Lun {
                 return refused;
             }
         }
+        // Flags and control bits the usage data does not show (the one
+        // table RSOC reports from).
+        if let Some(s) = opcodes::unused_bits(cdb) {
+            return Outcome::check(s);
+        }
         if let Some(o) = self.fast_rw(cdb, bufs) {
             return o;
         }

@@ -1,6 +1,13 @@
 //! REPORT SUPPORTED OPERATION CODES (SPC-4 6.35): the commands this LUN
 //! serves, with their CDB usage data (a bit is set where the device
 //! server looks at the CDB).
+//!
+//! The same table decides what the decoders accept ([`unused_bits`]): a
+//! bit of byte 1 (the flags: DPO, FUA, BYTCHK, ...) or of the control
+//! byte that the usage data does not show ends the command with ILLEGAL
+//! REQUEST / INVALID FIELD IN CDB before any decoder sees it, so what
+//! RSOC reports and what the LUN does cannot drift apart. Other
+//! reserved bytes are not checked (SPC-4 does not require it).
 
 use super::cdb::{op, sa, Cdb};
 use super::sense::{invalid_cdb, Sense};
@@ -58,31 +65,31 @@ pub const COMMANDS: &[Command] = &[
         op::READ_10,
         None,
         Always,
-        [0x28, 0xe8, FF, FF, FF, FF, 0, FF, FF, 0]
+        [0x28, 0xf8, FF, FF, FF, FF, 0, FF, FF, 0]
     ),
     cmd!(
         op::WRITE_10,
         None,
         Always,
-        [0x2a, 0xe8, FF, FF, FF, FF, 0, FF, FF, 0]
+        [0x2a, 0xf8, FF, FF, FF, FF, 0, FF, FF, 0]
     ),
     cmd!(
         op::WRITE_VERIFY_10,
         None,
         Always,
-        [0x2e, 0xe0, FF, FF, FF, FF, 0, FF, FF, 0]
+        [0x2e, 0xf2, FF, FF, FF, FF, 0, FF, FF, 0]
     ),
     cmd!(
         op::VERIFY_10,
         None,
         Always,
-        [0x2f, 0xe6, FF, FF, FF, FF, 0, FF, FF, 0]
+        [0x2f, 0xf6, FF, FF, FF, FF, 0, FF, FF, 0]
     ),
     cmd!(
         op::SYNC_CACHE_10,
         None,
         Always,
-        [0x35, 0, FF, FF, FF, FF, 0, FF, FF, 0]
+        [0x35, 0x02, FF, FF, FF, FF, 0, FF, FF, 0]
     ),
     cmd!(
         op::WRITE_SAME_10,
@@ -112,37 +119,37 @@ pub const COMMANDS: &[Command] = &[
         op::READ_16,
         None,
         Always,
-        [0x88, 0xe8, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, 0, 0]
+        [0x88, 0xf8, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, 0, 0]
     ),
     cmd!(
         op::COMPARE_AND_WRITE,
         None,
         Always,
-        [0x89, 0xe8, FF, FF, FF, FF, FF, FF, FF, FF, 0, 0, 0, FF, 0, 0]
+        [0x89, 0xf8, FF, FF, FF, FF, FF, FF, FF, FF, 0, 0, 0, FF, 0, 0]
     ),
     cmd!(
         op::WRITE_16,
         None,
         Always,
-        [0x8a, 0xe8, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, 0, 0]
+        [0x8a, 0xf8, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, 0, 0]
     ),
     cmd!(
         op::WRITE_VERIFY_16,
         None,
         Always,
-        [0x8e, 0xe0, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, 0, 0]
+        [0x8e, 0xf2, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, 0, 0]
     ),
     cmd!(
         op::VERIFY_16,
         None,
         Always,
-        [0x8f, 0xe6, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, 0, 0]
+        [0x8f, 0xf6, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, 0, 0]
     ),
     cmd!(
         op::SYNC_CACHE_16,
         None,
         Always,
-        [0x91, 0, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, 0, 0]
+        [0x91, 0x02, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, 0, 0]
     ),
     cmd!(
         op::WRITE_SAME_16,
@@ -178,15 +185,74 @@ pub const COMMANDS: &[Command] = &[
         op::READ_12,
         None,
         Always,
-        [0xa8, 0xe8, FF, FF, FF, FF, FF, FF, FF, FF, 0, 0]
+        [0xa8, 0xf8, FF, FF, FF, FF, FF, FF, FF, FF, 0, 0]
     ),
     cmd!(
         op::WRITE_12,
         None,
         Always,
-        [0xaa, 0xe8, FF, FF, FF, FF, FF, FF, FF, FF, 0, 0]
+        [0xaa, 0xf8, FF, FF, FF, FF, FF, FF, FF, FF, 0, 0]
     ),
 ];
+
+/// Index + 1 into [`COMMANDS`] of each opcode's first entry (0: not
+/// served), built at compile time: the lookup on every command's path is
+/// one load.
+const FIRST: [u8; 256] = {
+    let mut t = [0u8; 256];
+    let mut i = COMMANDS.len();
+    while i > 0 {
+        i -= 1;
+        t[COMMANDS[i].opcode as usize] = (i + 1) as u8;
+    }
+    t
+};
+
+/// The table entry for `cdb` (opcode, and service action where the
+/// opcode has them); None for commands this table does not list.
+#[inline]
+fn lookup(cdb: &[u8]) -> Option<&'static Command> {
+    let &opcode = cdb.first()?;
+    let first = FIRST[opcode as usize];
+    if first == 0 {
+        return None;
+    }
+    let k = &COMMANDS[first as usize - 1];
+    if k.sa.is_none() {
+        return Some(k);
+    }
+    let sa = cdb.get(1)? & 0x1f;
+    COMMANDS[first as usize - 1..]
+        .iter()
+        .take_while(|k| k.opcode == opcode)
+        .find(|k| k.sa == Some(sa))
+}
+
+/// The sense for a CDB with a bit set, in byte 1 or the control byte,
+/// that its command's usage data does not show (None: none, or not a
+/// command of this table, or too short: its decoder answers).
+#[inline]
+pub fn unused_bits(cdb: &[u8]) -> Option<Sense> {
+    let k = lookup(cdb)?;
+    let len = k.usage.len();
+    if cdb.len() < len {
+        return None;
+    }
+    // The service action field is the command's own, not a flag.
+    let sa_bits = if k.sa.is_some() { 0x1f } else { 0 };
+    let bad = cdb[1] & !k.usage[1] & !sa_bits;
+    if bad != 0 {
+        return Some(invalid_cdb(1, Some(7 - bad.leading_zeros() as u8)));
+    }
+    let bad = cdb[len - 1] & !k.usage[len - 1];
+    if bad != 0 {
+        return Some(invalid_cdb(
+            (len - 1) as u16,
+            Some(7 - bad.leading_zeros() as u8),
+        ));
+    }
+    None
+}
 
 /// Whether an opcode has service actions.
 fn has_sa(opcode: u8) -> bool {

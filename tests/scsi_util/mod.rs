@@ -129,6 +129,25 @@ impl T {
         Self::with_caps(blocks, caps_all())
     }
 
+    /// With ALUA on (one Active/Optimized group, implicit and explicit),
+    /// so that RTPG and STPG are served too.
+    pub fn with_alua_explicit(blocks: u64) -> T {
+        use tcmu_rbd::scsi::alua::{AccessState, AluaConfig, GroupConfig, LocalPort, SharedAlua};
+        let mut t = Self::new(blocks);
+        t.lun.set_alua(Arc::new(SharedAlua::new(AluaConfig {
+            groups: vec![GroupConfig::new(
+                1,
+                AccessState::ActiveOptimized,
+                vec![(1, true)],
+            )],
+            local: LocalPort {
+                group: 1,
+                rel_port: 1,
+            },
+        })));
+        t
+    }
+
     pub fn with_caps(blocks: u64, caps: Caps) -> T {
         let be = Arc::new(Recorder {
             ram: RamBackend::new(blocks * BS, BS as u32).expect("ram"),
