@@ -15,7 +15,10 @@
 //! And `service_map` (`per_image`, the default, or `off`): whether each
 //! rbd image gets the `tcmu-runner` service-map entry ceph-iscsi and the
 //! Ceph dashboard read (see `tcmu_handler::rbd::service`); it applies to
-//! images opened after a change.
+//! images opened after a change. And `ha_pr` (`refuse`, the default, or
+//! `keep`): whether devices gated on an rbd exclusive lock refuse
+//! persistent reservations, which gateways cannot share (see
+//! `registry::ha_pr`); it applies to devices opened after a change.
 //! Other keys are noted and ignored, a malformed line gets a
 //! warning naming it, and everything else in the file still applies.
 //!
@@ -60,6 +63,9 @@ pub struct Config {
     pub idle_poll_us: u32,
     /// Per-image `tcmu-runner` service-map entries (`service_map`).
     pub service_map: bool,
+    /// Keep persistent reservations on lock-gated rbd devices (`ha_pr =
+    /// keep`; refused by default).
+    pub keep_ha_pr: bool,
 }
 
 impl Default for Config {
@@ -69,6 +75,7 @@ impl Default for Config {
             log_dir: PathBuf::from(DEFAULT_LOG_DIR),
             idle_poll_us: DEFAULT_IDLE_POLL_US,
             service_map: true,
+            keep_ha_pr: false,
         }
     }
 }
@@ -193,9 +200,15 @@ pub fn parse(text: &str) -> (Config, Vec<Note>) {
                     true,
                 ),
             },
-            ("log_level" | "log_dir" | "log_dir_path" | "idle_poll_us" | "service_map", None) => {
-                note(format!("{key} needs a value (`{key} = ...`)"), true)
-            }
+            ("ha_pr", Some(v)) => match unquote(v) {
+                "refuse" => cfg.keep_ha_pr = false,
+                "keep" => cfg.keep_ha_pr = true,
+                other => note(format!("ha_pr is refuse or keep, got {other:?}"), true),
+            },
+            (
+                "log_level" | "log_dir" | "log_dir_path" | "idle_poll_us" | "service_map" | "ha_pr",
+                None,
+            ) => note(format!("{key} needs a value (`{key} = ...`)"), true),
             _ => note(format!("unknown option {key:?} ignored"), false),
         }
     }
@@ -475,6 +488,19 @@ mod tests {
         assert!(!cfg.service_map, "a bad value leaves the last good one");
         assert!(
             notes[0].malformed && notes[0].msg.contains("\"sometimes\""),
+            "{notes:?}"
+        );
+    }
+
+    #[test]
+    fn ha_pr_is_refused_unless_kept() {
+        assert!(!parse("").0.keep_ha_pr);
+        assert!(parse("ha_pr = keep\n").0.keep_ha_pr);
+        assert!(!parse("ha_pr = keep\nha_pr = refuse\n").0.keep_ha_pr);
+        let (cfg, notes) = parse("ha_pr = maybe\n");
+        assert!(!cfg.keep_ha_pr);
+        assert!(
+            notes[0].malformed && notes[0].msg.contains("\"maybe\""),
             "{notes:?}"
         );
     }

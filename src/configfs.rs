@@ -69,6 +69,14 @@ pub fn write_attrib(dev_dir: &Path, attr: &str, val: &str) -> std::io::Result<()
     std::fs::write(dev_dir.join("attrib").join(attr), val)
 }
 
+/// Turns the kernel's emulation of persistent reservations (SPC-3 PR and
+/// SPC-2 RESERVE/RELEASE) on or off for the device (`attrib/emulate_pr`;
+/// off, the kernel refuses those commands itself). The kernel takes a
+/// change only while the device is not exported through any LUN.
+pub fn set_pr_emulation(dev_dir: &Path, on: bool) -> std::io::Result<()> {
+    write_attrib(dev_dir, "emulate_pr", if on { "1" } else { "0" })
+}
+
 // --- ALUA port groups ------------------------------------------------------
 
 fn read_str(path: &Path) -> Result<String, AluaConfigError> {

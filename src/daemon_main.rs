@@ -475,6 +475,7 @@ impl Daemon {
             .registry()
             .set_idle_poll(Duration::from_micros(u64::from(cfg.idle_poll_us)));
         tcmu_handler::rbd::service::set_enabled(cfg.service_map);
+        self.ctl.registry().set_keep_ha_pr(cfg.keep_ha_pr);
         info!(reason = why, log_level = cfg.log_level, log_dir = %cfg.log_dir.display(), idle_poll_us = cfg.idle_poll_us, service_map = cfg.service_map, "configuration reloaded");
         debug!("debug logging is on");
         self.cfg = cfg;
@@ -575,6 +576,7 @@ fn start(o: Opts) -> Option<(Daemon, SignalFd, Arc<Registry>)> {
     let reg = Arc::new(Registry::new());
     reg.set_idle_poll(Duration::from_micros(u64::from(cfg.idle_poll_us)));
     tcmu_handler::rbd::service::set_enabled(cfg.service_map);
+    reg.set_keep_ha_pr(cfg.keep_ha_pr);
     let mut ctl = Control::new(reg.clone(), &o.sysfs, &o.configfs);
     if let Some(names) = &o.devices {
         info!(devices = ?names, "serving only these backstores (--devices)");

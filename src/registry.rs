@@ -159,6 +159,10 @@ pub struct Registry {
     /// Failover managers of removed devices, stopping in the background
     /// (see [`Registry::remove`]); joined by [`Registry::stop_all`].
     retiring: Mutex<Vec<JoinHandle<()>>>,
+    /// tcmu.conf's `ha_pr = keep`: leave the kernel's PR emulation on for
+    /// lock-gated rbd devices (by default it is turned off, see
+    /// [`crate::configfs::set_pr_emulation`]).
+    keep_ha_pr: std::sync::atomic::AtomicBool,
 }
 
 /// A device's state for status output.
@@ -192,6 +196,14 @@ impl Registry {
         self.idle_poll.set(d);
     }
 
+    /// Whether devices opened from now on that are gated on an rbd
+    /// exclusive lock keep the kernel's persistent reservations
+    /// (tcmu.conf `ha_pr = keep`) or refuse them (`refuse`, the default).
+    pub fn set_keep_ha_pr(&self, keep: bool) {
+        self.keep_ha_pr
+            .store(keep, std::sync::atomic::Ordering::Relaxed);
+    }
+
     /// Opens `spec` and starts serving it. A device already served under
     /// that name is left alone.
     pub fn add(&self, spec: DeviceSpec) -> Result<(), OpenDeviceError> {
@@ -205,7 +217,8 @@ impl Registry {
             info!(dev = %spec.name, "already served");
             return Ok(());
         }
-        let running = open_device(&spec, &self.idle_poll)?;
+        let keep_pr = self.keep_ha_pr.load(std::sync::atomic::Ordering::Relaxed);
+        let running = open_device(&spec, &self.idle_poll, keep_pr)?;
         devs.insert(spec.name.clone(), running);
         Ok(())
     }
@@ -399,7 +412,43 @@ impl Registry {
     }
 }
 
-fn open_device(spec: &DeviceSpec, idle_poll: &IdlePoll) -> Result<Running, OpenDeviceError> {
+/// Persistent reservations on a device gated on an rbd exclusive lock.
+/// The kernel emulates them in each gateway separately (TCMU entries carry
+/// no I_T nexus, so no handler can): after an ALUA failover the new
+/// gateway knows none of the old one's, and a cluster that fences with PR
+/// would lose its fence without a word. So they are refused (the kernel's
+/// emulation off: PERSISTENT RESERVE IN/OUT and RESERVE/RELEASE end with
+/// ILLEGAL REQUEST, INVALID COMMAND OPERATION CODE) unless tcmu.conf says
+/// `ha_pr = keep`.
+fn ha_pr(name: &str, dir: &Path, keep: bool) {
+    if keep {
+        warn!(
+            dev = %name,
+            "persistent reservations kept on an HA device (ha_pr = keep): each gateway's kernel \
+             keeps its own; a failover loses them"
+        );
+        return;
+    }
+    match configfs::set_pr_emulation(dir, false) {
+        Ok(()) => info!(
+            dev = %name,
+            "persistent reservations refused on this HA device: gateways cannot share them \
+             (tcmu.conf ha_pr = keep to allow them)"
+        ),
+        Err(e) => warn!(
+            dev = %name,
+            error = %e,
+            "cannot turn off the kernel's PR emulation (the LUN is already exported?): \
+             persistent reservations stay on, and are not shared between gateways"
+        ),
+    }
+}
+
+fn open_device(
+    spec: &DeviceSpec,
+    idle_poll: &IdlePoll,
+    keep_ha_pr: bool,
+) -> Result<Running, OpenDeviceError> {
     let name = spec.name.clone();
     let io = |what: &'static str, path: &Path| {
         let name = name.clone();
@@ -459,7 +508,12 @@ fn open_device(spec: &DeviceSpec, idle_poll: &IdlePoll) -> Result<Running, OpenD
         )
         .map_err(backend_err)?
         {
-            crate::failover::RbdDevice::Ha(ha) => (ha.backend.clone(), Some(ha)),
+            crate::failover::RbdDevice::Ha(ha) => {
+                if let Some(dir) = &spec.configfs_dir {
+                    ha_pr(&name, dir, keep_ha_pr);
+                }
+                (ha.backend.clone(), Some(ha))
+            }
             crate::failover::RbdDevice::Plain(b) => (b, None),
         }
     } else {
@@ -580,6 +634,25 @@ pub fn lun_info(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ha_devices_refuse_persistent_reservations_unless_kept() {
+        let t = tempfile::tempdir().unwrap();
+        let dev = t.path().join("core/user_0/disk0");
+        std::fs::create_dir_all(dev.join("attrib")).unwrap();
+        let emulate = || std::fs::read_to_string(dev.join("attrib/emulate_pr")).ok();
+        ha_pr("disk0", &dev, true);
+        assert_eq!(
+            emulate(),
+            None,
+            "ha_pr = keep leaves the kernel's emulation alone"
+        );
+        ha_pr("disk0", &dev, false);
+        assert_eq!(emulate().as_deref(), Some("0"));
+        // No attrib directory (not a device, or an old kernel): a warning,
+        // nothing else.
+        ha_pr("disk1", &t.path().join("nowhere"), false);
+    }
 
     fn action_dir() -> tempfile::TempDir {
         let d = tempfile::tempdir().expect("tempdir");

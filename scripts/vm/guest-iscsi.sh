@@ -162,6 +162,7 @@ suite_iscsi() {
   check_dev $n.fio_verify_1m t_fio 1m 64m
   check_dev $n.sg_inq_std t_inq_std
   check_dev $n.sg_readcap t_readcap $((256 << 20))
+  check_dev $n.persistent_reservations_refused t_pr refused
   check_dev $n.logout t_iscsi_logout
   DEV=
   check $n.teardown t_iscsi_teardown iscsi_disk

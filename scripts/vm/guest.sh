@@ -317,7 +317,36 @@ suite() {
   check_dev "$n.blkdiscard" t_blkdiscard
   check_dev "$n.sd_thin_provisioning" t_sd_thin
   check_dev "$n.sd_write_cache" t_sd_cache "$6"
+  if [ "$2" = rbd ]; then
+    check_dev "$n.persistent_reservations_refused" t_pr refused
+  else
+    check_dev "$n.persistent_reservations_kept" t_pr kept
+  fi
   check "$n.daemon_alive" ok daemon_alive
+}
+
+# Persistent reservations: the kernel keeps them for single-gateway LUNs
+# (file, ram); a LUN gated on an rbd exclusive lock refuses them (tcmu.conf
+# ha_pr), since each gateway's kernel would keep its own. sg_persist exits
+# 9 for ILLEGAL REQUEST, INVALID COMMAND OPERATION CODE.
+t_pr() { # kept|refused
+  local out rc
+  out=$(sg_persist --out --register --param-sark=0x7e57 "/dev/$DEV" 2>&1)
+  rc=$?
+  echo "register: exit $rc: $out"
+  if [ "$1" = kept ]; then
+    [ $rc -eq 0 ] || { why="PERSISTENT RESERVE OUT REGISTER failed ($rc): $out"; return 1; }
+    out=$(sg_persist --in --read-keys "/dev/$DEV" 2>&1)
+    echo "$out"
+    echo "$out" | grep -q 0x7e57 || { why="the registered key is not listed: $out"; return 1; }
+    ok sg_persist --out --register --param-rk=0x7e57 --param-sark=0 "/dev/$DEV"
+    return
+  fi
+  [ $rc -eq 9 ] || { why="REGISTER on an HA LUN: exit $rc, want 9 (invalid opcode): $out"; return 1; }
+  out=$(sg_persist --in --read-keys "/dev/$DEV" 2>&1)
+  rc=$?
+  echo "read keys: exit $rc: $out"
+  [ $rc -eq 9 ] || { why="READ KEYS on an HA LUN: exit $rc, want 9 (invalid opcode): $out"; return 1; }
 }
 
 # --- lifecycle checks ----------------------------------------------------
