@@ -447,6 +447,7 @@ fn images_show_in_the_service_map_as_ceph_iscsi_reads_them() {
         .args([script, &conf(), "120"])
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap_or_else(|e| panic!("{script}: {e}"));
     // Two of its polls see the healthy state first.
@@ -473,6 +474,9 @@ fn images_show_in_the_service_map_as_ceph_iscsi_reads_them() {
     let view: serde_json::Value = serde_json::from_slice(&out.stdout).expect("watcher JSON");
     let v = &view[img.spec()];
     eprintln!("ceph-iscsi's view: {v}");
+    // Its own log (warnings, and a traceback if its thread died).
+    let log = String::from_utf8_lossy(&out.stderr);
+    let view = format!("{view}\nwatcher log:\n{log}");
     assert_eq!(v["lock_owner"], host.as_str(), "{view}");
     assert_eq!(v["gateways"][&host]["lock_lost_cnt"], 1, "{view}");
     assert_eq!(v["gateways"][&host]["conn_lost_cnt"], 1, "{view}");
