@@ -196,6 +196,14 @@ EOF
     { why="no /dev/mapper node for the map after 30 s"; ls -l /dev/mapper; return 1; }
 }
 
+# Persistent reservations are refused through gateway X's path (each
+# gateway's kernel would keep its own; t_pr in guest.sh).
+t_mp_pr() { # X
+  local DEV
+  DEV=$(basename "$(mp_sd "$1")")
+  t_pr refused
+}
+
 mp_dev() { # the map's block device
   local m
   m=$(multipath -ll 2>/dev/null | awk '/dm-[0-9]+/ {print $1; exit}')
@@ -386,6 +394,8 @@ mp_suite() { # NAME
     check $n.multipathd mp_start; then
     check $n.rtpg_port_a t_mp_rtpg_port a
     check $n.rtpg_port_b t_mp_rtpg_port b
+    check $n.persistent_reservations_refused_a t_mp_pr a
+    check $n.persistent_reservations_refused_b t_mp_pr b
     check $n.topology t_mp_topology
     check $n.one_owner_60s t_mp_settled
     check $n.fio_verify_across_kill t_mp_fio_kill
