@@ -42,6 +42,7 @@
 #   VM_CACHE    initramfs cache (default: target/vm-cache), keyed on kernel
 #               version and the init script
 #   VM_KEEP=1   keep the result directory
+#   VM_TIMEOUT  seconds the guest may run (default 1800)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 top=$PWD
@@ -194,7 +195,9 @@ tg=$(date +%s)
 set +e
 netns_exec=()
 [ -n "$ns" ] && netns_exec=(ip netns exec "$ns")
-timeout 900 "${netns_exec[@]}" qemu-system-x86_64 -machine q35 -accel tcg,thread=multi -cpu max -m 1024 -smp 2 \
+# The default suites take the guest about 19 minutes here under software
+# emulation; the limit leaves room for a slower machine.
+timeout "${VM_TIMEOUT:-1800}" "${netns_exec[@]}" qemu-system-x86_64 -machine q35 -accel tcg,thread=multi -cpu max -m 1024 -smp 2 \
   -nographic -no-reboot -kernel "$kernel" -initrd "$initrd" \
   -append "console=ttyS0 panic=-1 loglevel=5 vmtest.script=$top/scripts/vm/guest.sh$append_net" \
   -virtfs local,path=/,mount_tag=host,security_model=none,readonly=on,multidevs=remap \
