@@ -601,8 +601,10 @@ say "start $(date +%T), kernel $(uname -r)"
 mount -t configfs configfs $CFS || { fail setup "cannot mount configfs"; exit 1; }
 # LIO keeps PR and ALUA state under its dbroot (default /etc/target, here
 # the host's read-only root): point it at a writable directory before any
-# device exists, or PERSISTENT RESERVE OUT fails with NOT READY.
-mkdir -p /tmp/target && echo /tmp/target >"$T/dbroot" || say "cannot set the LIO dbroot"
+# device exists, or PERSISTENT RESERVE OUT fails with NOT READY. The
+# kernel writes <dbroot>/pr/aptpl_<serial> on every registration (APTPL
+# or not) and does not create the directory.
+mkdir -p /tmp/target/pr /tmp/target/alua && echo /tmp/target >"$T/dbroot" || say "cannot set the LIO dbroot"
 # The iSCSI target and initiator need crc32c (digests); the guest has no
 # modprobe for the kernel to load it on demand (test-vm.sh preloads it).
 check daemon.start start_daemon || exit 1
