@@ -291,6 +291,18 @@ impl Control {
             warn!(dev = %name, old = %spec.subtype, new = subtype, "reconfigure cannot change the handler");
             return neg(libc::EINVAL);
         }
+        // An HA device's backend sits behind the exclusive-lock gate and
+        // its failover manager: a plain reopen would serve the image past
+        // both. Such a device is re-created, not reconfigured.
+        if self.reg.is_ha(name) {
+            warn!(
+                dev = %name,
+                config = dev_config,
+                "reconfigure refused: an HA rbd device (gated on the exclusive lock) keeps its \
+                 image; remove and re-create the backstore to serve another"
+            );
+            return neg(libc::EOPNOTSUPP);
+        }
         let Some((geo, caps)) = self.reg.run_on_worker(name, |d| {
             let i = d.lun_mut().info();
             (i.geometry, i.caps)

@@ -243,6 +243,25 @@ impl Registry {
         }
     }
 
+    /// As [`adopt`](Self::adopt), for a device served behind the
+    /// exclusive-lock gate of `failover` (tests of HA devices without a
+    /// kernel).
+    pub fn adopt_ha(
+        &self,
+        spec: DeviceSpec,
+        dev: Device,
+        failover: crate::failover::Failover,
+    ) -> Result<(), OpenDeviceError> {
+        let name = spec.name.clone();
+        self.adopt(spec, dev)?;
+        if let Ok(mut devs) = self.devices.lock() {
+            if let Some(r) = devs.get_mut(&name) {
+                r.failover = Some(failover);
+            }
+        }
+        Ok(())
+    }
+
     /// Stops serving `name`: in-flight commands are drained first.
     pub fn remove(&self, name: &str) -> bool {
         let r = self.devices.lock().ok().and_then(|mut d| d.remove(name));
@@ -340,6 +359,16 @@ impl Registry {
         let mut s = r.spec.clone();
         s.size = Some(r.size);
         Some(s)
+    }
+
+    /// Whether `name` is served behind an rbd exclusive-lock gate (an HA
+    /// device with a failover manager).
+    pub fn is_ha(&self, name: &str) -> bool {
+        self.devices
+            .lock()
+            .ok()
+            .and_then(|d| d.get(name).map(|r| r.failover.is_some()))
+            .unwrap_or(false)
     }
 
     /// Records `name`'s config string after a reopen.
