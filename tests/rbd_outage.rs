@@ -485,4 +485,13 @@ fn images_show_in_the_service_map_as_ceph_iscsi_reads_them() {
     drop(dev);
     drop(off);
     drop(thief);
+    // What the daemon does last: the status thread ends (its clients shut
+    // down) before the process exits, promptly.
+    let t0 = Instant::now();
+    service::stop();
+    assert!(
+        t0.elapsed() < Duration::from_secs(15),
+        "the service-map thread took {:?} to stop",
+        t0.elapsed()
+    );
 }

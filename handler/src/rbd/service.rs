@@ -33,9 +33,8 @@ const TICK: Duration = Duration::from_secs(1);
 
 static ENABLED: AtomicBool = AtomicBool::new(true);
 
-/// Held by the status thread while it is inside librados; [`stop`] takes
-/// it for good.
-static BUSY: Mutex<bool> = Mutex::new(false);
+/// Set by [`stop`]: the status thread ends.
+static STOPPED: AtomicBool = AtomicBool::new(false);
 
 /// Turns the per-image entries on or off for images opened from now on
 /// (tcmu.conf's `service_map`).
@@ -154,14 +153,18 @@ struct SlotConn {
     failures: u32,
 }
 
+/// The status thread, joined by [`stop`].
+static THREAD: Mutex<Option<std::thread::JoinHandle<()>>> = Mutex::new(None);
+
 fn slots() -> &'static Mutex<Vec<Weak<Slot>>> {
     static SLOTS: OnceLock<Mutex<Vec<Weak<Slot>>>> = OnceLock::new();
     SLOTS.get_or_init(|| {
-        if let Err(e) = std::thread::Builder::new()
+        match std::thread::Builder::new()
             .name("rbd-service-map".into())
             .spawn(publisher)
         {
-            warn!("no service-map thread (ceph-iscsi will not see the images): {e}");
+            Ok(h) => *THREAD.lock().unwrap_or_else(|e| e.into_inner()) = Some(h),
+            Err(e) => warn!("no service-map thread (ceph-iscsi will not see the images): {e}"),
         }
         Mutex::new(Vec::new())
     })
@@ -184,33 +187,36 @@ pub fn register(entry: Entry, status: Arc<ImageStatus>) -> Option<Registration> 
     Some(Registration { inner })
 }
 
-/// Stops the status thread for good, waiting for a librados call under
-/// way to return: a process must not exit while a thread is inside
-/// librados (its static destructors then run under the thread). The
-/// daemon calls it after its devices stopped.
+/// Stops the status thread and waits for it to end (at most one entry's
+/// librados call: a connect gives up after 10 s): a process must not exit
+/// while a thread is inside librados (its static destructors then run
+/// under the thread). The daemon calls it after its devices stopped.
 pub fn stop() {
-    *BUSY.lock().unwrap_or_else(|e| e.into_inner()) = true;
+    STOPPED.store(true, Ordering::SeqCst);
+    let h = THREAD.lock().unwrap_or_else(|e| e.into_inner()).take();
+    if let Some(h) = h {
+        h.thread().unpark();
+        let _ = h.join();
+    }
 }
 
 /// The status thread: connects new entries, publishes changed statuses.
+/// Entries whose image closed meanwhile are dropped (their clients shut
+/// down) here, before the thread ends.
 fn publisher() {
-    loop {
-        std::thread::sleep(TICK);
-        let stopped = BUSY.lock().unwrap_or_else(|e| e.into_inner());
-        if *stopped {
-            return;
-        }
+    while !STOPPED.load(Ordering::SeqCst) {
+        std::thread::park_timeout(TICK);
         let live: Vec<Arc<Slot>> = {
             let mut v = slots().lock().unwrap_or_else(|e| e.into_inner());
             v.retain(|w| w.strong_count() > 0);
             v.iter().filter_map(Weak::upgrade).collect()
         };
         for s in live {
+            if STOPPED.load(Ordering::SeqCst) {
+                break;
+            }
             s.publish();
         }
-        // The last reference to an entry whose image closed meanwhile
-        // goes here, closing its client while BUSY is held.
-        drop(stopped);
     }
 }
 
