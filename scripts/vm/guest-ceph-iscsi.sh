@@ -108,16 +108,7 @@ t_ci_backstore() {
 
 ci_node() { timeout 60 iscsiadm -m node -T "$CI_IQN" -p "$(is_addr):3260" "$@"; }
 
-ci_disk_node() {
-  local s b
-  for s in /sys/class/iscsi_session/session*; do
-    grep -qx "$CI_IQN" "$s/targetname" 2>/dev/null || continue
-    for b in "$s"/device/target*/*:0:0:0/block/sd*; do
-      [ -e "$b" ] && { basename "$b"; return 0; }
-    done
-  done
-  return 1
-}
+ci_disk_node() { is_disk "$CI_IQN"; }
 
 t_ci_login() {
   local out

@@ -103,10 +103,10 @@ t_iscsi_wrong_mutual() {
   echo "refused as expected (iscsiadm exit $rc)"
 }
 
-is_disk() { # the sd node of our session's LUN 0
-  local s b
+is_disk() { # [IQN]: the sd node of LUN 0 of our session to IQN (default ours)
+  local s b iqn=${1:-$IS_IQN}
   for s in /sys/class/iscsi_session/session*; do
-    grep -qx "$IS_IQN" "$s/targetname" 2>/dev/null || continue
+    grep -qx "$iqn" "$s/targetname" 2>/dev/null || continue
     for b in "$s"/device/target*/*:0:0:0/block/sd*; do
       [ -e "$b" ] && { basename "$b"; return 0; }
     done

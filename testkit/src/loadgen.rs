@@ -83,6 +83,28 @@ impl Report {
     }
 }
 
+/// The LUN the daemon would serve for a `subtype`/`cfg` device of `size`
+/// bytes on `backend`: default configfs attributes, the kernel's default
+/// ring size (what the bench binaries measure).
+pub fn daemon_lun_info(subtype: &str, cfg: &str, size: u64, backend: &dyn Backend) -> LunInfo {
+    use tcmu_rbd::ring::abi::{KERNEL_CMDR_AREA, KERNEL_DATA_AREA};
+    let spec = tcmu_rbd::registry::DeviceSpec {
+        name: "bench".into(),
+        uio_path: "/dev/null".into(),
+        map_size: 0,
+        subtype: subtype.into(),
+        cfgstring: cfg.into(),
+        configfs_dir: None,
+        size: Some(size),
+    };
+    tcmu_rbd::registry::lun_info(
+        &spec,
+        &tcmu_rbd::configfs::ConfigfsAttrs::default(),
+        backend,
+        KERNEL_CMDR_AREA + KERNEL_DATA_AREA,
+    )
+}
+
 /// A byte count as the bench tools take it: a number with an optional
 /// binary suffix K, M or G (`4k`, `64K`, `1G`); None if malformed or
 /// too large.

@@ -7,9 +7,7 @@
 
 use std::sync::Arc;
 use std::time::Duration;
-use tcmu_rbd::configfs::ConfigfsAttrs;
-use tcmu_rbd::registry::{lun_info, DeviceSpec};
-use tcmu_rbd_testkit::loadgen::{parse_size, run, Job, Pattern};
+use tcmu_rbd_testkit::loadgen::{daemon_lun_info, parse_size, run, Job, Pattern};
 
 fn usage() -> ! {
     eprintln!(
@@ -75,21 +73,7 @@ fn main() {
                     std::process::exit(1);
                 }
             };
-            let spec = DeviceSpec {
-                name: "bench".into(),
-                uio_path: "/dev/null".into(),
-                map_size: 0,
-                subtype: subtype.clone(),
-                cfgstring: cfg.clone(),
-                configfs_dir: None,
-                size: Some(size),
-            };
-            let info = lun_info(
-                &spec,
-                &ConfigfsAttrs::default(),
-                &*be,
-                tcmu_rbd::ring::abi::KERNEL_CMDR_AREA + tcmu_rbd::ring::abi::KERNEL_DATA_AREA,
-            );
+            let info = daemon_lun_info(&subtype, &cfg, size, &*be);
             let job = Job {
                 pattern,
                 block_size: bs,

@@ -23,9 +23,7 @@
 use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
-use tcmu_rbd::configfs::ConfigfsAttrs;
-use tcmu_rbd::registry::{lun_info, DeviceSpec};
-use tcmu_rbd_testkit::loadgen::{parse_size, run, thread_cpu, Job, Pattern};
+use tcmu_rbd_testkit::loadgen::{daemon_lun_info, parse_size, run, thread_cpu, Job, Pattern};
 
 struct Case {
     rw: String,
@@ -269,21 +267,7 @@ fn ours(cfg: &str, size: u64, c: &Case, secs: u64, spin: u32) -> Result<Measured
     // whole process is.
     let u0 = Usage::now(libc::RUSAGE_SELF);
     let be = tcmu_rbd::backends::open("rbd", cfg, size, 512).map_err(|e| e.to_string())?;
-    let spec = DeviceSpec {
-        name: "bench".into(),
-        uio_path: "/dev/null".into(),
-        map_size: 0,
-        subtype: "rbd".into(),
-        cfgstring: cfg.into(),
-        configfs_dir: None,
-        size: Some(size),
-    };
-    let info = lun_info(
-        &spec,
-        &ConfigfsAttrs::default(),
-        &*be,
-        tcmu_rbd::ring::abi::KERNEL_CMDR_AREA + tcmu_rbd::ring::abi::KERNEL_DATA_AREA,
-    );
+    let info = daemon_lun_info("rbd", cfg, size, &*be);
     let job = Job {
         pattern: c.pattern,
         block_size: c.bs,
