@@ -226,21 +226,7 @@ impl Registry {
     /// Serves a device built elsewhere (the emulator, in tests) as if it
     /// had been opened from `spec`; `spec.size` must be its size.
     pub fn adopt(&self, spec: DeviceSpec, dev: Device) -> Result<(), OpenDeviceError> {
-        let size = spec.size.ok_or_else(|| OpenDeviceError::Config {
-            name: spec.name.clone(),
-            msg: "adopt needs the device size".into(),
-        })?;
-        let running = start_worker(&spec, dev, size)?;
-        match self.devices.lock() {
-            Ok(mut devs) => {
-                devs.insert(spec.name.clone(), running);
-                Ok(())
-            }
-            Err(_) => Err(OpenDeviceError::Config {
-                name: spec.name,
-                msg: "registry lock poisoned".into(),
-            }),
-        }
+        self.adopt_with(spec, dev, None)
     }
 
     /// As [`adopt`](Self::adopt), for a device served behind the
@@ -252,14 +238,31 @@ impl Registry {
         dev: Device,
         failover: crate::failover::Failover,
     ) -> Result<(), OpenDeviceError> {
-        let name = spec.name.clone();
-        self.adopt(spec, dev)?;
-        if let Ok(mut devs) = self.devices.lock() {
-            if let Some(r) = devs.get_mut(&name) {
-                r.failover = Some(failover);
+        self.adopt_with(spec, dev, Some(failover))
+    }
+
+    fn adopt_with(
+        &self,
+        spec: DeviceSpec,
+        dev: Device,
+        failover: Option<crate::failover::Failover>,
+    ) -> Result<(), OpenDeviceError> {
+        let size = spec.size.ok_or_else(|| OpenDeviceError::Config {
+            name: spec.name.clone(),
+            msg: "adopt needs the device size".into(),
+        })?;
+        let mut running = start_worker(&spec, dev, size)?;
+        running.failover = failover;
+        match self.devices.lock() {
+            Ok(mut devs) => {
+                devs.insert(spec.name.clone(), running);
+                Ok(())
             }
+            Err(_) => Err(OpenDeviceError::Config {
+                name: spec.name,
+                msg: "registry lock poisoned".into(),
+            }),
         }
-        Ok(())
     }
 
     /// Stops serving `name`: in-flight commands are drained first.

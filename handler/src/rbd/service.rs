@@ -128,14 +128,8 @@ fn hostname() -> String {
 /// An image's registration; dropping it (with the backend) ends the
 /// entry: the mgr drops a daemon that stopped reporting.
 pub struct Registration {
-    inner: Arc<Slot>,
-}
-
-impl Registration {
-    /// The status the entry publishes.
-    pub fn status(&self) -> &Arc<ImageStatus> {
-        &self.inner.status
-    }
+    /// Held only to keep the entry alive (the status thread has a Weak).
+    _slot: Arc<Slot>,
 }
 
 struct Slot {
@@ -184,7 +178,7 @@ pub fn register(entry: Entry, status: Arc<ImageStatus>) -> Option<Registration> 
     let mut v = slots().lock().unwrap_or_else(|e| e.into_inner());
     v.retain(|w| w.strong_count() > 0);
     v.push(Arc::downgrade(&inner));
-    Some(Registration { inner })
+    Some(Registration { _slot: inner })
 }
 
 /// Stops the status thread and waits for it to end (at most one entry's
