@@ -173,9 +173,7 @@ fn conf_name(p: Option<&Path>) -> String {
 /// Registers the connection as a gateway daemon in the service map (shown
 /// by `ceph -s` where a mgr runs); failure only costs visibility.
 fn register_service(r: &Rados, key: &ConnKey, timeout: Duration) {
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|s| s.trim().to_string())
-        .unwrap_or_else(|_| "localhost".into());
+    let host = super::service::hostname();
     let mut daemon = if key.id == "admin" {
         host.clone()
     } else {

@@ -119,7 +119,8 @@ impl Entry {
     }
 }
 
-fn hostname() -> String {
+/// This gateway's name in the service map: the host name.
+pub(crate) fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|s| s.trim().to_string())
         .unwrap_or_else(|_| "localhost".into())
