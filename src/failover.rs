@@ -203,6 +203,10 @@ struct Shared {
     suspect: AtomicBool,
     takeovers: AtomicU64,
     losses: AtomicU64,
+    /// Held while a loss or takeover updates the ALUA state and its
+    /// counter, and while [`Failover::status`] reads them: a status never
+    /// shows one without the other.
+    transition: Mutex<()>,
     lost_at: Mutex<Option<Instant>>,
     lock_view: Mutex<String>,
     last_takeover_ms: Mutex<Option<u64>>,
@@ -443,10 +447,11 @@ impl Shared {
             why,
             "exclusive lock lost: serving no more I/O, reopening on a fresh client"
         );
-        self.set_local(self.idle_state(), "lock lost");
-        // Counted once the port reports the loss: a status that shows the
-        // loss shows the new state too.
-        self.losses.fetch_add(1, Ordering::Release);
+        {
+            let _t = self.transition.lock().unwrap_or_else(|e| e.into_inner());
+            self.set_local(self.idle_state(), "lock lost");
+            self.losses.fetch_add(1, Ordering::Relaxed);
+        }
         self.backend.report_lock(false, true);
         *self.lock_view.lock().unwrap_or_else(|e| e.into_inner()) = "lost".into();
         // The session that held the lock: a reopen that already replaced
@@ -478,6 +483,7 @@ impl Shared {
         };
         match result {
             Ok(t) => {
+                let _t = self.transition.lock().unwrap_or_else(|e| e.into_inner());
                 self.owned_gen.store(t.generation, Ordering::Release);
                 self.serving.store(true, Ordering::Release);
                 self.apply_states();
@@ -489,7 +495,7 @@ impl Shared {
                 *self.lock_view.lock().unwrap_or_else(|e| e.into_inner()) = "mine".into();
                 self.backend.report_lock(true, false);
                 if !t.already {
-                    self.takeovers.fetch_add(1, Ordering::Release);
+                    self.takeovers.fetch_add(1, Ordering::Relaxed);
                 }
                 info!(fenced = ?t.fenced, generation = t.generation, ms, "takeover done: active/optimized");
             }
@@ -555,6 +561,7 @@ impl Failover {
             suspect: AtomicBool::new(false),
             takeovers: AtomicU64::new(0),
             losses: AtomicU64::new(0),
+            transition: Mutex::new(()),
             lost_at: Mutex::new(None),
             lock_view: Mutex::new("unknown".into()),
             last_takeover_ms: Mutex::new(None),
@@ -604,10 +611,10 @@ impl Failover {
     /// The manager's state now.
     pub fn status(&self) -> FailoverStatus {
         let s = &self.shared;
-        // The counters first: a loss counted is a state already reported
-        // (see `lost`), so this snapshot never shows one without the other.
-        let losses = s.losses.load(Ordering::Acquire);
-        let takeovers = s.takeovers.load(Ordering::Acquire);
+        // State and counters under one lock (see `transition`).
+        let _t = s.transition.lock().unwrap_or_else(|e| e.into_inner());
+        let losses = s.losses.load(Ordering::Relaxed);
+        let takeovers = s.takeovers.load(Ordering::Relaxed);
         FailoverStatus {
             state: s
                 .alua
