@@ -308,6 +308,83 @@ impl GroupSource for ConfigfsGroups {
     }
 }
 
+// --- who reaches a LUN (EXTENDED COPY between LUNs) ------------------------
+
+fn subdirs(dir: &Path) -> Vec<PathBuf> {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    rd.filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| p.is_dir() && !p.is_symlink())
+        .collect()
+}
+
+fn name_starts(p: &Path, prefix: &str) -> bool {
+    p.file_name()
+        .and_then(|n| n.to_str())
+        .is_some_and(|n| n.starts_with(prefix))
+}
+
+/// Whether a LUN directory (a fabric's `lun/lun_N` or an ACL's mapped
+/// `lun_N`) holds a link to one of `to` (canonical paths).
+fn links_to(dir: &Path, to: &[PathBuf]) -> bool {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return false;
+    };
+    rd.filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| p.is_symlink())
+        .filter_map(|p| std::fs::canonicalize(p).ok())
+        .any(|c| to.contains(&c))
+}
+
+/// Who reaches the LUN of the device at `dev_dir` through LIO: for every
+/// target port group exporting it, `*` when any initiator that logs in
+/// sees it (no ACLs, as with tcm_loop, or generated ones in demo mode),
+/// and each initiator whose ACL maps it.
+pub fn lun_reach(dev_dir: &Path) -> std::io::Result<crate::copy::Reach> {
+    let root = fabric_root(dev_dir);
+    let dev = vec![std::fs::canonicalize(dev_dir)?];
+    let mut out = crate::copy::Reach::new();
+    for fabric in subdirs(&root) {
+        if fabric.file_name().is_some_and(|n| n == "core") {
+            continue;
+        }
+        for wwn in subdirs(&fabric) {
+            for tpg in subdirs(&wwn)
+                .into_iter()
+                .filter(|t| name_starts(t, "tpgt_"))
+            {
+                let luns: Vec<PathBuf> = subdirs(&tpg.join("lun"))
+                    .into_iter()
+                    .filter(|l| links_to(l, &dev))
+                    .filter_map(|l| std::fs::canonicalize(l).ok())
+                    .collect();
+                if luns.is_empty() {
+                    continue;
+                }
+                let acls = tpg.join("acls");
+                let generated =
+                    read_trimmed(&tpg.join("attrib/generate_node_acls")).is_some_and(|v| v == "1");
+                if generated || !acls.is_dir() {
+                    out.insert((tpg.clone(), "*".to_string()));
+                }
+                for acl in subdirs(&acls) {
+                    let maps = subdirs(&acl)
+                        .into_iter()
+                        .filter(|m| name_starts(m, "lun_"))
+                        .any(|m| links_to(&m, &luns));
+                    if let (true, Some(who)) = (maps, acl.file_name().and_then(|n| n.to_str())) {
+                        out.insert((tpg.clone(), who.to_string()));
+                    }
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -438,5 +515,59 @@ mod tests {
         // Group 22's descriptor: TARGET PORT COUNT 1, port 7.
         assert_eq!(&d[16..24], &[0x02, support::DEFAULT, 0, 22, 0, 0x02, 0, 1]);
         assert_eq!(&d[24..28], &[0, 0, 0, 7]);
+    }
+
+    /// Two LUNs on one iSCSI target: host A's ACL maps both, host B's
+    /// only the first; a tcm_loop port exports the first too.
+    #[test]
+    fn lun_reach_follows_lun_links_and_acl_mappings() {
+        use std::os::unix::fs::symlink;
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("target");
+        let d1 = root.join("core/user_0/disk1");
+        let d2 = root.join("core/user_0/disk2");
+        std::fs::create_dir_all(&d1).unwrap();
+        std::fs::create_dir_all(&d2).unwrap();
+        let tpg = root.join("iscsi/iqn.t/tpgt_1");
+        for (lun, dev) in [("lun_0", &d1), ("lun_1", &d2)] {
+            std::fs::create_dir_all(tpg.join("lun").join(lun)).unwrap();
+            symlink(dev, tpg.join("lun").join(lun).join("x")).unwrap();
+        }
+        put(&tpg, "attrib/generate_node_acls", "0");
+        for (host, luns) in [
+            ("iqn.a", &["lun_0", "lun_1"][..]),
+            ("iqn.b", &["lun_0"][..]),
+        ] {
+            for (i, lun) in luns.iter().enumerate() {
+                let m = tpg.join("acls").join(host).join(format!("lun_{i}"));
+                std::fs::create_dir_all(&m).unwrap();
+                symlink(tpg.join("lun").join(lun), m.join("y")).unwrap();
+            }
+        }
+        let lo = root.join("loopback/naa.1/tpgt_1/lun/lun_0");
+        std::fs::create_dir_all(&lo).unwrap();
+        symlink(&d1, lo.join("z")).unwrap();
+        let names = |r: crate::copy::Reach| -> Vec<String> {
+            r.into_iter()
+                .map(|(t, w)| format!("{}:{w}", t.strip_prefix(&root).unwrap().display()))
+                .collect()
+        };
+        assert_eq!(
+            names(lun_reach(&d1).unwrap()),
+            vec![
+                "iscsi/iqn.t/tpgt_1:iqn.a",
+                "iscsi/iqn.t/tpgt_1:iqn.b",
+                "loopback/naa.1/tpgt_1:*"
+            ]
+        );
+        assert_eq!(
+            names(lun_reach(&d2).unwrap()),
+            vec!["iscsi/iqn.t/tpgt_1:iqn.a"]
+        );
+        // Copies disk2 -> disk1 are fine for every initiator of disk2;
+        // the other way host B (and the loopback port) would gain disk2.
+        let (r1, r2) = (lun_reach(&d1).unwrap(), lun_reach(&d2).unwrap());
+        assert_eq!(crate::copy::reach_gap(&r2, &r1), None);
+        assert!(crate::copy::reach_gap(&r1, &r2).is_some());
     }
 }

@@ -238,6 +238,8 @@ pub struct Device {
     ctl_tx: crossbeam_channel::Sender<ControlFn>,
     ctl_rx: crossbeam_channel::Receiver<ControlFn>,
     options: WorkerOptions,
+    /// Runs EXTENDED COPY (None: refused as not reachable).
+    copier: Option<Arc<dyn crate::copy::Copier>>,
     /// The doorbell, the completion queue and the stop fd, registered once
     /// (cheaper per sleep than poll() on three fds).
     epoll: Epoll,
@@ -300,8 +302,19 @@ impl Device {
             ctl_tx,
             ctl_rx,
             options: WorkerOptions::default(),
+            copier: None,
             epoll,
         })
+    }
+
+    /// Serves EXTENDED COPY through `copier`.
+    pub fn set_copier(&mut self, copier: Arc<dyn crate::copy::Copier>) {
+        self.copier = Some(copier);
+    }
+
+    /// The backend, as the worker submits to it.
+    pub fn backend(&self) -> Arc<dyn Backend> {
+        self.backend.clone()
     }
 
     /// Sets the loop's tuning.
@@ -463,6 +476,18 @@ impl Device {
                         return;
                     }
                 },
+                Outcome::Copy(req, p) => {
+                    let Some(copier) = self.copier.clone() else {
+                        return self.respond(
+                            id,
+                            Response::check(crate::scsi::sense::COPY_TARGET_NOT_REACHABLE),
+                        );
+                    };
+                    self.pending[id as usize] = Some(p);
+                    let done = self.cq.done(u64::from(id));
+                    copier.start(req, &self.name, self.backend.clone(), done);
+                    return;
+                }
             }
         }
     }

@@ -11,6 +11,7 @@ pub mod backends;
 pub mod config;
 pub mod configfs;
 pub mod control;
+pub mod copy;
 pub mod daemon_main;
 pub mod dbus;
 pub mod device;

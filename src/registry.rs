@@ -163,6 +163,8 @@ pub struct Registry {
     /// lock-gated rbd devices (by default it is turned off, see
     /// [`crate::configfs::set_pr_emulation`]).
     keep_ha_pr: std::sync::atomic::AtomicBool,
+    /// Runs EXTENDED COPY between the devices served here.
+    copy: Arc<crate::copy::CopyEngine>,
 }
 
 /// A device's state for status output.
@@ -218,7 +220,7 @@ impl Registry {
             return Ok(());
         }
         let keep_pr = self.keep_ha_pr.load(std::sync::atomic::Ordering::Relaxed);
-        let running = open_device(&spec, &self.idle_poll, keep_pr)?;
+        let running = open_device(&spec, &self.idle_poll, keep_pr, &self.copy)?;
         devs.insert(spec.name.clone(), running);
         Ok(())
     }
@@ -251,7 +253,7 @@ impl Registry {
             name: spec.name.clone(),
             msg: "adopt needs the device size".into(),
         })?;
-        let mut running = start_worker(&spec, dev, size)?;
+        let mut running = start_worker(&spec, dev, size, &self.copy)?;
         running.failover = failover;
         match self.devices.lock() {
             Ok(mut devs) => {
@@ -267,6 +269,7 @@ impl Registry {
 
     /// Stops serving `name`: in-flight commands are drained first.
     pub fn remove(&self, name: &str) -> bool {
+        self.copy.unregister(name);
         let r = self.devices.lock().ok().and_then(|mut d| d.remove(name));
         match r {
             Some(mut r) => {
@@ -441,6 +444,7 @@ impl Registry {
         for h in retiring {
             let _ = h.join();
         }
+        self.copy.stop();
     }
 }
 
@@ -480,6 +484,7 @@ fn open_device(
     spec: &DeviceSpec,
     idle_poll: &IdlePoll,
     keep_ha_pr: bool,
+    copy: &Arc<crate::copy::CopyEngine>,
 ) -> Result<Running, OpenDeviceError> {
     let name = spec.name.clone();
     let io = |what: &'static str, path: &Path| {
@@ -591,13 +596,29 @@ fn open_device(
         ha.failover
     });
     info!(dev = %name, subtype = %spec.subtype, cfg = %spec.cfgstring, size, block_size, "device opened");
-    let mut running = start_worker(spec, dev, size)?;
+    let mut running = start_worker(spec, dev, size, copy)?;
     running.failover = failover;
     Ok(running)
 }
 
 /// Runs `dev`'s worker on its own thread.
-fn start_worker(spec: &DeviceSpec, mut dev: Device, size: u64) -> Result<Running, OpenDeviceError> {
+fn start_worker(
+    spec: &DeviceSpec,
+    mut dev: Device,
+    size: u64,
+    copy: &Arc<crate::copy::CopyEngine>,
+) -> Result<Running, OpenDeviceError> {
+    // The device can be named in EXTENDED COPY commands (its own and its
+    // neighbours') from now on.
+    copy.register(
+        &spec.name,
+        crate::copy::Target {
+            naa: crate::scsi::inquiry::naa_designator(&dev.lun_mut().info().serial),
+            backend: dev.backend(),
+            configfs_dir: spec.configfs_dir.clone(),
+        },
+    );
+    dev.set_copier(Arc::new(copy.clone()));
     let stopper = dev.stopper();
     let stats = dev.stats();
     let thread = std::thread::Builder::new()
@@ -607,11 +628,14 @@ fn start_worker(spec: &DeviceSpec, mut dev: Device, size: u64) -> Result<Running
                 error!(error = %e, "device stopped");
             }
         })
-        .map_err(|source| OpenDeviceError::Io {
-            name: spec.name.clone(),
-            what: "spawn worker for",
-            path: spec.uio_path.clone(),
-            source,
+        .map_err(|source| {
+            copy.unregister(&spec.name);
+            OpenDeviceError::Io {
+                name: spec.name.clone(),
+                what: "spawn worker for",
+                path: spec.uio_path.clone(),
+                source,
+            }
         })?;
     Ok(Running {
         stopper,

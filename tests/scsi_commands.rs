@@ -70,8 +70,8 @@ fn inquiry_bad_fields() {
 fn vpd_supported_pages_and_serial() {
     let mut t = T::new(2048);
     let d = t.good_in(&inquiry(true, 0x00, 255), 255);
-    assert_eq!(&d[..4], &[0x00, 0x00, 0x00, 6]);
-    assert_eq!(&d[4..], &[0x00, 0x80, 0x83, 0xb0, 0xb1, 0xb2]);
+    assert_eq!(&d[..4], &[0x00, 0x00, 0x00, 7]);
+    assert_eq!(&d[4..], &[0x00, 0x80, 0x83, 0x8f, 0xb0, 0xb1, 0xb2]);
     let d = t.good_in(&inquiry(true, 0x80, 255), 255);
     let serial = b"5a1e0f00-cafe-4bee-8000-0123456789ab";
     assert_eq!(&d[..4], &[0x00, 0x80, 0x00, serial.len() as u8]);
@@ -201,6 +201,7 @@ fn run_in(lun: &mut Lun, cdb: &[u8], len: usize) -> (Response, Vec<u8>) {
             (r, d)
         }
         Outcome::Submit(op, _) => panic!("unexpected backend op {op:?}"),
+        Outcome::Copy(..) => panic!("unexpected copy"),
     }
 }
 

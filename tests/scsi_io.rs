@@ -620,6 +620,7 @@ fn backend_errors_map_to_sense() {
                 r.sense.unwrap().to_fixed()
             }
             Outcome::Submit(op, _) => panic!("no follow-up after an error: {op:?}"),
+            Outcome::Copy(..) => panic!("no copy after an error"),
         }
     };
     let read = rw16(false, 0, 1);

@@ -22,6 +22,8 @@ pub mod op {
     pub const UNMAP: u8 = 0x42;
     pub const MODE_SELECT_10: u8 = 0x55;
     pub const MODE_SENSE_10: u8 = 0x5a;
+    pub const EXTENDED_COPY: u8 = 0x83;
+    pub const RECEIVE_COPY_RESULTS: u8 = 0x84;
     pub const READ_16: u8 = 0x88;
     pub const COMPARE_AND_WRITE: u8 = 0x89;
     pub const WRITE_16: u8 = 0x8a;
@@ -48,6 +50,10 @@ pub mod sa {
     pub const REPORT_SUPPORTED_OPCODES: u8 = 0x0c;
     /// MAINTENANCE OUT: SET TARGET PORT GROUPS.
     pub const SET_TARGET_PGS: u8 = 0x0a;
+    /// EXTENDED COPY: the LID1 parameter list (SPC-4 6.4).
+    pub const EXTENDED_COPY_LID1: u8 = 0x00;
+    /// RECEIVE COPY RESULTS: OPERATING PARAMETERS (SPC-4 6.18.4).
+    pub const COPY_OPERATING_PARAMETERS: u8 = 0x03;
 }
 
 /// The CDB length an opcode's group implies (SAM-5 5.2); `None` for the

@@ -8,7 +8,7 @@ use super::sense::{invalid_cdb, Sense};
 use super::LunInfo;
 
 /// The VPD pages served, in the order page 0x00 lists them.
-pub const VPD_PAGES: [u8; 6] = [0x00, 0x80, 0x83, 0xb0, 0xb1, 0xb2];
+pub const VPD_PAGES: [u8; 7] = [0x00, 0x80, 0x83, 0x8f, 0xb0, 0xb1, 0xb2];
 
 /// IEEE company id in the NAA designator: the one LIO uses (0x001405),
 /// so a LUN keeps its identity whether LIO or tcmu-rbd answers INQUIRY.
@@ -46,6 +46,10 @@ pub fn inquiry(
         0x00 => Ok(vpd(0x00, &VPD_PAGES)),
         0x80 => Ok(vpd(0x80, unit_serial(info).as_bytes())),
         0x83 => Ok(vpd(0x83, &device_identification(info, alua))),
+        0x8f => Ok(vpd(
+            0x8f,
+            &super::xcopy::third_party_copy_vpd(info.geometry.block_size),
+        )),
         0xb0 => Ok(vpd(0xb0, &block_limits(limits))),
         0xb1 => Ok(vpd(0xb1, &block_characteristics())),
         0xb2 => Ok(vpd(0xb2, &provisioning(info))),
@@ -61,7 +65,8 @@ pub fn standard(info: &LunInfo, alua: &dyn AluaSource) -> Vec<u8> {
     b[2] = 0x06; // SPC-4
     b[3] = 0x12; // HISUP, response data format 2
     b[4] = (b.len() - 5) as u8;
-    b[5] = alua.mode().tpgs() << 4;
+    // TPGS, and 3PC: EXTENDED COPY is served (see `xcopy`).
+    b[5] = (alua.mode().tpgs() << 4) | 0x08;
     b[7] = 0x02; // CMDQUE
     ascii(&mut b[8..16], &info.vendor);
     ascii(&mut b[16..32], &info.product);

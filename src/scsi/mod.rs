@@ -11,8 +11,8 @@
 //! Modules, one idea each: [`cdb`] (decoding), [`sense`], [`inquiry`]
 //! (standard data and VPD), [`mode`] (mode pages), [`rw`] (reads, writes,
 //! verify, cache sync, capacity), [`provision`] (UNMAP, WRITE SAME),
-//! [`caw`] (COMPARE AND WRITE), [`alua`], [`opcodes`] (REPORT SUPPORTED
-//! OPERATION CODES), [`limits`].
+//! [`caw`] (COMPARE AND WRITE), [`xcopy`] (EXTENDED COPY), [`alua`],
+//! [`opcodes`] (REPORT SUPPORTED OPERATION CODES), [`limits`].
 
 pub mod alua;
 pub mod caw;
@@ -24,6 +24,7 @@ pub mod opcodes;
 pub mod provision;
 pub mod rw;
 pub mod sense;
+pub mod xcopy;
 
 use alua::{AluaMode, AluaSource, SharedAlua};
 use cdb::{op, sa, Cdb};
@@ -101,6 +102,8 @@ enum Kind {
     Caw,
     /// VERIFY with BYTCHK: the media was read into `media`; compare.
     Verify(Box<rw::Verify>),
+    /// EXTENDED COPY, run by the daemon's copy engine.
+    Copy,
 }
 
 /// What to do after [`Lun::finish`] for a command that went to the backend.
@@ -134,6 +137,19 @@ pub enum Outcome {
     Done(Response),
     /// Run `Op` on the backend, then call [`Lun::finish`] with the token.
     Submit(Op, Pending),
+    /// Hand the EXTENDED COPY to the copy engine, then call
+    /// [`Lun::finish`] with the token and the copy's result.
+    Copy(CopyRequest, Pending),
+}
+
+/// An EXTENDED COPY for the copy engine: the plan, and this LUN's own
+/// designator (a CSCD naming it is this LUN).
+#[derive(Debug)]
+pub struct CopyRequest {
+    /// The decoded parameter list.
+    pub plan: xcopy::CopyPlan,
+    /// The NAA designator this LUN reports in VPD page 0x83.
+    pub local: xcopy::Designator,
 }
 
 impl Outcome {
@@ -306,6 +322,8 @@ impl Lun {
             op::COMPARE_AND_WRITE => self.compare_and_write(&c, bufs),
             op::MAINTENANCE_IN => self.maintenance_in(&c, bufs),
             op::MAINTENANCE_OUT => self.maintenance_out(&c, bufs),
+            op::EXTENDED_COPY => self.extended_copy(&c, bufs),
+            op::RECEIVE_COPY_RESULTS => self.receive_copy_results(&c, bufs),
             _ => Outcome::check(INVALID_OPCODE),
         }
     }
@@ -426,6 +444,46 @@ impl Lun {
         }
     }
 
+    fn extended_copy(&mut self, c: &Cdb, bufs: &IoBufs) -> Outcome {
+        if c.service_action() != sa::EXTENDED_COPY_LID1 {
+            return Outcome::check(invalid_cdb(1, Some(4)));
+        }
+        let len = c.be32(10) as usize;
+        // A zero-length list moves nothing and is no error (SPC-4 6.4.1).
+        if len == 0 {
+            return Outcome::Done(Response::good());
+        }
+        if len > xcopy::HEADER_LEN + xcopy::MAX_DESCRIPTOR_LIST {
+            return Outcome::check(sense::PARAM_LIST_LENGTH_ERROR);
+        }
+        let Some(list) = Self::data_out(bufs, len) else {
+            return Outcome::check(sense::PARAM_LIST_LENGTH_ERROR);
+        };
+        match xcopy::parse(&list) {
+            Ok(plan) if plan.segments.is_empty() => Outcome::Done(Response::good()),
+            Ok(plan) => Outcome::Copy(
+                CopyRequest {
+                    plan,
+                    local: inquiry::naa_designator(&self.info.serial),
+                },
+                Pending::new(Kind::Copy),
+            ),
+            Err(s) => Outcome::check(s),
+        }
+    }
+
+    fn receive_copy_results(&mut self, c: &Cdb, bufs: &IoBufs) -> Outcome {
+        if c.service_action() != sa::COPY_OPERATING_PARAMETERS {
+            return Outcome::check(invalid_cdb(1, Some(4)));
+        }
+        let bs = self.info.geometry.block_size;
+        self.data_in(
+            Ok(xcopy::operating_parameters(bs)),
+            c.be32(10) as usize,
+            bufs,
+        )
+    }
+
     /// Turns a backend result into the response for the command that
     /// produced `pending`, or into a follow-up operation.
     #[inline]
@@ -456,6 +514,9 @@ impl Lun {
 
     fn error_sense(&self, kind: &Kind, e: &IoError) -> Sense {
         match e {
+            // A copy's failures are the copy's (SPC-4 6.4.1): the host
+            // falls back to reading and writing itself.
+            e if matches!(kind, Kind::Copy) => copy_error_sense(e),
             IoError::Miscompare { offset } => {
                 sense::MISCOMPARE.with_info(u32::try_from(*offset).unwrap_or(u32::MAX))
             }
@@ -469,8 +530,26 @@ impl Lun {
             IoError::Unsupported => INVALID_OPCODE,
             IoError::Io { .. } => match kind {
                 Kind::Read | Kind::Verify(_) => sense::MEDIUM_ERROR,
-                Kind::Write | Kind::Flush | Kind::Caw => sense::WRITE_ERROR,
+                Kind::Write | Kind::Flush | Kind::Caw | Kind::Copy => sense::WRITE_ERROR,
             },
         }
+    }
+}
+
+/// The sense for a failed EXTENDED COPY.
+fn copy_error_sense(e: &IoError) -> Sense {
+    match e {
+        IoError::OutOfRange => sense::COPY_LBA_OUT_OF_RANGE,
+        // A CSCD the engine may not reach (unknown, not visible to the
+        // same initiators, or on a gateway that does not hold its lock).
+        IoError::Unsupported | IoError::Fenced(_) => sense::COPY_TARGET_NOT_REACHABLE,
+        IoError::NoSpace => sense::SPACE_ALLOCATION_FAILED,
+        IoError::Timeout => Sense::new(key::ABORTED_COMMAND, 0x00, 0x00),
+        // The engine's word for a CSCD whose block length is not its LUN's.
+        IoError::Io {
+            errno: libc::EMEDIUMTYPE,
+            ..
+        } => sense::COPY_TARGET_WRONG_TYPE,
+        IoError::Miscompare { .. } | IoError::Io { .. } => sense::COPY_TARGET_FAILURE,
     }
 }

@@ -116,6 +116,18 @@ pub const COMMANDS: &[Command] = &[
         [0x5a, 0x18, FF, FF, 0, 0, 0, FF, FF, 0]
     ),
     cmd!(
+        op::EXTENDED_COPY,
+        Some(sa::EXTENDED_COPY_LID1),
+        Always,
+        [0x83, 0x00, 0, 0, 0, 0, 0, 0, 0, 0, FF, FF, FF, FF, 0, 0]
+    ),
+    cmd!(
+        op::RECEIVE_COPY_RESULTS,
+        Some(sa::COPY_OPERATING_PARAMETERS),
+        Always,
+        [0x84, 0x03, 0, 0, 0, 0, 0, 0, 0, 0, FF, FF, FF, FF, 0, 0]
+    ),
+    cmd!(
         op::READ_16,
         None,
         Always,

@@ -16,6 +16,7 @@ pub mod key {
     pub const ILLEGAL_REQUEST: u8 = 0x5;
     pub const UNIT_ATTENTION: u8 = 0x6;
     pub const DATA_PROTECT: u8 = 0x7;
+    pub const COPY_ABORTED: u8 = 0xa;
     pub const ABORTED_COMMAND: u8 = 0xb;
     pub const MISCOMPARE: u8 = 0xe;
 }
@@ -123,6 +124,29 @@ pub const SPACE_ALLOCATION_FAILED: Sense = Sense::new(key::DATA_PROTECT, 0x27, 0
 /// LOGICAL UNIT NOT READY, CAUSE NOT REPORTABLE (02/04/00): the backend
 /// timed out or was fenced; the initiator retries (or fails over).
 pub const NOT_READY: Sense = Sense::new(key::NOT_READY, 0x04, 0x00);
+
+/// TOO MANY TARGET DESCRIPTORS (05/26/06): more CSCD descriptors in an
+/// EXTENDED COPY than the copy manager takes.
+pub const TOO_MANY_TARGET_DESCRIPTORS: Sense = Sense::new(key::ILLEGAL_REQUEST, 0x26, 0x06);
+/// UNSUPPORTED TARGET DESCRIPTOR TYPE CODE (05/26/07).
+pub const UNSUPPORTED_TARGET_DESCRIPTOR_TYPE: Sense = Sense::new(key::ILLEGAL_REQUEST, 0x26, 0x07);
+/// TOO MANY SEGMENT DESCRIPTORS (05/26/08).
+pub const TOO_MANY_SEGMENT_DESCRIPTORS: Sense = Sense::new(key::ILLEGAL_REQUEST, 0x26, 0x08);
+/// UNSUPPORTED SEGMENT DESCRIPTOR TYPE CODE (05/26/09).
+pub const UNSUPPORTED_SEGMENT_DESCRIPTOR_TYPE: Sense = Sense::new(key::ILLEGAL_REQUEST, 0x26, 0x09);
+/// COPY TARGET DEVICE NOT REACHABLE (0A/0D/02): a CSCD of an EXTENDED
+/// COPY is no logical unit this copy manager may reach; the host falls
+/// back to reading and writing itself.
+pub const COPY_TARGET_NOT_REACHABLE: Sense = Sense::new(key::COPY_ABORTED, 0x0d, 0x02);
+/// THIRD PARTY DEVICE FAILURE (0A/0D/01): reading or writing a CSCD
+/// failed during an EXTENDED COPY.
+pub const COPY_TARGET_FAILURE: Sense = Sense::new(key::COPY_ABORTED, 0x0d, 0x01);
+/// INCORRECT COPY TARGET DEVICE TYPE (0A/0D/03): a CSCD's DISK BLOCK
+/// LENGTH is not the logical unit's.
+pub const COPY_TARGET_WRONG_TYPE: Sense = Sense::new(key::COPY_ABORTED, 0x0d, 0x03);
+/// LOGICAL BLOCK ADDRESS OUT OF RANGE under COPY ABORTED (0A/21/00): a
+/// segment runs past the end of its CSCD.
+pub const COPY_LBA_OUT_OF_RANGE: Sense = Sense::new(key::COPY_ABORTED, 0x21, 0x00);
 
 /// INVALID FIELD IN CDB pointing at `byte` (and `bit`, the field's most
 /// significant bit).

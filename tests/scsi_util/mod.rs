@@ -176,6 +176,12 @@ impl T {
                     let c = self.cq.try_recv().expect("ram completes inline");
                     out = self.lun.finish(p, c.result);
                 }
+                // No copy engine here (tests/scsi_xcopy.rs runs copies
+                // through a registry): answered as the device does
+                // without one.
+                Outcome::Copy(..) => {
+                    break Response::check(tcmu_rbd::scsi::sense::COPY_TARGET_NOT_REACHABLE)
+                }
             }
         };
         let mut data = bufs.to_vec();
