@@ -35,6 +35,10 @@
 #               gateway  (not in the default suites: the README's main job)
 #                        fio through the iSCSI initiator, tcmu-rbd vs
 #                        tcmu-runner, ceph-iscsi's LUN settings
+#               xcopy_bench  (not in the default suites) a 1 GiB clone
+#                        between two rbd LUNs over iSCSI: EXTENDED COPY
+#                        (sg_xcopy, the copy inside the gateway) against
+#                        dd through the initiator (vm/guest-iscsi.sh)
 #               mpath_iscsi  the same over LIO iSCSI (two targets, two
 #                        portals, open-iscsi sessions) with ceph-iscsi's
 #                        implicit-only ALUA: no STPG, I/O moves the lock
@@ -57,12 +61,12 @@ case "$top/" in /tmp/*) die "the repository is under /tmp ($top), which the gues
 
 # What the guest build and the checks need, from Debian packages only.
 want_rbd=0
-case " $SUITES " in *" rbd "* | *" compare "* | *" targetcli "* | *" mpath"* | *"iscsi "* | *" gateway "*) want_rbd=1 ;; esac
+case " $SUITES " in *" rbd "* | *" compare "* | *" targetcli "* | *" mpath"* | *"iscsi "* | *" gateway "* | *" xcopy_bench "*) want_rbd=1 ;; esac
 extra=()
 [ $want_rbd = 1 ] && extra=(ceph-mon ceph-osd ceph-common iproute2 tcmu-runner targetcli-fb
   python3-rtslib-fb dbus-daemon dbus-bin)
 case " $SUITES " in *" mpath"*) extra+=(multipath-tools udev) ;; esac
-case " $SUITES " in *"iscsi "* | *" gateway "*) extra+=(open-iscsi) ;; esac
+case " $SUITES " in *"iscsi "* | *" gateway "* | *" xcopy_bench "*) extra+=(open-iscsi) ;; esac
 case " $SUITES " in *" ceph_iscsi "*) extra+=(ceph-iscsi ceph-mgr) ;; esac
 scripts/deps.sh qemu-system-x86 linux-image-amd64 busybox-static kmod cpio \
   fio sg3-utils util-linux "${extra[@]}"
@@ -172,7 +176,9 @@ if [ $want_rbd = 1 ]; then
   rbd_ create --size 1G rbd/bench
   rbd_ create --size 1G rbd/tcli
   rbd_ create --size 256M rbd/iscsi0
-  log "cluster up in $(($(date +%s) - tc)) s; images rbd/img0 and rbd/iscsi0 (256M), rbd/bench and rbd/tcli (1G)"
+  rbd_ create --size 256M rbd/iscsi1
+  case " $SUITES " in *" xcopy_bench "*) rbd_ create --size 1G rbd/xsrc && rbd_ create --size 1G rbd/xdst ;; esac
+  log "cluster up in $(($(date +%s) - tc)) s; images rbd/img0 and rbd/iscsi0-1 (256M), rbd/bench and rbd/tcli (1G)"
   # The guest's client config: the cluster's address and key, but logs and
   # sockets in the guest's own writable /tmp and /run.
   mon_host=$(sed -n 's/^mon host = //p' "$cdir/ceph.conf")

@@ -103,11 +103,11 @@ t_iscsi_wrong_mutual() {
   echo "refused as expected (iscsiadm exit $rc)"
 }
 
-is_disk() { # [IQN]: the sd node of LUN 0 of our session to IQN (default ours)
-  local s b iqn=${1:-$IS_IQN}
+is_disk() { # [IQN [LUN]]: the sd node of LUN (0) of our session to IQN (default ours)
+  local s b iqn=${1:-$IS_IQN} lun=${2:-0}
   for s in /sys/class/iscsi_session/session*; do
     grep -qx "$iqn" "$s/targetname" 2>/dev/null || continue
-    for b in "$s"/device/target*/*:0:0:0/block/sd*; do
+    for b in "$s"/device/target*/*:0:0:"$lun"/block/sd*; do
       [ -e "$b" ] && { basename "$b"; return 0; }
     done
   done
@@ -134,6 +134,13 @@ t_iscsi_logout() {
 t_iscsi_teardown() { # BACKSTORE
   local tp=$T/iscsi/$IS_IQN/tpgt_1
   ok sh -c "echo 0 > $tp/enable" || return 1
+  if [ -d "$tp/lun/lun_1" ]; then
+    ok rm "$tp/acls/$IS_INIT/lun_1/lun_1" || return 1
+    ok rmdir "$tp/acls/$IS_INIT/lun_1" || return 1
+    ok rm "$tp/lun/lun_1/$XC_DISK" || return 1
+    ok rmdir "$tp/lun/lun_1" || return 1
+    rm_backstore "$XC_DISK" || return 1
+  fi
   ok rm "$tp/acls/$IS_INIT/lun_0/lun_0" || return 1
   ok rmdir "$tp/acls/$IS_INIT/lun_0" "$tp/acls/$IS_INIT" || return 1
   ok rmdir "$tp/np/$IS_ADDR:$IS_PORT" || return 1
@@ -163,10 +170,125 @@ suite_iscsi() {
   check_dev $n.sg_inq_std t_inq_std
   check_dev $n.sg_readcap t_readcap $((256 << 20))
   check_dev $n.persistent_reservations_refused t_pr refused
+  xcopy_checks $n
   check_dev $n.logout t_iscsi_logout
   DEV=
   check $n.teardown t_iscsi_teardown iscsi_disk
   check $n.daemon_alive ok daemon_alive
+}
+
+# --- EXTENDED COPY (VAAI XCOPY) over iSCSI --------------------------------
+# A second rbd LUN on the same target and ACL, and a ram LUN exported only
+# through tcm_loop (no iSCSI initiator reaches it). sg_xcopy sends what
+# ESXi sends: LID1, no list id, identification CSCDs naming the LUNs'
+# NAA designators, block-to-block segments.
+XC_DISK=iscsi_xc
+XC_LOOP=xc_ram
+XC_WWN=naa.5001405000000090
+
+t_iscsi_add_lun() { # BACKSTORE LUN: map another LUN to our ACL
+  local tp=$T/iscsi/$IS_IQN/tpgt_1 acl=$T/iscsi/$IS_IQN/tpgt_1/acls/$IS_INIT
+  ok mkdir -p "$tp/lun/lun_$2" || return 1
+  ok ln -s "$(bs_dir "$1")" "$tp/lun/lun_$2/$1" || return 1
+  ok mkdir -p "$acl/lun_$2" || return 1
+  ok ln -s "$tp/lun/lun_$2" "$acl/lun_$2/lun_$2" || return 1
+  # The initiator sees the new LUN after a rescan.
+  ok timeout 30 iscsiadm -m session -R || return 1
+  wait_for 60 is_disk "$IS_IQN" "$2" || { why="LUN $2 did not appear on the session"; return 1; }
+  DEV2=$(is_disk "$IS_IQN" "$2")
+  wait_for 10 test -b "/dev/$DEV2" ||
+    mknod "/dev/$DEV2" b $(tr : ' ' <"/sys/block/$DEV2/dev") || { why="no /dev/$DEV2"; return 1; }
+  echo "LUN $2 is /dev/$DEV2"
+}
+
+t_tpc_vpd() {
+  local o
+  o=$(sg_vpd -p tpc "/dev/$DEV" 2>&1) || { why="sg_vpd -p tpc failed: $o"; return 1; }
+  echo "$o"
+  echo "$o" | grep -qi "third party copy" || { why="no Third-party Copy page: $o"; return 1; }
+  o=$(sg_inq "/dev/$DEV") || return 1
+  echo "$o" | grep -q "3PC=1" || { why="standard INQUIRY without 3PC: $o"; return 1; }
+}
+
+xc() { # IF OF SKIP SEEK COUNT BPT [sg_xcopy args...]: as ESXi's offload
+  local i=$1 o=$2 sk=$3 se=$4 c=$5 b=$6
+  shift 6
+  timeout 300 sg_xcopy if="$i" of="$o" bs=512 skip="$sk" seek="$se" count="$c" \
+    bpt="$b" id_usage=disable "$@"
+}
+
+t_xcopy_luns() { # 32 MiB from LUN 0 to LUN 1, sent to either
+  head -c 32M /dev/urandom >"$S/xc" || return 1
+  ok dd if="$S/xc" of="/dev/$DEV" bs=1M oflag=direct conv=fsync status=none || return 1
+  ok xc "/dev/$DEV" "/dev/$DEV2" 0 0 65536 8192 || return 1
+  ok dd if="/dev/$DEV2" of="$S/xc.back" bs=1M count=32 iflag=direct status=none || return 1
+  ok cmp "$S/xc" "$S/xc.back" || return 1
+  # Sent to the destination this time (it pulls), to another offset.
+  ok xc "/dev/$DEV" "/dev/$DEV2" 0 131072 65536 8192 --on_dst || return 1
+  ok dd if="/dev/$DEV2" of="$S/xc.back" bs=1M skip=64 count=32 iflag=direct status=none || return 1
+  ok cmp "$S/xc" "$S/xc.back"
+}
+
+t_xcopy_within() { # within LUN 0, overlapping: 16 MiB forward by 4 MiB in one command
+  ok xc "/dev/$DEV" "/dev/$DEV" 0 8192 32768 32768 || return 1
+  ok dd if="/dev/$DEV" of="$S/xc.back" bs=1M skip=4 count=16 iflag=direct status=none || return 1
+  ok cmp -n $((16 << 20)) "$S/xc" "$S/xc.back"
+}
+
+t_xcopy_unreachable() { # to a LUN the iSCSI initiator cannot see
+  local o rc
+  o=$(xc "/dev/$DEV" "/dev/$DEV3" 0 0 2048 2048 2>&1)
+  rc=$?
+  echo "$o (exit $rc)"
+  [ $rc -ne 0 ] || { why="a copy to a LUN outside the initiator's ACL succeeded"; return 1; }
+  echo "$o" | grep -qi "copy aborted" || { why="expected COPY ABORTED: $o"; return 1; }
+  ok cmp -n $((1 << 20)) /dev/zero "/dev/$DEV3" || { why="the refused copy wrote data"; return 1; }
+}
+
+t_xc_loop_rm() { rm_loop $XC_LOOP $XC_WWN && rm_backstore $XC_LOOP; }
+
+xcopy_checks() { # SUITE
+  local n=$1 d=$DEV
+  check_dev $n.vpd_third_party_copy t_tpc_vpd
+  check $n.xcopy_second_lun gw_backstore $XC_DISK "rbd/iscsi1;conf=$CEPH_CONF_GUEST;id=admin" $((256 << 20)) || return 1
+  check $n.xcopy_second_lun_mapped t_iscsi_add_lun $XC_DISK 1 || return 1
+  check_dev $n.xcopy_between_luns t_xcopy_luns
+  check_dev $n.xcopy_within_lun_overlapping t_xcopy_within
+  if check $n.xcopy_loop_lun mk_backstore $XC_LOOP ram - $((64 << 20)) &&
+    check $n.xcopy_loop_export mk_loop $XC_LOOP $XC_WWN; then
+    DEV3=$DEV
+    DEV=$d
+    check_dev $n.xcopy_unreachable_lun_refused t_xcopy_unreachable
+    check $n.xcopy_loop_removed t_xc_loop_rm
+  fi
+  DEV=$d
+}
+
+# --- suite "xcopy_bench": a 1 GiB clone, offloaded or not -----------------
+suite_xcopy_bench() {
+  local n=xcopy_bench t0 t1 t2
+  daemon_alive || check $n.daemon_start start_daemon || return 1
+  check $n.iscsid t_iscsid || return 1
+  check $n.create gw_backstore iscsi_disk "rbd/xsrc;conf=$CEPH_CONF_GUEST;id=admin" $((1 << 30)) || return 1
+  check $n.target_chap t_iscsi_target iscsi_disk || return 1
+  check $n.discovery t_iscsi_discovery || return 1
+  check $n.login_chap t_iscsi_login || return 1
+  check $n.dst gw_backstore $XC_DISK "rbd/xdst;conf=$CEPH_CONF_GUEST;id=admin" $((1 << 30)) || return 1
+  check $n.dst_mapped t_iscsi_add_lun $XC_DISK 1 || return 1
+  check_dev $n.fill ok timeout 600 fio --name=fill --filename="/dev/$DEV" --direct=1 \
+    --ioengine=libaio --iodepth=8 --rw=write --bs=1m --size=1g --refill_buffers || return 1
+  for round in 1 2; do
+    t0=$(date +%s%N)
+    check_dev $n.xcopy_$round ok timeout 900 sg_xcopy if="/dev/$DEV" of="/dev/$DEV2" bs=512 \
+      count=$((1 << 21)) bpt=65535 id_usage=disable || return 1
+    t1=$(date +%s%N)
+    check_dev $n.dd_$round ok timeout 900 dd if="/dev/$DEV" of="/dev/$DEV2" bs=4M \
+      iflag=direct oflag=direct status=none || return 1
+    t2=$(date +%s%N)
+    echo "xcopy_bench: round $round: 1 GiB by EXTENDED COPY $(((t1 - t0) / 1000000)) ms, by dd through the initiator $(((t2 - t1) / 1000000)) ms" |
+      tee -a "$OUT/xcopy_bench.txt"
+  done
+  check_dev $n.same ok cmp -n $((1 << 30)) "/dev/$DEV" "/dev/$DEV2"
 }
 
 # --- suite "gateway": the README's main job -------------------------------
