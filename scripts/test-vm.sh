@@ -88,7 +88,7 @@ fi
 [ -x "$bin" ] || die "no daemon binary at $bin"
 
 # --- initramfs (cached) ---------------------------------------------------
-mods="virtio_pci 9pnet_virtio 9p configfs target_core_user tcm_loop sd_mod scsi_dh_alua
+mods="virtio_pci 9pnet_virtio 9p configfs target_core_user tcm_loop sd_mod sg scsi_dh_alua
   dm_multipath dm_service_time virtio_net iscsi_target_mod iscsi_tcp crc32c_generic"
 busybox=$(command -v busybox)
 key=$( (echo "$kver $mods"; cat scripts/vm/init; sha256sum "$busybox" "$kernel") | sha256sum | cut -c1-16)

@@ -205,7 +205,10 @@ t_tpc_vpd() {
   local o
   o=$(sg_vpd -p tpc "/dev/$DEV" 2>&1) || { why="sg_vpd -p tpc failed: $o"; return 1; }
   echo "$o"
-  echo "$o" | grep -qi "third party copy" || { why="no Third-party Copy page: $o"; return 1; }
+  for want in "Extended copy(LID1)" "Maximum segment descriptor count: 32" \
+    "block -> block" "Identification Descriptor" "Maximum segment length"; do
+    echo "$o" | grep -qi "$want" || { why="Third-party Copy page without '$want'"; return 1; }
+  done
   o=$(sg_inq "/dev/$DEV") || return 1
   echo "$o" | grep -q "3PC=1" || { why="standard INQUIRY without 3PC: $o"; return 1; }
 }

@@ -290,9 +290,11 @@ pub fn third_party_copy_vpd(block_size: u32) -> Vec<u8> {
     body[4..6].copy_from_slice(&(MAX_CSCDS as u16).to_be_bytes());
     body[6..8].copy_from_slice(&(MAX_SEGMENTS as u16).to_be_bytes());
     body[8..12].copy_from_slice(&(MAX_DESCRIPTOR_LIST as u32).to_be_bytes());
-    desc(0x0008, &body);
+    desc(0x0004, &body);
     // Supported descriptors.
-    desc(0x000c, &[2, SEG_BLOCK_TO_BLOCK, CSCD_IDENTIFICATION, 0]);
+    desc(0x0008, &[2, SEG_BLOCK_TO_BLOCK, CSCD_IDENTIFICATION, 0]);
+    // Supported CSCD IDs above 07FFh: none (CSCDs are named by index).
+    desc(0x000c, &[0, 0, 0, 0]);
     // General copy operations.
     let mut body = [0u8; 32];
     body[0..4].copy_from_slice(&u32::from(MAX_CONCURRENT_COPIES).to_be_bytes());
@@ -507,6 +509,8 @@ mod tests {
             at += 4 + usize::from(u16::from_be_bytes([v[at + 2], v[at + 3]]));
         }
         assert_eq!(at, v.len());
-        assert_eq!(kinds, vec![0x0001, 0x0008, 0x000c, 0x8001]);
+        // Supported commands, parameter data, supported descriptors,
+        // supported CSCD IDs, general copy operations (SPC-4 7.8.17).
+        assert_eq!(kinds, vec![0x0001, 0x0004, 0x0008, 0x000c, 0x8001]);
     }
 }
