@@ -259,6 +259,86 @@ fn blocklisted_client_reopens_on_a_fresh_client() {
     assert_eq!(rbd.ops_in_flight(), 0, "operations left counted in flight");
 }
 
+/// A whole gateway dies: gateway A (user tcmu, one client) held the locks
+/// of 16 images (WHOLE_GW_N); gateway B (user admin) takes them all at once, as its
+/// failover managers do, each on its own thread. A is blocklisted once,
+/// not once per image, and every image is B's afterwards.
+#[test]
+#[ignore = "needs the live Ceph cluster: scripts/test-rbd.sh runs it"]
+fn a_whole_gateway_is_fenced_once_and_its_images_move_together() {
+    // WHOLE_GW_N=64 for the README's figure; 16 keep the suite short.
+    let n_env = std::env::var("WHOLE_GW_N")
+        .ok()
+        .and_then(|v| v.parse().ok());
+    let n: usize = n_env.unwrap_or(16);
+    let imgs: Vec<TestImage> = (0..n)
+        .map(|i| TestImage::new(&format!("whole-gw-{i}"), 4 << 20))
+        .collect();
+    let open = |img: &TestImage, user: &str| {
+        Arc::new(
+            RbdBackend::open(
+                &img.cfg(&format!(";id={user};osd_op_timeout=10")),
+                img.size,
+                512,
+            )
+            .unwrap_or_else(|e| panic!("open {user}: {e}")),
+        )
+    };
+    let a: Vec<Arc<RbdBackend>> = imgs.iter().map(|i| open(i, "tcmu")).collect();
+    for r in &a {
+        r.take_lock(600).expect("gateway A takes its lock");
+    }
+    let a_client = a[0].client();
+    assert!(a.iter().all(|r| r.client() == a_client), "A has one client");
+    let b: Vec<Arc<RbdBackend>> = imgs.iter().map(|i| open(i, "admin")).collect();
+    let before = tcmu_handler::rbd::lock::blocklists_issued();
+    let t0 = Instant::now();
+    let takeovers: Vec<_> = b
+        .iter()
+        .map(|r| {
+            let r = r.clone();
+            std::thread::spawn(move || (r.take_lock(600), t0.elapsed()))
+        })
+        .collect();
+    let mut slowest = Duration::ZERO;
+    for (i, t) in takeovers.into_iter().enumerate() {
+        let (r, took) = t.join().expect("takeover thread");
+        let taken = r.unwrap_or_else(|e| panic!("image {i}: {e}"));
+        assert_eq!(taken.fenced.len(), 1, "image {i}: A's lock broken");
+        slowest = slowest.max(took);
+    }
+    let issued = tcmu_handler::rbd::lock::blocklists_issued() - before;
+    eprintln!(
+        "WHOLE-GATEWAY: {n} images taken over in {} ms, {issued} blocklist call(s)",
+        slowest.as_millis()
+    );
+    assert_eq!(issued, 1, "the dead gateway is blocklisted once");
+    for (i, r) in b.iter().enumerate() {
+        assert!(r.lock_held().unwrap(), "image {i} is B's");
+    }
+    // A is fenced: its next write fails instead of landing.
+    let mut da = Direct::new(a[n - 1].clone());
+    let t1 = Instant::now();
+    loop {
+        match da.write(0, &pattern(9, 4096)) {
+            Err(IoError::Fenced(_)) => break,
+            Ok(()) => {}
+            Err(e) => panic!("A's write: {e:?}"),
+        }
+        assert!(
+            t1.elapsed() < Duration::from_secs(30),
+            "A's writes still land"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // B's writes land on every image.
+    for r in &b {
+        Direct::new(r.clone())
+            .write(4096, &pattern(5, 4096))
+            .expect("B writes");
+    }
+}
+
 #[test]
 #[ignore = "needs the live Ceph cluster: scripts/test-rbd.sh runs it"]
 fn devices_on_a_blocklisted_connection_move_to_one_fresh_connection() {

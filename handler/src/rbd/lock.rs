@@ -18,9 +18,83 @@
 
 use super::{RbdBackend, Session};
 use rbd_ffi::LockMode;
-use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::time::{Duration, Instant};
 use tracing::{info, warn};
+
+/// Where one owner's fencing stands.
+enum Fence {
+    /// A takeover is blocklisting it now; others wait for the outcome.
+    Running,
+    /// Blocklisted at this time.
+    Done(Instant),
+}
+
+/// The blocklist entries this process added, by (owner, own client).
+///
+/// A gateway that dies held the locks of all its images through one
+/// client, so every takeover on the survivor finds the same owner: the
+/// first blocklists it (a monitor command, then the osdmap that carries
+/// the entry) and the others, on the same client of ours, which already
+/// has that map, only break the lock. A whole gateway is fenced once, not
+/// once per image, and its images move together.
+struct Fences {
+    by_owner: Mutex<HashMap<String, Fence>>,
+    changed: Condvar,
+}
+
+static FENCES: OnceLock<Fences> = OnceLock::new();
+static BLOCKLISTS: AtomicU64 = AtomicU64::new(0);
+
+/// `osd blocklist add` calls this process made (tests and status).
+pub fn blocklists_issued() -> u64 {
+    BLOCKLISTS.load(Ordering::Relaxed)
+}
+
+/// Runs `add` unless `key` was blocklisted by this process within half
+/// of `expire` (an entry about to expire is renewed); concurrent callers
+/// for the same key wait for the first one's result. Returns whether
+/// `add` ran.
+fn fence_once<E>(
+    key: &str,
+    expire: Duration,
+    add: impl FnOnce() -> Result<(), E>,
+) -> Result<bool, E> {
+    let f = FENCES.get_or_init(|| Fences {
+        by_owner: Mutex::new(HashMap::new()),
+        changed: Condvar::new(),
+    });
+    let mut m = f.by_owner.lock().unwrap_or_else(|e| e.into_inner());
+    loop {
+        match m.get(key) {
+            Some(Fence::Done(at)) if at.elapsed() < expire / 2 => return Ok(false),
+            Some(Fence::Running) => {
+                m = f.changed.wait(m).unwrap_or_else(|e| e.into_inner());
+            }
+            _ => break,
+        }
+    }
+    m.insert(key.to_string(), Fence::Running);
+    drop(m);
+    let r = add();
+    let mut m = f.by_owner.lock().unwrap_or_else(|e| e.into_inner());
+    match &r {
+        Ok(()) => {
+            BLOCKLISTS.fetch_add(1, Ordering::Relaxed);
+            m.insert(key.to_string(), Fence::Done(Instant::now()));
+        }
+        Err(_) => {
+            m.remove(key);
+        }
+    }
+    // Forget entries that expired long ago (owners come and go).
+    m.retain(|_, v| !matches!(v, Fence::Done(at) if at.elapsed() > expire));
+    drop(m);
+    f.changed.notify_all();
+    r.map(|()| true)
+}
 
 /// Why a lock operation failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -222,11 +296,20 @@ impl RbdBackend {
             });
         }
         let mut fenced = Vec::new();
+        let expire = Duration::from_secs(u64::from(blocklist_expire_secs));
         for owner in owners.owners {
-            warn!(image = %image, owner = %owner, expire = blocklist_expire_secs, "fencing the lock owner: osd blocklist add");
-            s.rados
-                .blocklist_add(&owner, blocklist_expire_secs)
-                .map_err(self.call_err(format!("osd blocklist add {owner}")))?;
+            // Keyed on our own client too: only the client that added the
+            // entry is known to hold the osdmap with it.
+            let key = format!("{owner} {}", mine[0]);
+            let added = fence_once(&key, expire, || {
+                warn!(image = %image, owner = %owner, expire = blocklist_expire_secs, "fencing the lock owner: osd blocklist add");
+                s.rados
+                    .blocklist_add(&owner, blocklist_expire_secs)
+                    .map_err(self.call_err(format!("osd blocklist add {owner}")))
+            })?;
+            if !added {
+                info!(image = %image, owner = %owner, "owner already blocklisted by this gateway (another image of the same gateway)");
+            }
             match s.image.lock_break(owners.mode, &owner) {
                 Ok(()) => {}
                 // Released or broken by someone else meanwhile: fine, the
@@ -295,6 +378,43 @@ fn same_client(owner: &str, mine: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_owner_is_blocklisted_once_however_many_images_it_held() {
+        let calls = Arc::new(AtomicU64::new(0));
+        let expire = Duration::from_secs(600);
+        let threads: Vec<_> = (0..16)
+            .map(|_| {
+                let calls = calls.clone();
+                std::thread::spawn(move || {
+                    fence_once::<()>("10.0.0.9:0/77 mine", expire, || {
+                        calls.fetch_add(1, Ordering::SeqCst);
+                        // A monitor round trip: the others arrive meanwhile.
+                        std::thread::sleep(Duration::from_millis(50));
+                        Ok(())
+                    })
+                    .unwrap()
+                })
+            })
+            .collect();
+        let ran = threads
+            .into_iter()
+            .map(|t| t.join().unwrap())
+            .filter(|&ran| ran)
+            .count();
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+        assert_eq!(ran, 1);
+        // Another of our clients, or another owner, is fenced on its own.
+        assert!(fence_once::<()>("10.0.0.9:0/77 other", expire, || Ok(())).unwrap());
+        // A failed blocklist is not remembered: the next takeover retries.
+        assert!(fence_once("10.0.0.9:0/78 mine", expire, || Err(())).is_err());
+        assert!(fence_once::<()>("10.0.0.9:0/78 mine", expire, || Ok(())).unwrap());
+        // An entry past half its expiry is renewed.
+        let short = Duration::from_millis(100);
+        assert!(fence_once::<()>("10.0.0.9:0/79 mine", short, || Ok(())).unwrap());
+        std::thread::sleep(Duration::from_millis(60));
+        assert!(fence_once::<()>("10.0.0.9:0/79 mine", short, || Ok(())).unwrap());
+    }
 
     #[test]
     fn owner_matches_own_addresses() {
