@@ -213,9 +213,19 @@ t_tpc_vpd() {
   echo "$o" | grep -q "3PC=1" || { why="standard INQUIRY without 3PC: $o"; return 1; }
 }
 
+sg_nodes() { # sg_xcopy opens the disks' /dev/sgN, which the guest's /dev may lack
+  local g n
+  for g in /sys/class/scsi_generic/sg*; do
+    [ -e "$g/dev" ] || continue
+    n=/dev/$(basename "$g")
+    [ -c "$n" ] || mknod "$n" c $(tr : ' ' <"$g/dev") || return 1
+  done
+}
+
 xc() { # IF OF SKIP SEEK COUNT BPT [sg_xcopy args...]: as ESXi's offload
   local i=$1 o=$2 sk=$3 se=$4 c=$5 b=$6
   shift 6
+  sg_nodes || return 1
   timeout 300 sg_xcopy if="$i" of="$o" bs=512 skip="$sk" seek="$se" count="$c" \
     bpt="$b" id_usage=disable "$@"
 }
