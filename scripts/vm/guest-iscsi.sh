@@ -213,12 +213,12 @@ t_tpc_vpd() {
   echo "$o" | grep -q "3PC=1" || { why="standard INQUIRY without 3PC: $o"; return 1; }
 }
 
-sg_nodes() { # sg_xcopy opens the disks' /dev/sgN, which the guest's /dev may lack
-  local g n
-  for g in /sys/class/scsi_generic/sg*; do
-    [ -e "$g/dev" ] || continue
-    n=/dev/$(basename "$g")
-    [ -c "$n" ] || mknod "$n" c $(tr : ' ' <"$g/dev") || return 1
+sg_nodes() { # sg_xcopy opens /dev/block/MAJ:MIN (udev's links; the guest has no udev)
+  local b
+  mkdir -p /dev/block || return 1
+  for b in /sys/block/sd*; do
+    [ -e "$b/dev" ] || continue
+    ln -sfn "../$(basename "$b")" "/dev/block/$(cat "$b/dev")" || return 1
   done
 }
 
