@@ -341,8 +341,9 @@ fn links_to(dir: &Path, to: &[PathBuf]) -> bool {
 
 /// Who reaches the LUN of the device at `dev_dir` through LIO: for every
 /// target port group exporting it, `*` when any initiator that logs in
-/// sees it (no ACLs, as with tcm_loop, or generated ones in demo mode),
-/// and each initiator whose ACL maps it.
+/// sees it (a fabric without ACLs, as tcm_loop, whose TPG has no
+/// `generate_node_acls` attribute, or generated ACLs in demo mode), and
+/// each initiator whose ACL maps it.
 pub fn lun_reach(dev_dir: &Path) -> std::io::Result<crate::copy::Reach> {
     let root = fabric_root(dev_dir);
     let dev = vec![std::fs::canonicalize(dev_dir)?];
@@ -365,9 +366,11 @@ pub fn lun_reach(dev_dir: &Path) -> std::io::Result<crate::copy::Reach> {
                     continue;
                 }
                 let acls = tpg.join("acls");
+                // A fabric without the attribute has no ACLs to enforce
+                // (tcm_loop: the local host is the initiator, always).
                 let generated =
-                    read_trimmed(&tpg.join("attrib/generate_node_acls")).is_some_and(|v| v == "1");
-                if generated || !acls.is_dir() {
+                    read_trimmed(&tpg.join("attrib/generate_node_acls")).is_none_or(|v| v == "1");
+                if generated {
                     out.insert((tpg.clone(), "*".to_string()));
                 }
                 for acl in subdirs(&acls) {
@@ -546,6 +549,9 @@ mod tests {
         }
         let lo = root.join("loopback/naa.1/tpgt_1/lun/lun_0");
         std::fs::create_dir_all(&lo).unwrap();
+        // As the kernel makes every TPG: acls/ and attrib/, here empty.
+        std::fs::create_dir_all(root.join("loopback/naa.1/tpgt_1/acls")).unwrap();
+        std::fs::create_dir_all(root.join("loopback/naa.1/tpgt_1/attrib")).unwrap();
         symlink(&d1, lo.join("z")).unwrap();
         let names = |r: crate::copy::Reach| -> Vec<String> {
             r.into_iter()

@@ -248,14 +248,18 @@ t_xcopy_within() { # within LUN 0, overlapping: 16 MiB forward by 4 MiB in one c
   ok cmp -n $((16 << 20)) "$S/xc" "$S/xc.back"
 }
 
-t_xcopy_unreachable() { # to a LUN the iSCSI initiator cannot see
-  local o rc
-  o=$(xc "/dev/$DEV" "/dev/$DEV3" 0 0 2048 2048 2>&1)
-  rc=$?
-  echo "$o (exit $rc)"
-  [ $rc -ne 0 ] || { why="a copy to a LUN outside the initiator's ACL succeeded"; return 1; }
-  echo "$o" | grep -qi "copy aborted" || { why="expected COPY ABORTED: $o"; return 1; }
-  ok cmp -n $((1 << 20)) /dev/zero "/dev/$DEV3" || { why="the refused copy wrote data"; return 1; }
+t_xcopy_unreachable() { # between an iSCSI LUN and a LUN only tcm_loop exports
+  local o rc on
+  # Sent to either LUN: the initiators of the one receiving it do not
+  # all reach the other.
+  for on in --on_src --on_dst; do
+    o=$(xc "/dev/$DEV" "/dev/$DEV3" 0 0 2048 2048 "$on" 2>&1)
+    rc=$?
+    echo "$on: $o (exit $rc)"
+    [ $rc -ne 0 ] || { why="a copy ($on) to a LUN outside the initiator's ACL succeeded"; return 1; }
+    echo "$o" | grep -qi "copy aborted" || { why="expected COPY ABORTED ($on): $o"; return 1; }
+  done
+  ok cmp -n $((1 << 20)) /dev/zero "/dev/$DEV3" || { why="a refused copy wrote data"; return 1; }
 }
 
 t_xc_loop_rm() { rm_loop $XC_LOOP $XC_WWN && rm_backstore $XC_LOOP; }
