@@ -44,7 +44,8 @@ pub struct DeviceMetrics {
     pub image: Option<String>,
     /// The worker's counters.
     pub stats: Arc<Stats>,
-    /// The HA failover manager's state, for devices with ALUA groups.
+    /// The failover manager's state, for rbd devices served behind the
+    /// exclusive-lock gate.
     pub failover: Option<FailoverStatus>,
 }
 
@@ -331,7 +332,7 @@ pub fn render(devs: &[DeviceMetrics]) -> Result<String, MetricsError> {
             .collect(),
     );
 
-    // HA gateways (rbd devices with ALUA groups).
+    // rbd devices behind the exclusive-lock gate (HA gateways).
     let ha: Vec<(&str, &FailoverStatus)> = devs
         .iter()
         .filter_map(|d| d.failover.as_ref().map(|f| (d.name.as_str(), f)))
