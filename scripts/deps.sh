@@ -2,7 +2,9 @@
 # Installs what building and testing tcmu-rbd needs on Debian 12.
 # Idempotent: packages already present are not touched.
 set -euo pipefail
-want=(build-essential pkg-config librbd-dev librados-dev dbus python3-gi "$@")
+# prometheus: its promtool checks the metrics endpoint's output (the
+# metrics_endpoint test fails without it).
+want=(build-essential pkg-config librbd-dev librados-dev dbus python3-gi prometheus "$@")
 missing=()
 for p in "${want[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

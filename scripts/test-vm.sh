@@ -69,7 +69,7 @@ case " $SUITES " in *" mpath"*) extra+=(multipath-tools udev) ;; esac
 case " $SUITES " in *"iscsi "* | *" gateway "* | *" xcopy_bench "*) extra+=(open-iscsi) ;; esac
 case " $SUITES " in *" ceph_iscsi "*) extra+=(ceph-iscsi ceph-mgr) ;; esac
 scripts/deps.sh qemu-system-x86 linux-image-amd64 busybox-static kmod cpio \
-  fio sg3-utils util-linux "${extra[@]}"
+  fio sg3-utils util-linux curl iproute2 "${extra[@]}"
 
 # The kernel: Debian's newest installed (not the host's running kernel).
 kver=$(ls /lib/modules | grep -E -- '-amd64$' | sort -V | tail -1)

@@ -19,6 +19,9 @@
 //! `keep`): whether devices gated on an rbd exclusive lock refuse
 //! persistent reservations, which gateways cannot share (see
 //! `registry::ha_pr`); it applies to devices opened after a change.
+//! And `metrics_listen` (`off`, the default, or `ADDRESS:PORT`, e.g.
+//! `127.0.0.1:9288` or `[::]:9288`): where the Prometheus endpoint
+//! listens (see `metrics`); a change restarts it.
 //! Other keys are noted and ignored, a malformed line gets a
 //! warning naming it, and everything else in the file still applies.
 //!
@@ -66,6 +69,9 @@ pub struct Config {
     /// Keep persistent reservations on lock-gated rbd devices (`ha_pr =
     /// keep`; refused by default).
     pub keep_ha_pr: bool,
+    /// Where the Prometheus endpoint listens (`metrics_listen`); None:
+    /// off, the default.
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 impl Default for Config {
@@ -76,6 +82,7 @@ impl Default for Config {
             idle_poll_us: DEFAULT_IDLE_POLL_US,
             service_map: true,
             keep_ha_pr: false,
+            metrics_listen: None,
         }
     }
 }
@@ -205,8 +212,22 @@ pub fn parse(text: &str) -> (Config, Vec<Note>) {
                 "keep" => cfg.keep_ha_pr = true,
                 other => note(format!("ha_pr is refuse or keep, got {other:?}"), true),
             },
+            ("metrics_listen", Some(v)) => match unquote(v) {
+                "off" => cfg.metrics_listen = None,
+                other => match other.parse::<std::net::SocketAddr>() {
+                    Ok(a) => cfg.metrics_listen = Some(a),
+                    Err(_) => note(
+                        format!(
+                            "metrics_listen wants off or an IP address and port \
+                             (127.0.0.1:9288, [::1]:9288), got {other:?}"
+                        ),
+                        true,
+                    ),
+                },
+            },
             (
-                "log_level" | "log_dir" | "log_dir_path" | "idle_poll_us" | "service_map" | "ha_pr",
+                "log_level" | "log_dir" | "log_dir_path" | "idle_poll_us" | "service_map" | "ha_pr"
+                | "metrics_listen",
                 None,
             ) => note(format!("{key} needs a value (`{key} = ...`)"), true),
             _ => note(format!("unknown option {key:?} ignored"), false),
@@ -503,6 +524,29 @@ mod tests {
             notes[0].malformed && notes[0].msg.contains("\"maybe\""),
             "{notes:?}"
         );
+    }
+
+    #[test]
+    fn metrics_listen_is_off_unless_given_an_address() {
+        assert_eq!(parse("").0.metrics_listen, None);
+        let a = parse("metrics_listen = 127.0.0.1:9288\n").0.metrics_listen;
+        assert_eq!(a, Some("127.0.0.1:9288".parse().unwrap()));
+        let a = parse("metrics_listen = \"[::]:9288\"\n").0.metrics_listen;
+        assert_eq!(a, Some("[::]:9288".parse().unwrap()));
+        assert_eq!(
+            parse("metrics_listen = 127.0.0.1:1\nmetrics_listen = off\n")
+                .0
+                .metrics_listen,
+            None
+        );
+        for bad in ["localhost:9288", "9288", "127.0.0.1", "127.0.0.1:99999", ""] {
+            let (cfg, notes) = parse(&format!("metrics_listen = {bad}\n"));
+            assert_eq!(cfg.metrics_listen, None, "{bad}");
+            assert!(
+                notes.len() == 1 && notes[0].malformed && notes[0].msg.contains("metrics_listen"),
+                "{bad}: {notes:?}"
+            );
+        }
     }
 
     #[test]

@@ -6,6 +6,7 @@
 //! reply: 0 or a negative errno.
 
 use crate::backends;
+use crate::metrics::hist::HistSnapshot;
 use crate::netlink::{Event, EventKind, Incoming};
 use crate::registry::{DeviceSpec, OpenDeviceError, Registry};
 use std::collections::{BTreeMap, BTreeSet};
@@ -98,6 +99,22 @@ pub struct Control {
     silent: Mutex<BTreeSet<String>>,
     /// `--devices`: serve only backstores with these names (None: all).
     only: Option<BTreeSet<String>>,
+    /// Each device's latency histogram at the last status refresh: the
+    /// next one shows IOPS and percentiles over the interval between.
+    last_status: Mutex<BTreeMap<String, (std::time::Instant, HistSnapshot)>>,
+}
+
+/// Formats a latency in seconds for a status line (`42us`, `3.1ms`, `2.0s`).
+fn fmt_latency(secs: f64) -> String {
+    if secs.is_infinite() {
+        ">33s".into()
+    } else if secs < 1e-3 {
+        format!("{:.0}us", secs * 1e6)
+    } else if secs < 1.0 {
+        format!("{:.1}ms", secs * 1e3)
+    } else {
+        format!("{secs:.1}s")
+    }
 }
 
 /// The device's `attrib/nl_reply_supported`: the kernel fixes a device's
@@ -135,6 +152,7 @@ impl Control {
             states: Mutex::new(BTreeMap::new()),
             silent: Mutex::new(BTreeSet::new()),
             only: None,
+            last_status: Mutex::new(BTreeMap::new()),
         }
     }
 
@@ -484,9 +502,44 @@ impl Control {
     /// One line per device for status output: the registry's counters
     /// plus the daemon's state. Features that track more per device
     /// (ALUA state, lock owner) append `key=value` fields here.
+    ///
+    /// Each line also shows the IOPS and the p50/p99 latency (the upper
+    /// bound of the log2 bucket each falls in) over the interval since the
+    /// previous call (`interval=`; none on the first).
     pub fn status_lines(&self) -> Vec<String> {
         let mut st = self.reg.status();
         st.sort_by(|a, b| a.name.cmp(&b.name));
+        let now = std::time::Instant::now();
+        let mut last = self.last_status.lock().unwrap_or_else(|e| e.into_inner());
+        let intervals: BTreeMap<String, String> = st
+            .iter()
+            .filter_map(|d| {
+                let prev = last.insert(d.name.clone(), (now, d.latency));
+                let (then, before) = prev?;
+                let secs = now.duration_since(then).as_secs_f64();
+                let delta = d.latency.since(&before);
+                let iops = if secs > 0.0 {
+                    delta.count() as f64 / secs
+                } else {
+                    0.0
+                };
+                let pct = |q| {
+                    delta
+                        .quantile_secs(q)
+                        .map_or_else(|| "-".to_string(), fmt_latency)
+                };
+                Some((
+                    d.name.clone(),
+                    format!(
+                        " interval={secs:.1}s iops={iops:.0} p50={} p99={}",
+                        pct(0.5),
+                        pct(0.99)
+                    ),
+                ))
+            })
+            .collect();
+        last.retain(|n, _| st.iter().any(|d| &d.name == n));
+        drop(last);
         st.iter()
             .map(|d| {
                 let (state, why) = match self.state(&d.name) {
@@ -500,6 +553,9 @@ impl Control {
                 );
                 if let Some(r) = why {
                     line.push_str(&format!(" reason={r:?}"));
+                }
+                if let Some(i) = intervals.get(&d.name) {
+                    line.push_str(i);
                 }
                 if let Some(a) = &d.alua {
                     line.push(' ');

@@ -43,7 +43,7 @@ const DBUS_CHECK: Duration = Duration::from_secs(2);
 const USAGE: &str = "\
 usage: tcmu-rbd [OPTIONS]                 serve TCMU devices (file, ram, rbd)
        tcmu-rbd check-config SUBTYPE/CFGSTRING
-       tcmu-rbd status [--run-dir DIR]
+       tcmu-rbd status [--run-dir DIR] [--interval SECS]
        tcmu-rbd --help | --version
 
 options:
@@ -65,6 +65,9 @@ options:
                           but one of them (one owner of the bus name)
       --sysfs-root DIR    (tests) sysfs mount point (default /sys)
       --configfs-root DIR (tests) configfs mount point (default /sys/kernel/config)
+      --interval SECS     (status) refresh twice, SECS apart (default 1), so
+                          that IOPS and p50/p99 latency cover that interval;
+                          0: one refresh, over the time since the last one
 
 signals: SIGTERM/SIGINT drain every device and exit; SIGHUP reloads tcmu.conf;
          SIGUSR1 logs device status and rewrites RUN_DIR/status.
@@ -89,7 +92,7 @@ struct Opts {
 enum Cmd {
     Serve(Opts),
     CheckConfig(String),
-    Status(PathBuf),
+    Status(PathBuf, Duration),
     Exit(i32),
 }
 
@@ -113,6 +116,7 @@ fn parse_args(args: Vec<String>) -> Cmd {
     };
     let mut it = args.into_iter().skip(1);
     let mut status = false;
+    let mut interval = Duration::from_secs(1);
     while let Some(a) = it.next() {
         let mut val = |name: &str| it.next().ok_or_else(|| format!("{name} needs a value"));
         let r: Result<(), String> = match a.as_str() {
@@ -175,6 +179,13 @@ fn parse_args(args: Vec<String>) -> Cmd {
                 o.devices = Some(set);
                 Ok(())
             }),
+            "--interval" => val(&a).and_then(|v| {
+                v.parse::<f64>()
+                    .ok()
+                    .filter(|s| s.is_finite() && (0.0..=3600.0).contains(s))
+                    .map(|s| interval = Duration::from_secs_f64(s))
+                    .ok_or(format!("--interval wants seconds (0 to 3600), got {v:?}"))
+            }),
             "--sysfs-root" => val(&a).map(|v| o.sysfs = v.into()),
             "--configfs-root" => val(&a).map(|v| o.configfs = v.into()),
             other => Err(format!("unknown argument {other:?}")),
@@ -190,7 +201,7 @@ fn parse_args(args: Vec<String>) -> Cmd {
         return usage_error("--devices needs --no-netlink");
     }
     if status {
-        Cmd::Status(o.run_dir)
+        Cmd::Status(o.run_dir, interval)
     } else {
         Cmd::Serve(o)
     }
@@ -201,7 +212,7 @@ pub fn run(args: Vec<String>) -> i32 {
     match parse_args(args) {
         Cmd::Exit(c) => c,
         Cmd::CheckConfig(c) => check_config_cmd(&c),
-        Cmd::Status(dir) => status_cmd(&dir),
+        Cmd::Status(dir, interval) => status_cmd(&dir, interval),
         Cmd::Serve(o) => serve(o),
     }
 }
@@ -293,7 +304,26 @@ fn generation(dir: &Path) -> Option<u64> {
         .and_then(|g| g.parse().ok())
 }
 
-fn status_cmd(dir: &Path) -> i32 {
+/// Asks the daemon to refresh its status file (SIGUSR1) and waits up to
+/// 3 s for the new one. None: it did not answer.
+fn refresh_status(dir: &Path, pid: nix::unistd::Pid) -> Result<Option<String>, nix::Error> {
+    let before = generation(dir);
+    nix::sys::signal::kill(pid, Signal::SIGUSR1)?;
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < deadline {
+        if generation(dir).is_some() && generation(dir) != before {
+            if let Ok(s) = std::fs::read_to_string(dir.join(STATUS_FILE)) {
+                return Ok(Some(s));
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(None)
+}
+
+/// `tcmu-rbd status`: a first refresh starts the interval (unless it is
+/// 0), the second one's lines show IOPS and latency over it.
+fn status_cmd(dir: &Path, interval: Duration) -> i32 {
     let pid = std::fs::read_to_string(dir.join(PID_FILE))
         .ok()
         .and_then(|s| s.trim().parse::<i32>().ok())
@@ -302,21 +332,24 @@ fn status_cmd(dir: &Path) -> i32 {
         eprintln!("tcmu-rbd is not running (no pid file in {})", dir.display());
         return 3;
     };
-    let before = generation(dir);
     let pid = nix::unistd::Pid::from_raw(pid);
-    if let Err(e) = nix::sys::signal::kill(pid, Signal::SIGUSR1) {
-        eprintln!("tcmu-rbd (pid {pid}) is not running: {e}");
-        return 3;
-    }
-    let deadline = Instant::now() + Duration::from_secs(3);
-    while Instant::now() < deadline {
-        if generation(dir).is_some() && generation(dir) != before {
-            if let Ok(s) = std::fs::read_to_string(dir.join(STATUS_FILE)) {
+    let rounds = if interval.is_zero() { 1 } else { 2 };
+    for round in 0..rounds {
+        if round > 0 {
+            std::thread::sleep(interval);
+        }
+        match refresh_status(dir, pid) {
+            Err(e) => {
+                eprintln!("tcmu-rbd (pid {pid}) is not running: {e}");
+                return 3;
+            }
+            Ok(Some(s)) if round + 1 == rounds => {
                 print!("{s}");
                 return 0;
             }
+            Ok(Some(_)) => {}
+            Ok(None) => break,
         }
-        std::thread::sleep(Duration::from_millis(20));
     }
     eprintln!("tcmu-rbd (pid {pid}) did not refresh its status in 3 s");
     if let Ok(s) = std::fs::read_to_string(dir.join(STATUS_FILE)) {
@@ -429,12 +462,15 @@ struct Daemon {
     status: Status,
     /// Registered on D-Bus now (the supervisor thread keeps it current).
     dbus_up: Arc<AtomicBool>,
+    /// The Prometheus endpoint, while tcmu.conf's `metrics_listen` asks
+    /// for one and its address could be bound.
+    metrics: Option<crate::metrics::Server>,
 }
 
 impl Daemon {
     fn header(&self) -> String {
         format!(
-            "tcmu-rbd {} pid={} netlink={} dbus={} config={} log_level={} idle_poll_us={}",
+            "tcmu-rbd {} pid={} netlink={} dbus={} config={} log_level={} idle_poll_us={} metrics={}",
             env!("CARGO_PKG_VERSION"),
             std::process::id(),
             if self.nl.is_some() { "yes" } else { "no" },
@@ -445,8 +481,30 @@ impl Daemon {
             },
             self.o.config.display(),
             self.cfg.log_level,
-            self.cfg.idle_poll_us
+            self.cfg.idle_poll_us,
+            self.metrics
+                .as_ref()
+                .map_or_else(|| "off".to_string(), |m| m.local_addr().to_string())
         )
+    }
+
+    /// Starts, moves or stops the Prometheus endpoint to match
+    /// `metrics_listen`. A bind failure is logged and the daemon goes on
+    /// serving I/O without the endpoint.
+    fn apply_metrics(&mut self, want: Option<std::net::SocketAddr>) {
+        let have = self.metrics.as_ref().map(|m| m.local_addr());
+        if want.is_some() && want == have {
+            return;
+        }
+        // Dropping the old server first frees its port for the new one.
+        self.metrics = None;
+        let Some(addr) = want else { return };
+        let reg = self.ctl.registry().clone();
+        let source: crate::metrics::Source = Arc::new(move || reg.metrics());
+        match crate::metrics::Server::start(addr, source) {
+            Ok(s) => self.metrics = Some(s),
+            Err(e) => error!(error = %e, "metrics endpoint not started"),
+        }
     }
 
     fn write_status(&mut self, log: bool) {
@@ -476,6 +534,8 @@ impl Daemon {
             .set_idle_poll(Duration::from_micros(u64::from(cfg.idle_poll_us)));
         tcmu_handler::rbd::service::set_enabled(cfg.service_map);
         self.ctl.registry().set_keep_ha_pr(cfg.keep_ha_pr);
+        // Also retries a bind that failed before.
+        self.apply_metrics(cfg.metrics_listen);
         info!(reason = why, log_level = cfg.log_level, log_dir = %cfg.log_dir.display(), idle_poll_us = cfg.idle_poll_us, service_map = cfg.service_map, "configuration reloaded");
         debug!("debug logging is on");
         self.cfg = cfg;
@@ -593,6 +653,7 @@ fn start(o: Opts) -> Option<(Daemon, SignalFd, Arc<Registry>)> {
         cfg,
         nl: None,
         dbus_up: Arc::new(AtomicBool::new(false)),
+        metrics: None,
     };
     Some((d, sigfd, reg))
 }
@@ -638,6 +699,7 @@ fn start_dbus(d: &mut Daemon, reg: &Arc<Registry>) -> Result<(), i32> {
 /// while none ran), watches the config file and tells systemd it is
 /// ready.
 fn go_ready(d: &mut Daemon, reg: &Registry) -> Option<Inotify> {
+    d.apply_metrics(d.cfg.metrics_listen);
     d.ctl.rescan();
     d.write_status(false);
     let ino = watch_config(&d.o.config);
@@ -765,6 +827,7 @@ fn shutdown(d: &mut Daemon, reg: &Registry) {
             warn!(error = %e, "cannot withdraw netlink reply support");
         }
     }
+    d.metrics = None;
     reg.stop_all();
     tcmu_handler::rbd::service::stop();
     d.write_status(false);
@@ -825,9 +888,17 @@ mod tests {
             _ => panic!("expected serve"),
         }
         match parse_args(args(&["status", "--run-dir", "/r"])) {
-            Cmd::Status(d) => assert_eq!(d, PathBuf::from("/r")),
+            Cmd::Status(d, i) => assert_eq!((d, i), (PathBuf::from("/r"), Duration::from_secs(1))),
             _ => panic!("expected status"),
         }
+        match parse_args(args(&["status", "--interval", "0.5"])) {
+            Cmd::Status(_, i) => assert_eq!(i, Duration::from_millis(500)),
+            _ => panic!("expected status"),
+        }
+        assert!(matches!(
+            parse_args(args(&["status", "--interval", "-1"])),
+            Cmd::Exit(2)
+        ));
     }
 
     #[test]

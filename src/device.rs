@@ -7,6 +7,7 @@
 //! the doorbell once per batch. It sleeps in epoll_wait() on the doorbell
 //! fd, the completion queue's eventfd and a stop eventfd.
 
+use crate::metrics::hist::{add, Histogram};
 use crate::ring::shm::SharedMem;
 use crate::ring::{Completion, Entry, Ring, RingError};
 use crate::scsi::{sense::Sense, Lun, LunInfo, Outcome, Pending, Response};
@@ -107,7 +108,9 @@ impl Doorbell for EventDoorbell {
     }
 }
 
-/// Counters a device keeps, readable from other threads.
+/// Counters a device keeps, readable from other threads. Only the
+/// device's worker writes them (plain loads and stores, no locked adds):
+/// the metrics endpoint and `tcmu-rbd status` read them.
 #[derive(Debug, Default)]
 pub struct Stats {
     /// Commands taken from the ring.
@@ -122,13 +125,67 @@ pub struct Stats {
     pub notifies: AtomicU64,
     /// Times the worker went to sleep (nothing to do, idle poll over).
     pub sleeps: AtomicU64,
+    /// READ(6/10/12/16) commands taken.
+    pub reads: AtomicU64,
+    /// WRITE(6/10/12/16) and WRITE AND VERIFY commands taken.
+    pub writes: AtomicU64,
+    /// Every other command taken.
+    pub others: AtomicU64,
+    /// Data-in buffer bytes of the reads taken.
+    pub read_bytes: AtomicU64,
+    /// Data-out buffer bytes of the writes taken.
+    pub write_bytes: AtomicU64,
+    /// CHECK CONDITIONs sent, by sense key.
+    pub sense_keys: [AtomicU64; 16],
+    /// Commands answered BUSY or TASK SET FULL.
+    pub qfull: AtomicU64,
+    /// Times the worker found its ring nearly full (data area or command
+    /// area at least 90% taken by commands in flight), counted when it
+    /// crosses that mark.
+    pub ring_full: AtomicU64,
+    /// Data-area bytes held by commands in flight (their buffers).
+    pub data_in_use: AtomicU64,
+    /// Size of the data area, bytes.
+    pub data_area: AtomicU64,
+    /// Time from taking a command off the ring to writing its completion.
+    pub latency: Histogram,
+    /// Time the backend spent on an operation (submit to completion;
+    /// inline operations included).
+    pub backend: Histogram,
 }
+
+/// What a command is, for the per-kind counters.
+#[derive(Clone, Copy)]
+enum Class {
+    Read,
+    Write,
+    Other,
+}
+
+fn classify(opcode: u8) -> Class {
+    use crate::scsi::cdb::op;
+    match opcode {
+        op::READ_6 | op::READ_10 | op::READ_12 | op::READ_16 => Class::Read,
+        op::WRITE_6
+        | op::WRITE_10
+        | op::WRITE_12
+        | op::WRITE_16
+        | op::WRITE_VERIFY_10
+        | op::WRITE_VERIFY_16 => Class::Write,
+        _ => Class::Other,
+    }
+}
+
+/// SCSI status BUSY.
+const STATUS_BUSY: u8 = 0x08;
+/// SCSI status TASK SET FULL.
+const STATUS_TASK_SET_FULL: u8 = 0x28;
 
 /// Adds one to a [`Stats`] counter. Only the device's worker writes its
 /// counters, so a plain load and store suffice: a locked add per command
 /// would cost more than the rest of the bookkeeping.
 fn bump(c: &AtomicU64) {
-    c.store(c.load(Ordering::Relaxed).wrapping_add(1), Ordering::Relaxed);
+    add(c, 1);
 }
 
 /// A change run on the worker thread, between two turns of its loop.
@@ -230,6 +287,19 @@ pub struct Device {
     backend: Arc<dyn Backend>,
     cq: CompletionQueue,
     pending: Vec<Option<Pending>>,
+    /// Per command id, [`TRACK`] words: when it was taken and when its
+    /// backend operation was submitted (ns since `epoch`), and the bytes
+    /// of its buffers. Zeroed lazily by the allocator: only the pages of
+    /// ids the kernel used are ever touched.
+    track: Vec<u64>,
+    /// The worker's clock origin.
+    epoch: Instant,
+    /// Data-area bytes held by the commands in flight, and the value last
+    /// published in `stats`.
+    data_in_use: u64,
+    data_published: u64,
+    /// The ring was nearly full at the last look (see [`Stats::ring_full`]).
+    was_full: bool,
     bell: Box<dyn Doorbell>,
     entries: Vec<Entry>,
     stats: Arc<Stats>,
@@ -244,6 +314,13 @@ pub struct Device {
     /// (cheaper per sleep than poll() on three fds).
     epoll: Epoll,
 }
+
+/// Words of [`Device::track`] per command id.
+const TRACK: usize = 3;
+/// Offsets in a command's track words.
+const T_TAKEN: usize = 0;
+const T_SUBMITTED: usize = 1;
+const T_LEN: usize = 2;
 
 /// Which fd an epoll event is for.
 const EV_BELL: u64 = 0;
@@ -287,6 +364,10 @@ impl Device {
         let (ctl_tx, ctl_rx) = crossbeam_channel::unbounded();
         let mut pending = Vec::with_capacity(65536);
         pending.resize_with(65536, || None);
+        let stats = Stats::default();
+        stats
+            .data_area
+            .store(ring.data_area_len(), Ordering::Relaxed);
         Ok(Device {
             name,
             ring,
@@ -294,9 +375,14 @@ impl Device {
             backend,
             cq,
             pending,
+            track: vec![0u64; TRACK * 65536],
+            epoch: Instant::now(),
+            data_in_use: 0,
+            data_published: 0,
+            was_full: false,
             bell,
             entries: Vec::with_capacity(256),
-            stats: Arc::new(Stats::default()),
+            stats: Arc::new(stats),
             stop_flag: Arc::new(AtomicBool::new(false)),
             stop_fd: Arc::new(stop_fd),
             ctl_tx,
@@ -399,14 +485,24 @@ impl Device {
         };
         if n > 0 {
             progress = true;
+            // One clock read per batch: a command's latency counts from
+            // the poll that took it.
+            let now = self.now_ns();
             for e in entries.drain(..) {
-                self.dispatch(e);
+                self.dispatch(e, now);
             }
+            self.check_full();
         }
         self.entries = entries;
         while let Some(c) = self.cq.try_recv() {
             progress = true;
             self.finish(c);
+        }
+        if self.data_in_use != self.data_published {
+            self.data_published = self.data_in_use;
+            self.stats
+                .data_in_use
+                .store(self.data_in_use, Ordering::Relaxed);
         }
         if self.ring.publish().map_err(|e| self.ring_err(e))? {
             bump(&self.stats.notifies);
@@ -421,17 +517,52 @@ impl Device {
         Ok(progress)
     }
 
-    fn dispatch(&mut self, e: Entry) {
+    /// Nanoseconds since the worker's clock origin.
+    #[inline]
+    fn now_ns(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    /// Counts a crossing of the ring-full mark (90% of the data area or
+    /// of the command area held by commands in flight).
+    fn check_full(&mut self) {
+        let data_area = self.ring.data_area_len();
+        let cmd_area = u64::from(self.ring.cmd_area_len());
+        let full = self.data_in_use * 10 >= data_area * 9
+            || u64::from(self.ring.cmd_area_used()) * 10 >= cmd_area * 9;
+        if full && !self.was_full {
+            bump(&self.stats.ring_full);
+        }
+        self.was_full = full;
+    }
+
+    fn dispatch(&mut self, e: Entry, now: u64) {
         match e {
             Entry::Cmd(cmd) => {
                 bump(&self.stats.commands);
                 let id = cmd.cmd_id;
+                let len = cmd.bufs.len() as u64;
+                let t = TRACK * id as usize;
+                self.track[t + T_TAKEN] = now;
+                self.track[t + T_LEN] = len;
+                self.data_in_use += len;
+                match classify(cmd.cdb().first().copied().unwrap_or(0)) {
+                    Class::Read => {
+                        bump(&self.stats.reads);
+                        add(&self.stats.read_bytes, len);
+                    }
+                    Class::Write => {
+                        bump(&self.stats.writes);
+                        add(&self.stats.write_bytes, len);
+                    }
+                    Class::Other => bump(&self.stats.others),
+                }
                 if !cmd.cdb_complete {
-                    self.respond(id, Response::check(crate::scsi::INVALID_OPCODE));
+                    self.respond(id, Response::check(crate::scsi::INVALID_OPCODE), now);
                     return;
                 }
                 let o = self.lun.execute(cmd.cdb(), &cmd.bufs);
-                self.advance(id, o);
+                self.advance(id, o, now);
             }
             Entry::Tmr(t) => {
                 bump(&self.stats.tmrs);
@@ -457,21 +588,32 @@ impl Device {
             error!(dev = %self.name, cmd_id = id, "completion for no pending command dropped");
             return;
         };
+        let submitted = self.track[TRACK * id as usize + T_SUBMITTED];
+        let now = self.now_ns();
+        self.stats.backend.record(now.saturating_sub(submitted));
         let o = self.lun.finish(p, c.result);
-        self.advance(id, o);
+        self.advance(id, o, now);
     }
 
     /// Carries command `id` on from `o`: responds, runs the backend
     /// operation inline when the backend can, or submits it. A follow-up
     /// operation (e.g. the flush after a FUA write) keeps the same id.
-    fn advance(&mut self, id: u16, mut o: Outcome) {
+    /// `now`: the clock (ns since `epoch`) as last read, at most
+    /// microseconds ago (the worker does not block in between).
+    fn advance(&mut self, id: u16, mut o: Outcome, mut now: u64) {
         loop {
             match o {
-                Outcome::Done(r) => return self.respond(id, r),
+                Outcome::Done(r) => return self.respond(id, r, now),
                 Outcome::Submit(op, p) => match self.backend.try_inline(op) {
-                    Ok(result) => o = self.lun.finish(p, result),
+                    Ok(result) => {
+                        let done = self.now_ns();
+                        self.stats.backend.record(done.saturating_sub(now));
+                        now = done;
+                        o = self.lun.finish(p, result);
+                    }
                     Err(op) => {
                         self.pending[id as usize] = Some(p);
+                        self.track[TRACK * id as usize + T_SUBMITTED] = now;
                         self.backend.submit(op, self.cq.done(u64::from(id)));
                         return;
                     }
@@ -492,12 +634,21 @@ impl Device {
         }
     }
 
-    fn respond(&mut self, id: u16, r: Response) {
+    /// Writes command `id`'s completion; `now` as in [`advance`](Self::advance).
+    fn respond(&mut self, id: u16, r: Response, now: u64) {
         bump(&self.stats.completed);
+        let t = TRACK * id as usize;
+        self.stats
+            .latency
+            .record(now.saturating_sub(self.track[t + T_TAKEN]));
+        self.data_in_use = self.data_in_use.saturating_sub(self.track[t + T_LEN]);
         let sense_bytes: Option<[u8; 18]> = r.sense.as_ref().map(Sense::to_fixed);
-        if r.sense.is_some() {
+        if let Some(s) = &r.sense {
             bump(&self.stats.check_conditions);
+            bump(&self.stats.sense_keys[usize::from(s.key & 0xf)]);
             debug!(dev = %self.name, cmd_id = id, sense = ?r.sense, "check condition");
+        } else if r.status == STATUS_BUSY || r.status == STATUS_TASK_SET_FULL {
+            bump(&self.stats.qfull);
         }
         let c = Completion {
             cmd_id: id,

@@ -16,6 +16,7 @@ pub mod daemon_main;
 pub mod dbus;
 pub mod device;
 pub mod failover;
+pub mod metrics;
 pub mod netlink;
 pub mod registry;
 pub mod ring;

@@ -183,6 +183,8 @@ pub struct DeviceStatus {
     /// HA gateways: ALUA state and exclusive-lock owner
     /// ([`crate::failover::FailoverStatus`]); None without ALUA groups.
     pub alua: Option<String>,
+    /// Command latencies so far (for rates over an interval).
+    pub latency: crate::metrics::hist::HistSnapshot,
 }
 
 impl Registry {
@@ -430,8 +432,39 @@ impl Registry {
                 completed: r.stats.completed.load(Relaxed),
                 check_conditions: r.stats.check_conditions.load(Relaxed),
                 alua: r.failover.as_ref().map(|f| f.status().to_string()),
+                latency: r.stats.latency.snapshot(),
             })
             .collect()
+    }
+
+    /// What the metrics endpoint shows of every device (see
+    /// [`crate::metrics`]): its counters, and the failover state of HA
+    /// devices.
+    pub fn metrics(&self) -> Vec<crate::metrics::DeviceMetrics> {
+        let Ok(devs) = self.devices.lock() else {
+            return Vec::new();
+        };
+        let mut v: Vec<_> = devs
+            .values()
+            .map(|r| {
+                let rbd = (r.spec.subtype == "rbd")
+                    .then(|| tcmu_handler::rbd::config::parse(&r.spec.cfgstring).ok())
+                    .flatten();
+                crate::metrics::DeviceMetrics {
+                    name: r.spec.name.clone(),
+                    subtype: r.spec.subtype.clone(),
+                    pool: rbd.as_ref().map(|c| c.pool.clone()),
+                    image: rbd.map(|c| match c.namespace {
+                        Some(ns) => format!("{ns}/{}", c.image),
+                        None => c.image,
+                    }),
+                    stats: r.stats.clone(),
+                    failover: r.failover.as_ref().map(|f| f.status()),
+                }
+            })
+            .collect();
+        v.sort_by(|a, b| a.name.cmp(&b.name));
+        v
     }
 
     /// Stops every device (SIGTERM).

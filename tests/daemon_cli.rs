@@ -229,6 +229,80 @@ fn lifecycle_reload_status_and_drain() {
     assert_eq!(o.status.code(), Some(3));
 }
 
+/// GET /metrics from `addr`: (status line, body).
+fn scrape(addr: &str) -> std::io::Result<(String, String)> {
+    use std::io::{Read, Write};
+    let mut c = std::net::TcpStream::connect(addr)?;
+    c.write_all(b"GET /metrics HTTP/1.0\r\n\r\n")?;
+    let mut out = String::new();
+    c.read_to_string(&mut out)?;
+    let (head, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
+    Ok((
+        head.lines().next().unwrap_or("").to_string(),
+        body.to_string(),
+    ))
+}
+
+/// The `metrics=` word of a status header.
+fn metrics_addr(status: &str) -> String {
+    status
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("metrics="))
+        .unwrap_or("")
+        .to_string()
+}
+
+#[test]
+fn metrics_endpoint_follows_tcmu_conf() {
+    let d = start(
+        "log_level = 3\nlog_dir = \"@LOG@\"\nmetrics_listen = 127.0.0.1:0\n",
+        &[],
+    );
+    assert_eq!(
+        d.notified(Duration::from_secs(10)).as_deref(),
+        Some("READY=1")
+    );
+    let run_dir = d.path("run");
+    let status = || {
+        let o = run(&[
+            "status",
+            "--run-dir",
+            run_dir.to_str().unwrap(),
+            "--interval",
+            "0",
+        ]);
+        assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+        text(&o.stdout)
+    };
+    let addr = metrics_addr(&status());
+    assert!(addr.starts_with("127.0.0.1:"), "{}", status());
+    let (head, body) = scrape(&addr).expect("scrape");
+    assert_eq!(head, "HTTP/1.1 200 OK");
+    assert!(body.contains("\ntcmu_rbd_devices 0\n"), "{body}");
+    assert!(body.contains("\ntcmu_rbd_threads "), "{body}");
+
+    // A bad value is named and ignored: the endpoint goes off (the
+    // default) and the rest of the file still applies.
+    write_conf(
+        d.dir.path(),
+        &format!(
+            "log_dir = \"{}\"\nmetrics_listen = localhost:9288\nidle_poll_us = 9\n",
+            d.path("log").display()
+        ),
+    );
+    assert!(
+        d.wait_log(
+            "metrics_listen wants off or an IP address",
+            Duration::from_secs(5)
+        ),
+        "{}",
+        d.log()
+    );
+    let s = status();
+    assert!(s.contains("idle_poll_us=9 metrics=off"), "{s}");
+    assert!(scrape(&addr).is_err(), "the old endpoint still answers");
+}
+
 #[test]
 fn a_device_that_cannot_be_opened_is_logged_and_the_daemon_keeps_running() {
     let d = start("log_level = 3\nlog_dir = \"@LOG@\"\n", &[]);

@@ -27,6 +27,7 @@ cd "$S" || exit 1 # fio keeps state files in its working directory
 exec 3>>"$OUT/results"
 DPID=
 DEV=
+METRICS=127.0.0.1:9288
 INITIATOR=naa.5001405000000001
 
 say() { echo "vm-guest: $*"; }
@@ -83,7 +84,10 @@ start_daemon() {
   # no D-Bus in this guest.
   local dbus=--no-dbus
   [ "${DAEMON_DBUS:-0}" = 1 ] && dbus=
-  NO_COLOR=1 "$BIN" --log-stderr $dbus --run-dir /run/tcmu-rbd >>"$DLOG" 2>&1 &
+  # The Prometheus endpoint on loopback (t_metrics scrapes it).
+  ip link set lo up 2>/dev/null || busybox ip link set lo up
+  echo "metrics_listen = $METRICS" >"$S/tcmu.conf"
+  NO_COLOR=1 "$BIN" --log-stderr $dbus --run-dir /run/tcmu-rbd -c "$S/tcmu.conf" >>"$DLOG" 2>&1 &
   DPID=$!
   # Ready: it has scanned the devices that exist and listens to netlink.
   wait_for 20 sh -c "sed -n '/^--- daemon start/h; /^--- daemon start/!H; \${x;p}' '$DLOG' | grep -q ' ready '" ||
@@ -387,6 +391,38 @@ t_remove_busy() { # NAME WWN
   echo "fio exit $rc (errors are expected: its disk was removed)"
   ok daemon_alive
 }
+# t_metrics NAME: the Prometheus endpoint while fio runs on NAME's disk:
+# its read and write counters move, `promtool check metrics` accepts the
+# output, and `tcmu-rbd status` shows IOPS over its interval.
+metric() { # FILE SERIES: the value of SERIES in a scrape
+  awk -v s="$2" '$1 == s {print $2}' "$1"
+}
+t_metrics() {
+  local fpid r0 r1 w0 w1 url=http://$METRICS/metrics
+  ok curl -sf --max-time 5 -o "$S/m0" "$url" || return 1
+  timeout 60 fio --name=metrics --filename="/dev/$DEV" --direct=1 --ioengine=libaio --iodepth=16 \
+    --rw=randrw --bs=4k --size=32m --time_based --runtime=8 >"$S/mfio.out" 2>&1 &
+  fpid=$!
+  sleep 4
+  ok curl -sf --max-time 5 -o "$S/m1" "$url" || { kill $fpid; return 1; }
+  "$BIN" status --run-dir /run/tcmu-rbd --interval 1 >"$S/mstatus" || { why="tcmu-rbd status failed"; kill $fpid; return 1; }
+  wait $fpid || { why="fio failed"; cat "$S/mfio.out"; return 1; }
+  r0=$(metric "$S/m0" "tcmu_rbd_reads_total{device=\"$1\"}")
+  r1=$(metric "$S/m1" "tcmu_rbd_reads_total{device=\"$1\"}")
+  w0=$(metric "$S/m0" "tcmu_rbd_writes_total{device=\"$1\"}")
+  w1=$(metric "$S/m1" "tcmu_rbd_writes_total{device=\"$1\"}")
+  echo "during fio: reads $r0 -> $r1, writes $w0 -> $w1"
+  grep "device $1 " "$S/mstatus"
+  [ -n "$r0" ] && [ -n "$r1" ] && [ "${r1%.*}" -gt $((${r0%.*} + 100)) ] ||
+    { why="reads_total did not move during fio ($r0 -> $r1)"; return 1; }
+  [ -n "$w0" ] && [ -n "$w1" ] && [ "${w1%.*}" -gt $((${w0%.*} + 100)) ] ||
+    { why="writes_total did not move during fio ($w0 -> $w1)"; return 1; }
+  grep -q "tcmu_rbd_command_duration_seconds_bucket{device=\"$1\",le=" "$S/m1" ||
+    { why="no latency histogram for $1"; return 1; }
+  promtool check metrics <"$S/m1" || { why="promtool check metrics refused the output"; return 1; }
+  grep "device $1 " "$S/mstatus" | grep -qE " iops=[1-9][0-9]* p50=[0-9.]+(us|ms|s) p99=" ||
+    { why="tcmu-rbd status shows no IOPS/latency for $1"; return 1; }
+}
 t_restart() { # NAME
   local wpid rc
   head -c 8M /dev/urandom >"$S/rs"
@@ -415,6 +451,7 @@ suite_local() {
   check_dev file.daemon_restart t_restart file
   check_dev file.remove_idle t_remove_idle file naa.5001405000000010
   suite ram ram - $((128 << 20)) naa.5001405000000020 "write through"
+  check_dev ram.metrics t_metrics ram
   check_dev ram.remove_busy t_remove_busy ram naa.5001405000000020
   check daemon_alive_at_end ok daemon_alive
 }

@@ -391,6 +391,17 @@ impl Ring {
         self.mem.len() as u64 - self.data_off
     }
 
+    /// Size of the command area in bytes.
+    pub fn cmd_area_len(&self) -> u32 {
+        self.cmdr_size
+    }
+
+    /// Command-area bytes taken from the ring and not yet released (the
+    /// entries of commands in flight, and of the PADs behind them).
+    pub fn cmd_area_used(&self) -> u32 {
+        (self.next + self.cmdr_size - self.tail) % self.cmdr_size
+    }
+
     /// Commands taken from the ring and not yet completed.
     pub fn in_flight(&self) -> usize {
         self.inflight_count
