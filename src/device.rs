@@ -623,9 +623,12 @@ impl Device {
                         return self.respond(
                             id,
                             Response::check(crate::scsi::sense::COPY_TARGET_NOT_REACHABLE),
+                            now,
                         );
                     };
                     self.pending[id as usize] = Some(p);
+                    // The copy's time counts as the backend's.
+                    self.track[TRACK * id as usize + T_SUBMITTED] = now;
                     let done = self.cq.done(u64::from(id));
                     copier.start(req, &self.name, self.backend.clone(), done);
                     return;
