@@ -603,6 +603,27 @@ fn serve(o: Opts) -> i32 {
 
 /// Reads the configuration, starts logging, blocks the signals the main
 /// loop takes, writes the pid file and builds the device registry.
+/// Raises the soft open-file limit to the hard one. Every rbd LUN holds
+/// about 9 fds (its ring worker's 4, its service-map client's 5): at the
+/// usual soft limit of 1024 a daemon started outside its unit (which sets
+/// `LimitNOFILE`) refused its 114th rbd LUN with EMFILE in the VM's scale
+/// run. Says so when the limit stays low.
+fn raise_fd_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => info!(from = soft, to = hard, "open-file limit raised"),
+            Err(e) => warn!(soft, hard, error = %e, "cannot raise the open-file limit"),
+        },
+        Ok((soft, _)) if soft < 16_384 => warn!(
+            limit = soft,
+            "open-file limit is low: an rbd LUN holds about 9 fds (raise LimitNOFILE)"
+        ),
+        Ok(_) => {}
+        Err(e) => warn!(error = %e, "cannot read the open-file limit"),
+    }
+}
+
 fn start(o: Opts) -> Option<(Daemon, SignalFd, Arc<Registry>)> {
     let loaded = load_config(&o.config);
     let cfg = loaded.as_ref().map(|l| l.0.clone()).unwrap_or_default();
@@ -617,6 +638,7 @@ fn start(o: Opts) -> Option<(Daemon, SignalFd, Arc<Registry>)> {
         Some((_, notes)) => config::report(&o.config, notes),
         None => info!(config = %o.config.display(), "no configuration file; using defaults"),
     }
+    raise_fd_limit();
     let sigfd = match block_signals() {
         Ok(s) => s,
         Err(e) => {
@@ -844,6 +866,16 @@ mod tests {
             .chain(a.iter().copied())
             .map(String::from)
             .collect()
+    }
+
+    #[test]
+    fn the_open_file_limit_is_raised_to_the_hard_one() {
+        use nix::sys::resource::{getrlimit, setrlimit, Resource};
+        let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
+        // As a shell leaves it: soft 1024 (or the hard limit if lower).
+        setrlimit(Resource::RLIMIT_NOFILE, hard.min(1024), hard).unwrap();
+        raise_fd_limit();
+        assert_eq!(getrlimit(Resource::RLIMIT_NOFILE).unwrap(), (hard, hard));
     }
 
     #[test]
