@@ -402,7 +402,7 @@ fn get_lba_status_cost_with_and_without_object_map() {
         let whole = t0.elapsed();
         let mapped: u64 = map.iter().filter(|d| d.2 == 0).map(|d| d.1).sum();
         eprintln!(
-            "{tag}: one GET LBA STATUS (4 GiB) median {:?} (min {:?}, max {:?}); whole 10 GiB in {} commands {:?}; mapped {} MiB",
+            "{tag}: one GET LBA STATUS (4 GiB) median {:?} (min {:?}, max {:?}); whole 10 GiB ({} runs) {:?}; mapped {} MiB",
             times[2],
             times[0],
             times[4],
