@@ -23,7 +23,7 @@ fn descriptors(d: &[u8]) -> Vec<(u64, u32, u8)> {
     assert!(d.len() >= 8, "no header: {d:02x?}");
     let len = u32::from_be_bytes([d[0], d[1], d[2], d[3]]) as usize;
     assert_eq!(len + 4, d.len(), "PARAMETER DATA LENGTH");
-    assert_eq!(d[4] & 0x01, 0x01, "RTP");
+    assert_eq!(d[7] & 0x01, 0x01, "RTP");
     d[8..]
         .chunks(16)
         .map(|x| {
@@ -93,9 +93,14 @@ fn report_types_filter_descriptors() {
 fn allocation_length_bounds_the_descriptors() {
     let mut t = T::new(100);
     allocate(&t, &[(8, 8), (40, 2)]);
-    // sg_get_lba_status's default: room for one descriptor.
+    // sg_get_lba_status's default: room for one descriptor; COMPLETION
+    // CONDITION 001b: the allocation length was met.
     let d = t.good_in(&glbas(0, 24, 0), 1024);
     assert_eq!(descriptors(&d), vec![(0, 8, 1)]);
+    assert_eq!(d[7] >> 1 & 0x07, 1);
+    // All of it: 011b, the capacity was met.
+    let d = t.good_in(&glbas(0, 1024, 0), 1024);
+    assert_eq!(d[7] >> 1 & 0x07, 3);
     let d = t.good_in(&glbas(0, 8 + 2 * 16 + 8, 0), 1024);
     assert_eq!(d.len(), 40, "two whole descriptors");
     // Shorter than a descriptor: the data is cut, no error.

@@ -283,7 +283,9 @@ lba_is() {
   local o d_lba d_n d_st
   o=$(sg_get_lba_status --brief --maxlen=1024 --lba="$1" "/dev/$DEV") || { why="sg_get_lba_status --lba=$1 failed"; return 1; }
   echo "$o"
-  read -r d_lba d_n d_st _ <<<"$(echo "$o" | head -n 1)"
+  # Descriptor lines (0x<lba>  0x<blocks>  <status>  <additional>) follow
+  # the completion condition and RTP lines.
+  read -r d_lba d_n d_st _ <<<"$(echo "$o" | grep -m 1 '^0x')"
   [ -n "$d_st" ] || { why="no descriptor"; return 1; }
   [ $((d_lba)) -eq "$1" ] || { why="first descriptor at $d_lba, not $1"; return 1; }
   [ $((d_n)) -ge "$2" ] || { why="first descriptor covers $((d_n)) blocks, fewer than $2"; return 1; }

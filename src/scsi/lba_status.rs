@@ -67,6 +67,8 @@ pub struct Query {
     pub lba: u64,
     /// One past the last block reported on (bounded span).
     pub end: u64,
+    /// `end` is the capacity (not the span bound).
+    pub to_capacity: bool,
     /// REPORT TYPE.
     pub report: ReportType,
     /// Descriptors that fit the allocation length (at least one: the
@@ -99,6 +101,7 @@ pub fn decode(c: &Cdb, blocks: u64, bs: u64, bufs: &IoBufs) -> Result<Query, Sen
     Ok(Query {
         lba,
         end,
+        to_capacity: end == blocks,
         report,
         max_descriptors: room.max(1),
         alloc,
@@ -146,15 +149,15 @@ pub fn runs(q: &Query, bs: u64, allocated: &[(u64, u64)]) -> Vec<(u64, u64, Stat
 /// `q.max_descriptors` (a run longer than a descriptor holds is split).
 pub fn encode(q: &Query, runs: &[(u64, u64, Status)]) -> Vec<u8> {
     let mut b = vec![0u8; 8];
-    // RTP: the REPORT TYPE field was acted on.
-    b[4] = 0x01;
     let mut n = 0;
+    let mut cut = false;
     'runs: for &(mut lba, mut len, s) in runs {
         if !q.report.wants(s) {
             continue;
         }
         while len > 0 {
             if n == q.max_descriptors {
+                cut = true;
                 break 'runs;
             }
             let k = len.min(u64::from(u32::MAX));
@@ -169,6 +172,18 @@ pub fn encode(q: &Query, runs: &[(u64, u64, Status)]) -> Vec<u8> {
     // PARAMETER DATA LENGTH: the bytes after this field.
     let len = (b.len() - 4) as u32;
     b[..4].copy_from_slice(&len.to_be_bytes());
+    // Byte 7: COMPLETION CONDITION (bits 3..1): 001b the allocation
+    // length was met, 011b the capacity was; 000b when the span bound
+    // ended the answer (no condition names that). RTP (bit 0): the
+    // REPORT TYPE field was acted on.
+    let cond: u8 = if cut {
+        1
+    } else if q.to_capacity {
+        3
+    } else {
+        0
+    };
+    b[7] = (cond << 1) | 0x01;
     b
 }
 
@@ -253,15 +268,16 @@ mod tests {
         let r = vec![(0, 4, Status::Mapped), (4, 96, Status::Deallocated)];
         let d = encode(&x, &r);
         assert_eq!(d.len(), 40);
-        assert_eq!(&d[0..8], &[0, 0, 0, 36, 1, 0, 0, 0]);
+        assert_eq!(&d[0..8], &[0, 0, 0, 36, 0, 0, 0, 0x07], "capacity met, RTP");
         assert_eq!(&d[8..24], &[0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 4, 0, 0, 0, 0]);
         assert_eq!(
             &d[24..40],
             &[0, 0, 0, 0, 0, 0, 0, 4, 0, 0, 0, 96, 1, 0, 0, 0]
         );
-        // Room for one: the first only.
+        // Room for one: the first only, allocation length met.
         let x = q(0, 24, 0, 100).unwrap();
-        assert_eq!(encode(&x, &r).len(), 24);
+        let d = encode(&x, &r);
+        assert_eq!((d.len(), d[7]), (24, 0x03));
         // Only deallocated ones.
         let x = q(0, 1024, 3, 100).unwrap();
         let d = encode(&x, &r);
@@ -269,7 +285,13 @@ mod tests {
         assert_eq!(&d[8..16], &4u64.to_be_bytes());
         // Anchored: none, header only.
         let x = q(0, 1024, 4, 100).unwrap();
-        assert_eq!(encode(&x, &r), vec![0, 0, 0, 4, 1, 0, 0, 0]);
+        assert_eq!(encode(&x, &r), vec![0, 0, 0, 4, 0, 0, 0, 0x07]);
+        // Ended by the span bound: no condition.
+        let x = Query {
+            to_capacity: false,
+            ..q(0, 1024, 0, 100).unwrap()
+        };
+        assert_eq!(encode(&x, &r)[7], 0x01);
     }
 
     #[test]
@@ -277,6 +299,7 @@ mod tests {
         let x = Query {
             lba: 0,
             end: 1 << 33,
+            to_capacity: true,
             report: ReportType::All,
             max_descriptors: 8,
             alloc: 1024,
