@@ -413,3 +413,42 @@ fn get_lba_status_cost_with_and_without_object_map() {
         assert!(mapped >= OBJ && mapped <= 100 * OBJ, "{mapped}");
     }
 }
+
+#[test]
+#[ignore = "needs the live Ceph cluster: scripts/test-rbd.sh runs it"]
+fn a_clone_reports_its_parent_data_mapped() {
+    // librbd's object-map path ignores the parent: the backend reports the
+    // parent overlap mapped, so data a clone reads from its parent is
+    // never "deallocated".
+    let blocks = 4 * OBJ;
+    let size = blocks * BS as u64;
+    let parent = TestImage::new("glbas-parent", size);
+    cli(
+        "rbd",
+        &[
+            "bench",
+            "--io-type",
+            "write",
+            "--io-size",
+            "4K",
+            "--io-total",
+            "4K",
+            &parent.spec(),
+        ],
+    );
+    let snap = format!("{}@s", parent.spec());
+    cli("rbd", &["snap", "create", "--no-progress", &snap]);
+    cli("rbd", &["snap", "protect", &snap]);
+    let clone = TestImage {
+        name: format!("glbas-clone-{}", std::process::id()),
+        size,
+    };
+    cli("rbd", &["clone", &snap, &clone.spec()]);
+    {
+        let mut r = Rig::open(clone, size);
+        assert_eq!(r.lba_map(blocks), vec![(0, blocks, 0)]);
+        assert_eq!(r.read(0, 8), parent.export()[..4096]);
+    }
+    cli("rbd", &["snap", "unprotect", &snap]);
+    cli("rbd", &["snap", "rm", "--no-progress", &snap]);
+}

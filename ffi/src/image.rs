@@ -330,8 +330,8 @@ impl Image {
     /// by object. Synchronous: it blocks until librbd has walked the
     /// range, so keep it off any thread that must not wait.
     ///
-    /// Beware: librbd's object-map path ignores the parent of a clone
-    /// (see [`parent_overlap`](Self::parent_overlap)).
+    /// Beware: librbd's object-map path may not consult the parent of a
+    /// clone (see [`parent_overlap`](Self::parent_overlap)).
     pub fn allocated_extents(
         &self,
         offset: u64,

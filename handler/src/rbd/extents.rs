@@ -16,9 +16,10 @@
 //! part of it was discarded (zeroed, not removed): conservative, never
 //! "deallocated" for data that is there.
 //!
-//! librbd's object-map path does not look at a clone's parent, so for a
-//! clone the range still backed by the parent (its overlap) is reported
-//! allocated as a whole.
+//! librbd's object-map path does not look at a clone's parent (as its
+//! source reads; 16.2 did report parent data in a check, but that is not
+//! relied on), so for a clone the range still backed by the parent (its
+//! overlap) is reported allocated as a whole: coarse, never wrong.
 
 use crate::{Done, ExtentSlot, IoError, IoResult};
 use crossbeam_channel::{Sender, TrySendError};
