@@ -408,9 +408,9 @@ fn get_lba_status_cost_with_and_without_object_map() {
             times[4],
             map.len(),
             whole,
-            mapped * BS as u64 >> 20
+            (mapped * BS as u64) >> 20
         );
-        assert!(mapped >= OBJ && mapped <= 100 * OBJ, "{mapped}");
+        assert!((OBJ..=100 * OBJ).contains(&mapped), "{mapped}");
     }
 }
 

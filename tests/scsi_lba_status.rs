@@ -97,10 +97,10 @@ fn allocation_length_bounds_the_descriptors() {
     // CONDITION 001b: the allocation length was met.
     let d = t.good_in(&glbas(0, 24, 0), 1024);
     assert_eq!(descriptors(&d), vec![(0, 8, 1)]);
-    assert_eq!(d[7] >> 1 & 0x07, 1);
+    assert_eq!((d[7] >> 1) & 0x07, 1);
     // All of it: 011b, the capacity was met.
     let d = t.good_in(&glbas(0, 1024, 0), 1024);
-    assert_eq!(d[7] >> 1 & 0x07, 3);
+    assert_eq!((d[7] >> 1) & 0x07, 3);
     let d = t.good_in(&glbas(0, 8 + 2 * 16 + 8, 0), 1024);
     assert_eq!(d.len(), 40, "two whole descriptors");
     // Shorter than a descriptor: the data is cut, no error.
