@@ -40,6 +40,7 @@ impl Backend for Null {
             discard: false,
             discard_zeroes: false,
             write_cache: false,
+            lba_status: false,
         }
     }
 

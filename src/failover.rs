@@ -676,7 +676,10 @@ impl Backend for Gated {
                 == Some(AccessState::ActiveNonOptimized)
             {
                 match op {
-                    Op::Read { .. } => return self.shared.backend.submit(op, done),
+                    // An allocation query reads nothing but metadata.
+                    Op::Read { .. } | Op::Provisioning { .. } => {
+                        return self.shared.backend.submit(op, done)
+                    }
                     Op::Flush => return done.complete(Ok(())),
                     _ => {}
                 }
@@ -837,6 +840,7 @@ mod tests {
                 discard: false,
                 discard_zeroes: false,
                 write_cache: false,
+                lba_status: false,
             }
         }
         fn submit(&self, _op: Op, done: Done) {

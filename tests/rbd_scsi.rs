@@ -23,7 +23,10 @@ struct Rig {
 
 impl Rig {
     fn new(tag: &str, size: u64) -> Rig {
-        let img = TestImage::new(tag, size);
+        Self::open(TestImage::new(tag, size), size)
+    }
+
+    fn open(img: TestImage, size: u64) -> Rig {
         let be = tcmu_rbd::backends::open("rbd", &img.cfg(""), size, BS as u32)
             .unwrap_or_else(|e| panic!("open: {e}"));
         let (emu, mut dev) = emu_device(small_layout(), be);
@@ -215,4 +218,237 @@ fn compare_and_write_and_cache_commands_through_the_ring() {
     let exported = r.img.export();
     assert_eq!(&exported[4000 * BS..4008 * BS], &d[..]);
     assert_eq!(&exported[100 * BS..101 * BS], &new[..]);
+}
+
+fn glbas(lba: u64, alloc: u32) -> [u8; 16] {
+    let mut c = [0u8; 16];
+    c[0] = 0x9e;
+    c[1] = 0x12;
+    c[2..10].copy_from_slice(&lba.to_be_bytes());
+    c[10..14].copy_from_slice(&alloc.to_be_bytes());
+    c
+}
+
+impl Rig {
+    /// GET LBA STATUS from `lba`: (lba, blocks, status) descriptors.
+    fn lba_status(&mut self, lba: u64) -> Vec<(u64, u64, u8)> {
+        let (r, d) = self.cmd(&glbas(lba, 4096), Data::FromDevice(4096));
+        assert_eq!(r.status, 0, "GET LBA STATUS {lba}: {:?}", r.sense);
+        d[8..]
+            .chunks_exact(16)
+            .map(|x| {
+                let mut l = [0u8; 8];
+                l.copy_from_slice(&x[..8]);
+                let n = u32::from_be_bytes([x[8], x[9], x[10], x[11]]);
+                (u64::from_be_bytes(l), u64::from(n), x[12] & 0x0f)
+            })
+            .collect()
+    }
+
+    /// The status of every block, asking again where an answer ended.
+    fn lba_map(&mut self, blocks: u64) -> Vec<(u64, u64, u8)> {
+        let mut all: Vec<(u64, u64, u8)> = Vec::new();
+        let mut at = 0;
+        while at < blocks {
+            let part = self.lba_status(at);
+            assert_eq!(part.first().map(|d| d.0), Some(at), "first descriptor");
+            for d in part {
+                assert_eq!(d.0, at, "descriptors are contiguous");
+                at = d.0 + d.1;
+                match all.last_mut() {
+                    Some(l) if l.2 == d.2 && l.0 + l.1 == d.0 => l.1 += d.1,
+                    _ => all.push(d),
+                }
+            }
+        }
+        assert_eq!(at, blocks, "ends at the capacity");
+        all
+    }
+}
+
+/// 4 MiB objects: 8192 blocks of 512 bytes.
+const OBJ: u64 = 8192;
+
+#[test]
+#[ignore = "needs the live Ceph cluster: scripts/test-rbd.sh runs it"]
+fn get_lba_status_follows_writes_unmap_and_write_same() {
+    let blocks = 8 * OBJ;
+    let mut r = Rig::new("scsi-glbas", blocks * BS as u64);
+    // Fresh: nothing allocated.
+    assert_eq!(r.lba_map(blocks), vec![(0, blocks, 1)]);
+    // One block written in object 1, eight in object 3 across nothing
+    // else: those objects are mapped, whole.
+    r.write(OBJ + 100, &pattern(1, BS));
+    r.write(3 * OBJ + 5, &pattern(2, 8 * BS));
+    assert_eq!(
+        r.lba_map(blocks),
+        vec![
+            (0, OBJ, 1),
+            (OBJ, OBJ, 0),
+            (2 * OBJ, OBJ, 1),
+            (3 * OBJ, OBJ, 0),
+            (4 * OBJ, 4 * OBJ, 1)
+        ]
+    );
+    // From inside a mapped object the answer starts at the LBA asked for.
+    assert_eq!(r.lba_status(OBJ + 7)[0], (OBJ + 7, OBJ - 7, 0));
+    // UNMAP of part of object 3: zeroed, not removed: still mapped (never
+    // "deallocated" while the object is there).
+    let p = unmap_params(&[(3 * OBJ, 16)]);
+    r.good_out(&unmap_cdb(p.len() as u16), &p);
+    assert_eq!(r.lba_status(3 * OBJ)[0], (3 * OBJ, OBJ, 0));
+    // UNMAP of the whole of object 1: deallocated again.
+    let p = unmap_params(&[(OBJ, OBJ as u32)]);
+    r.good_out(&unmap_cdb(p.len() as u16), &p);
+    assert_eq!(r.lba_status(0)[0], (0, 3 * OBJ, 1));
+    // WRITE SAME with UNMAP over object 3 and half of object 4 (written
+    // first): object 3 deallocated, object 4 still holds data.
+    r.write(4 * OBJ + 10, &pattern(3, BS));
+    r.good_out(
+        &write_same16(3 * OBJ, (OBJ + OBJ / 2) as u32, true),
+        &[0u8; BS],
+    );
+    assert_eq!(
+        r.lba_map(blocks),
+        vec![(0, 4 * OBJ, 1), (4 * OBJ, OBJ, 0), (5 * OBJ, 3 * OBJ, 1)]
+    );
+    // WRITE SAME without UNMAP writes zeros, thick: mapped.
+    r.good_out(&write_same16(6 * OBJ, OBJ as u32, false), &[0u8; BS]);
+    assert_eq!(r.lba_status(6 * OBJ)[0], (6 * OBJ, OBJ, 0));
+}
+
+#[test]
+#[ignore = "needs the live Ceph cluster: scripts/test-rbd.sh runs it"]
+fn deallocated_blocks_always_read_zeros() {
+    // Random writes and discards of random sizes: every block reported
+    // deallocated must read back as zeros.
+    let blocks = 16 * OBJ;
+    let mut r = Rig::new("scsi-glbas-zero", blocks * BS as u64);
+    let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+    let mut next = |m: u64| {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x % m
+    };
+    for i in 0..60 {
+        let n = 1 + next(64);
+        let lba = next(blocks - n);
+        if i % 3 == 2 {
+            let len = 1 + next(2 * OBJ).min(blocks - lba - 1);
+            let p = unmap_params(&[(lba, len as u32)]);
+            r.good_out(&unmap_cdb(p.len() as u16), &p);
+        } else {
+            r.write(lba, &pattern(i, n as usize * BS));
+        }
+    }
+    let map = r.lba_map(blocks);
+    assert!(
+        map.iter().any(|d| d.2 == 0) && map.iter().any(|d| d.2 == 1),
+        "{map:?}"
+    );
+    let image = r.img.export();
+    for &(lba, n, st) in &map {
+        if st == 1 {
+            let s = (lba * BS as u64) as usize;
+            let e = ((lba + n) * BS as u64) as usize;
+            if let Some(i) = image[s..e].iter().position(|&b| b != 0) {
+                panic!(
+                    "block {} reported deallocated holds data",
+                    lba + i as u64 / BS as u64
+                );
+            }
+        }
+    }
+}
+
+/// Times one GET LBA STATUS (the 4 GiB a command covers) on a 10 GiB
+/// image with 100 objects written at random, with the object map and
+/// without (printed; run with --nocapture for the numbers).
+#[test]
+#[ignore = "needs the live Ceph cluster: scripts/test-rbd.sh runs it"]
+fn get_lba_status_cost_with_and_without_object_map() {
+    let size: u64 = 10 << 30;
+    for (tag, features) in [
+        ("glbas-map", None),
+        ("glbas-nomap", Some("layering,exclusive-lock")),
+    ] {
+        let img = TestImage::new(tag, size);
+        if let Some(f) = features {
+            // Made again without object-map/fast-diff.
+            cli("rbd", &["rm", "--no-progress", &img.spec()]);
+            cli(
+                "rbd",
+                &["create", "--size", "10G", "--image-feature", f, &img.spec()],
+            );
+        }
+        let mut r = Rig::open(img, size);
+        let mut x: u64 = 0x9e37_79b9;
+        for _ in 0..100 {
+            x = x.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+            let obj = (x >> 33) % (size / (4 << 20));
+            r.write(obj * OBJ, &pattern(obj, BS));
+        }
+        let mut times = Vec::new();
+        for _ in 0..5 {
+            let t0 = Instant::now();
+            let d = r.lba_status(0);
+            times.push(t0.elapsed());
+            assert!(!d.is_empty());
+        }
+        times.sort();
+        let t0 = Instant::now();
+        let map = r.lba_map(size / BS as u64);
+        let whole = t0.elapsed();
+        let mapped: u64 = map.iter().filter(|d| d.2 == 0).map(|d| d.1).sum();
+        eprintln!(
+            "{tag}: one GET LBA STATUS (4 GiB) median {:?} (min {:?}, max {:?}); whole 10 GiB ({} runs) {:?}; mapped {} MiB",
+            times[2],
+            times[0],
+            times[4],
+            map.len(),
+            whole,
+            (mapped * BS as u64) >> 20
+        );
+        assert!((OBJ..=100 * OBJ).contains(&mapped), "{mapped}");
+    }
+}
+
+#[test]
+#[ignore = "needs the live Ceph cluster: scripts/test-rbd.sh runs it"]
+fn a_clone_reports_its_parent_data_mapped() {
+    // librbd's object-map path ignores the parent: the backend reports the
+    // parent overlap mapped, so data a clone reads from its parent is
+    // never "deallocated".
+    let blocks = 4 * OBJ;
+    let size = blocks * BS as u64;
+    let parent = TestImage::new("glbas-parent", size);
+    cli(
+        "rbd",
+        &[
+            "bench",
+            "--io-type",
+            "write",
+            "--io-size",
+            "4K",
+            "--io-total",
+            "4K",
+            &parent.spec(),
+        ],
+    );
+    let snap = format!("{}@s", parent.spec());
+    cli("rbd", &["snap", "create", "--no-progress", &snap]);
+    cli("rbd", &["snap", "protect", &snap]);
+    let clone = TestImage {
+        name: format!("glbas-clone-{}", std::process::id()),
+        size,
+    };
+    cli("rbd", &["clone", &snap, &clone.spec()]);
+    {
+        let mut r = Rig::open(clone, size);
+        assert_eq!(r.lba_map(blocks), vec![(0, blocks, 0)]);
+        assert_eq!(r.read(0, 8), parent.export()[..4096]);
+    }
+    cli("rbd", &["snap", "unprotect", &snap]);
+    cli("rbd", &["snap", "rm", "--no-progress", &snap]);
 }

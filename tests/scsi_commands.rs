@@ -144,6 +144,7 @@ fn vpd_block_limits() {
             discard: false,
             discard_zeroes: false,
             write_cache: false,
+            lba_status: false,
         },
     );
     let d = t.good_in(&inquiry(true, 0xb0, 255), 255);
@@ -168,6 +169,7 @@ fn vpd_characteristics_and_provisioning() {
             discard: true,
             discard_zeroes: false,
             write_cache: false,
+            lba_status: false,
         },
     );
     let d = t.good_in(&inquiry(true, 0xb2, 255), 255);
@@ -238,6 +240,7 @@ fn read_capacity_10_saturates_on_huge_luns() {
         discard: false,
         discard_zeroes: false,
         write_cache: false,
+        lba_status: false,
     };
     // 2^33 blocks: the last LBA does not fit 32 bits.
     let mut lun = bare_lun(1 << 33, no);
@@ -447,6 +450,7 @@ fn mode_select_wce_needs_a_backend_cache() {
             discard: true,
             discard_zeroes: true,
             write_cache: false,
+            lba_status: false,
         },
     );
     let d = t.good_in(&mode_sense6(true, 0, 0x08, 255), 255);
@@ -587,6 +591,7 @@ fn report_supported_opcodes_one() {
             discard: false,
             discard_zeroes: false,
             write_cache: false,
+            lba_status: false,
         },
     );
     let d = nd.good_in(&rsoc(1, false, 0x42, 0, 64), 64);

@@ -432,6 +432,7 @@ fn write_same_refusals() {
             discard: false,
             discard_zeroes: false,
             write_cache: false,
+            lba_status: false,
         },
     );
     nd.good(&ws(true, 0x08, 0, 2), &[0u8; 512]);

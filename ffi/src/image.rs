@@ -322,6 +322,77 @@ impl Image {
         self.op("rbd_resize", r, ())
     }
 
+    /// The allocated extents of `[offset, offset + len)` since the image
+    /// was created, parent data included (`rbd_diff_iterate2` from no
+    /// snapshot): `f(offset, len)` for each, in order. With `whole_object`
+    /// and a valid object map (fast-diff) librbd answers from the map,
+    /// one extent per existing object; otherwise it asks the OSDs object
+    /// by object. Synchronous: it blocks until librbd has walked the
+    /// range, so keep it off any thread that must not wait.
+    ///
+    /// Beware: librbd's object-map path may not consult the parent of a
+    /// clone (see [`parent_overlap`](Self::parent_overlap)).
+    pub fn allocated_extents(
+        &self,
+        offset: u64,
+        len: u64,
+        whole_object: bool,
+        mut f: impl FnMut(u64, u64) + Send,
+    ) -> Result<()> {
+        struct Ctx<'a> {
+            f: &'a mut (dyn FnMut(u64, u64) + Send),
+        }
+        unsafe extern "C" fn cb(
+            ofs: u64,
+            len: libc::size_t,
+            exists: c_int,
+            arg: *mut c_void,
+        ) -> c_int {
+            // SAFETY: `arg` is the Ctx below, alive for the whole call:
+            // librbd calls back one call at a time (on this thread, or on
+            // its own while this one waits: the closure is Send), and
+            // never after rbd_diff_iterate2 returned.
+            let ctx = unsafe { &mut *arg.cast::<Ctx<'_>>() };
+            // From no snapshot, `exists == 0` marks a range that is a hole.
+            if exists == 0 {
+                return 0;
+            }
+            // A panic must not unwind into C: stop the walk instead.
+            match catch_unwind(AssertUnwindSafe(|| (ctx.f)(ofs, len as u64))) {
+                Ok(()) => 0,
+                Err(_) => -libc::EIO,
+            }
+        }
+        let mut ctx = Ctx { f: &mut f };
+        // SAFETY: open handle; no snapshot name; `cb` and `ctx` live until
+        // the call returns, and librbd keeps neither afterwards.
+        let r = unsafe {
+            sys::rbd_diff_iterate2(
+                self.image,
+                ptr::null(),
+                offset,
+                len,
+                1,
+                u8::from(whole_object),
+                Some(cb),
+                (&mut ctx as *mut Ctx<'_>).cast(),
+            )
+        };
+        self.op("rbd_diff_iterate2", r, ())
+    }
+
+    /// How many bytes of a clone still come from its parent (0: not a
+    /// clone, or flattened).
+    pub fn parent_overlap(&self) -> Result<u64> {
+        let mut o = 0u64;
+        // SAFETY: open handle, valid out-pointer.
+        let r = unsafe { sys::rbd_get_overlap(self.image, &mut o) };
+        if r == -libc::ENOENT {
+            return Ok(0);
+        }
+        self.op("rbd_get_overlap", r, o)
+    }
+
     /// Synchronous read (tests and tools; the data path uses aio).
     pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<usize> {
         // SAFETY: open handle; buf writable for its length.

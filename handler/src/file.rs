@@ -232,6 +232,48 @@ impl Inner {
         Ok(())
     }
 
+    /// The data ranges of `[offset, offset + len)` of a regular file, by
+    /// SEEK_DATA/SEEK_HOLE: holes are what a punch left (or never
+    /// written) and read as zeros. A filesystem without hole tracking
+    /// reports the whole file as data, which is the safe answer.
+    fn data_ranges(&self, offset: u64, len: u64) -> Result<Vec<(u64, u64)>, IoError> {
+        let end = offset + len;
+        let fd = self.file.as_raw_fd();
+        let mut out = Vec::new();
+        let mut pos = offset;
+        while pos < end {
+            // SAFETY: plain syscall on our fd.
+            let data = unsafe { libc::lseek(fd, pos as libc::off_t, libc::SEEK_DATA) };
+            if data < 0 {
+                if std::io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO) {
+                    // No data at or after `pos` (past EOF reads zeros too).
+                    break;
+                }
+                return Err(errno_err("lseek(SEEK_DATA)"));
+            }
+            let data = data as u64;
+            if data >= end {
+                break;
+            }
+            // SAFETY: plain syscall on our fd.
+            let hole = unsafe { libc::lseek(fd, data as libc::off_t, libc::SEEK_HOLE) };
+            // EOF counts as a hole; an error here leaves the rest mapped.
+            let hole = if hole < 0 {
+                end
+            } else {
+                (hole as u64).min(end)
+            };
+            if hole <= data {
+                // Cannot happen on a sane filesystem; never loop on it.
+                out.push((data, end - data));
+                break;
+            }
+            out.push((data, hole - data));
+            pos = hole;
+        }
+        Ok(out)
+    }
+
     fn zero_by_writing(&self, offset: u64, len: u64) -> IoResult {
         let chunk = 1 << 20;
         let zeros = IoBufs::from_vec(vec![0u8; chunk.min(len as usize).max(1)]);
@@ -332,6 +374,19 @@ impl Inner {
                     &write,
                 )
             }
+            Op::Provisioning { offset, len, out } => {
+                self.check(offset, len)?;
+                let ranges = if self.is_block {
+                    // A block device tells nothing: all mapped (caps do
+                    // not offer GET LBA STATUS for it anyway).
+                    vec![(offset, len)]
+                } else {
+                    self.data_ranges(offset, len)?
+                };
+                *out.lock()
+                    .map_err(|_| IoError::errno(libc::EIO, "lock poisoned"))? = ranges;
+                Ok(())
+            }
         }
     }
 }
@@ -377,6 +432,9 @@ impl Backend for FileBackend {
             discard: true,
             discard_zeroes: !self.inner.is_block,
             write_cache: true,
+            // Holes of a regular file are deallocated and read zeros; a
+            // block device cannot say what its discards did.
+            lba_status: !self.inner.is_block,
         }
     }
     fn submit(&self, op: Op, done: Done) {

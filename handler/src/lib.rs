@@ -42,7 +42,15 @@ pub struct Caps {
     pub discard_zeroes: bool,
     /// The backend has a volatile write cache that FLUSH persists (WCE).
     pub write_cache: bool,
+    /// The backend tells allocated from deallocated ranges
+    /// ([`Op::Provisioning`]): GET LBA STATUS is offered.
+    pub lba_status: bool,
 }
+
+/// Where an [`Op::Provisioning`] puts its answer (an [`IoResult`] carries
+/// no payload): the byte ranges `(offset, len)` that are, or may be,
+/// allocated, sorted and not overlapping.
+pub type ExtentSlot = std::sync::Arc<std::sync::Mutex<Vec<(u64, u64)>>>;
 
 /// One backend operation. Offsets and lengths are in bytes and already
 /// checked against the device size by the SCSI layer.
@@ -99,6 +107,18 @@ pub enum Op {
         compare: IoBufs,
         /// New contents, same length as `compare`.
         write: IoBufs,
+    },
+    /// Which bytes of `[offset, offset + len)` are allocated: the backend
+    /// fills `out` before it completes. Everything it leaves out must be
+    /// deallocated and read back as zeros; where it cannot tell, it
+    /// reports the range allocated (never the other way round).
+    Provisioning {
+        /// Byte offset.
+        offset: u64,
+        /// Length in bytes.
+        len: u64,
+        /// The allocated ranges, clipped to the query.
+        out: ExtentSlot,
     },
 }
 

@@ -132,6 +132,13 @@ impl RamBackend {
                     &write,
                 )
             }
+            Op::Provisioning { offset, len, out } => {
+                // The store cannot tell written from untouched pages (see
+                // caps): everything is mapped.
+                self.range(offset, len)?;
+                *out.lock().map_err(|_| poisoned())? = vec![(offset, len)];
+                Ok(())
+            }
         }
     }
 }
@@ -158,6 +165,10 @@ impl Backend for RamBackend {
             discard: true,
             discard_zeroes: true,
             write_cache: false,
+            // Not offered: a discard zero-fills (the pages stay), and
+            // mincore() cannot tell an untouched page from a swapped-out
+            // written one, so the store has no allocation to report.
+            lba_status: false,
         }
     }
     fn submit(&self, op: Op, done: Done) {

@@ -234,3 +234,73 @@ fn concurrent_compare_and_write_is_atomic() {
         "a lost update: counter {v}, successful CAWs {wins}"
     );
 }
+
+fn allocated(b: &dyn Backend, offset: u64, len: u64) -> Vec<(u64, u64)> {
+    let out = tcmu_handler::ExtentSlot::default();
+    run(
+        b,
+        Op::Provisioning {
+            offset,
+            len,
+            out: out.clone(),
+        },
+    )
+    .unwrap();
+    let v = out.lock().unwrap().clone();
+    v
+}
+
+#[test]
+fn file_reports_data_and_holes() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = FileBackend::open(&dir.path().join("lun"), Some(8 << 20), 512, 2).unwrap();
+    assert!(f.caps().lba_status);
+    // ext4, xfs, tmpfs track holes; a filesystem that does not reports
+    // all data, which is allowed (and then there is nothing to check).
+    if !allocated(&f, 0, 8 << 20).is_empty() {
+        eprintln!("no hole tracking here: skipped");
+        return;
+    }
+    write(&f, 1 << 20, &[7u8; 8192]);
+    let a = allocated(&f, 0, 8 << 20);
+    assert!(
+        a.iter()
+            .any(|&(o, l)| o <= 1 << 20 && o + l >= (1 << 20) + 8192),
+        "{a:?}"
+    );
+    assert!(a.iter().all(|&(o, l)| o + l <= 8 << 20), "clipped: {a:?}");
+    // A query inside the data starts there; one past it finds none.
+    assert_eq!(
+        allocated(&f, (1 << 20) + 512, 512),
+        vec![((1 << 20) + 512, 512)]
+    );
+    assert!(allocated(&f, 4 << 20, 4 << 20).is_empty());
+    // Punched (UNMAP): a hole again.
+    run(
+        &f,
+        Op::Discard {
+            ranges: vec![(1 << 20, 8192)],
+        },
+    )
+    .unwrap();
+    assert!(allocated(&f, 0, 8 << 20).is_empty());
+    // Past the LUN: refused.
+    assert_eq!(
+        run(
+            &f,
+            Op::Provisioning {
+                offset: 8 << 20,
+                len: 1,
+                out: Default::default(),
+            },
+        ),
+        Err(IoError::OutOfRange)
+    );
+}
+
+#[test]
+fn ram_reports_everything_mapped() {
+    let r = RamBackend::new(1 << 20, 512).unwrap();
+    assert!(!r.caps().lba_status);
+    assert_eq!(allocated(&r, 4096, 8192), vec![(4096, 8192)]);
+}

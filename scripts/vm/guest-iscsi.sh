@@ -161,6 +161,9 @@ suite_iscsi() {
   check $n.login_wrong_secret_refused t_iscsi_wrong_secret
   check $n.login_wrong_mutual_secret_refused t_iscsi_wrong_mutual
   check $n.login_chap t_iscsi_login || DEV=
+  # Object 48 of the fresh 256 MiB image (4 MiB objects: 8192 blocks),
+  # beyond what dd and fio write below.
+  lba_checks $n 393216 8192
   check_dev $n.dd_pattern t_dd
   check_dev $n.fio_verify_4k t_fio 4k 4m
   check_dev $n.fio_verify_64k t_fio 64k 16m

@@ -280,6 +280,48 @@ t_caw() {
   ok dd if="/dev/$DEV" of="$S/got" bs=512 skip=8192 count=1 iflag=direct status=none || return 1
   cmp "$S/new" "$S/got" || { why="a miscompared CAW changed the block"; return 1; }
 }
+# lba_is LBA N STATUS: GET LBA STATUS from LBA answers a first descriptor
+# that starts at LBA, covers at least N blocks and has STATUS (0 mapped or
+# unknown, 1 deallocated).
+lba_is() {
+  local o d_lba d_n d_st
+  o=$(sg_get_lba_status --brief --maxlen=1024 --lba="$1" "/dev/$DEV") || { why="sg_get_lba_status --lba=$1 failed"; return 1; }
+  echo "$o"
+  # Descriptor lines (0x<lba>  0x<blocks>  <status>  <additional>) follow
+  # the completion condition and RTP lines.
+  read -r d_lba d_n d_st _ <<<"$(echo "$o" | grep -m 1 '^0x')"
+  [ -n "$d_st" ] || { why="no descriptor"; return 1; }
+  [ $((d_lba)) -eq "$1" ] || { why="first descriptor at $d_lba, not $1"; return 1; }
+  [ $((d_n)) -ge "$2" ] || { why="first descriptor covers $((d_n)) blocks, fewer than $2"; return 1; }
+  [ "$d_st" = "$3" ] || { why="status $d_st at $1, want $3"; return 1; }
+}
+# The GET LBA STATUS checks of a LUN that tells allocation apart, on N
+# blocks at LBA (whole allocation units of its backend: fs blocks, rbd
+# objects), untouched until then: deallocated, mapped once written,
+# deallocated after UNMAP, and again after WRITE SAME with UNMAP (which
+# must also read back as zeros).
+lba_checks() { # PREFIX LBA N
+  check_dev "$1.lba_status_fresh" lba_is "$2" "$3" 1
+  check_dev "$1.lba_status_written" t_lba_written "$2" "$3"
+  check_dev "$1.lba_status_unmap" t_lba_unmap "$2" "$3"
+  check_dev "$1.lba_status_write_same_unmap" t_lba_write_same "$2" "$3"
+}
+t_lba_written() {
+  ok write_pat "$1" "$2" || return 1
+  lba_is "$1" "$2" 0
+}
+t_lba_unmap() {
+  ok sg_unmap --force --lba="$1" --num="$2" "/dev/$DEV" || return 1
+  lba_is "$1" "$2" 1
+}
+t_lba_write_same() {
+  ok write_pat "$1" "$2" || return 1
+  lba_is "$1" "$2" 0 || return 1
+  # No --in: the block written is zeros.
+  ok sg_write_same --16 --unmap --lba="$1" --num="$2" "/dev/$DEV" || return 1
+  lba_is "$1" "$2" 1 || return 1
+  zeros_at "$1" "$2" || { why="deallocated range does not read zeros"; return 1; }
+}
 t_blkdiscard() {
   ok write_pat 20480 2048 || return 1
   ok blkdiscard -o $((20480 * 512)) -l $((2048 * 512)) "/dev/$DEV" || return 1
@@ -320,6 +362,12 @@ suite() {
   check_dev "$n.sg_sync" ok sg_sync "/dev/$DEV"
   check_dev "$n.blkdiscard" t_blkdiscard
   check_dev "$n.sd_thin_provisioning" t_sd_thin
+  case $2 in
+    # 1 MiB at 195 MiB, beyond what the checks above write.
+    file) lba_checks "$n" 400000 2048 ;;
+    # The store cannot tell: every block "mapped or unknown".
+    ram) check_dev "$n.lba_status_unknown" lba_is 0 1 0 ;;
+  esac
   check_dev "$n.sd_write_cache" t_sd_cache "$6"
   if [ "$2" = rbd ]; then
     check_dev "$n.persistent_reservations_refused" t_pr refused

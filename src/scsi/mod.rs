@@ -11,13 +11,15 @@
 //! Modules, one idea each: [`cdb`] (decoding), [`sense`], [`inquiry`]
 //! (standard data and VPD), [`mode`] (mode pages), [`rw`] (reads, writes,
 //! verify, cache sync, capacity), [`provision`] (UNMAP, WRITE SAME),
-//! [`caw`] (COMPARE AND WRITE), [`xcopy`] (EXTENDED COPY), [`alua`],
-//! [`opcodes`] (REPORT SUPPORTED OPERATION CODES), [`limits`].
+//! [`caw`] (COMPARE AND WRITE), [`xcopy`] (EXTENDED COPY),
+//! [`lba_status`] (GET LBA STATUS), [`alua`], [`opcodes`] (REPORT
+//! SUPPORTED OPERATION CODES), [`limits`].
 
 pub mod alua;
 pub mod caw;
 pub mod cdb;
 pub mod inquiry;
+pub mod lba_status;
 pub mod limits;
 pub mod mode;
 pub mod opcodes;
@@ -31,7 +33,7 @@ use cdb::{op, sa, Cdb};
 use limits::Limits;
 use sense::{invalid_cdb, key, Sense, CHECK_CONDITION, GOOD};
 use std::sync::Arc;
-use tcmu_handler::{Caps, Geometry, IoBufs, IoError, IoResult, Op};
+use tcmu_handler::{Caps, ExtentSlot, Geometry, IoBufs, IoError, IoResult, Op};
 
 pub use sense::{INVALID_FIELD_IN_CDB, INVALID_OPCODE, LBA_OUT_OF_RANGE};
 
@@ -104,6 +106,8 @@ enum Kind {
     Verify(Box<rw::Verify>),
     /// EXTENDED COPY, run by the daemon's copy engine.
     Copy,
+    /// GET LBA STATUS: the backend filled `out`; answer from it.
+    LbaStatus(Box<lba_status::Query>, ExtentSlot),
 }
 
 /// What to do after [`Lun::finish`] for a command that went to the backend.
@@ -313,6 +317,9 @@ impl Lun {
             op::SERVICE_ACTION_IN_16 if c.service_action() == sa::READ_CAPACITY_16 => {
                 self.data_in(Ok(self.read_capacity_16()), c.be32(10) as usize, bufs)
             }
+            op::SERVICE_ACTION_IN_16 if c.service_action() == sa::GET_LBA_STATUS => {
+                self.get_lba_status(&c, bufs)
+            }
             op::SERVICE_ACTION_IN_16 => Outcome::check(invalid_cdb(1, Some(4))),
             op::WRITE_VERIFY_10 | op::WRITE_VERIFY_16 => self.write(&c, bufs),
             op::VERIFY_10 | op::VERIFY_16 => self.verify(&c, bufs),
@@ -395,6 +402,7 @@ impl Lun {
                 let r = opcodes::report(c, |n| match n {
                     opcodes::Needs::Always => true,
                     opcodes::Needs::Discard => discard,
+                    opcodes::Needs::LbaStatus => discard,
                     opcodes::Needs::Alua => mode.enabled(),
                     opcodes::Needs::ExplicitAlua => mode.explicit,
                 });
@@ -508,8 +516,43 @@ impl Lun {
         }
         match kind {
             Kind::Verify(v) => Outcome::Done(v.compare()),
+            Kind::LbaStatus(q, out) => self.lba_status_answer(&q, &out),
             _ => Outcome::Done(Response::good()),
         }
+    }
+
+    /// GET LBA STATUS: on a LUN that is thin provisioned (LBPME); the
+    /// backend is asked only when it can tell allocation apart, else
+    /// every block is "mapped or unknown".
+    fn get_lba_status(&mut self, c: &Cdb, bufs: &IoBufs) -> Outcome {
+        if !self.info.caps.discard {
+            return Outcome::check(INVALID_OPCODE);
+        }
+        let q = match lba_status::decode(c, self.blocks, self.bs, bufs) {
+            Ok(q) => q,
+            Err(s) => return Outcome::check(s),
+        };
+        let out = ExtentSlot::default();
+        if !self.info.caps.lba_status {
+            let all = [(q.lba * self.bs, (q.end - q.lba) * self.bs)];
+            *out.lock().unwrap_or_else(|e| e.into_inner()) = all.to_vec();
+            return self.lba_status_answer(&q, &out);
+        }
+        let op = Op::Provisioning {
+            offset: q.lba * self.bs,
+            len: (q.end - q.lba) * self.bs,
+            out: ExtentSlot::clone(&out),
+        };
+        Outcome::Submit(op, Pending::new(Kind::LbaStatus(Box::new(q), out)))
+    }
+
+    /// The parameter data of a GET LBA STATUS, from what the backend
+    /// reported allocated.
+    fn lba_status_answer(&self, q: &lba_status::Query, out: &ExtentSlot) -> Outcome {
+        let allocated = std::mem::take(&mut *out.lock().unwrap_or_else(|e| e.into_inner()));
+        let runs = lba_status::runs(q, self.bs, &allocated);
+        let data = lba_status::encode(q, &runs);
+        self.data_in(Ok(data), q.alloc, &q.bufs)
     }
 
     fn error_sense(&self, kind: &Kind, e: &IoError) -> Sense {
@@ -529,7 +572,7 @@ impl Lun {
             IoError::Fenced(_) => sense::NOT_READY,
             IoError::Unsupported => INVALID_OPCODE,
             IoError::Io { .. } => match kind {
-                Kind::Read | Kind::Verify(_) => sense::MEDIUM_ERROR,
+                Kind::Read | Kind::Verify(_) | Kind::LbaStatus(..) => sense::MEDIUM_ERROR,
                 Kind::Write | Kind::Flush | Kind::Caw | Kind::Copy => sense::WRITE_ERROR,
             },
         }

@@ -19,6 +19,8 @@ pub enum Needs {
     Always,
     /// The backend discards (UNMAP).
     Discard,
+    /// The LUN is thin provisioned (GET LBA STATUS).
+    LbaStatus,
     /// ALUA is enabled (REPORT TARGET PORT GROUPS).
     Alua,
     /// Explicit ALUA (SET TARGET PORT GROUPS).
@@ -174,6 +176,12 @@ pub const COMMANDS: &[Command] = &[
         Some(sa::READ_CAPACITY_16),
         Always,
         [0x9e, 0x10, 0, 0, 0, 0, 0, 0, 0, 0, FF, FF, FF, FF, 0, 0]
+    ),
+    cmd!(
+        op::SERVICE_ACTION_IN_16,
+        Some(sa::GET_LBA_STATUS),
+        LbaStatus,
+        [0x9e, 0x12, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, 0]
     ),
     cmd!(
         op::MAINTENANCE_IN,

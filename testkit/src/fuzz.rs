@@ -22,6 +22,7 @@ pub fn fuzz_lun() -> Lun {
             discard: true,
             discard_zeroes: true,
             write_cache: true,
+            lba_status: false,
         },
         max_transfer_blocks: 128,
     })
@@ -110,6 +111,7 @@ pub fn fuzz_one(data: &[u8]) {
             ),
             Op::Discard { ranges } => (ranges.iter().map(|(o, l)| o + l).max().unwrap_or(0), 0),
             Op::Flush => (0, 0),
+            Op::Provisioning { offset, len, .. } => (offset + len, 0),
         };
         assert!(end <= size, "operation past the end: {op:?}");
         // VERIFY reads into its own scratch buffer; everything else must

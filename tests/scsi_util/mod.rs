@@ -39,6 +39,10 @@ pub enum Rec {
         off: u64,
         len: u64,
     },
+    Provisioning {
+        off: u64,
+        len: u64,
+    },
 }
 
 /// A ram backend that records each operation and can report other caps.
@@ -46,6 +50,8 @@ pub struct Recorder {
     pub ram: RamBackend,
     pub caps: Caps,
     pub ops: Mutex<Vec<Rec>>,
+    /// What an allocation query reports allocated (byte ranges, sorted).
+    pub allocated: Mutex<Vec<(u64, u64)>>,
 }
 
 impl Backend for Recorder {
@@ -89,6 +95,24 @@ impl Backend for Recorder {
                 off: *offset,
                 len: write.len() as u64,
             },
+            Op::Provisioning { offset, len, out } => {
+                // Scripted: the configured ranges, clipped to the query.
+                let end = offset + len;
+                *out.lock().unwrap() = self
+                    .allocated
+                    .lock()
+                    .unwrap()
+                    .iter()
+                    .map(|&(o, l)| (o.max(*offset), (o + l).min(end)))
+                    .filter(|(s, e)| s < e)
+                    .map(|(s, e)| (s, e - s))
+                    .collect();
+                self.ops.lock().unwrap().push(Rec::Provisioning {
+                    off: *offset,
+                    len: *len,
+                });
+                return done.complete(Ok(()));
+            }
         };
         self.ops.lock().unwrap().push(r);
         self.ram.submit(op, done);
@@ -109,6 +133,7 @@ pub fn caps_all() -> Caps {
         discard: true,
         discard_zeroes: true,
         write_cache: true,
+        lba_status: true,
     }
 }
 
@@ -153,6 +178,7 @@ impl T {
             ram: RamBackend::new(blocks * BS, BS as u32).expect("ram"),
             caps,
             ops: Mutex::new(Vec::new()),
+            allocated: Mutex::new(Vec::new()),
         });
         let lun = Lun::new(info(&*be, "5a1e0f00-cafe-4bee-8000-0123456789ab"));
         T {

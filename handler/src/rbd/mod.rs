@@ -15,6 +15,8 @@
 //! - Flush and Write{fua} add `rbd_aio_flush`; the flush is issued right
 //!   after the write, and librbd completes a flush only after the writes
 //!   issued before it, so no callback has to submit anything.
+//! - Provisioning (GET LBA STATUS) runs `rbd_diff_iterate2`, which is
+//!   synchronous, on one daemon-wide thread ([`extents`]).
 //! - A blocklisted client (ESHUTDOWN) fails the commands that saw it with
 //!   [`IoError::Fenced`] and makes the backend reopen its image on a
 //!   fresh rados client in the background, instead of failing forever.
@@ -34,10 +36,11 @@
 
 pub mod config;
 pub mod conn;
+pub mod extents;
 pub mod lock;
 pub mod service;
 
-use crate::{Backend, Caps, Done, Geometry, IoBufs, IoError, IoResult, Op};
+use crate::{Backend, Caps, Done, ExtentSlot, Geometry, IoBufs, IoError, IoResult, Op};
 use config::RbdConfig;
 use conn::ConnKey;
 use rbd_ffi::{AioBuf, CawError, Image, OwnedBuf, Rados};
@@ -699,6 +702,7 @@ impl Backend for RbdBackend {
             discard: true,
             discard_zeroes: true,
             write_cache: false,
+            lba_status: true,
         }
     }
 
@@ -778,7 +782,31 @@ impl RbdBackend {
                 compare,
                 write,
             } => self.submit_caw(&s, offset, compare, write, done),
+            Op::Provisioning { offset, len, out } => self.provisioning(&s, offset, len, out, done),
         }
+    }
+
+    /// The allocated ranges of `[offset, offset + len)`, found on the
+    /// extents thread (see [`extents`] for the granularity and why).
+    fn provisioning(&self, s: &Arc<Session>, offset: u64, len: u64, out: ExtentSlot, done: Done) {
+        if len == 0 {
+            return done.complete(extents::store(&out, Vec::new()));
+        }
+        let c = self.call(s, "allocation query");
+        let s = Arc::clone(s);
+        let run = move || {
+            let found = s.image.parent_overlap().and_then(|overlap| {
+                let mut found = Vec::new();
+                s.image
+                    .allocated_extents(offset, len, true, |o, l| found.push((o, l)))?;
+                Ok(extents::merge(offset, len, overlap, &found))
+            });
+            match found {
+                Ok(ranges) => c(Ok(())).and_then(|()| extents::store(&out, ranges)),
+                Err(e) => c(Err(e)),
+            }
+        };
+        extents::submit(Box::new(run), done);
     }
 
     /// The completion of one librbd call on session `s`: the call counts
