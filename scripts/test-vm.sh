@@ -80,10 +80,10 @@ log "kernel $kver"
 # The daemon under test.
 if [ "$PROFILE" = release ]; then
   cargo build --release --bin tcmu-rbd
-  bin=$top/target/release/tcmu-rbd
+  bin=${CARGO_TARGET_DIR:-$top/target}/release/tcmu-rbd
 else
   cargo build --bin tcmu-rbd
-  bin=$top/target/debug/tcmu-rbd
+  bin=${CARGO_TARGET_DIR:-$top/target}/debug/tcmu-rbd
 fi
 [ -x "$bin" ] || die "no daemon binary at $bin"
 
