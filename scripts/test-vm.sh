@@ -193,7 +193,8 @@ if [ $want_rbd = 1 ]; then
   # thin; eight rbd clients at a time.
   if [[ " $SUITES " == *" scale "* ]]; then
     ts=$(date +%s)
-    nimg=$((${VM_SCALE_N:-256} / 4 * 2))
+    nimg=$((${VM_SCALE_N:-256} / 4)) # LUNs of each kind, two kinds rbd
+    nimg=$((nimg * 2))
     for ((i = 0; i < nimg; i++)); do
       rbd_ create --size 64M "rbd/scale$(printf %03d $i)" &
       [ $((i % 8)) = 7 ] && wait

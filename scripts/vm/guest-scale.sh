@@ -61,21 +61,27 @@ sc_mk() {
     { why="serial of $n"; return 1; }
   if [ "$1" = ha ]; then
     # ceph-iscsi's group on the owning gateway: `ao`, implicit ALUA only.
-    mkdir "$d/alua/ao" && echo 1 >"$d/alua/ao/tg_pt_gp_id" && echo 1 >"$d/alua/ao/alua_access_type" ||
-      { why="ALUA group of $n"; return 1; }
+    if ! { mkdir "$d/alua/ao" && echo 1 >"$d/alua/ao/tg_pt_gp_id" && echo 1 >"$d/alua/ao/alua_access_type"; }; then
+      why="ALUA group of $n"
+      return 1
+    fi
   fi
   timeout 300 sh -c "echo -n 1 > '$d/enable'" || { why="enable of $n failed or hung"; return 1; }
 }
 # sc_rm KIND I: remove one backstore (its group first).
 sc_rm() {
-  local d=$T/core/user_0/$(sc_name "$1" "$2")
+  local d
+  d=$T/core/user_0/$(sc_name "$1" "$2")
   [ -d "$d" ] || return 0
   [ -d "$d/alua/ao" ] && rmdir "$d/alua/ao"
   timeout 300 rmdir "$d" || { why="rmdir $d failed or hung"; return 1; }
 }
 
 # Per process: uio devices held, open fds, threads, RSS (kB), CPU ticks.
+# (/proc/PID/fd holds numbers only: ls is fine there.)
+# shellcheck disable=SC2010
 sc_nserved() { ls -l /proc/"$1"/fd 2>/dev/null | grep -c ' /dev/uio[0-9]*$'; }
+# shellcheck disable=SC2012
 sc_fds() { ls /proc/"$1"/fd 2>/dev/null | wc -l; }
 sc_threads() { sed -n 's/^Threads:[[:space:]]*//p' /proc/"$1"/status; }
 sc_rss() { sed -n 's/^VmRSS:[[:space:]]*\([0-9]*\).*/\1/p' /proc/"$1"/status; }
@@ -105,6 +111,7 @@ sc_snap() {
     echo "== $1 $2 (pid $3): threads by name"
     cat /proc/"$3"/task/*/comm | sed -E 's/[0-9]+$//' | sort | uniq -c | sort -rn
     echo "== $1 $2: fds by target"
+    # shellcheck disable=SC2012
     ls -l /proc/"$3"/fd | sed -n 's/.* -> //p' | sed -E 's/[0-9]+/N/g' | sort | uniq -c | sort -rn
   } >>"$OUT/scale-threads.txt"
 }
@@ -198,7 +205,7 @@ sc_restart() {
 # the first cycles warm librados up) and every 10th; the fds and threads
 # at the end may not exceed the base by more than 2.
 sc_cycles() {
-  local c k t0 base_f= base_t= f t r
+  local c k t0 base_f='' base_t='' f t r
   t0=$(sc_now)
   for ((c = 1; c <= $3; c++)); do
     for k in $2; do
