@@ -24,6 +24,8 @@
 SC_N=$((${VM_SCALE_N:-256} / 4 * 4))
 SC_Q=$((SC_N / 4))
 SC_CYCLES=${VM_SCALE_CYCLES:-50}
+# Each side's cycles stop after this many seconds (at least 6 cycles).
+SC_CYCLE_S=${VM_SCALE_CYCLE_S:-420}
 SC_TXT=$OUT/scale.txt
 SC_KV=$OUT/scale.kv
 SC_DLOG=$OUT/daemon-scale.log
@@ -173,10 +175,13 @@ sc_remove_all() {
 # The daemon with the scale suite's tcmu.conf (service_map as given).
 sc_conf() { printf 'log_level = 3\nlog_dir = /tmp\nservice_map = %s\n' "$1" >"$SC_CONF"; }
 sc_start_daemon() {
+  SC_READY0=$(grep -c ' ready ' "$SC_DLOG" 2>/dev/null)
   echo "--- daemon start $(date +%T)" >>"$SC_DLOG"
   NO_COLOR=1 "$BIN" --log-stderr --no-dbus --run-dir /run/tcmu-rbd -c "$SC_CONF" >>"$SC_DLOG" 2>&1 &
   DPID=$!
 }
+# sc_ready: the daemon started last logged 'ready' (scanned, listening).
+sc_ready() { [ "$(grep -c ' ready ' "$SC_DLOG")" -gt "${SC_READY0:-0}" ]; }
 # sc_stop: SIGTERM, as stop_daemon, but with time for hundreds of
 # devices to close (SIGKILL after 300 s, which fails the check).
 sc_stop() {
@@ -207,13 +212,13 @@ sc_restart() {
 }
 
 # sc_cycles LABEL KINDS COUNT PID: create and remove one LUN of each of
-# KINDS COUNT times; fds, RSS and threads after cycle 1, 5 (the base:
+# KINDS COUNT times (or until SC_CYCLE_S seconds have passed); fds, RSS and threads after cycle 1, 5 (the base:
 # the first cycles warm librados up) and every 10th; the fds and threads
 # at the end may not exceed the base by more than 2.
 sc_cycles() {
-  local c k t0 base_f='' base_t='' f t r
+  local c k t0 base_f='' base_t='' f t r end=$((SECONDS + SC_CYCLE_S)) last=$3
   t0=$(sc_now)
-  for ((c = 1; c <= $3; c++)); do
+  for ((c = 1; c <= last; c++)); do
     for k in $2; do
       sc_mk "$k" 0 || { why="cycle $c: create $k: $why"; return 1; }
     done
@@ -223,22 +228,24 @@ sc_cycles() {
     done
     wait_for 60 sh -c "[ \$(ls -l /proc/$4/fd | grep -c ' /dev/uio') = 0 ]" ||
       { why="cycle $c: uio devices still held after removal"; return 1; }
-    if [ $c = 1 ] || [ $c = 5 ] || [ $((c % 10)) = 0 ] || [ $c = "$3" ]; then
+    # Out of time: this cycle is the last (at least 6 run).
+    [ $SECONDS -ge $end ] && [ $c -ge 6 ] && last=$c
+    if [ $c = 1 ] || [ $c = 5 ] || [ $((c % 10)) = 0 ] || [ $c = "$last" ]; then
       f=$(sc_fds "$4") t=$(sc_threads "$4") r=$(sc_rss "$4")
       echo "$1 cycle $c: fds $f threads $t RSS $r kB" | tee -a "$OUT/scale-cycles.txt"
       [ $c = 5 ] && base_f=$f base_t=$t
     fi
   done
-  sc_rec "$1.cycles" "$3"
+  sc_rec "$1.cycles" "$last"
   sc_rec "$1.cycles.s" "$(sc_since "$t0")"
-  sc_say "$1: $3 create/remove cycles of one LUN each of ($2) in $(sc_since "$t0") s:"
+  sc_say "$1: $last create/remove cycles of one LUN each of ($2) in $(sc_since "$t0") s:"
   grep "^$1 cycle" "$OUT/scale-cycles.txt" | sed 's/^/  /' | tee -a "$SC_TXT"
   [ -n "$base_f" ] || return 0
   sc_rec "$1.cycles.fd_growth" "$((f - base_f))"
   sc_rec "$1.cycles.thread_growth" "$((t - base_t))"
   sc_rec "$1.cycles.rss_end_kb" "$r"
-  [ $((f - base_f)) -le 2 ] || { why="fds grew from $base_f (cycle 5) to $f (cycle $3)"; return 1; }
-  [ $((t - base_t)) -le 2 ] || { why="threads grew from $base_t (cycle 5) to $t (cycle $3)"; return 1; }
+  [ $((f - base_f)) -le 2 ] || { why="fds grew from $base_f (cycle 5) to $f (cycle $last)"; return 1; }
+  [ $((t - base_t)) -le 2 ] || { why="threads grew from $base_t (cycle 5) to $t (cycle $last)"; return 1; }
 }
 
 sc_daemon_log_clean() {
@@ -305,7 +312,7 @@ suite_scale() {
   check scale.shared_daemon_stop sc_stop || return 1
   sc_conf per_image
   sc_start_daemon
-  check scale.$L.start wait_for 30 sh -c "grep -q ' ready ' '$SC_DLOG'" || return 1
+  check scale.$L.start wait_for 30 sc_ready || return 1
   sc_snap $L empty "$DPID"
   check scale.$L.create_all sc_create_all $L "$SC_KINDS" "$DPID"
   sc_snap $L created "$DPID"
@@ -318,21 +325,14 @@ suite_scale() {
   check scale.$L.restart_no_service_map sc_restart $L nomap "$SC_N" sc_start_daemon
   sc_snap $L nomap "$DPID"
   sc_idle $L nomap "$DPID"
-  # Back to the default for the removal and the cycles (a reload applies
-  # it to images opened from now on).
+  # Back to the default for the cycles (started later).
   sc_conf per_image
-  kill -HUP "$DPID"
-  sleep 2
   check scale.$L.remove_all sc_remove_all $L "$SC_KINDS" "$DPID"
   sc_snap $L removed "$DPID"
-  check scale.$L.cycles_no_growth sc_cycles $L "$SC_KINDS" "$SC_CYCLES" "$DPID"
-  sc_snap $L after_cycles "$DPID"
-  check scale.$L.alive_at_end ok daemon_alive
-  check scale.$L.stop sc_stop
-  check scale.$L.log_clean sc_daemon_log_clean
+  check scale.$L.stop_for_runner sc_stop
 
   # tcmu-runner: its rbd LUNs (no ram handler; its file handlers are for
-  # ZBC and optical media).
+  # ZBC and optical media). Before the cycles, which may be cut short.
   L=tcmu-runner
   if check scale.$L.start start_tcmu_runner; then
     sc_snap $L empty "$DPID"
@@ -346,9 +346,19 @@ suite_scale() {
     sc_snap $L removed "$DPID"
     local rc=$SC_CYCLES
     [ "$rc" -gt 20 ] && rc=20
-    check scale.$L.cycles sc_cycles $L "ha sg" "$rc" "$DPID"
+    SC_CYCLE_S=$((SC_CYCLE_S / 2)) check scale.$L.cycles sc_cycles $L "ha sg" "$rc" "$DPID"
     check scale.$L.stop sc_stop
   fi
+
+  # The daemon's cycles, with the default tcmu.conf.
+  L=tcmu-rbd
+  sc_start_daemon
+  check scale.$L.start_for_cycles wait_for 30 sc_ready || return 1
+  check scale.$L.cycles_no_growth sc_cycles $L "$SC_KINDS" "$SC_CYCLES" "$DPID"
+  sc_snap $L after_cycles "$DPID"
+  check scale.$L.alive_at_end ok daemon_alive
+  check scale.$L.stop sc_stop
+  check scale.$L.log_clean sc_daemon_log_clean
   # Whatever is left (a failed run), then the shared daemon again.
   for k in $SC_KINDS; do
     for ((i = 0; i < SC_Q; i++)); do sc_rm "$k" "$i" >>"$LOG" 2>&1; done
