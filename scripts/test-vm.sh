@@ -44,7 +44,8 @@
 #                        quarter each) on one daemon: create/remove time,
 #                        threads, RSS, fds, idle CPU, restart to all
 #                        served, VM_SCALE_CYCLES (default 50) create/remove
-#                        cycles; then tcmu-runner with its rbd LUNs
+#                        cycles (at most VM_SCALE_CYCLE_S, default 420 s);
+#                        tcmu-runner with its rbd LUNs
 #                        (vm/guest-scale.sh); figures in scale.txt
 #               mpath_iscsi  the same over LIO iSCSI (two targets, two
 #                        portals, open-iscsi sessions) with ceph-iscsi's
@@ -145,6 +146,7 @@ TOP=$top
 SUITES="$SUITES"
 VM_SCALE_N=${VM_SCALE_N:-256}
 VM_SCALE_CYCLES=${VM_SCALE_CYCLES:-50}
+VM_SCALE_CYCLE_S=${VM_SCALE_CYCLE_S:-420}
 EOF
 : >"$out/results"
 ns=

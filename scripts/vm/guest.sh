@@ -13,7 +13,8 @@
 #           restart), rbd (the same on an rbd image), compare (fio 4K QD32,
 #           tcmu-rbd vs tcmu-runner on one image)
 #   CEPH_CONF_GUEST  the guest's ceph.conf (rbd, compare)
-#   VM_SCALE_N, VM_SCALE_CYCLES  LUNs and create/remove cycles (scale)
+#   VM_SCALE_N, VM_SCALE_CYCLES, VM_SCALE_CYCLE_S  LUNs, create/remove
+#           cycles and their time limit (scale)
 set -u
 OUT=/tmp/out
 # shellcheck source=/dev/null
