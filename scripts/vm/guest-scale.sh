@@ -174,12 +174,30 @@ sc_remove_all() {
 
 # The daemon with the scale suite's tcmu.conf (service_map as given).
 sc_conf() { printf 'log_level = 3\nlog_dir = /tmp\nservice_map = %s\n' "$1" >"$SC_CONF"; }
+# Both daemons run with the open-file limit their systemd units give them
+# (systemd/tcmu-rbd.service: LimitNOFILE=1048576; tcmu-runner's 1000000):
+# with the shell's default soft limit of 1024 the daemon served 113 LUNs
+# of this mix (the rbd ones with their service-map clients, 9 fds each)
+# and refused every later one with EMFILE.
 sc_start_daemon() {
   SC_READY0=$(grep -c ' ready ' "$SC_DLOG" 2>/dev/null)
   echo "--- daemon start $(date +%T)" >>"$SC_DLOG"
-  NO_COLOR=1 "$BIN" --log-stderr --no-dbus --run-dir /run/tcmu-rbd -c "$SC_CONF" >>"$SC_DLOG" 2>&1 &
+  (
+    ulimit -n 1048576
+    NO_COLOR=1 exec "$BIN" --log-stderr --no-dbus --run-dir /run/tcmu-rbd -c "$SC_CONF"
+  ) >>"$SC_DLOG" 2>&1 &
   DPID=$!
 }
+sc_start_tcmu_runner() {
+  local rc
+  ulimit -n 1000000
+  start_tcmu_runner
+  rc=$?
+  ulimit -n 1024
+  return $rc
+}
+# sc_nuio: the uio devices there are (enabled backstores).
+sc_nuio() { find /sys/class/uio -maxdepth 1 -name 'uio*' | wc -l; }
 # sc_ready: the daemon started last logged 'ready' (scanned, listening).
 sc_ready() { [ "$(grep -c ' ready ' "$SC_DLOG")" -gt "${SC_READY0:-0}" ]; }
 # sc_stop: SIGTERM, as stop_daemon, but with time for hundreds of
@@ -206,7 +224,7 @@ sc_restart() {
   sc_say "$1 $2: stopped (SIGTERM to exit) in $(sc_since "$t0") s"
   t0=$(sc_now)
   "$4" || return 1
-  sc_wait_served "$DPID" "$3" 600 || return 1
+  sc_wait_served "$DPID" "$3" 300 || return 1
   sc_rec "$1.$2.restart_s" "$(sc_since "$t0")"
   sc_say "$1 $2: start to all $3 served in $(sc_since "$t0") s"
 }
@@ -318,11 +336,11 @@ suite_scale() {
   sc_snap $L created "$DPID"
   sc_idle $L created "$DPID"
   check scale.$L.alive_after_idle ok daemon_alive || return 1
-  check scale.$L.restart_all_served sc_restart $L restart "$SC_N" sc_start_daemon
+  check scale.$L.restart_all_served sc_restart $L restart "$(sc_nuio)" sc_start_daemon
   sc_snap $L restarted "$DPID"
   # The same without the per-image service-map clients.
   sc_conf off
-  check scale.$L.restart_no_service_map sc_restart $L nomap "$SC_N" sc_start_daemon
+  check scale.$L.restart_no_service_map sc_restart $L nomap "$(sc_nuio)" sc_start_daemon
   sc_snap $L nomap "$DPID"
   sc_idle $L nomap "$DPID"
   # Back to the default for the cycles (started later).
@@ -334,13 +352,13 @@ suite_scale() {
   # tcmu-runner: its rbd LUNs (no ram handler; its file handlers are for
   # ZBC and optical media). Before the cycles, which may be cut short.
   L=tcmu-runner
-  if check scale.$L.start start_tcmu_runner; then
+  if check scale.$L.start sc_start_tcmu_runner; then
     sc_snap $L empty "$DPID"
     check scale.$L.create_all sc_create_all $L "ha sg" "$DPID"
     sc_snap $L created "$DPID"
     sc_idle $L created "$DPID"
     check scale.$L.alive_after_idle ok daemon_alive
-    check scale.$L.restart_all_served sc_restart $L restart $((SC_N / 2)) start_tcmu_runner
+    check scale.$L.restart_all_served sc_restart $L restart "$(sc_nuio)" sc_start_tcmu_runner
     sc_snap $L restarted "$DPID"
     check scale.$L.remove_all sc_remove_all $L "ha sg" "$DPID"
     sc_snap $L removed "$DPID"
