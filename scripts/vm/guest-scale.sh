@@ -197,7 +197,7 @@ sc_start_tcmu_runner() {
   return $rc
 }
 # sc_nuio: the uio devices there are (enabled backstores).
-sc_nuio() { find /sys/class/uio -maxdepth 1 -name 'uio*' | wc -l; }
+sc_nuio() { find /sys/class/uio -mindepth 1 -maxdepth 1 -name 'uio*' | wc -l; }
 # sc_ready: the daemon started last logged 'ready' (scanned, listening).
 sc_ready() { [ "$(grep -c ' ready ' "$SC_DLOG")" -gt "${SC_READY0:-0}" ]; }
 # sc_stop: SIGTERM, as stop_daemon, but with time for hundreds of
