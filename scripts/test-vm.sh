@@ -39,6 +39,14 @@
 #                        between two rbd LUNs over iSCSI: EXTENDED COPY
 #                        (sg_xcopy, the copy inside the gateway) against
 #                        dd through the initiator (vm/guest-iscsi.sh)
+#               scale    (not in the default suites) VM_SCALE_N LUNs (default
+#                        256: rbd HA, rbd single gateway, file, ram, a
+#                        quarter each) on one daemon: create/remove time,
+#                        threads, RSS, fds, idle CPU, restart to all
+#                        served, VM_SCALE_CYCLES (default 50) create/remove
+#                        cycles (at most VM_SCALE_CYCLE_S, default 420 s);
+#                        tcmu-runner with its rbd LUNs
+#                        (vm/guest-scale.sh); figures in scale.txt
 #               mpath_iscsi  the same over LIO iSCSI (two targets, two
 #                        portals, open-iscsi sessions) with ceph-iscsi's
 #                        implicit-only ALUA: no STPG, I/O moves the lock
@@ -47,6 +55,8 @@
 #               version and the init script
 #   VM_KEEP=1   keep the result directory
 #   VM_TIMEOUT  seconds the guest may run (default 1800)
+#   VM_MEM      guest memory, MiB (default 1024; 3072 with the scale suite,
+#               whose tcmu-runner opens a rados client per rbd LUN)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 top=$PWD
@@ -61,7 +71,7 @@ case "$top/" in /tmp/*) die "the repository is under /tmp ($top), which the gues
 
 # What the guest build and the checks need, from Debian packages only.
 want_rbd=0
-case " $SUITES " in *" rbd "* | *" compare "* | *" targetcli "* | *" mpath"* | *"iscsi "* | *" gateway "* | *" xcopy_bench "*) want_rbd=1 ;; esac
+case " $SUITES " in *" rbd "* | *" compare "* | *" targetcli "* | *" mpath"* | *"iscsi "* | *" gateway "* | *" xcopy_bench "* | *" scale "*) want_rbd=1 ;; esac
 extra=()
 [ $want_rbd = 1 ] && extra=(ceph-mon ceph-osd ceph-common iproute2 tcmu-runner targetcli-fb
   python3-rtslib-fb dbus-daemon dbus-bin)
@@ -134,6 +144,9 @@ cat >"$out/env" <<EOF
 BIN=$bin
 TOP=$top
 SUITES="$SUITES"
+VM_SCALE_N=${VM_SCALE_N:-256}
+VM_SCALE_CYCLES=${VM_SCALE_CYCLES:-50}
+VM_SCALE_CYCLE_S=${VM_SCALE_CYCLE_S:-420}
 EOF
 : >"$out/results"
 ns=
@@ -178,6 +191,21 @@ if [ $want_rbd = 1 ]; then
   rbd_ create --size 256M rbd/iscsi0
   rbd_ create --size 256M rbd/iscsi1
   case " $SUITES " in *" xcopy_bench "*) rbd_ create --size 1G rbd/xsrc && rbd_ create --size 1G rbd/xdst ;; esac
+  # The scale suite's images: one per rbd LUN (half the LUNs), 64 MiB,
+  # thin; eight rbd clients at a time.
+  if [[ " $SUITES " == *" scale "* ]]; then
+    ts=$(date +%s)
+    nimg=$((${VM_SCALE_N:-256} / 4)) # LUNs of each kind, two kinds rbd
+    nimg=$((nimg * 2))
+    for ((i = 0; i < nimg; i++)); do
+      rbd_ create --size 64M "rbd/scale$(printf %03d $i)" &
+      [ $((i % 8)) = 7 ] && wait
+    done
+    wait
+    got=$(rbd_ ls rbd | grep -c '^scale[0-9]' || true)
+    [ "$got" = "$nimg" ] || die "made $got of $nimg scale images"
+    log "scale suite: $nimg images rbd/scale000.. (64M) in $(($(date +%s) - ts)) s"
+  fi
   log "cluster up in $(($(date +%s) - tc)) s; images rbd/img0 and rbd/iscsi0-1 (256M), rbd/bench and rbd/tcli (1G)"
   # The guest's client config: the cluster's address and key, but logs and
   # sockets in the guest's own writable /tmp and /run.
@@ -203,7 +231,9 @@ netns_exec=()
 [ -n "$ns" ] && netns_exec=(ip netns exec "$ns")
 # The default suites take the guest about 19 minutes here under software
 # emulation; the limit leaves room for a slower machine.
-timeout "${VM_TIMEOUT:-1800}" "${netns_exec[@]}" qemu-system-x86_64 -machine q35 -accel tcg,thread=multi -cpu max -m 1024 -smp 2 \
+mem=1024
+[[ " $SUITES " == *" scale "* ]] && mem=3072
+timeout "${VM_TIMEOUT:-1800}" "${netns_exec[@]}" qemu-system-x86_64 -machine q35 -accel tcg,thread=multi -cpu max -m "${VM_MEM:-$mem}" -smp 2 \
   -nographic -no-reboot -kernel "$kernel" -initrd "$initrd" \
   -append "console=ttyS0 panic=-1 loglevel=5 vmtest.script=$top/scripts/vm/guest.sh$append_net" \
   -virtfs local,path=/,mount_tag=host,security_model=none,readonly=on,multidevs=remap \
@@ -302,6 +332,9 @@ for job, name in (("randwrite-4k", "4K randwrite QD32"), ("randread-4k", "4K ran
         print(f"  {name:<18} {'ratio':<12} {a[0] / b[0]:>8.2f}x{'':>8} {'':>9} {a[3] / b[3] if b[3] else 0:>8.2f}x")
 PY
 fi
+
+# The scale run's figures (written by the guest).
+[ -s "$out/scale.txt" ] && { echo; cat "$out/scale.txt"; }
 
 npass=$(grep -c '^PASS ' "$out/results" || true)
 nfail=$(grep -c '^FAIL ' "$out/results" || true)

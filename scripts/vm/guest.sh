@@ -13,6 +13,8 @@
 #           restart), rbd (the same on an rbd image), compare (fio 4K QD32,
 #           tcmu-rbd vs tcmu-runner on one image)
 #   CEPH_CONF_GUEST  the guest's ceph.conf (rbd, compare)
+#   VM_SCALE_N, VM_SCALE_CYCLES, VM_SCALE_CYCLE_S  LUNs, create/remove
+#           cycles and their time limit (scale)
 set -u
 OUT=/tmp/out
 # shellcheck source=/dev/null
@@ -681,6 +683,10 @@ suite_compare() {
 # The multipath drill (suite_mpath), in its own file.
 # shellcheck source=scripts/vm/guest-mpath.sh
 . "$TOP/scripts/vm/guest-mpath.sh"
+
+# What hundreds of LUNs cost on one daemon (suite_scale, not a default).
+# shellcheck source=scripts/vm/guest-scale.sh
+. "$TOP/scripts/vm/guest-scale.sh"
 
 say "start $(date +%T), kernel $(uname -r)"
 mount -t configfs configfs $CFS || { fail setup "cannot mount configfs"; exit 1; }
