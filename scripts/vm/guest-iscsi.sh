@@ -297,6 +297,7 @@ suite_xcopy_bench() {
   check $n.dst_mapped t_iscsi_add_lun $XC_DISK 1 || return 1
   check_dev $n.fill ok timeout 600 fio --name=fill --filename="/dev/$DEV" --direct=1 \
     --ioengine=libaio --iodepth=8 --rw=write --bs=1m --size=1g --refill_buffers || return 1
+  sg_nodes || return 1
   for round in 1 2; do
     t0=$(date +%s%N)
     check_dev $n.xcopy_$round ok timeout 900 sg_xcopy if="/dev/$DEV" of="/dev/$DEV2" bs=512 \
