@@ -87,7 +87,10 @@ fn inquiry_and_vpd_through_the_ring() {
     assert_eq!(&d[8..16], b"LIO-ORG ");
     assert_eq!(d[2], 0x06);
     let d = r.good_in(&[0x12, 1, 0x00, 0, 255, 0], 255);
-    assert_eq!(d, vec![0, 0, 0, 7, 0x00, 0x80, 0x83, 0x8f, 0xb0, 0xb1, 0xb2]);
+    assert_eq!(
+        d,
+        vec![0, 0, 0, 7, 0x00, 0x80, 0x83, 0x8f, 0xb0, 0xb1, 0xb2]
+    );
     let d = r.good_in(&[0x12, 1, 0x80, 0, 255, 0], 255);
     assert_eq!(&d[4..], b"test-serial");
     let d = r.good_in(&[0x12, 1, 0x83, 0, 255, 0], 255);
