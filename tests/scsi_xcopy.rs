@@ -15,7 +15,7 @@ use tcmu_rbd::device::{Device, EventDoorbell};
 use tcmu_rbd::registry::{DeviceSpec, Registry};
 use tcmu_rbd::scsi::inquiry::naa_designator;
 use tcmu_rbd::scsi::LunInfo;
-use tcmu_rbd_testkit::cdb::rw16;
+use tcmu_rbd_testkit::cdb::{rw16, xcopy_cscd, xcopy_list as list, xcopy_segment as seg};
 use tcmu_rbd_testkit::emulator::{Data, KernelEmu};
 
 const MIB: u64 = 1 << 20;
@@ -94,39 +94,9 @@ fn read(emu: &mut KernelEmu, lba: u64, blocks: u32) -> Vec<u8> {
     d
 }
 
+/// The CSCD naming the LUN of `serial`.
 fn cscd(serial: &str, bl: u32) -> Vec<u8> {
-    let mut d = vec![0u8; 32];
-    d[0] = 0xe4;
-    d[4] = 0x01;
-    d[5] = 0x03;
-    d[7] = 16;
-    d[8..24].copy_from_slice(&naa_designator(serial));
-    d[29..32].copy_from_slice(&bl.to_be_bytes()[1..]);
-    d
-}
-
-fn seg(src: u16, dst: u16, blocks: u16, src_lba: u64, dst_lba: u64) -> Vec<u8> {
-    let mut d = vec![0u8; 28];
-    d[0] = 0x02;
-    d[2..4].copy_from_slice(&24u16.to_be_bytes());
-    d[4..6].copy_from_slice(&src.to_be_bytes());
-    d[6..8].copy_from_slice(&dst.to_be_bytes());
-    d[10..12].copy_from_slice(&blocks.to_be_bytes());
-    d[12..20].copy_from_slice(&src_lba.to_be_bytes());
-    d[20..28].copy_from_slice(&dst_lba.to_be_bytes());
-    d
-}
-
-fn list(cscds: &[Vec<u8>], segs: &[Vec<u8>]) -> Vec<u8> {
-    let c = cscds.concat();
-    let s = segs.concat();
-    let mut b = vec![0u8; 16];
-    b[1] = 0x18; // no list identifier, as ESXi sends it
-    b[2..4].copy_from_slice(&(c.len() as u16).to_be_bytes());
-    b[8..12].copy_from_slice(&(s.len() as u32).to_be_bytes());
-    b.extend_from_slice(&c);
-    b.extend_from_slice(&s);
-    b
+    xcopy_cscd(&naa_designator(serial), bl)
 }
 
 fn xcopy_cdb(len: usize) -> [u8; 16] {

@@ -311,6 +311,7 @@ pub fn third_party_copy_vpd(block_size: u32) -> Vec<u8> {
 mod tests {
     use super::*;
     use crate::scsi::sense::key;
+    use tcmu_rbd_testkit::cdb::{xcopy_cscd as cscd, xcopy_list as list, xcopy_segment as seg};
 
     const A: Designator = [
         0x60, 0x01, 0x40, 0x5a, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12,
@@ -319,42 +320,7 @@ mod tests {
         0x60, 0x01, 0x40, 0x5b, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12,
     ];
 
-    fn cscd(naa: &Designator, bl: u32) -> Vec<u8> {
-        let mut d = vec![0u8; CSCD_LEN];
-        d[0] = 0xe4;
-        d[4] = 0x01;
-        d[5] = 0x03;
-        d[7] = 16;
-        d[8..24].copy_from_slice(naa);
-        d[29..32].copy_from_slice(&bl.to_be_bytes()[1..]);
-        d
-    }
-
-    fn seg(src: u16, dst: u16, blocks: u16, src_lba: u64, dst_lba: u64) -> Vec<u8> {
-        let mut d = vec![0u8; SEGMENT_LEN];
-        d[0] = 0x02;
-        d[2..4].copy_from_slice(&24u16.to_be_bytes());
-        d[4..6].copy_from_slice(&src.to_be_bytes());
-        d[6..8].copy_from_slice(&dst.to_be_bytes());
-        d[10..12].copy_from_slice(&blocks.to_be_bytes());
-        d[12..20].copy_from_slice(&src_lba.to_be_bytes());
-        d[20..28].copy_from_slice(&dst_lba.to_be_bytes());
-        d
-    }
-
     /// A list as sg_xcopy and ESXi send it: no list id, two CSCDs.
-    fn list(cscds: &[Vec<u8>], segs: &[Vec<u8>]) -> Vec<u8> {
-        let c: Vec<u8> = cscds.concat();
-        let s: Vec<u8> = segs.concat();
-        let mut b = vec![0u8; HEADER_LEN];
-        b[1] = 0x18;
-        b[2..4].copy_from_slice(&(c.len() as u16).to_be_bytes());
-        b[8..12].copy_from_slice(&(s.len() as u32).to_be_bytes());
-        b.extend_from_slice(&c);
-        b.extend_from_slice(&s);
-        b
-    }
-
     fn good() -> Vec<u8> {
         list(&[cscd(&A, 512), cscd(&B, 512)], &[seg(0, 1, 128, 10, 20)])
     }
