@@ -274,67 +274,12 @@ fn no_replies_for_devices_that_expect_none() {
     }
 }
 
-/// A lock nobody holds, over a ram disk: enough for a failover manager.
-struct IdleLock(RamBackend);
-
-impl Backend for IdleLock {
-    fn name(&self) -> String {
-        "idle-lock".into()
-    }
-    fn geometry(&self) -> tcmu_handler::Geometry {
-        self.0.geometry()
-    }
-    fn caps(&self) -> tcmu_handler::Caps {
-        self.0.caps()
-    }
-    fn submit(&self, op: tcmu_handler::Op, done: tcmu_handler::Done) {
-        self.0.submit(op, done)
-    }
-}
-
-impl tcmu_rbd::failover::LockSource for IdleLock {
-    fn generation(&self) -> u64 {
-        1
-    }
-    fn is_fenced(&self) -> bool {
-        false
-    }
-    fn lock_held(&self) -> Result<bool, tcmu_handler::rbd::lock::LockError> {
-        Ok(false)
-    }
-    fn lock_view(
-        &self,
-    ) -> Result<tcmu_handler::rbd::lock::LockView, tcmu_handler::rbd::lock::LockError> {
-        Ok(tcmu_handler::rbd::lock::LockView::Free)
-    }
-    fn take_lock(
-        &self,
-        _expire: u32,
-    ) -> Result<tcmu_handler::rbd::lock::Taken, tcmu_handler::rbd::lock::LockError> {
-        Err(tcmu_handler::rbd::lock::LockError::Fenced {
-            image: "idle".into(),
-        })
-    }
-    fn release_lock(&self) -> Result<(), tcmu_handler::rbd::lock::LockError> {
-        Ok(())
-    }
-    fn fence_and_reopen(&self, _generation: u64) {}
-    fn submit_on(&self, _generation: u64, op: tcmu_handler::Op, done: tcmu_handler::Done) {
-        self.0.submit(op, done)
-    }
-}
-
 /// An HA rbd device's backend sits behind the lock gate and its failover
 /// manager; reconfiguring its config string would serve the image past
 /// both, so it is refused (EOPNOTSUPP) and the device keeps its config.
 #[test]
 fn an_ha_device_refuses_a_reconfigured_config_string() {
-    use tcmu_rbd::failover::{Failover, FailoverOptions};
-    use tcmu_rbd::scsi::alua::SharedAlua;
-    let lock = Arc::new(IdleLock(RamBackend::new(MIB, 512).unwrap()));
-    let alua = SharedAlua::off();
-    let fo = Failover::start("ha0", lock, &alua, FailoverOptions::default()).expect("failover");
-    let (_emu, dev) = emu_device(small_layout(), fo.backend());
+    let (_emu, dev, fo) = idle_ha_device("ha0");
     let reg = Arc::new(Registry::new());
     let t = std::env::temp_dir();
     let ctl = Control::new(reg.clone(), &t, &t);

@@ -109,57 +109,6 @@ fn promtool_check(text: &str) {
     );
 }
 
-/// A lock source for an HA device that never gets the lock (as in
-/// daemon_control.rs): enough for the HA series to show.
-struct IdleLock(RamBackend);
-
-impl Backend for IdleLock {
-    fn name(&self) -> String {
-        "idle-lock".into()
-    }
-    fn geometry(&self) -> tcmu_handler::Geometry {
-        self.0.geometry()
-    }
-    fn caps(&self) -> tcmu_handler::Caps {
-        self.0.caps()
-    }
-    fn submit(&self, op: tcmu_handler::Op, done: tcmu_handler::Done) {
-        self.0.submit(op, done)
-    }
-}
-
-impl tcmu_rbd::failover::LockSource for IdleLock {
-    fn generation(&self) -> u64 {
-        1
-    }
-    fn is_fenced(&self) -> bool {
-        false
-    }
-    fn lock_held(&self) -> Result<bool, tcmu_handler::rbd::lock::LockError> {
-        Ok(false)
-    }
-    fn lock_view(
-        &self,
-    ) -> Result<tcmu_handler::rbd::lock::LockView, tcmu_handler::rbd::lock::LockError> {
-        Ok(tcmu_handler::rbd::lock::LockView::Free)
-    }
-    fn take_lock(
-        &self,
-        _expire: u32,
-    ) -> Result<tcmu_handler::rbd::lock::Taken, tcmu_handler::rbd::lock::LockError> {
-        Err(tcmu_handler::rbd::lock::LockError::Fenced {
-            image: "idle".into(),
-        })
-    }
-    fn release_lock(&self) -> Result<(), tcmu_handler::rbd::lock::LockError> {
-        Ok(())
-    }
-    fn fence_and_reopen(&self, _generation: u64) {}
-    fn submit_on(&self, _generation: u64, op: tcmu_handler::Op, done: tcmu_handler::Done) {
-        self.0.submit(op, done)
-    }
-}
-
 /// Metric names used by the dashboard's queries (`expr`, and the
 /// template variables' `definition`).
 fn dashboard_names() -> std::collections::BTreeSet<String> {
@@ -212,11 +161,7 @@ fn scraped_counters_move_promtool_accepts_and_the_dashboard_matches() {
     let (mut emu, dev) = emu_device(small_layout(), ram);
     reg.adopt(spec("ram0", "ram", "r0"), dev).expect("adopt");
 
-    use tcmu_rbd::failover::{Failover, FailoverOptions};
-    let lock = Arc::new(IdleLock(RamBackend::new(MIB, 512).unwrap()));
-    let alua = tcmu_rbd::scsi::alua::SharedAlua::off();
-    let fo = Failover::start("ha0", lock, &alua, FailoverOptions::default()).expect("failover");
-    let (_emu_ha, dev) = emu_device(small_layout(), fo.backend());
+    let (_emu_ha, dev, fo) = idle_ha_device("ha0");
     reg.adopt_ha(spec("ha0", "rbd", "pool1/ns/img1"), dev, fo)
         .expect("adopt ha");
 

@@ -4,8 +4,12 @@
 
 use rand::Rng;
 use std::sync::{Arc, Mutex};
+use tcmu_handler::ram::RamBackend;
+use tcmu_handler::rbd::lock::{LockError, LockView, Taken};
 use tcmu_handler::{Backend, Caps, Done, Geometry, Op};
 use tcmu_rbd::device::{Device, EventDoorbell};
+use tcmu_rbd::failover::{Failover, FailoverOptions, LockSource};
+use tcmu_rbd::scsi::alua::SharedAlua;
 use tcmu_rbd::scsi::LunInfo;
 #[allow(unused_imports)]
 pub use tcmu_rbd_testkit::cdb::rw16;
@@ -39,6 +43,18 @@ pub fn emu_device(layout: Layout, backend: Arc<dyn Backend>) -> (KernelEmu, Devi
     )
     .expect("device");
     (emu, dev)
+}
+
+/// An HA device named `name` (1 MiB of 512-byte blocks) served through
+/// an emulated kernel, its backend behind the lock gate of a failover
+/// manager over an [`IdleLock`] (ALUA off): the emulator, the device and
+/// the manager, for `Registry::adopt_ha`. The device never gets the lock.
+pub fn idle_ha_device(name: &str) -> (KernelEmu, Device, Failover) {
+    let lock = Arc::new(IdleLock(RamBackend::new(1 << 20, 512).expect("ram")));
+    let alua = SharedAlua::off();
+    let fo = Failover::start(name, lock, &alua, FailoverOptions::default()).expect("failover");
+    let (emu, dev) = emu_device(small_layout(), fo.backend());
+    (emu, dev, fo)
 }
 
 /// A small layout that wraps the command ring often.
@@ -96,5 +112,51 @@ impl Backend for Held {
     }
     fn submit(&self, op: Op, done: Done) {
         self.held.lock().unwrap().push((op, done));
+    }
+}
+
+/// A lock nobody holds and this gateway never gets, over a ram disk:
+/// enough for a failover manager (its device stays Standby).
+pub struct IdleLock(pub RamBackend);
+
+impl Backend for IdleLock {
+    fn name(&self) -> String {
+        "idle-lock".into()
+    }
+    fn geometry(&self) -> Geometry {
+        self.0.geometry()
+    }
+    fn caps(&self) -> Caps {
+        self.0.caps()
+    }
+    fn submit(&self, op: Op, done: Done) {
+        self.0.submit(op, done)
+    }
+}
+
+impl LockSource for IdleLock {
+    fn generation(&self) -> u64 {
+        1
+    }
+    fn is_fenced(&self) -> bool {
+        false
+    }
+    fn lock_held(&self) -> Result<bool, LockError> {
+        Ok(false)
+    }
+    fn lock_view(&self) -> Result<LockView, LockError> {
+        Ok(LockView::Free)
+    }
+    fn take_lock(&self, _expire: u32) -> Result<Taken, LockError> {
+        Err(LockError::Fenced {
+            image: "idle".into(),
+        })
+    }
+    fn release_lock(&self) -> Result<(), LockError> {
+        Ok(())
+    }
+    fn fence_and_reopen(&self, _generation: u64) {}
+    fn submit_on(&self, _generation: u64, op: Op, done: Done) {
+        self.0.submit(op, done)
     }
 }
