@@ -362,8 +362,6 @@ impl Device {
             .map_err(std::io::Error::from)
             .map_err(io("epoll"))?;
         let (ctl_tx, ctl_rx) = crossbeam_channel::unbounded();
-        let mut pending = Vec::with_capacity(65536);
-        pending.resize_with(65536, || None);
         let stats = Stats::default();
         stats
             .data_area
@@ -374,8 +372,8 @@ impl Device {
             lun: Lun::new(info),
             backend,
             cq,
-            pending,
-            track: vec![0u64; TRACK * 65536],
+            pending: Vec::new(),
+            track: Vec::new(),
             epoch: Instant::now(),
             data_in_use: 0,
             data_published: 0,
@@ -536,11 +534,25 @@ impl Device {
         self.was_full = full;
     }
 
+    /// Makes room for command `id` in the per-command tables. The kernel
+    /// hands out the lowest free id (an IDR), so the tables grow to the
+    /// most commands ever in flight at once, not to 65,536 per device:
+    /// an idle LUN costs a few KiB here, not megabytes.
+    fn grow_tables(&mut self, id: u16) {
+        let need = usize::from(id) + 1;
+        if self.pending.len() < need {
+            let len = need.next_power_of_two().max(64);
+            self.pending.resize_with(len, || None);
+            self.track.resize(TRACK * len, 0);
+        }
+    }
+
     fn dispatch(&mut self, e: Entry, now: u64) {
         match e {
             Entry::Cmd(cmd) => {
                 bump(&self.stats.commands);
                 let id = cmd.cmd_id;
+                self.grow_tables(id);
                 let len = cmd.bufs.len() as u64;
                 let t = TRACK * id as usize;
                 self.track[t + T_TAKEN] = now;
@@ -584,7 +596,7 @@ impl Device {
             error!(dev = %self.name, tag = c.tag, "completion with a bad tag dropped");
             return;
         };
-        let Some(p) = self.pending[id as usize].take() else {
+        let Some(p) = self.pending.get_mut(id as usize).and_then(Option::take) else {
             error!(dev = %self.name, cmd_id = id, "completion for no pending command dropped");
             return;
         };
@@ -710,7 +722,10 @@ impl Device {
         }
         bump(&self.stats.sleeps);
         let mut events = [EpollEvent::empty(); 3];
-        let n = match self.epoll.wait(&mut events, EpollTimeout::from(1000u16)) {
+        // Every wake-up comes through an fd (kernel, completions, stop and
+        // controls); the timeout is only a net. Long, so that hundreds of
+        // idle LUNs cost no CPU.
+        let n = match self.epoll.wait(&mut events, EpollTimeout::from(10_000u16)) {
             Ok(n) => n,
             Err(nix::errno::Errno::EINTR) => 0,
             Err(e) => {

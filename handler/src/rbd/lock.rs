@@ -251,8 +251,9 @@ impl RbdBackend {
         })
     }
 
-    /// Whether the current session holds the lock (a local check: no
-    /// round trip to the cluster).
+    /// Whether the current session holds the lock. Not a local check:
+    /// librbd asserts the lock on the image header, a round trip to its
+    /// OSD (so callers pace it; see the failover manager's idle check).
     pub fn lock_held(&self) -> Result<bool, LockError> {
         let s = self.live_session()?;
         s.image

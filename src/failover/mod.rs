@@ -26,13 +26,24 @@
 //!
 //! Lock and state changes are logged in a `failover` span with the device
 //! name; [`Failover::status`] is what the daemon's status shows.
+//!
+//! The managers of all devices share the daemon's [`Supervisor`]: a
+//! device's jobs (takeover, release, lock check, ALUA group reload, lock
+//! owner view) run one at a time on a bounded pool, and one timer thread
+//! posts the periodic ones. An owner checks its lock every
+//! [`FailoverOptions::poll`] while it serves I/O and every
+//! [`FailoverOptions::idle_check`] while idle; a device that does not hold
+//! the lock looks at the owner every [`VIEW_EVERY`] (or when its status is
+//! asked for).
+
+pub mod supervisor;
 
 use crate::scsi::alua::{status, AccessState, AluaHandle, SharedAlua, StpgError, StpgRequest};
-use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use crossbeam_channel::{Receiver, Sender};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
+use supervisor::{Mailbox, Serial, Supervisor, Timed};
 use tcmu_handler::rbd::lock::{LockError, LockView, Taken};
 use tcmu_handler::rbd::RbdBackend;
 use tcmu_handler::{Backend, Caps, Done, Geometry, IoError, Op};
@@ -119,7 +130,26 @@ pub struct FailoverOptions {
     /// How long a takeover keeps trying (waiting for a reopen, retrying
     /// a racing acquire) before the port goes back to Standby.
     pub acquire_timeout: Duration,
+    /// How often an owner with no I/O since its last check checks the
+    /// lock. The check is a round trip to the OSD holding the image
+    /// header (librbd asserts the lock there), so hundreds of idle LUNs
+    /// must not do it ten times a second. An idle owner that was fenced
+    /// is noticed by this check or by its next I/O, which the gate
+    /// refuses with the standby sense.
+    pub idle_check: Duration,
 }
+
+/// How often a device that does not hold the lock looks up who does
+/// (status and metrics; a round trip to the OSD).
+pub const VIEW_EVERY: Duration = Duration::from_secs(30);
+/// A status asked for shows an owner seen at most this long ago (it
+/// starts a look when the last one is older).
+pub const VIEW_FRESH: Duration = Duration::from_secs(10);
+/// How often the ALUA groups are read again from configfs: often while a
+/// device has none yet (ceph-iscsi creates them after enabling the
+/// backstore), rarely once they exist (a gateway added later).
+const GROUPS_EARLY: Duration = Duration::from_secs(1);
+const GROUPS_LATER: Duration = Duration::from_secs(10);
 
 impl Default for FailoverOptions {
     fn default() -> Self {
@@ -128,14 +158,32 @@ impl Default for FailoverOptions {
             blocklist_expire_secs: 3600,
             io_holdoff: Duration::from_secs(5),
             acquire_timeout: Duration::from_secs(20),
+            idle_check: Duration::from_secs(5),
         }
     }
 }
 
-enum Msg {
+/// A device's jobs, run one at a time on the supervisor's pool.
+#[derive(Debug, PartialEq)]
+enum Job {
     Acquire(&'static str),
     Release,
+    /// While serving: is the lock still ours?
+    Check,
+    /// Read the ALUA groups again.
+    Groups,
+    /// Look up the lock owner.
+    View,
     Stop,
+}
+
+/// When the timer thread next posts each periodic job.
+struct Timers {
+    check: Instant,
+    groups: Instant,
+    view: Instant,
+    /// `Shared::ops` at the last check.
+    last_ops: u64,
 }
 
 /// A snapshot of the manager's state for status output.
@@ -210,9 +258,23 @@ struct Shared {
     lost_at: Mutex<Option<Instant>>,
     lock_view: Mutex<String>,
     last_takeover_ms: Mutex<Option<u64>>,
-    tx: Sender<Msg>,
     /// Ops that arrived with no ALUA groups while the first takeover ran.
     parked: Mutex<Vec<(Op, Done)>>,
+    me: Weak<Shared>,
+    sup: Arc<Supervisor>,
+    mail: Mailbox<Job>,
+    timers: Mutex<Timers>,
+    /// Ops through the gate (an owner with none since its last check is
+    /// idle: see [`FailoverOptions::idle_check`]).
+    ops: AtomicU64,
+    /// The last check found the owner idle: the next op asks for checks
+    /// at the busy rate again.
+    idle: AtomicBool,
+    /// When the lock owner was last looked up.
+    view_at: Mutex<Option<Instant>>,
+    stopped: AtomicBool,
+    stop_tx: Sender<()>,
+    stop_rx: Receiver<()>,
 }
 
 impl Shared {
@@ -290,7 +352,7 @@ impl Shared {
             return;
         }
         self.set_local(AccessState::Transitioning, why);
-        if self.tx.send(Msg::Acquire(why)).is_err() {
+        if !self.post(Job::Acquire(why)) {
             self.acquiring.store(false, Ordering::Release);
             self.set_local(self.idle_state(), "failover manager gone");
             self.flush_parked();
@@ -329,9 +391,9 @@ impl Shared {
                     }
                     _ => {
                         if self.serving.load(Ordering::Acquire) {
-                            self.tx
-                                .send(Msg::Release)
-                                .map_err(|_| StpgError::Failed("failover manager gone".into()))?;
+                            if !self.post(Job::Release) {
+                                return Err(StpgError::Failed("failover manager gone".into()));
+                            }
                         } else {
                             handle.set_state(r.group, r.state, status::BY_STPG);
                         }
@@ -362,40 +424,40 @@ impl Shared {
         (self.serving.load(Ordering::Acquire) && gen != 0).then_some(gen)
     }
 
-    /// The manager thread.
-    fn run(self: Arc<Self>, rx: Receiver<Msg>) {
-        let span = info_span!("failover", dev = %self.name);
-        let _g = span.enter();
-        let mut last_view = Instant::now() - Duration::from_secs(10);
-        let mut last_groups = Instant::now();
-        loop {
-            match rx.recv_timeout(self.opts.poll) {
-                Ok(Msg::Stop) | Err(RecvTimeoutError::Disconnected) => break,
-                Ok(Msg::Acquire(why)) => self.acquire(why),
-                Ok(Msg::Release) => self.release(),
-                Err(RecvTimeoutError::Timeout) => {}
-            }
-            self.check();
-            // Groups created after the device opened (ceph-iscsi maps the
-            // disk, and creates its groups, after enabling the backstore).
-            if last_groups.elapsed() >= Duration::from_secs(1) {
-                last_groups = Instant::now();
-                if self.alua.reload_groups() {
-                    self.apply_states();
-                }
-            }
-            if !self.serving.load(Ordering::Acquire)
-                && last_view.elapsed() >= Duration::from_secs(1)
-            {
-                last_view = Instant::now();
-                self.refresh_view();
+    /// Queues `job`; false once the manager stopped. The periodic jobs are
+    /// queued once at most; a takeover or release gets a worker at once.
+    fn post(&self, job: Job) -> bool {
+        if self.stopped.load(Ordering::Acquire) {
+            return false;
+        }
+        let urgent = matches!(job, Job::Acquire(_) | Job::Release | Job::Stop);
+        if self.mail.post(job, !urgent) {
+            if let Some(me) = self.me.upgrade() {
+                self.sup.schedule(me, urgent);
             }
         }
+        true
+    }
+
+    /// Called for every op through the gate: an idle owner's next check
+    /// comes at the busy rate, now.
+    fn note_op(&self) {
+        self.ops.fetch_add(1, Ordering::Relaxed);
+        if self.idle.load(Ordering::Relaxed) && self.idle.swap(false, Ordering::AcqRel) {
+            self.timers.lock().unwrap_or_else(|e| e.into_inner()).check = Instant::now();
+            self.sup.nudge();
+        }
+    }
+
+    fn stop(&self) {
+        self.stopped.store(true, Ordering::Release);
         self.flush_parked();
         info!("failover manager stopped");
+        let _ = self.stop_tx.send(());
     }
 
     fn refresh_view(&self) {
+        *self.view_at.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
         let v = match self.backend.lock_view() {
             Ok(v) => v.to_string(),
             Err(LockError::Fenced { .. }) => "unknown (reopening)".into(),
@@ -520,11 +582,87 @@ impl Shared {
     }
 }
 
+impl Serial for Shared {
+    fn run_queued(&self) {
+        let span = info_span!("failover", dev = %self.name);
+        let _g = span.enter();
+        while let Some(job) = self.mail.next() {
+            if self.stopped.load(Ordering::Acquire) {
+                continue;
+            }
+            match job {
+                Job::Acquire(why) => self.acquire(why),
+                Job::Release => self.release(),
+                Job::Check => self.check(),
+                Job::Groups => {
+                    // Groups created after the device opened (ceph-iscsi
+                    // maps the disk, and creates its groups, after
+                    // enabling the backstore).
+                    if self.alua.reload_groups() {
+                        self.apply_states();
+                    }
+                }
+                Job::View => self.refresh_view(),
+                Job::Stop => self.stop(),
+            }
+        }
+    }
+}
+
+impl Timed for Shared {
+    fn tick(&self, now: Instant) -> Instant {
+        if self.stopped.load(Ordering::Acquire) {
+            return now + Duration::from_secs(3600);
+        }
+        let serving = self.serving.load(Ordering::Acquire);
+        let mut t = self.timers.lock().unwrap_or_else(|e| e.into_inner());
+        if now >= t.check {
+            let ops = self.ops.load(Ordering::Relaxed);
+            // A refused op marks the device suspect for the next check;
+            // without the lock there is nothing to check.
+            let suspect = if serving {
+                self.suspect.load(Ordering::Acquire)
+            } else {
+                self.suspect.swap(false, Ordering::AcqRel)
+            };
+            let busy = ops != t.last_ops || suspect;
+            t.last_ops = ops;
+            if serving {
+                self.post(Job::Check);
+            }
+            self.idle.store(!busy, Ordering::Release);
+            t.check = now
+                + if busy {
+                    self.opts.poll
+                } else {
+                    self.opts.idle_check
+                };
+        }
+        if now >= t.groups {
+            self.post(Job::Groups);
+            t.groups = now
+                + if self.alua.group_ids().is_empty() {
+                    GROUPS_EARLY
+                } else {
+                    GROUPS_LATER
+                };
+        }
+        if !serving && now >= t.view {
+            self.post(Job::View);
+            t.view = now + VIEW_EVERY;
+        }
+        let mut next = t.check.min(t.groups);
+        if !serving {
+            next = next.min(t.view);
+        }
+        next
+    }
+}
+
 /// The failover manager of one device. Dropping it (after the device's
 /// worker stopped) releases the lock if held and stops its thread.
 pub struct Failover {
     shared: Arc<Shared>,
-    thread: Option<JoinHandle<()>>,
 }
 
 /// Why the manager could not start.
@@ -548,9 +686,10 @@ impl Failover {
         alua: &SharedAlua,
         opts: FailoverOptions,
     ) -> Result<Failover, FailoverError> {
-        let (tx, rx) = crossbeam_channel::unbounded();
         let local_group = alua.local_port_cached().group;
-        let shared = Arc::new(Shared {
+        let (stop_tx, stop_rx) = crossbeam_channel::bounded(1);
+        let now = Instant::now();
+        let shared = Arc::new_cyclic(|me| Shared {
             name: name.to_string(),
             backend,
             alua: alua.handle(),
@@ -565,8 +704,22 @@ impl Failover {
             lost_at: Mutex::new(None),
             lock_view: Mutex::new("unknown".into()),
             last_takeover_ms: Mutex::new(None),
-            tx,
             parked: Mutex::new(Vec::new()),
+            me: me.clone(),
+            sup: Supervisor::global(),
+            mail: Mailbox::new(),
+            timers: Mutex::new(Timers {
+                check: now,
+                groups: now,
+                view: now,
+                last_ops: 0,
+            }),
+            ops: AtomicU64::new(0),
+            idle: AtomicBool::new(false),
+            view_at: Mutex::new(None),
+            stopped: AtomicBool::new(false),
+            stop_tx,
+            stop_rx,
         });
         shared.set_local(shared.idle_state(), "gateway started without the lock");
         let weak = Arc::downgrade(&shared);
@@ -580,19 +733,10 @@ impl Failover {
             Some(s) => s.on_stpg(h, reqs),
             None => Err(StpgError::Failed("failover manager gone".into())),
         });
-        let s2 = Arc::clone(&shared);
-        let thread = std::thread::Builder::new()
-            .name("tcmu-failover".into())
-            .spawn(move || s2.run(rx))
-            .map_err(|source| FailoverError {
-                dev: name.to_string(),
-                source,
-            })?;
+        let timed: Weak<dyn Timed> = Arc::downgrade(&shared) as Weak<dyn Timed>;
+        shared.sup.watch(timed);
         info!(dev = %name, group = local_group, "failover manager started");
-        Ok(Failover {
-            shared,
-            thread: Some(thread),
-        })
+        Ok(Failover { shared })
     }
 
     /// The backend to serve the device with: the rbd backend behind the
@@ -611,6 +755,14 @@ impl Failover {
     /// The manager's state now.
     pub fn status(&self) -> FailoverStatus {
         let s = &self.shared;
+        if !s.serving.load(Ordering::Acquire)
+            && s.view_at
+                .lock()
+                .map(|g| g.is_none_or(|t| t.elapsed() > VIEW_FRESH))
+                .unwrap_or(false)
+        {
+            s.post(Job::View);
+        }
         // State and counters under one lock (see `transition`).
         let _t = s.transition.lock().unwrap_or_else(|e| e.into_inner());
         let losses = s.losses.load(Ordering::Relaxed);
@@ -638,12 +790,18 @@ impl Drop for Failover {
     fn drop(&mut self) {
         // A clean stop (device removed, daemon stopping; its worker has
         // drained) hands the lock over instead of waiting to be fenced.
-        if self.shared.serving.load(Ordering::Acquire) {
-            let _ = self.shared.tx.send(Msg::Release);
+        let s = &self.shared;
+        if s.serving.load(Ordering::Acquire) {
+            s.post(Job::Release);
         }
-        let _ = self.shared.tx.send(Msg::Stop);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
+        // Waits for the jobs before it (a takeover under way ends first,
+        // within its acquire timeout).
+        if s.post(Job::Stop)
+            && s.stop_rx
+                .recv_timeout(s.opts.acquire_timeout + Duration::from_secs(60))
+                .is_err()
+        {
+            error!(dev = %s.name, "failover manager did not stop in time");
         }
     }
 }
@@ -667,6 +825,7 @@ impl Backend for Gated {
     }
 
     fn submit(&self, op: Op, done: Done) {
+        self.shared.note_op();
         let Some(gen) = self.shared.admitted_generation() else {
             // A non-optimized port serves reads without the lock (librbd
             // reads need none; nothing is changed) and answers a flush:
@@ -798,6 +957,8 @@ mod tests {
         releases: u32,
         reopens: u32,
         ops: u32,
+        /// Lock checks (each a round trip to the OSD in librbd).
+        checks: u32,
         /// Run once at the next submit_on, before its session check.
         reopen_before_submit: Option<Hook>,
     }
@@ -864,7 +1025,10 @@ mod tests {
             self.with(|l| l.fenced)
         }
         fn lock_held(&self) -> Result<bool, LockError> {
-            Ok(self.with(|l| l.held))
+            Ok(self.with(|l| {
+                l.checks += 1;
+                l.held
+            }))
         }
         fn lock_view(&self) -> Result<LockView, LockError> {
             Ok(self.with(|l| {
@@ -953,6 +1117,7 @@ mod tests {
             blocklist_expire_secs: 60,
             io_holdoff: holdoff,
             acquire_timeout,
+            idle_check: Duration::from_millis(50),
         };
         Failover::start("t", lock.clone(), a, opts).unwrap()
     }
@@ -1259,5 +1424,37 @@ mod tests {
             (2, false),
             "a clean stop hands the lock over"
         );
+    }
+
+    #[test]
+    fn an_idle_owner_checks_its_lock_rarely_and_a_busy_one_often() {
+        let lock = FakeLock::new();
+        let a = alua();
+        let opts = FailoverOptions {
+            poll: Duration::from_millis(10),
+            idle_check: Duration::from_secs(1),
+            ..FailoverOptions::default()
+        };
+        let f = Failover::start("t", lock.clone(), &a, opts).unwrap();
+        f.request_active();
+        wait(&f, "active", |s| s.serving);
+        std::thread::sleep(Duration::from_millis(300));
+        let before = lock.with(|l| l.checks);
+        std::thread::sleep(Duration::from_millis(1500));
+        let idle = lock.with(|l| l.checks) - before;
+        assert!(idle <= 3, "{idle} checks in 1.5 s with no I/O");
+        let b = f.backend();
+        let t0 = Instant::now();
+        let before = lock.with(|l| l.checks);
+        while t0.elapsed() < Duration::from_millis(500) {
+            assert_eq!(write_through(&*b), Ok(()));
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        let busy = lock.with(|l| l.checks) - before;
+        assert!(busy >= 10, "only {busy} checks in 0.5 s of I/O");
+        // A lock stolen while idle is still noticed, within idle_check.
+        std::thread::sleep(Duration::from_millis(1200));
+        lock.stolen();
+        wait(&f, "the loss", |s| !s.serving && s.losses == 1);
     }
 }
