@@ -87,7 +87,11 @@ pub enum DevState {
     Offline(String),
 }
 
+/// Devices opened at once by a rescan (daemon start).
+pub const OPEN_THREADS: usize = 8;
+
 /// Serves devices as the kernel adds, removes and reconfigures them.
+
 pub struct Control {
     reg: Arc<Registry>,
     sysfs: PathBuf,
@@ -454,16 +458,50 @@ impl Control {
         let found = self.scan();
         let names: Vec<String> = found.iter().map(|s| s.name.clone()).collect();
         let served = self.reg.names();
-        for spec in found {
-            if !served.contains(&spec.name) {
-                self.add(spec);
-            }
-        }
+        let new: Vec<DeviceSpec> = found
+            .into_iter()
+            .filter(|s| !served.contains(&s.name))
+            .collect();
+        self.add_all(new);
         for n in self.reg.names() {
             if !names.contains(&n) {
                 info!(dev = %n, "device gone from sysfs");
                 self.remove(&n);
             }
+        }
+    }
+
+    /// Opens `specs` on up to [`OPEN_THREADS`] threads: after a restart
+    /// every device waits for its image to open (a few cluster round
+    /// trips each), and one at a time that is tens of seconds for a
+    /// gateway with hundreds of LUNs.
+    fn add_all(&self, specs: Vec<DeviceSpec>) {
+        let n = specs.len().min(OPEN_THREADS);
+        if n <= 1 {
+            for spec in specs {
+                self.add(spec);
+            }
+            return;
+        }
+        let queue = Mutex::new(specs.into_iter());
+        let next = || queue.lock().unwrap_or_else(|e| e.into_inner()).next();
+        std::thread::scope(|sc| {
+            for _ in 0..n {
+                let spawned = std::thread::Builder::new()
+                    .name("tcmu-open".into())
+                    .spawn_scoped(sc, || {
+                        while let Some(spec) = next() {
+                            self.add(spec);
+                        }
+                    });
+                if let Err(e) = spawned {
+                    warn!(error = %e, "cannot start an open thread; the others go on");
+                }
+            }
+        });
+        // Whatever no thread took (none could start): here, one by one.
+        while let Some(spec) = next() {
+            self.add(spec);
         }
     }
 
