@@ -23,7 +23,9 @@
 //! - Data moves in [`CHUNK`]-byte pieces, [`DEPTH`] in flight per copy
 //!   (reads and writes overlap); a copy within one LUN whose ranges
 //!   overlap goes one piece at a time, in the direction that reads every
-//!   block before overwriting it.
+//!   block before overwriting it. Each of the [`DEPTH`] slots keeps one
+//!   buffer for the whole copy (all its segments), made at its first
+//!   piece: no allocation per piece.
 
 use crate::scsi::xcopy::{CopyPlan, Designator, MAX_CONCURRENT_COPIES};
 use crate::scsi::CopyRequest;
@@ -267,8 +269,19 @@ impl CopyEngine {
                 }
             }
         }
-        let cq = CompletionQueue::new()
-            .map_err(|e| IoError::errno(e.raw_os_error().unwrap_or(libc::EIO), "eventfd"))?;
+        // A piece is never larger than the largest segment: a small copy
+        // does not take CHUNK-sized buffers.
+        let largest = plan
+            .segments
+            .iter()
+            .map(|s| u64::from(s.blocks) * u64::from(plan.cscds[s.src].block_len))
+            .max()
+            .unwrap_or(0);
+        let mut mover = Mover {
+            cq: CompletionQueue::new()
+                .map_err(|e| IoError::errno(e.raw_os_error().unwrap_or(libc::EIO), "eventfd"))?,
+            pool: Pool::new(largest.min(CHUNK as u64) as usize),
+        };
         for s in &plan.segments {
             let src = &backends[s.src];
             let dst = &backends[s.dst];
@@ -277,7 +290,7 @@ impl CopyEngine {
             let (from, to) = (s.src_lba * bs, s.dst_lba * bs);
             let same = plan.cscds[s.src].naa == plan.cscds[s.dst].naa;
             let overlap = same && from < to + len && to < from + len;
-            move_range(&cq, src, dst, from, to, len, overlap)?;
+            move_range(&mut mover, src, dst, from, to, len, overlap)?;
         }
         Ok(())
     }
@@ -324,10 +337,50 @@ fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
+/// What one copy moves its data with, from segment to segment.
+struct Mover {
+    /// Where its reads and writes complete.
+    cq: CompletionQueue,
+    /// Its buffers.
+    pool: Pool,
+}
+
+/// The buffers one copy moves its pieces through: one per slot, made
+/// the first time the slot is used, then used again for every later
+/// piece of the copy.
+struct Pool {
+    bufs: Vec<Option<IoBufs>>,
+    size: usize,
+}
+
+impl Pool {
+    /// A pool of [`DEPTH`] buffers of `size` bytes (the largest piece).
+    fn new(size: usize) -> Self {
+        Pool {
+            bufs: vec![None; DEPTH],
+            size,
+        }
+    }
+
+    /// The first `n` bytes of slot `slot`'s buffer. The caller uses it
+    /// for one piece at a time: a slot is given a new piece only after
+    /// the write of its last one completed.
+    fn piece(&mut self, slot: usize, n: usize) -> IoBufs {
+        let buf = match self.bufs[slot].take() {
+            Some(b) if b.len() >= n => b,
+            _ => IoBufs::from_vec(vec![0u8; n.max(self.size)]),
+        };
+        let piece = buf.slice(0, n).unwrap_or_else(|| buf.clone());
+        self.bufs[slot] = Some(buf);
+        piece
+    }
+}
+
 /// Copies `len` bytes from `from` on `src` to `to` on `dst`, [`DEPTH`]
-/// pieces in flight (one, backwards when needed, if the ranges overlap).
+/// pieces in flight (one, backwards when needed, if the ranges overlap),
+/// through `mover`'s buffers.
 fn move_range(
-    cq: &CompletionQueue,
+    mover: &mut Mover,
     src: &Arc<dyn Backend>,
     dst: &Arc<dyn Backend>,
     from: u64,
@@ -335,6 +388,7 @@ fn move_range(
     len: u64,
     overlap: bool,
 ) -> IoResult {
+    let Mover { cq, pool } = mover;
     let pieces = len.div_ceil(CHUNK as u64);
     let depth = if overlap { 1 } else { DEPTH };
     let backwards = overlap && to > from;
@@ -349,9 +403,9 @@ fn move_range(
     let mut in_flight = 0usize;
     let mut failed: Option<IoError> = None;
     // Tags: slot * 2 for its read, slot * 2 + 1 for its write.
-    let issue = |slot: usize, slots: &mut Vec<Option<(IoBufs, u64)>>, k: u64| {
+    let mut issue = |slot: usize, slots: &mut Vec<Option<(IoBufs, u64)>>, k: u64| {
         let (off, n) = piece(k);
-        let bufs = IoBufs::from_vec(vec![0u8; n]);
+        let bufs = pool.piece(slot, n);
         slots[slot] = Some((bufs.clone(), off));
         src.submit(
             Op::Read {
@@ -410,6 +464,105 @@ fn move_range(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tcmu_handler::ram::RamBackend;
+    use tcmu_handler::{Caps, Geometry};
+    use tcmu_rbd_testkit::direct::{pattern, Direct};
+
+    const MIB: u64 = 1 << 20;
+
+    /// A ram disk that notes every buffer read into, and keeps it (so
+    /// that no later buffer can be allocated at its address).
+    struct Noting {
+        ram: RamBackend,
+        reads: Mutex<Vec<IoBufs>>,
+    }
+
+    impl Noting {
+        fn new(size: u64) -> Arc<Self> {
+            Arc::new(Noting {
+                ram: RamBackend::new(size, 512).unwrap(),
+                reads: Mutex::new(Vec::new()),
+            })
+        }
+
+        /// The addresses of the buffers read into since the last call,
+        /// in order.
+        fn take(&self) -> Vec<usize> {
+            let reads = std::mem::take(&mut *self.reads.lock().unwrap());
+            reads
+                .iter()
+                .map(|b| b.iovecs()[0].iov_base as usize)
+                .collect()
+        }
+    }
+
+    impl Backend for Noting {
+        fn name(&self) -> String {
+            "noting".into()
+        }
+        fn geometry(&self) -> Geometry {
+            self.ram.geometry()
+        }
+        fn caps(&self) -> Caps {
+            self.ram.caps()
+        }
+        fn submit(&self, op: Op, done: Done) {
+            if let Op::Read { bufs, .. } = &op {
+                self.reads.lock().unwrap().push(bufs.clone());
+            }
+            self.ram.submit(op, done)
+        }
+    }
+
+    fn mover(size: u64) -> Mover {
+        Mover {
+            cq: CompletionQueue::new().unwrap(),
+            pool: Pool::new(size.min(CHUNK as u64) as usize),
+        }
+    }
+
+    #[test]
+    fn pieces_go_through_the_slots_buffers_and_nothing_else() {
+        let a = Noting::new(32 * MIB);
+        let b = Noting::new(32 * MIB);
+        let (src, dst): (Arc<dyn Backend>, Arc<dyn Backend>) = (a.clone(), b.clone());
+        // Many more pieces than slots, and a short last one.
+        let len = 20 * MIB + 3 * 512;
+        let data = pattern(5, len as usize);
+        Direct::new(src.clone()).write(4096, &data).unwrap();
+        let mut m = mover(len);
+        move_range(&mut m, &src, &dst, 4096, 8192, len, false).unwrap();
+        let reads = a.take();
+        assert_eq!(reads.len(), 21);
+        let used: BTreeSet<usize> = reads.into_iter().collect();
+        assert!(used.len() <= DEPTH, "{} buffers for 21 pieces", used.len());
+        assert!(Direct::new(dst.clone()).read(8192, len as usize).unwrap() == data);
+        // The next segment of the same copy uses them again.
+        b.take();
+        move_range(&mut m, &dst, &src, 8192, 0, 4 * MIB, false).unwrap();
+        let again: BTreeSet<usize> = b.take().into_iter().collect();
+        assert!(again.is_subset(&used), "{again:?} not in {used:?}");
+    }
+
+    #[test]
+    fn an_overlapping_copy_reads_before_it_overwrites_through_one_buffer() {
+        let a = Noting::new(32 * MIB);
+        let disk: Arc<dyn Backend> = a.clone();
+        let len = 10 * MIB + 512;
+        let data = pattern(9, len as usize);
+        let mut io = Direct::new(disk.clone());
+        // Forward by less than a piece, then back by more than one.
+        for (from, to) in [(0, 300 * 512), (300 * 512 + 3 * MIB, 300 * 512)] {
+            io.write(from, &data).unwrap();
+            a.take();
+            move_range(&mut mover(len), &disk, &disk, from, to, len, true).unwrap();
+            let reads = a.take();
+            assert_eq!(reads.len(), 11);
+            // Depth one: one buffer.
+            assert!(reads.iter().all(|&r| r == reads[0]), "{from} -> {to}");
+            assert!(io.read(to, len as usize).unwrap() == data, "{from} -> {to}");
+        }
+    }
 
     fn r(v: &[(&str, &str)]) -> Reach {
         v.iter()
