@@ -91,7 +91,6 @@ pub enum DevState {
 pub const OPEN_THREADS: usize = 8;
 
 /// Serves devices as the kernel adds, removes and reconfigures them.
-
 pub struct Control {
     reg: Arc<Registry>,
     sysfs: PathBuf,

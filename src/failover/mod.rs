@@ -146,10 +146,13 @@ pub const VIEW_EVERY: Duration = Duration::from_secs(30);
 /// starts a look when the last one is older).
 pub const VIEW_FRESH: Duration = Duration::from_secs(10);
 /// How often the ALUA groups are read again from configfs: often while a
-/// device has none yet (ceph-iscsi creates them after enabling the
-/// backstore), rarely once they exist (a gateway added later).
+/// young device has none yet (ceph-iscsi creates them right after
+/// enabling the backstore), rarely once they exist (a gateway added later)
+/// or once the device is older than [`GROUPS_YOUNG`] (a LUN served without
+/// groups; its first I/O takes the lock anyway).
 const GROUPS_EARLY: Duration = Duration::from_secs(1);
 const GROUPS_LATER: Duration = Duration::from_secs(10);
+const GROUPS_YOUNG: Duration = Duration::from_secs(120);
 
 impl Default for FailoverOptions {
     fn default() -> Self {
@@ -184,6 +187,8 @@ struct Timers {
     view: Instant,
     /// `Shared::ops` at the last check.
     last_ops: u64,
+    /// When the manager started.
+    born: Instant,
 }
 
 /// A snapshot of the manager's state for status output.
@@ -641,7 +646,7 @@ impl Timed for Shared {
         if now >= t.groups {
             self.post(Job::Groups);
             t.groups = now
-                + if self.alua.group_ids().is_empty() {
+                + if self.alua.group_ids().is_empty() && now < t.born + GROUPS_YOUNG {
                     GROUPS_EARLY
                 } else {
                     GROUPS_LATER
@@ -713,6 +718,7 @@ impl Failover {
                 groups: now,
                 view: now,
                 last_ops: 0,
+                born: now,
             }),
             ops: AtomicU64::new(0),
             idle: AtomicBool::new(false),
