@@ -26,8 +26,11 @@
 #                        gets a mgr for the service map) (vm/guest-ceph-iscsi.sh)
 #               targetcli  /backstores/user:rbd create through the
 #                        daemon's D-Bus service (dbus-daemon in the guest)
-#               compare  fio 4K randread/randwrite QD32: tcmu-rbd vs
-#                        tcmu-runner (handler_rbd) on the same image
+#               compare  fio 4K randread/randwrite QD32 on one image: librbd
+#                        direct (fio ioengine=rbd), tcmu-runner (handler_rbd)
+#                        and tcmu-rbd, alternated, with the CPU time per I/O
+#                        of the serving process, of fio and of the whole
+#                        guest (table in compare.txt)
 #               mpath    two HA gateways of one rbd image, each its
 #                        own daemon (--devices) and tcm_loop target, grouped
 #                        by dm-multipath; fio with verification while the
@@ -50,6 +53,10 @@
 #               mpath_iscsi  the same over LIO iSCSI (two targets, two
 #                        portals, open-iscsi sessions) with ceph-iscsi's
 #                        implicit-only ALUA: no STPG, I/O moves the lock
+#   VM_COMPARE_B_ENV  (compare) also run "tcmu-rbd-B": the daemon with these
+#               VAR=value settings (space-separated), a candidate change
+#               measured beside the code as it is, in the same boot
+#   VM_COMPARE_B_BIN  (compare) the same with another daemon binary
 #   VM_PROFILE  cargo profile of the daemon under test (default: release)
 #   VM_CACHE    initramfs cache (default: target/vm-cache), keyed on kernel
 #               version and the init script
@@ -147,6 +154,8 @@ SUITES="$SUITES"
 VM_SCALE_N=${VM_SCALE_N:-256}
 VM_SCALE_CYCLES=${VM_SCALE_CYCLES:-50}
 VM_SCALE_CYCLE_S=${VM_SCALE_CYCLE_S:-420}
+COMPARE_B_ENV="${VM_COMPARE_B_ENV:-}"
+COMPARE_B_BIN="${VM_COMPARE_B_BIN:-}"
 EOF
 : >"$out/results"
 ns=
@@ -263,35 +272,121 @@ elif [[ " $SUITES " == *" rbd "* ]]; then
   host_check FAIL rbd.host_export_matches "the guest wrote no pattern to compare"
 fi
 
-# The comparison run: IOPS of each daemon and their ratio.
+# The comparison run: IOPS and CPU per I/O of each path, and their ratios.
 if [[ " $SUITES " == *" compare "* ]]; then
-  python3 - "$out" <<'PY' | tee "$out/compare.txt"
-import json, sys, os
-out = sys.argv[1]
+  b_side=0
+  [ -n "${VM_COMPARE_B_ENV:-}${VM_COMPARE_B_BIN:-}" ] && b_side=1
+  if python3 - "$out" "$b_side" "${VM_COMPARE_B_ENV:-}${VM_COMPARE_B_BIN:+ bin=$VM_COMPARE_B_BIN}" <<'PY' | tee "$out/compare.txt"; then
+import json, sys, os, re
+out, b_side, b_what = sys.argv[1], sys.argv[2] == "1", sys.argv[3]
+TICK_US = 10000  # USER_HZ is 100 on Linux
+missing = []
+def snap(path):
+    d = {"task": {}}
+    with open(path) as f:
+        for line in f:
+            k, *v = line.split()
+            if k == "task":
+                # Threads by name, numbers dropped (msgr-worker-0 -> msgr-worker-N).
+                name = re.sub(r"[0-9]+", "N", v[0])
+                t = d["task"].setdefault(name, [0, 0])
+                t[0] += int(v[1]); t[1] += int(v[2])
+            else:
+                d[k] = [float(x) for x in v]
+    return d
 def result(label, rw, rnd):
-    p = os.path.join(out, f"compare.{label}.{rw}.{rnd}.json")
+    base = os.path.join(out, f"compare.{label}.{rw}.{rnd}")
     try:
-        with open(p) as f:
+        with open(base + ".json") as f:
             job = json.load(f)["jobs"][0]
-    except (OSError, ValueError, KeyError, IndexError):
+        a, b = snap(base + ".a"), snap(base + ".b")
+        side = job["write" if "write" in rw else "read"]
+        if job["error"] or side["total_ios"] <= 0:
+            raise ValueError("no I/O or a fio error")
+        dt = b["uptime"][0] - a["uptime"][0]
+        if dt < 4 or b["fio"][0] + b["fio"][1] <= 0:
+            raise ValueError(f"CPU window {dt:.1f} s, or fio's job gone at its end")
+        # I/Os in the window: what the disk completed; librbd direct has
+        # no disk: its mean rate over the run times the window.
+        ios = b["dev"][0] - a["dev"][0] if "dev" in a else side["iops"] * dt
+        if ios <= 0:
+            raise ValueError("no I/O in the CPU window")
+        dl = lambda k, i: (b[k][i] - a[k][i]) * TICK_US
+        tasks = {n: (t[0] - a["task"].get(n, [0, 0])[0], t[1] - a["task"].get(n, [0, 0])[1])
+                 for n, t in b["task"].items()}
+        return {
+            "iops": side["iops"], "ios": ios, "win_iops": ios / dt,
+            "p99": side["clat_ns"]["percentile"].get("99.000000", 0) / 1000,
+            "srv_u": dl("serving", 0), "srv_s": dl("serving", 1),
+            "fio": dl("fio", 0) + dl("fio", 1),
+            "guest": dl("guest", 0), "kernel": dl("guest", 1),
+            "tasks": {n: (u * TICK_US, s_ * TICK_US) for n, (u, s_) in tasks.items()},
+        }
+    except (OSError, ValueError, KeyError, IndexError, TypeError) as e:
+        missing.append(f"{label} {rw} round {rnd}: {e}")
         return None
-    side = job["write" if "write" in rw else "read"]
-    return side["iops"], side["clat_ns"]["percentile"].get("99.000000", 0) / 1000
-print("comparison: fio 4K QD32 in the guest via tcm_loop, rbd/bench, same kernel and cluster;")
-print("rounds run tcmu-rbd, tcmu-runner, tcmu-runner, tcmu-rbd (10 s each); IOPS are the mean of 2 rounds")
-print(f"  {'pattern':<10} {'tcmu-rbd IOPS':>14} {'p99 us':>8} {'tcmu-runner IOPS':>17} {'p99 us':>8} {'ratio':>6}   per round (rbd/runner)")
+paths = ["librbd", "tcmu-runner", "tcmu-rbd"] + (["tcmu-rbd-B"] if b_side else [])
+order = "tcmu-rbd, " + ("tcmu-rbd-B, " if b_side else "") + "librbd, tcmu-runner, tcmu-runner, librbd, " + \
+    ("tcmu-rbd-B, " if b_side else "") + "tcmu-rbd"
+print("comparison: fio 4K QD32 in the guest on rbd/bench (1 GiB), same kernel and cluster; librbd = fio")
+print("ioengine=rbd (no TCMU, rbd_cache=false as both daemons set it), the others fio libaio direct via")
+print("tcm_loop; rounds " + order + ", 10 s each after 2 s of ramp.")
+print("IOPS: fio's, mean of 2 rounds. CPU in microseconds per I/O, over a 5 s window inside each run")
+print("(both rounds: CPU time / I/Os the disk completed in the window; librbd: fio's rate x window):")
+print("  serving = the serving process (/proc/PID/stat utime+stime, all threads; librbd: fio's")
+print("  process, its job thread and librbd's), fio = fio's job process, guest = the whole guest's")
+print("  non-idle CPU (/proc/stat), of it kernel = system+irq+softirq; rest = guest - serving - fio")
+print("  (kernel threads, interrupts, other processes).")
+if b_side:
+    print(f"  tcmu-rbd-B: the daemon with {b_what}")
+print(f"  {'pattern':<10} {'path':<12} {'IOPS':>6} {'p99 ms':>7} {'serving':>8} {'(usr/sys)':>11} "
+      f"{'fio':>6} {'guest':>6} {'kernel':>7} {'rest':>6}   per round IOPS (window)")
+rows, threads = {}, {}
 for rw in ("randwrite", "randread"):
-    a = [result("tcmu-rbd", rw, r) for r in (1, 2)]
-    b = [result("tcmu-runner", rw, r) for r in (1, 2)]
-    if None in a or None in b:
-        print(f"  {rw:<10} missing result (tcmu-rbd: {a}, tcmu-runner: {b})")
-        continue
-    ia, ib = sum(x[0] for x in a) / 2, sum(x[0] for x in b) / 2
-    pa, pb = max(x[1] for x in a), max(x[1] for x in b)
-    ratio = ia / ib if ib else float("inf")
-    rounds = "  ".join(f"{x[0]:.0f}/{y[0]:.0f}" for x, y in zip(a, b))
-    print(f"  {rw:<10} {ia:>14.0f} {pa:>8.0f} {ib:>17.0f} {pb:>8.0f} {ratio:>6.2f}   {rounds}")
+    for label in paths:
+        r = [result(label, rw, n) for n in (1, 2)]
+        if None in r:
+            print(f"  {rw:<10} {label:<12} missing result")
+            continue
+        ios = sum(x["ios"] for x in r)
+        per = lambda k: sum(x[k] for x in r) / ios
+        iops = sum(x["iops"] for x in r) / 2
+        su, ss, fio, guest, kern = per("srv_u"), per("srv_s"), per("fio"), per("guest"), per("kernel")
+        srv = su + ss
+        rest = guest - srv - (0 if label == "librbd" else fio)
+        rows[(rw, label)] = (iops, srv, guest)
+        th = {}
+        for x in r:
+            for n, (u, s_) in x["tasks"].items():
+                t = th.setdefault(n, [0, 0]); t[0] += u / ios; t[1] += s_ / ios
+        threads[(rw, label)] = th
+        p99 = max(x["p99"] for x in r) / 1000
+        rounds = " ".join(f"{x['iops']:.0f}({x['win_iops']:.0f})" for x in r)
+        print(f"  {rw:<10} {label:<12} {iops:>6.0f} {p99:>7.1f} {srv:>8.0f} {f'({su:.0f}/{ss:.0f})':>11} "
+              f"{'=' if label == 'librbd' else f'{fio:.0f}':>6} {guest:>6.0f} {kern:>7.0f} {rest:>6.0f}   {rounds}")
+print("ratios (IOPS; serving CPU per I/O; guest CPU per I/O):")
+pairs = [("tcmu-rbd", "tcmu-runner"), ("tcmu-rbd", "librbd"), ("tcmu-runner", "librbd")]
+if b_side:
+    pairs.insert(0, ("tcmu-rbd-B", "tcmu-rbd"))
+for rw in ("randwrite", "randread"):
+    for a, b in pairs:
+        if (rw, a) in rows and (rw, b) in rows:
+            x, y = rows[(rw, a)], rows[(rw, b)]
+            q = lambda i: f"{x[i] / y[i]:.2f}x" if y[i] else "-"
+            print(f"  {rw:<10} {a + ' / ' + b:<26} IOPS {q(0):>6}  serving CPU {q(1):>6}  guest CPU {q(2):>6}")
+print("the serving process by thread (microseconds per I/O, usr/sys; threads of one name summed):")
+for (rw, label), th in threads.items():
+    top = sorted(th.items(), key=lambda kv: -(kv[1][0] + kv[1][1]))
+    shown = [f"{n} {u:.0f}/{s_:.0f}" for n, (u, s_) in top if u + s_ >= 1]
+    print(f"  {rw:<10} {label:<12} " + ", ".join(shown))
+if missing:
+    print("unparsed: " + "; ".join(missing))
+    sys.exit(1)
 PY
+    host_check PASS compare.figures_parsed
+  else
+    host_check FAIL compare.figures_parsed "a compare run left no figures (see compare.txt)"
+  fi
 fi
 
 # The gateway run (the README's main job): fio through the iSCSI initiator.

@@ -11,8 +11,11 @@
 #   TOP     the repository (systemd/ holds the D-Bus policy)
 #   SUITES  which groups to run: local (file, ram, resize, removal,
 #           restart), rbd (the same on an rbd image), compare (fio 4K QD32,
-#           tcmu-rbd vs tcmu-runner on one image)
+#           librbd direct vs tcmu-runner vs tcmu-rbd on one image, with
+#           the CPU time of each)
 #   CEPH_CONF_GUEST  the guest's ceph.conf (rbd, compare)
+#   COMPARE_B_ENV, COMPARE_B_BIN  (optional) the compare suite's tcmu-rbd-B
+#           side: the daemon with these VAR=value settings, or this binary
 #   VM_SCALE_N, VM_SCALE_CYCLES, VM_SCALE_CYCLE_S  LUNs, create/remove
 #           cycles and their time limit (scale)
 set -u
@@ -89,7 +92,11 @@ start_daemon() {
   # The Prometheus endpoint on loopback (t_metrics scrapes it).
   ip link set lo up 2>/dev/null || busybox ip link set lo up
   echo "metrics_listen = $METRICS" >"$S/tcmu.conf"
-  NO_COLOR=1 "$BIN" --log-stderr $dbus --run-dir /run/tcmu-rbd -c "$S/tcmu.conf" >>"$DLOG" 2>&1 &
+  # DAEMON_ENV (VAR=value ...) and DAEMON_BIN: another environment or
+  # binary for this start (the compare suite's B side).
+  local denv
+  read -ra denv <<<"${DAEMON_ENV:-}"
+  env ${denv[@]+"${denv[@]}"} NO_COLOR=1 "${DAEMON_BIN:-$BIN}" --log-stderr $dbus --run-dir /run/tcmu-rbd -c "$S/tcmu.conf" >>"$DLOG" 2>&1 &
   DPID=$!
   # Ready: it has scanned the devices that exist and listens to netlink.
   wait_for 20 sh -c "sed -n '/^--- daemon start/h; /^--- daemon start/!H; \${x;p}' '$DLOG' | grep -q ' ready '" ||
@@ -616,13 +623,125 @@ suite_targetcli() {
   check targetcli.delete ok tcli /backstores/user:rbd delete disk0
 }
 
-# --- comparison: tcmu-rbd vs tcmu-runner ----------------------------------
-bench_fio() { # LABEL ROUND
-  local rw
+# --- comparison: librbd direct, tcmu-runner, tcmu-rbd ----------------------
+# CPU time is read from /proc with shell builtins only (no process is
+# started to take it), in clock ticks (USER_HZ).
+# proc_times PID: "UTIME STIME" of process PID, every thread's (librbd's
+# included, exited ones too), or "0 0" without one.
+proc_times() {
+  local line
+  if [ -n "${1:-}" ] && read -r line 2>/dev/null <"/proc/$1/stat"; then
+    # Fields after "(comm) ": state is the 1st, utime the 12th, stime the 13th.
+    # shellcheck disable=SC2086 # split into fields on purpose
+    set -- ${line##*) }
+    echo "${12} ${13}"
+  else
+    echo "0 0"
+  fi
+}
+# fio_pid PARENT: a running fio process whose parent is PARENT (a pid, or
+# "fio": fio's forked job process).
+fio_pid() {
+  local d c pc line want=$1
+  for d in /proc/[0-9]*; do
+    read -r c 2>/dev/null <"$d/comm" || continue
+    [ "$c" = fio ] || continue
+    read -r line 2>/dev/null <"$d/stat" || continue
+    # shellcheck disable=SC2086 # split into fields on purpose
+    set -- ${line##*) }
+    if [ "$want" = fio ]; then
+      read -r pc 2>/dev/null <"/proc/$2/comm" && [ "$pc" = fio ] && { echo "${d#/proc/}"; return 0; }
+    elif [ "$2" = "$want" ]; then
+      echo "${d#/proc/}"
+      return 0
+    fi
+  done
+  return 1
+}
+# has_thread PID PREFIX: PID has a thread whose name starts with PREFIX.
+has_thread() {
+  local t c
+  for t in /proc/"$1"/task/*/comm; do
+    read -r c 2>/dev/null <"$t" && [[ $c == "$2"* ]] && return 0
+  done
+  return 1
+}
+# cpu_snap SERVING_PID FIO_PID DEV: the guest's uptime, its non-idle CPU
+# time from /proc/stat (user nice system irq softirq steal) and the kernel
+# part of it (system irq softirq), the serving process's and fio's job
+# process's utime and stime, the I/Os DEV completed (/sys/block), and
+# each thread of the serving process.
+cpu_snap() {
+  local up _r _c u n s _i _w q sq st line t comm spid=$1
+  read -r up _r </proc/uptime
+  read -r _c u n s _i _w q sq st _r </proc/stat
+  echo "uptime $up"
+  echo "guest $((u + n + s + q + sq + st)) $((s + q + sq))"
+  echo "serving $(proc_times "$1")"
+  echo "fio $(proc_times "$2")"
+  if [ -n "$3" ] && read -r line <"/sys/block/$3/stat"; then
+    # shellcheck disable=SC2086 # split into fields on purpose
+    set -- $line
+    echo "dev $(($1 + $5))"
+  fi
+  [ -n "$spid" ] || return 0
+  for t in /proc/"$spid"/task/*; do
+    read -r comm 2>/dev/null <"$t/comm" && read -r line 2>/dev/null <"$t/stat" || continue
+    # shellcheck disable=SC2086 # split into fields on purpose
+    set -- ${line##*) }
+    echo "task ${comm// /_} ${12} ${13}"
+  done
+}
+# bench_fio LABEL ROUND [FIO TARGET ARGS...]: fio 4K QD32 randwrite then
+# randread (10 s each after 2 s of ramp) on /dev/$DEV, or on what the
+# target args name (librbd direct). CPU is taken over a window inside the
+# measured run: snapshots (cpu_snap) 3 s after fio's job appears (5 s for
+# librbd direct) and 5 s later, to compare.LABEL.RW.ROUND.a/.b. The serving
+# process is the daemon ($DPID), or for librbd direct fio's process itself
+# (the rbd engine runs its job as a thread, beside librbd's threads).
+bench_fio() { # LABEL ROUND [ARGS...]
+  local label=$1 rnd=$2 rw fp jp i srv dev=$DEV
+  shift 2
+  local tgt=("$@")
+  if [ ${#tgt[@]} -eq 0 ]; then
+    tgt=(--filename="/dev/$DEV" --direct=1 --ioengine=libaio)
+  else
+    dev=
+  fi
   for rw in randwrite randread; do
-    ok timeout 120 fio --name="$rw" --filename="/dev/$DEV" --direct=1 --ioengine=libaio \
-      --iodepth=32 --rw=$rw --bs=4k --size=256m --time_based --runtime=10 --ramp_time=2 \
-      --randrepeat=0 --output-format=json --output="$OUT/compare.$1.$rw.$2.json" || return 1
+    local base="$OUT/compare.$label.$rw.$rnd"
+    timeout 120 fio --name="$rw" "${tgt[@]}" --iodepth=32 --rw="$rw" --bs=4k --size=256m \
+      --time_based --runtime=10 --ramp_time=2 --randrepeat=0 \
+      --output-format=json --output="$base.json" &
+    fp=$!
+    jp=
+    for i in $(seq 100); do
+      if [ -n "$dev" ]; then
+        # libaio: the job is a process fio forks; it starts at once.
+        jp=$(fio_pid fio) && break
+      else
+        # The rbd engine runs its job as a thread of fio's own process;
+        # it has started once librbd's messenger threads are there.
+        jp=$(fio_pid "$fp") && has_thread "$jp" msgr-worker && break
+        jp=
+      fi
+      kill -0 $fp 2>/dev/null || break
+      sleep 0.1
+    done
+    if [ -z "$jp" ]; then
+      wait $fp
+      why="fio ($rw) exited with $? before its job was seen"
+      return 1
+    fi
+    srv=${DPID:-$jp}
+    # 2 s of ramp, then 10 s measured: the window is 3 to 8 s in (5 to 10
+    # s for librbd, whose job connects to the cluster first).
+    sleep 3
+    [ -n "$dev" ] || sleep 2
+    cpu_snap "$srv" "$jp" "$dev" >"$base.a"
+    sleep 5
+    cpu_snap "$srv" "$jp" "$dev" >"$base.b"
+    wait $fp || { why="fio ($rw) failed ($?)"; return 1; }
   done
 }
 start_tcmu_runner() {
@@ -657,17 +776,49 @@ compare_one() { # LABEL ROUND
     return 1
   fi
 }
+# One round of fio's own rbd engine on the image, no daemon running, with
+# librbd's cache off as both daemons have it (tcmu-runner sets
+# rbd_cache=false too): a write completes once the OSD has it.
+compare_librbd() { # ROUND
+  { cat "$CEPH_CONF_GUEST" && echo "rbd cache = false"; } >"$S/librbd.conf" || return 1
+  CEPH_CONF=$S/librbd.conf check "compare.librbd.$1.fio" bench_fio librbd "$1" \
+    --ioengine=rbd --clientname=admin --pool=rbd --rbdname=bench
+}
+# The daemon again, with the B side's environment and binary when asked
+# (COMPARE_B_ENV, COMPARE_B_BIN from the host).
+start_daemon_b() {
+  local e
+  read -ra e <<<"${COMPARE_B_ENV:-}"
+  DAEMON_ENV="${e[*]}" DAEMON_BIN=${COMPARE_B_BIN:-$BIN} start_daemon
+}
 suite_compare() {
-  # One daemon at a time (both would claim user:rbd devices), in the order
-  # tcmu-rbd, tcmu-runner, tcmu-runner, tcmu-rbd, so that a drift in the
-  # host's load during the run weighs on both alike.
+  # One serving process at a time (both daemons would claim user:rbd
+  # devices; librbd direct runs with neither), in the order tcmu-rbd,
+  # [tcmu-rbd-B,] librbd, tcmu-runner, tcmu-runner, librbd, [tcmu-rbd-B,]
+  # tcmu-rbd, so that a drift in the host's load during the run weighs on
+  # each alike. tcmu-rbd-B (when COMPARE_B_ENV or COMPARE_B_BIN is set) is a
+  # candidate change measured beside the code as it is.
+  local b=0
+  [ -n "${COMPARE_B_ENV:-}${COMPARE_B_BIN:-}" ] && b=1
   daemon_alive || check compare.tcmu-rbd.start start_daemon
   compare_one tcmu-rbd 1
   check compare.tcmu-rbd.stop stop_daemon || return 1
+  if [ $b = 1 ]; then
+    check compare.tcmu-rbd-B.start start_daemon_b || return 1
+    compare_one tcmu-rbd-B 1
+    check compare.tcmu-rbd-B.stop stop_daemon || return 1
+  fi
+  compare_librbd 1
   check compare.tcmu-runner.start start_tcmu_runner || return 1
   compare_one tcmu-runner 1
   compare_one tcmu-runner 2
   check compare.tcmu-runner.stop stop_daemon || return 1
+  compare_librbd 2
+  if [ $b = 1 ]; then
+    check compare.tcmu-rbd-B.restart start_daemon_b || return 1
+    compare_one tcmu-rbd-B 2
+    check compare.tcmu-rbd-B.stop2 stop_daemon || return 1
+  fi
   check compare.tcmu-rbd.restart start_daemon || return 1
   compare_one tcmu-rbd 2
 }
