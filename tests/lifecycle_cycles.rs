@@ -121,9 +121,7 @@ fn a_thousand_create_remove_cycles_leak_nothing() {
         std::thread::sleep(Duration::from_millis(100));
     }
     // The last removals' rings are unmapped by their background stops.
-    while rss_kib() > rss_w + RSS_MARGIN_KIB
-        && settle.elapsed() < Duration::from_secs(50)
-    {
+    while rss_kib() > rss_w + RSS_MARGIN_KIB && settle.elapsed() < Duration::from_secs(50) {
         std::thread::sleep(Duration::from_millis(100));
     }
     let (fds_e, threads_e, rss_e) = (fds(), status_field("Threads:"), rss_kib());

@@ -221,7 +221,7 @@ fn main() {
         std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count()),
     );
     let mut rows: Vec<_> = by_name.into_iter().filter(|(_, v)| v.0 > 0).collect();
-    rows.sort_by(|a, b| b.1 .0.cmp(&a.1 .0));
+    rows.sort_by_key(|r| std::cmp::Reverse(r.1 .0));
     for (n, (t, count)) in rows.iter().take(12) {
         println!(
             "  {:>6.2}%  {n} ({count} threads)",
