@@ -6,10 +6,10 @@
 
 mod common;
 
+use common::run_cmd as io;
 use common::*;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 use tcmu_handler::ram::RamBackend;
 use tcmu_handler::Backend;
 use tcmu_rbd::control::{Control, DevState};
@@ -18,39 +18,6 @@ use tcmu_rbd::registry::{DeviceSpec, Registry};
 use tcmu_rbd_testkit::emulator::{Data, KernelEmu};
 
 const MIB: u64 = 1 << 20;
-
-/// Runs one command to completion: (status, sense key, data). A unit
-/// attention (the resize announces itself) is consumed and retried.
-fn io(emu: &mut KernelEmu, cdb: &[u8], data: Data<'_>) -> (u8, Option<u8>, Vec<u8>) {
-    for _ in 0..2 {
-        let d = match &data {
-            Data::None => Data::None,
-            Data::ToDevice(b) => Data::ToDevice(b),
-            Data::FromDevice(n) => Data::FromDevice(*n),
-        };
-        emu.submit(cdb, d).expect("submit");
-        let mut got = None;
-        let end = Instant::now() + Duration::from_secs(10);
-        while got.is_none() {
-            assert!(Instant::now() < end, "command never completed");
-            emu.reap(|r, bytes| {
-                got = Some((
-                    r.status,
-                    r.sense.as_ref().map(|s| s[2] & 0xf),
-                    bytes.to_vec(),
-                ))
-            })
-            .expect("reap");
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        let got = got.unwrap();
-        if got.1 == Some(0x6) {
-            continue;
-        }
-        return got;
-    }
-    panic!("unit attention on every try");
-}
 
 fn event(kind: EventKind) -> Event {
     Event {

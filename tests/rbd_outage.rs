@@ -575,3 +575,94 @@ fn images_show_in_the_service_map_as_ceph_iscsi_reads_them() {
         t0.elapsed()
     );
 }
+
+fn proc_status(key: &str) -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix(key))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+fn proc_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count())
+}
+
+/// Opening and closing an HA image hundreds of times (what a gateway does
+/// as LUNs come and go): each cycle opens the image behind the lock gate,
+/// takes the lock, writes, and drops it all (lock released, failover
+/// manager stopped, service-map entry gone). No fd, thread or memory may
+/// stay behind. `TCMU_RBD_CYCLES` (default 200) sets the count.
+#[test]
+#[ignore = "needs the live Ceph cluster: scripts/test-rbd.sh runs it"]
+fn open_close_cycles_of_an_ha_image_leak_nothing() {
+    use tcmu_rbd::failover::{open_rbd, FailoverOptions, RbdDevice};
+    use tcmu_rbd::scsi::alua::SharedAlua;
+    let cycles: usize = std::env::var("TCMU_RBD_CYCLES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(200);
+    let img = TestImage::new("cycles", 8 << 20);
+    let rss = || {
+        // SAFETY: malloc_trim only releases free memory of the allocator
+        // (glibc keeps what exited threads freed in their arenas).
+        unsafe { libc::malloc_trim(0) };
+        proc_status("VmRSS:")
+    };
+    let mut warm = None;
+    let t0 = Instant::now();
+    for c in 0..cycles {
+        let ha = match open_rbd(
+            "cyc0",
+            &img.cfg(";id=tcmu"),
+            img.size,
+            512,
+            SharedAlua::off(),
+            FailoverOptions::default(),
+        )
+        .unwrap_or_else(|e| panic!("open {c}: {e}"))
+        {
+            RbdDevice::Ha(ha) => ha,
+            RbdDevice::Plain(_) => panic!("an image with exclusive-lock opened without gating"),
+        };
+        let mut d = Direct::new(ha.backend.clone());
+        d.write(0, &pattern(c as u64, 4096))
+            .unwrap_or_else(|e| panic!("write {c}: {e}"));
+        assert_eq!(d.read(0, 4096).expect("read"), pattern(c as u64, 4096));
+        drop(d);
+        drop(ha);
+        if c == 19 {
+            warm = Some((proc_fds(), proc_status("Threads:"), rss()));
+        }
+    }
+    let (fds_w, threads_w, rss_w) = warm.unwrap_or((proc_fds(), 0, 0));
+    // Idle failover workers and the service-map client of the last image
+    // leave in the background.
+    let settle = Instant::now();
+    while (proc_status("Threads:") > threads_w || proc_fds() > fds_w)
+        && settle.elapsed() < Duration::from_secs(45)
+    {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let (fds_e, threads_e, rss_e) = (proc_fds(), proc_status("Threads:"), rss());
+    println!(
+        "RBD CYCLES {cycles} in {:.1} s: fds {fds_w} -> {fds_e}, threads {threads_w} -> {threads_e}, \
+         RSS {rss_w} -> {rss_e} KiB (cycle 20 -> end)",
+        t0.elapsed().as_secs_f64()
+    );
+    assert!(fds_e <= fds_w, "fds grew: {fds_w} -> {fds_e}");
+    assert!(
+        threads_e <= threads_w,
+        "threads grew: {threads_w} -> {threads_e}"
+    );
+    // An image context, a rados client or a ring-sized buffer left per
+    // cycle is megabytes over the cycles.
+    assert!(
+        rss_e <= rss_w + 8 * 1024,
+        "RSS grew by {} KiB over {} cycles",
+        rss_e.saturating_sub(rss_w),
+        cycles - 20
+    );
+}

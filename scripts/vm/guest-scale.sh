@@ -119,13 +119,30 @@ sc_snap() {
     ls -l /proc/"$3"/fd | sed -n 's/.* -> //p' | sed -E 's/[0-9]+/N/g' | sort | uniq -c | sort -rn
   } >>"$OUT/scale-threads.txt"
 }
-# sc_idle LABEL PHASE PID: CPU over 30 s, as % of one core.
+# sc_task_ticks PID: "name ticks" per thread (utime+stime, trailing
+# digits of the name dropped).
+sc_task_ticks() {
+  local t
+  for t in /proc/"$1"/task/*; do
+    sed -E 's/^[0-9]+ \(([^)]*)\) .*$/\1/; s/[0-9]+$//' "$t/stat" 2>/dev/null | tr -d '\n'
+    echo " $(sed 's/.*) //' "$t/stat" 2>/dev/null | awk '{print $12 + $13}')"
+  done
+}
+# sc_idle LABEL PHASE PID: CPU over 30 s, as % of one core, and which
+# threads (by name) spent it (scale-threads.txt).
 sc_idle() {
   local hz t0 c0 c1 el pct
   hz=$(getconf CLK_TCK)
+  sc_task_ticks "$3" >"$S/ticks0"
   t0=$(sc_now) c0=$(sc_ticks "$3")
   sleep 30
   c1=$(sc_ticks "$3")
+  sc_task_ticks "$3" >"$S/ticks1"
+  {
+    echo "== $1 $2: idle CPU ticks (1/$hz s) over 30 s by thread name"
+    awk 'NR == FNR {a[$1] -= $2; next} {a[$1] += $2} END {for (k in a) if (a[k] > 0) print a[k], k}' \
+      "$S/ticks0" "$S/ticks1" | sort -rn | head -15
+  } >>"$OUT/scale-threads.txt"
   el=$(sc_since "$t0")
   pct=$(awk "BEGIN {printf \"%.2f\", 100 * ($c1 - $c0) / $hz / $el}")
   sc_rec "$1.$2.idle_cpu_pct" "$pct"

@@ -643,7 +643,7 @@ impl Timed for Shared {
                     self.opts.idle_check
                 };
         }
-        if now >= t.groups {
+        if now >= t.groups && self.alua.follows_source() {
             self.post(Job::Groups);
             t.groups = now
                 + if self.alua.group_ids().is_empty() && now < t.born + GROUPS_YOUNG {
@@ -656,7 +656,10 @@ impl Timed for Shared {
             self.post(Job::View);
             t.view = now + VIEW_EVERY;
         }
-        let mut next = t.check.min(t.groups);
+        let mut next = t.check;
+        if self.alua.follows_source() {
+            next = next.min(t.groups);
+        }
         if !serving {
             next = next.min(t.view);
         }

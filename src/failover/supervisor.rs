@@ -33,6 +33,10 @@ pub const WORKER_IDLE: Duration = Duration::from_secs(30);
 pub const STALL: Duration = Duration::from_millis(250);
 /// Due times this close together are served by one timer wake-up.
 pub const SLACK: Duration = Duration::from_millis(50);
+/// Due times a second or more away are rounded up to this grid, so that
+/// hundreds of idle devices share a few wake-ups a second instead of
+/// each waking the timer on its own.
+pub const GRID: Duration = Duration::from_millis(250);
 
 /// A device with a queue of jobs, run one at a time on the pool.
 pub trait Serial: Send + Sync + 'static {
@@ -109,6 +113,7 @@ pub struct Supervisor {
     /// When a worker last took a job (ms since `epoch`).
     last_pick: AtomicU64,
     epoch: Instant,
+    /// Devices put under the timer since it last looked.
     timed: Mutex<Vec<Weak<dyn Timed>>>,
     /// Set by [`nudge`](Self::nudge): look at every device now.
     nudged: Mutex<bool>,
@@ -267,30 +272,36 @@ impl Supervisor {
     }
 }
 
+/// Rounds `at` up to [`GRID`] (counted from `origin`) when it is a second
+/// or more after `now`.
+fn on_grid(origin: Instant, now: Instant, at: Instant) -> Instant {
+    if at < now + Duration::from_secs(1) {
+        return at;
+    }
+    let grid = GRID.as_nanos();
+    let since = at.saturating_duration_since(origin).as_nanos();
+    let up = since.div_ceil(grid) * grid;
+    origin + Duration::from_nanos(u64::try_from(up).unwrap_or(u64::MAX))
+}
+
 /// The timer thread: ticks every watched device that is due (or all of
 /// them after a nudge), then sleeps until the earliest next due time.
 fn timer(sup: Weak<Supervisor>) {
     let mut due: Vec<(Weak<dyn Timed>, Instant)> = Vec::new();
+    let origin = Instant::now();
     loop {
         let Some(s) = sup.upgrade() else { return };
         let nudged = std::mem::take(&mut *s.nudged.lock().unwrap_or_else(|e| e.into_inner()));
-        {
-            let mut list = s.timed.lock().unwrap_or_else(|e| e.into_inner());
-            list.retain(|w| w.strong_count() > 0);
-            // New devices are due at once.
-            for w in list.iter() {
-                if !due.iter().any(|(d, _)| Weak::ptr_eq(d, w)) {
-                    due.push((w.clone(), Instant::now()));
-                }
-            }
-        }
-        due.retain(|(w, _)| w.strong_count() > 0);
+        // New devices are due at once.
+        let new = std::mem::take(&mut *s.timed.lock().unwrap_or_else(|e| e.into_inner()));
         let now = Instant::now();
+        due.extend(new.into_iter().map(|w| (w, now)));
+        due.retain(|(w, _)| w.strong_count() > 0);
         let mut earliest = now + Duration::from_secs(60);
         for (w, at) in due.iter_mut() {
             if nudged || *at <= now + SLACK {
                 if let Some(t) = w.upgrade() {
-                    *at = t.tick(now);
+                    *at = on_grid(origin, now, t.tick(now));
                 }
             }
             earliest = earliest.min(*at);
@@ -433,6 +444,23 @@ mod tests {
         assert!(s.workers() >= 2, "ran on {} worker(s)", s.workers());
     }
 
+    #[test]
+    fn far_due_times_share_grid_points_and_near_ones_stay_exact() {
+        let origin = Instant::now();
+        let now = origin + Duration::from_millis(1234);
+        let near = now + Duration::from_millis(100);
+        assert_eq!(on_grid(origin, now, near), near);
+        let far = now + Duration::from_millis(5010);
+        let g = on_grid(origin, now, far);
+        assert!(g >= far && g < far + GRID, "{:?}", g - far);
+        assert_eq!(g.duration_since(origin).as_nanos() % GRID.as_nanos(), 0);
+        // Two devices due 100 ms apart, 5 s from now, share a grid point.
+        assert_eq!(
+            on_grid(origin, now, now + Duration::from_millis(5020)),
+            on_grid(origin, now, now + Duration::from_millis(5120))
+        );
+    }
+
     struct Ticker {
         ticks: AtomicU64,
         every: Duration,
@@ -463,10 +491,11 @@ mod tests {
         assert!((6..=13).contains(&f), "fast device ticked {f} times in 1 s");
         // Once at start (and possibly once more for a nudge), then never.
         assert!(slow.ticks.load(Ordering::SeqCst) <= 3);
+        // The timer holds devices weakly: a dropped one is not kept alive.
+        let weak = Arc::downgrade(&fast);
         drop(fast);
         s.nudge();
-        wait("the dropped device forgotten", || {
-            s.timed.lock().unwrap().len() == 1
-        });
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(weak.upgrade().is_none());
     }
 }

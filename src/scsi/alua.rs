@@ -643,6 +643,16 @@ impl AluaHandle {
         unpack_mode(self.inner.mode.load(Ordering::Acquire))
     }
 
+    /// Whether the groups come from a source that can change (configfs):
+    /// only then is [`reload_groups`](Self::reload_groups) worth calling.
+    pub fn follows_source(&self) -> bool {
+        self.inner
+            .source
+            .lock()
+            .map(|g| g.is_some())
+            .unwrap_or(false)
+    }
+
     /// See [`SharedAlua::reload_groups`].
     pub fn reload_groups(&self) -> bool {
         let Some(source) = self.inner.source.lock().ok().and_then(|g| g.clone()) else {

@@ -4,6 +4,7 @@
 
 use rand::Rng;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 use tcmu_handler::ram::RamBackend;
 use tcmu_handler::rbd::lock::{LockError, LockView, Taken};
 use tcmu_handler::{Backend, Caps, Done, Geometry, Op};
@@ -13,7 +14,7 @@ use tcmu_rbd::scsi::alua::SharedAlua;
 use tcmu_rbd::scsi::LunInfo;
 #[allow(unused_imports)]
 pub use tcmu_rbd_testkit::cdb::rw16;
-use tcmu_rbd_testkit::emulator::{KernelEmu, Layout};
+use tcmu_rbd_testkit::emulator::{Data, KernelEmu, Layout};
 
 /// LunInfo for a backend.
 pub fn lun_info(b: &dyn Backend) -> LunInfo {
@@ -159,4 +160,37 @@ impl LockSource for IdleLock {
     fn submit_on(&self, _generation: u64, op: Op, done: Done) {
         self.0.submit(op, done)
     }
+}
+
+/// Runs one command to completion: (status, sense key, data). A unit
+/// attention (the resize announces itself) is consumed and retried.
+pub fn run_cmd(emu: &mut KernelEmu, cdb: &[u8], data: Data<'_>) -> (u8, Option<u8>, Vec<u8>) {
+    for _ in 0..2 {
+        let d = match &data {
+            Data::None => Data::None,
+            Data::ToDevice(b) => Data::ToDevice(b),
+            Data::FromDevice(n) => Data::FromDevice(*n),
+        };
+        emu.submit(cdb, d).expect("submit");
+        let mut got = None;
+        let end = Instant::now() + Duration::from_secs(10);
+        while got.is_none() {
+            assert!(Instant::now() < end, "command never completed");
+            emu.reap(|r, bytes| {
+                got = Some((
+                    r.status,
+                    r.sense.as_ref().map(|s| s[2] & 0xf),
+                    bytes.to_vec(),
+                ))
+            })
+            .expect("reap");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let got = got.unwrap();
+        if got.1 == Some(0x6) {
+            continue;
+        }
+        return got;
+    }
+    panic!("unit attention on every try");
 }
