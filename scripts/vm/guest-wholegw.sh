@@ -7,8 +7,9 @@
 # gateways as in the mpath suite: backstores disk_a_I and disk_b_I with the
 # same unit serial, port groups gw_a (11) and gw_b (22), one tcm_loop
 # target per gateway carrying all N LUNs, one daemon per gateway
-# (--devices). Gateway A takes every image's lock (a write through its
-# path), dm-multipath groups the paths, fio with crc32c verification runs
+# (--devices), explicit and implicit ALUA. Gateway A takes every image's
+# lock (SET TARGET PORT GROUPS through its path, as scsi_dh_alua sends
+# it), dm-multipath groups the paths, fio with crc32c verification runs
 # on VM_WG_FIO of the maps, and A is killed with SIGKILL. Checked: every
 # LUN becomes Active/Optimized on B; B fenced A's client once (one `osd
 # blocklist add`, not one per image); every fio verify passes. Recorded
@@ -21,6 +22,7 @@ WG_SIZE=$((64 << 20))
 declare -A WG_WWN=([a]=naa.50014050000000c1 [b]=naa.50014050000000d1)
 declare -A WG_GID=([a]=11 [b]=22)
 declare -A WG_PID=()
+WG_SERIAL=() # per image: both gateways' LUNs share it (one WWID per map)
 WG_TXT=$OUT/wholegw.txt
 WG_T_KILL=
 
@@ -36,7 +38,8 @@ wg_backstores() { # X
   for ((i = 0; i < WG_N; i++)); do
     d=$T/core/user_0/$(wg_name "$1" $i)
     g=$d/alua/gw_$1
-    serial=$(printf '5e7e1d00-0000-4000-8000-%012d' $i)
+    [ -n "${WG_SERIAL[$i]:-}" ] || WG_SERIAL[$i]=$(cat /proc/sys/kernel/random/uuid)
+    serial=${WG_SERIAL[$i]}
     mkdir -p "$d" || { why="mkdir $d"; return 1; }
     echo -n "dev_size=$WG_SIZE,dev_config=rbd/rbd/$(printf wg%03d $i);conf=$CEPH_CONF_GUEST;id=admin,hw_max_sectors=1024" >"$d/control" || { why="control of $d"; return 1; }
     echo -n "$serial" >"$d/wwn/vpd_unit_serial" || { why="serial of $d"; return 1; }
@@ -96,16 +99,15 @@ wg_ndisks() { # X: LUNs of gateway X with a disk
 wg_all_disks() { [ "$(wg_ndisks a)" = "$WG_N" ] && [ "$(wg_ndisks b)" = "$WG_N" ]; }
 wg_all_active() { [ "$(wg_active "$1")" = "$WG_N" ]; } # X: every LUN Active/Optimized on X
 
-# Gateway A takes every lock: a write through its path reaches a Standby
-# port (implicit ALUA), which takes the lock.
+# Gateway A takes every lock: SET TARGET PORT GROUPS (Active/Optimized for
+# its own group) through its path.
 t_wg_a_owns_all() {
   local i
   wait_for $((60 + WG_N)) wg_all_disks ||
     { why="disks: $(wg_ndisks a) on A's path, $(wg_ndisks b) on B's, want $WG_N each"; return 1; }
   for ((i = 0; i < WG_N; i++)); do
-    dd if=/dev/urandom of="$(wg_sd a $i)" bs=4k count=1 oflag=direct status=none 2>/dev/null ||
-      dd if=/dev/urandom of="$(wg_sd a $i)" bs=4k count=1 oflag=direct status=none ||
-      { why="write through A's path to LUN $i failed twice"; return 1; }
+    sg_stpg --optimized "$(wg_sd a $i)" >/dev/null 2>&1 || sg_stpg --optimized "$(wg_sd a $i)" ||
+      { why="STPG through A's path to LUN $i failed twice"; return 1; }
   done
   wait_for 120 wg_all_active a ||
     { why="A is Active/Optimized for $(wg_active a) of $WG_N LUNs"; return 1; }
@@ -222,6 +224,7 @@ suite_wholegw() {
   check wholegw.cluster_reachable ok rbd_cli info rbd/wg000 || return 1
   check wholegw.shared_daemon_stop stop_daemon || return 1
   WG_PID=()
+  WG_SERIAL=()
   if check wholegw.backstores_a wg_backstores a && check wholegw.backstores_b wg_backstores b &&
     check wholegw.daemon_a wg_daemon a && check wholegw.daemon_b wg_daemon b &&
     check wholegw.export_a wg_export a && check wholegw.export_b wg_export b &&
