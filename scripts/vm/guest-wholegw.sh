@@ -130,8 +130,10 @@ t_wg_multipath() {
 }
 
 t_wg_kill_and_verify() {
-  local maps fpids=() k rc bad=0 t_all
-  mapfile -t maps < <(wg_maps | head -"$WG_FIO")
+  local maps=() fpids=() k rc bad=0 t_all m
+  # (No process substitution: the guest's chroot has no /dev/fd.)
+  for m in $(wg_maps | head -"$WG_FIO"); do maps+=("$m"); done
+  [ "${#maps[@]}" = "$WG_FIO" ] || { why="${#maps[@]} maps for fio, want $WG_FIO"; return 1; }
   for k in "${!maps[@]}"; do
     timeout 900 fio --name="wg$k" --filename="/dev/mapper/${maps[$k]}" --direct=1 --ioengine=libaio --iodepth=4 \
       --rw=randwrite --bs=4k --size=8m --verify=crc32c --do_verify=1 --verify_fatal=1 \
