@@ -50,6 +50,13 @@
 #                        cycles (at most VM_SCALE_CYCLE_S, default 420 s);
 #                        tcmu-runner with its rbd LUNs
 #                        (vm/guest-scale.sh); figures in scale.txt
+#               wholegw  (not in the default suites) whole-gateway failover:
+#                        VM_WG_N images (default 64) exported by two
+#                        gateways (two daemons, tcm_loop, dm-multipath),
+#                        all owned by A; A killed: every LUN Active/
+#                        Optimized on B, A fenced once, fio verify on
+#                        VM_WG_FIO maps (default 4) (vm/guest-wholegw.sh);
+#                        figures in wholegw.txt
 #               mpath_iscsi  the same over LIO iSCSI (two targets, two
 #                        portals, open-iscsi sessions) with ceph-iscsi's
 #                        implicit-only ALUA: no STPG, I/O moves the lock
@@ -63,7 +70,8 @@
 #   VM_KEEP=1   keep the result directory
 #   VM_TIMEOUT  seconds the guest may run (default 1800)
 #   VM_MEM      guest memory, MiB (default 1024; 3072 with the scale suite,
-#               whose tcmu-runner opens a rados client per rbd LUN)
+#               whose tcmu-runner opens a rados client per rbd LUN, and
+#               with wholegw, two daemons with VM_WG_N images each)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 top=$PWD
@@ -78,7 +86,7 @@ case "$top/" in /tmp/*) die "the repository is under /tmp ($top), which the gues
 
 # What the guest build and the checks need, from Debian packages only.
 want_rbd=0
-case " $SUITES " in *" rbd "* | *" compare "* | *" targetcli "* | *" mpath"* | *"iscsi "* | *" gateway "* | *" xcopy_bench "* | *" scale "*) want_rbd=1 ;; esac
+case " $SUITES " in *" rbd "* | *" compare "* | *" targetcli "* | *" mpath"* | *"iscsi "* | *" gateway "* | *" xcopy_bench "* | *" scale "* | *" wholegw "*) want_rbd=1 ;; esac
 extra=()
 [ $want_rbd = 1 ] && extra=(ceph-mon ceph-osd ceph-common iproute2 tcmu-runner targetcli-fb
   python3-rtslib-fb dbus-daemon dbus-bin)
@@ -156,6 +164,8 @@ VM_SCALE_CYCLES=${VM_SCALE_CYCLES:-50}
 VM_SCALE_CYCLE_S=${VM_SCALE_CYCLE_S:-420}
 COMPARE_B_ENV="${VM_COMPARE_B_ENV:-}"
 COMPARE_B_BIN="${VM_COMPARE_B_BIN:-}"
+VM_WG_N=${VM_WG_N:-64}
+VM_WG_FIO=${VM_WG_FIO:-4}
 EOF
 : >"$out/results"
 ns=
@@ -215,6 +225,16 @@ if [ $want_rbd = 1 ]; then
     [ "$got" = "$nimg" ] || die "made $got of $nimg scale images"
     log "scale suite: $nimg images rbd/scale000.. (64M) in $(($(date +%s) - ts)) s"
   fi
+  # The whole-gateway suite's images: VM_WG_N thin 64 MiB images.
+  if [[ " $SUITES " == *" wholegw "* ]]; then
+    for ((i = 0; i < ${VM_WG_N:-64}; i++)); do
+      rbd_ create --size 64M "rbd/wg$(printf %03d $i)" &
+      [ $((i % 8)) = 7 ] && wait
+    done
+    wait
+    got=$(rbd_ ls rbd | grep -c '^wg[0-9]' || true)
+    [ "$got" = "${VM_WG_N:-64}" ] || die "made $got of ${VM_WG_N:-64} whole-gateway images"
+  fi
   log "cluster up in $(($(date +%s) - tc)) s; images rbd/img0 and rbd/iscsi0-1 (256M), rbd/bench and rbd/tcli (1G)"
   # The guest's client config: the cluster's address and key, but logs and
   # sockets in the guest's own writable /tmp and /run.
@@ -241,7 +261,7 @@ netns_exec=()
 # The default suites take the guest about 19 minutes here under software
 # emulation; the limit leaves room for a slower machine.
 mem=1024
-[[ " $SUITES " == *" scale "* ]] && mem=3072
+[[ " $SUITES " == *" scale "* || " $SUITES " == *" wholegw "* ]] && mem=3072
 timeout "${VM_TIMEOUT:-1800}" "${netns_exec[@]}" qemu-system-x86_64 -machine q35 -accel tcg,thread=multi -cpu max -m "${VM_MEM:-$mem}" -smp 2 \
   -nographic -no-reboot -kernel "$kernel" -initrd "$initrd" \
   -append "console=ttyS0 panic=-1 loglevel=5 vmtest.script=$top/scripts/vm/guest.sh$append_net" \

@@ -148,7 +148,8 @@ t_mp_rtpg_port() { # X
   expect "relative target port id (scsi_port indx $indx)" "$((id))" "$indx"
 }
 
-mp_start() {
+mp_start() { # [PATHS]: wait for PATHS paths (default 2) matching MP_LUN
+  local paths=${1:-2}
   # The 9p root is read-only: /etc on a tmpfs copy (multipathd writes
   # /etc/multipath/{wwids,bindings}; its config is fixed at
   # /etc/multipath.conf).
@@ -188,8 +189,8 @@ EOF
   ok udevadm trigger --action=add || return 1
   ok timeout 120 udevadm settle || return 1
   ok multipathd || return 1
-  wait_for 60 sh -c "[ \$(multipath -ll 2>/dev/null | grep -cE '[0-9]+$MP_LUN +sd') = 2 ]" ||
-    { why="multipath did not group 2 paths within 60 s"; multipath -ll; multipath -v3 2>&1 | tail -50; return 1; }
+  wait_for $((60 + paths)) sh -c "[ \$(multipath -ll 2>/dev/null | grep -cE '[0-9]+$MP_LUN +sd') = $paths ]" ||
+    { why="multipath did not group $paths paths within $((60 + paths)) s"; multipath -ll; multipath -v3 2>&1 | tail -50; return 1; }
   multipath -ll
   # udev makes /dev/mapper/<wwid> a moment after the map.
   wait_for 30 sh -c 'd=$(multipath -ll | awk "/dm-[0-9]+/ {print \$1; exit}"); [ -b "/dev/mapper/$d" ]' ||

@@ -18,6 +18,7 @@
 #           side: the daemon with these VAR=value settings, or this binary
 #   VM_SCALE_N, VM_SCALE_CYCLES, VM_SCALE_CYCLE_S  LUNs, create/remove
 #           cycles and their time limit (scale)
+#   VM_WG_N, VM_WG_FIO  images and fio-verified maps (wholegw)
 set -u
 OUT=/tmp/out
 # shellcheck source=/dev/null
@@ -834,6 +835,10 @@ suite_compare() {
 # The multipath drill (suite_mpath), in its own file.
 # shellcheck source=scripts/vm/guest-mpath.sh
 . "$TOP/scripts/vm/guest-mpath.sh"
+
+# Whole-gateway failover (suite_wholegw, not a default).
+# shellcheck source=scripts/vm/guest-wholegw.sh
+. "$TOP/scripts/vm/guest-wholegw.sh"
 
 # What hundreds of LUNs cost on one daemon (suite_scale, not a default).
 # shellcheck source=scripts/vm/guest-scale.sh
