@@ -16,7 +16,7 @@
 # in wholegw.txt: kill to all Active/Optimized, the span of B's takeovers
 # (first start to last done) and the slowest one.
 
-WG_N=${VM_WG_N:-64}
+WG_N=${VM_WG_N:-16}
 WG_FIO=${VM_WG_FIO:-4}
 WG_SIZE=$((64 << 20))
 declare -A WG_WWN=([a]=naa.50014050000000c1 [b]=naa.50014050000000d1)
