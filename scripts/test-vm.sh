@@ -452,6 +452,14 @@ fi
 # The scale run's figures (written by the guest).
 [ -s "$out/scale.txt" ] && { echo; cat "$out/scale.txt"; }
 
+# A check the guest's shell aborted (an unbound variable under set -u,
+# say) printed neither PASS nor FAIL: it counts as failed, not as absent.
+if [ -f "$out/checks.log" ]; then
+  while read -r name; do
+    awk -v n="$name" '($1 == "PASS" || $1 == "FAIL") && ($2 == n || $2 == n ":") {f = 1} END {exit !f}' "$out/results" ||
+      host_check FAIL "$name" "started but never reported: the guest's shell aborted it"
+  done < <(sed -n 's/^=== \([^ ]*\) (.*/\1/p' "$out/checks.log" | sort -u)
+fi
 npass=$(grep -c '^PASS ' "$out/results" || true)
 nfail=$(grep -c '^FAIL ' "$out/results" || true)
 done_ok=0
