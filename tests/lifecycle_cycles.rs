@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use tcmu_handler::Backend;
 use tcmu_rbd::registry::{DeviceSpec, Registry};
 use tcmu_rbd_testkit::emulator::{Data, KernelEmu};
+use tcmu_rbd_testkit::procself;
 
 const MIB: u64 = 1 << 20;
 /// RSS the process may gain from cycle 50 to the end. Each cycle maps two
@@ -34,28 +35,6 @@ fn spec(name: &str, subtype: &str) -> DeviceSpec {
         configfs_dir: None,
         size: Some(MIB),
     }
-}
-
-fn fds() -> usize {
-    std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count())
-}
-
-/// Resident memory after handing free heap back to the kernel: glibc
-/// keeps what threads freed in their arenas (the ring workers and
-/// failover workers come and go), which is not a leak.
-fn rss_kib() -> u64 {
-    // SAFETY: malloc_trim only releases free memory of the allocator.
-    unsafe { libc::malloc_trim(0) };
-    status_field("VmRSS:")
-}
-
-fn status_field(key: &str) -> u64 {
-    let s = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    s.lines()
-        .find_map(|l| l.strip_prefix(key))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
 }
 
 /// One write and its read back through the emulated kernel.
@@ -102,29 +81,39 @@ fn a_thousand_create_remove_cycles_leak_nothing() {
             println!(
                 "cycle {}: fds {} threads {} RSS {} KiB",
                 c + 1,
-                fds(),
-                status_field("Threads:"),
-                rss_kib()
+                procself::fds(),
+                procself::threads(),
+                procself::rss_trimmed_kib()
             );
         }
         if c == 49 {
             // Warm: allocator arenas, the failover pool, lazy statics.
-            at_warm = Some((fds(), status_field("Threads:"), rss_kib()));
+            at_warm = Some((
+                procself::fds(),
+                procself::threads(),
+                procself::rss_trimmed_kib(),
+            ));
         }
     }
     // The failover manager stops in the background after a removal, and
     // idle pool workers leave after 30 s: wait for the threads to settle
     // to what they were at the warm point (or fewer).
-    let (fds_w, threads_w, rss_w) = at_warm.unwrap_or((fds(), 0, 0));
+    let (fds_w, threads_w, rss_w) = at_warm.unwrap_or((procself::fds(), 0, 0));
     let settle = Instant::now();
-    while status_field("Threads:") > threads_w && settle.elapsed() < Duration::from_secs(40) {
+    while procself::threads() > threads_w && settle.elapsed() < Duration::from_secs(40) {
         std::thread::sleep(Duration::from_millis(100));
     }
     // The last removals' rings are unmapped by their background stops.
-    while rss_kib() > rss_w + RSS_MARGIN_KIB && settle.elapsed() < Duration::from_secs(50) {
+    while procself::rss_trimmed_kib() > rss_w + RSS_MARGIN_KIB
+        && settle.elapsed() < Duration::from_secs(50)
+    {
         std::thread::sleep(Duration::from_millis(100));
     }
-    let (fds_e, threads_e, rss_e) = (fds(), status_field("Threads:"), rss_kib());
+    let (fds_e, threads_e, rss_e) = (
+        procself::fds(),
+        procself::threads(),
+        procself::rss_trimmed_kib(),
+    );
     println!(
         "CYCLES {cycles} in {:.1} s: fds {fds_w} -> {fds_e}, threads {threads_w} -> {threads_e}, \
          RSS {rss_w} -> {rss_e} KiB (cycle 50 -> end)",

@@ -576,20 +576,6 @@ fn images_show_in_the_service_map_as_ceph_iscsi_reads_them() {
     );
 }
 
-fn proc_status(key: &str) -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix(key))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
-}
-
-fn proc_fds() -> usize {
-    std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count())
-}
-
 /// Opening and closing an HA image hundreds of times (what a gateway does
 /// as LUNs come and go): each cycle opens the image behind the lock gate,
 /// takes the lock, writes, and drops it all (lock released, failover
@@ -600,17 +586,13 @@ fn proc_fds() -> usize {
 fn open_close_cycles_of_an_ha_image_leak_nothing() {
     use tcmu_rbd::failover::{open_rbd, FailoverOptions, RbdDevice};
     use tcmu_rbd::scsi::alua::SharedAlua;
+    use tcmu_rbd_testkit::procself;
     let cycles: usize = std::env::var("TCMU_RBD_CYCLES")
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(200);
     let img = TestImage::new("cycles", 8 << 20);
-    let rss = || {
-        // SAFETY: malloc_trim only releases free memory of the allocator
-        // (glibc keeps what exited threads freed in their arenas).
-        unsafe { libc::malloc_trim(0) };
-        proc_status("VmRSS:")
-    };
+    let rss = procself::rss_trimmed_kib;
     let mut warm = None;
     let t0 = Instant::now();
     for c in 0..cycles {
@@ -634,19 +616,19 @@ fn open_close_cycles_of_an_ha_image_leak_nothing() {
         drop(d);
         drop(ha);
         if c == 19 {
-            warm = Some((proc_fds(), proc_status("Threads:"), rss()));
+            warm = Some((procself::fds(), procself::threads(), rss()));
         }
     }
-    let (fds_w, threads_w, rss_w) = warm.unwrap_or((proc_fds(), 0, 0));
+    let (fds_w, threads_w, rss_w) = warm.unwrap_or((procself::fds(), 0, 0));
     // Idle failover workers and the service-map client of the last image
     // leave in the background.
     let settle = Instant::now();
-    while (proc_status("Threads:") > threads_w || proc_fds() > fds_w)
+    while (procself::threads() > threads_w || procself::fds() > fds_w)
         && settle.elapsed() < Duration::from_secs(45)
     {
         std::thread::sleep(Duration::from_millis(200));
     }
-    let (fds_e, threads_e, rss_e) = (proc_fds(), proc_status("Threads:"), rss());
+    let (fds_e, threads_e, rss_e) = (procself::fds(), procself::threads(), rss());
     println!(
         "RBD CYCLES {cycles} in {:.1} s: fds {fds_w} -> {fds_e}, threads {threads_w} -> {threads_e}, \
          RSS {rss_w} -> {rss_e} KiB (cycle 20 -> end)",

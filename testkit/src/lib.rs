@@ -24,3 +24,4 @@ pub mod fuzz;
 pub mod gw;
 pub mod ledger;
 pub mod loadgen;
+pub mod procself;

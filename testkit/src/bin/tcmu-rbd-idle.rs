@@ -23,6 +23,7 @@ use tcmu_rbd_testkit::cluster::TestImage;
 use tcmu_rbd_testkit::direct::{pattern, Direct};
 use tcmu_rbd_testkit::emulator::{KernelEmu, Layout};
 use tcmu_rbd_testkit::loadgen::daemon_lun_info;
+use tcmu_rbd_testkit::procself;
 
 const SIZE: u64 = 64 << 20;
 
@@ -87,16 +88,6 @@ fn thread_ticks() -> Vec<(String, u64)> {
         out.push((name.to_string(), t(11) + t(12)));
     }
     out
-}
-
-fn status(key: &str) -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix(key))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
 }
 
 fn main() {
@@ -216,9 +207,9 @@ fn main() {
          CPU {:.2}% of one core over {wall:.1} s; threads {}, RSS {} MiB, fds {}",
         if svc { "on" } else { "off" },
         100.0 * total as f64 / hz / wall,
-        status("Threads:"),
-        status("VmRSS:") / 1024,
-        std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count()),
+        procself::threads(),
+        procself::status("VmRSS:") / 1024,
+        procself::fds(),
     );
     let mut rows: Vec<_> = by_name.into_iter().filter(|(_, v)| v.0 > 0).collect();
     rows.sort_by_key(|r| std::cmp::Reverse(r.1 .0));

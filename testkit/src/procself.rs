@@ -1,0 +1,44 @@
+//! What this process holds, from /proc/self: what the leak and idle-cost
+//! checks compare before and after.
+
+/// A numeric field of /proc/self/status (`"Threads:"`, `"VmRSS:"` in
+/// KiB); 0 when absent.
+pub fn status(key: &str) -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix(key))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Open file descriptors.
+pub fn fds() -> usize {
+    std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count())
+}
+
+/// Threads.
+pub fn threads() -> u64 {
+    status("Threads:")
+}
+
+/// Resident memory in KiB after handing free heap back to the kernel:
+/// glibc keeps what exited threads freed in their arenas, which is not a
+/// leak.
+pub fn rss_trimmed_kib() -> u64 {
+    // SAFETY: malloc_trim only releases free memory of the allocator.
+    unsafe { libc::malloc_trim(0) };
+    status("VmRSS:")
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn reads_this_process() {
+        assert!(super::threads() >= 1);
+        assert!(super::fds() >= 3, "stdin, stdout, stderr at least");
+        assert!(super::rss_trimmed_kib() > 0);
+        assert_eq!(super::status("NoSuchField:"), 0);
+    }
+}
