@@ -211,31 +211,24 @@ if [ $want_rbd = 1 ]; then
   rbd_ create --size 256M rbd/iscsi0
   rbd_ create --size 256M rbd/iscsi1
   case " $SUITES " in *" xcopy_bench "*) rbd_ create --size 1G rbd/xsrc && rbd_ create --size 1G rbd/xdst ;; esac
-  # The scale suite's images: one per rbd LUN (half the LUNs), 64 MiB,
-  # thin; eight rbd clients at a time.
-  if [[ " $SUITES " == *" scale "* ]]; then
+  # many_images PREFIX N: rbd/PREFIX000.. , N thin 64 MiB images, eight
+  # rbd clients at a time.
+  many_images() {
+    local i got ts
     ts=$(date +%s)
-    nimg=$((${VM_SCALE_N:-256} / 4)) # LUNs of each kind, two kinds rbd
-    nimg=$((nimg * 2))
-    for ((i = 0; i < nimg; i++)); do
-      rbd_ create --size 64M "rbd/scale$(printf %03d $i)" &
+    for ((i = 0; i < $2; i++)); do
+      rbd_ create --size 64M "rbd/$1$(printf %03d $i)" &
       [ $((i % 8)) = 7 ] && wait
     done
     wait
-    got=$(rbd_ ls rbd | grep -c '^scale[0-9]' || true)
-    [ "$got" = "$nimg" ] || die "made $got of $nimg scale images"
-    log "scale suite: $nimg images rbd/scale000.. (64M) in $(($(date +%s) - ts)) s"
-  fi
-  # The whole-gateway suite's images: VM_WG_N thin 64 MiB images.
-  if [[ " $SUITES " == *" wholegw "* ]]; then
-    for ((i = 0; i < ${VM_WG_N:-16}; i++)); do
-      rbd_ create --size 64M "rbd/wg$(printf %03d $i)" &
-      [ $((i % 8)) = 7 ] && wait
-    done
-    wait
-    got=$(rbd_ ls rbd | grep -c '^wg[0-9]' || true)
-    [ "$got" = "${VM_WG_N:-16}" ] || die "made $got of ${VM_WG_N:-16} whole-gateway images"
-  fi
+    got=$(rbd_ ls rbd | grep -c "^$1[0-9]" || true)
+    [ "$got" = "$2" ] || die "made $got of $2 images rbd/$1..."
+    log "$2 images rbd/$1000.. (64M) in $(($(date +%s) - ts)) s"
+  }
+  # The scale suite's images: one per rbd LUN (half the LUNs).
+  [[ " $SUITES " == *" scale "* ]] && many_images scale $((${VM_SCALE_N:-256} / 4 * 2))
+  # The whole-gateway suite's images.
+  [[ " $SUITES " == *" wholegw "* ]] && many_images wg "${VM_WG_N:-16}"
   log "cluster up in $(($(date +%s) - tc)) s; images rbd/img0 and rbd/iscsi0-1 (256M), rbd/bench and rbd/tcli (1G)"
   # The guest's client config: the cluster's address and key, but logs and
   # sockets in the guest's own writable /tmp and /run.
