@@ -83,14 +83,19 @@ fail() {
 
 # Waits up to $1 seconds for "$2..." to succeed.
 wait_for() {
+  # A deadline on the clock, not a count of tries: one try can itself
+  # take seconds (a CLI waiting on a mon that is not back yet), and
+  # counting tries let a 30 s wait grow to half an hour.
   local secs=$1; shift
-  local t=0
+  local end=$((SECONDS + secs))
   until "$@" >/dev/null 2>&1; do
-    t=$((t + 1))
-    [ $t -le "$secs" ] || return 1
+    [ $SECONDS -lt "$end" ] || return 1
     sleep 1
   done
 }
+
+# One poll of the cluster: short, so wait_for's deadline holds.
+ceph_poll() { timeout 10 ceph -c "$conf" --connect-timeout 10 "$@"; }
 
 pid_alive() { [ -s "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
 
@@ -100,7 +105,7 @@ pid_alive() { [ -s "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
 osd_up() {
   pid_alive "$dir/run/osd.0.pid" &&
     timeout 10 ceph --admin-daemon "$dir/run/osd.0.asok" status 2>/dev/null | grep -q '"state": "active"' &&
-    ceph_ osd dump 2>/dev/null | grep -q '^osd.0 up'
+    ceph_poll osd dump 2>/dev/null | grep -q '^osd.0 up'
 }
 
 start_osd() {
@@ -212,7 +217,7 @@ EOF
   ceph-mon -c "$conf" -i a --mkfs --monmap "$dir/monmap" --keyring "$dir/mon.keyring" \
     >>"$dir/log/mon.a.out" 2>&1 || fail "ceph-mon --mkfs failed"
   ceph-mon -c "$conf" -i a >>"$dir/log/mon.a.out" 2>&1 || fail "ceph-mon failed to start"
-  wait_for 30 ceph_ mon stat || fail "the mon does not answer after 30 s"
+  wait_for 30 ceph_poll mon stat || fail "the mon does not answer after 30 s"
 
   # The OSD: id, key (mkfs needs it), mkfs on a sparse block file, start.
   local id
@@ -282,7 +287,7 @@ case "$cmd" in
     for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.05; done
     rm -f "$dir/run/mon.a.pid"
     ceph-mon -c "$conf" -i a >>"$dir/log/mon.a.out" 2>&1 || fail "ceph-mon failed to restart"
-    wait_for 30 ceph_ mon stat || fail "the mon does not answer 30 s after a restart"
+    wait_for 30 ceph_poll mon stat || fail "the mon does not answer 30 s after a restart"
     ;;
   start-mgr)
     [ -e "$conf" ] || die "no cluster in $dir"

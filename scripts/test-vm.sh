@@ -10,7 +10,7 @@
 # Results come back over a second, writable 9p share.
 #
 # Environment:
-#   VM_SUITES   guest check groups (default: "local rbd iscsi ceph_iscsi targetcli compare mpath mpath_iscsi"):
+#   VM_SUITES   guest check groups (default: "local rbd iscsi ceph_iscsi targetcli mpath mpath_iscsi"):
 #               local    file and ram LUNs: I/O, SCSI, resize, removal, restart
 #               rbd      an rbd LUN on a Ceph micro cluster the guest reaches
 #                        over a bridge in a network namespace of this run;
@@ -26,7 +26,9 @@
 #                        gets a mgr for the service map) (vm/guest-ceph-iscsi.sh)
 #               targetcli  /backstores/user:rbd create through the
 #                        daemon's D-Bus service (dbus-daemon in the guest)
-#               compare  fio 4K randread/randwrite QD32 on one image: librbd
+#               compare  (not in the default suites: a benchmark,
+#                        scripts/bench-vm.sh runs it)
+#                        fio 4K randread/randwrite QD32 on one image: librbd
 #                        direct (fio ioengine=rbd), tcmu-runner (handler_rbd)
 #                        and tcmu-rbd, alternated, with the CPU time per I/O
 #                        of the serving process, of fio and of the whole
@@ -77,7 +79,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 top=$PWD
 t0=$(date +%s)
-SUITES=${VM_SUITES:-local rbd iscsi ceph_iscsi targetcli compare mpath mpath_iscsi}
+SUITES=${VM_SUITES:-local rbd iscsi ceph_iscsi targetcli mpath mpath_iscsi}
 PROFILE=${VM_PROFILE:-release}
 CACHE=${VM_CACHE:-$top/target/vm-cache}
 log() { echo "vm: $*"; }
