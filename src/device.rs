@@ -1,11 +1,13 @@
-//! One TCMU device: its ring, its LUN state and its backend, driven by one
-//! worker thread.
+//! One TCMU device: its ring, its LUN state and its backend.
 //!
-//! The worker loop: take what the kernel queued, answer emulated commands
-//! at once and submit data commands to the backend, collect finished
-//! backend operations, write their completions, publish `cmd_tail` and ring
-//! the doorbell once per batch. It sleeps in epoll_wait() on the doorbell
-//! fd, the completion queue's eventfd and a stop eventfd.
+//! One [`step`](Device::step) of a device: take what the kernel queued,
+//! answer emulated commands at once and submit data commands to the
+//! backend, collect finished backend operations, write their completions,
+//! publish `cmd_tail` and ring the doorbell once per batch. With nothing to
+//! do it sleeps on one epoll fd behind which sit the doorbell fd, the
+//! completion queue's eventfd and a stop eventfd. The daemon's ring threads
+//! ([`crate::ring_threads`]) step many devices each; [`run`](Device::run)
+//! drives one device on the calling thread.
 
 use crate::metrics::hist::{add, Histogram};
 use crate::ring::shm::SharedMem;
@@ -311,8 +313,30 @@ pub struct Device {
     /// Runs EXTENDED COPY (None: refused as not reachable).
     copier: Option<Arc<dyn crate::copy::Copier>>,
     /// The doorbell, the completion queue and the stop fd, registered once
-    /// (cheaper per sleep than poll() on three fds).
+    /// (cheaper per sleep than poll() on three fds). A ring thread puts
+    /// this one fd in its own epoll set.
     epoll: Epoll,
+    /// Turns in a row with nothing done (see [`WorkerOptions::spin`]).
+    idle: u32,
+    /// End of the current idle poll (read from the handle as it starts,
+    /// so a changed setting applies at the next idle moment).
+    poll_until: Option<Instant>,
+    /// Set once stopping: when the drain gives up on operations in flight.
+    drain_deadline: Option<Instant>,
+    /// The device's tracing span, entered around its steps.
+    span: tracing::Span,
+}
+
+/// What a device wants after one [`Device::step`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    /// It did something or is polling: step it again.
+    Busy,
+    /// Nothing to do: it may sleep until one of its fds fires, or until
+    /// the given time at the latest (a drain's deadline).
+    Idle(Option<Instant>),
+    /// It stopped: drained, or the drain timed out.
+    Done,
 }
 
 /// Words of [`Device::track`] per command id.
@@ -337,6 +361,7 @@ impl Device {
         info: LunInfo,
     ) -> Result<Self, DeviceError> {
         let name = name.into();
+        let name_for_span = name.clone();
         let ring = Ring::new(mem).map_err(|source| DeviceError::Ring {
             dev: name.clone(),
             source,
@@ -388,6 +413,10 @@ impl Device {
             options: WorkerOptions::default(),
             copier: None,
             epoll,
+            idle: 0,
+            poll_until: None,
+            drain_deadline: None,
+            span: tracing::info_span!("dev", name = %name_for_span),
         })
     }
 
@@ -446,6 +475,16 @@ impl Device {
             error!(dev = %self.name, old = geo.size, new = size, error = %e, "backend cannot resize; capacity unchanged");
             return;
         }
+        info!(dev = %self.name, old = geo.size, new = size, "resize");
+        geo.size = size;
+        self.lun.set_geometry(geo);
+    }
+
+    /// The LUN reports `size` bytes from now on and raises CAPACITY DATA
+    /// HAS CHANGED; the backend was resized already (by the caller, off
+    /// the ring thread: an rbd resize is a round trip to the cluster).
+    pub fn set_capacity(&mut self, size: u64) {
+        let mut geo = self.lun.info().geometry;
         info!(dev = %self.name, old = geo.size, new = size, "resize");
         geo.size = size;
         self.lun.set_geometry(geo);
@@ -678,54 +717,129 @@ impl Device {
         }
     }
 
-    /// Runs the worker until [`Stopper::stop`], then drains: operations in
-    /// flight are waited for (up to the drain timeout) and completed;
-    /// entries not yet taken stay in the ring for the next process.
-    pub fn run(&mut self) -> Result<(), DeviceError> {
-        let span = tracing::info_span!("dev", name = %self.name);
-        let _g = span.enter();
-        info!(backend = %self.backend.name(), "serving");
-        let mut idle = 0u32;
-        // End of the current idle poll (read from the handle as it starts,
-        // so a changed setting applies at the next idle moment).
-        let mut poll_until: Option<Instant> = None;
-        while !self.stop_flag.load(Ordering::Relaxed) {
-            let ctl = self.run_controls();
-            if self.turn()? || ctl {
-                idle = 0;
-                poll_until = None;
-                continue;
-            }
-            idle += 1;
-            if idle <= self.options.spin {
-                std::hint::spin_loop();
-                continue;
-            }
-            if self.ring.in_flight() == 0 {
-                let until = *poll_until
-                    .get_or_insert_with(|| Instant::now() + self.options.idle_poll.get());
-                if Instant::now() < until {
-                    std::hint::spin_loop();
-                    continue;
-                }
-            }
-            idle = 0;
-            poll_until = None;
-            self.sleep()?;
-        }
-        self.drain()
+    /// The device's tracing span (its name), for whoever steps it.
+    pub fn span(&self) -> &tracing::Span {
+        &self.span
     }
 
-    fn sleep(&mut self) -> Result<(), DeviceError> {
+    /// The one fd that is readable when the device has something to do
+    /// (the kernel rang, a backend operation finished, a stop or a
+    /// control arrived).
+    pub fn poll_fd(&self) -> BorrowedFd<'_> {
+        self.epoll.0.as_fd()
+    }
+
+    /// One step: runs pending controls, takes new commands, collects
+    /// finished operations and publishes; spins or idle-polls as
+    /// [`WorkerOptions`] say. Once [`Stopper::stop`] was called it only
+    /// drains: operations in flight are collected (up to the drain
+    /// timeout) and completed; entries not yet taken stay in the ring for
+    /// the next process.
+    pub fn step(&mut self) -> Result<Step, DeviceError> {
+        if self.drain_deadline.is_some() || self.stop_flag.load(Ordering::Relaxed) {
+            return self.drain_step();
+        }
+        let ctl = self.run_controls();
+        if self.turn()? || ctl {
+            self.idle = 0;
+            self.poll_until = None;
+            return Ok(Step::Busy);
+        }
+        self.idle += 1;
+        if self.idle <= self.options.spin {
+            std::hint::spin_loop();
+            return Ok(Step::Busy);
+        }
+        if self.ring.in_flight() == 0 {
+            let until = *self
+                .poll_until
+                .get_or_insert_with(|| Instant::now() + self.options.idle_poll.get());
+            if Instant::now() < until {
+                std::hint::spin_loop();
+                return Ok(Step::Busy);
+            }
+        }
+        self.idle = 0;
+        self.poll_until = None;
+        Ok(Step::Idle(None))
+    }
+
+    fn drain_step(&mut self) -> Result<Step, DeviceError> {
+        let now = Instant::now();
+        let deadline = *self
+            .drain_deadline
+            .get_or_insert(now + self.options.drain_timeout);
+        let mut any = false;
+        while let Some(c) = self.cq.try_recv() {
+            self.finish(c);
+            any = true;
+        }
+        if any && self.ring.publish().map_err(|e| self.ring_err(e))? {
+            let _ = self.bell.ring();
+        }
+        if self.ring.in_flight() == 0 {
+            info!("stopped");
+            return Ok(Step::Done);
+        }
+        if now >= deadline {
+            warn!(
+                in_flight = self.ring.in_flight(),
+                "drain timed out; the kernel will time these commands out"
+            );
+            info!("stopped");
+            return Ok(Step::Done);
+        }
+        Ok(Step::Idle(Some(deadline)))
+    }
+
+    /// Before sleeping on [`poll_fd`](Self::poll_fd) after
+    /// [`Step::Idle`]: false if a completion is already waiting (step
+    /// again instead). Completers write the eventfd only while parked.
+    pub fn park(&mut self) -> bool {
         if !self.cq.park() {
-            return Ok(());
+            return false;
         }
         bump(&self.stats.sleeps);
+        true
+    }
+
+    /// After [`poll_fd`](Self::poll_fd) fired (or the sleep ended):
+    /// unparks and acknowledges whatever fired, without blocking.
+    pub fn woken(&mut self) -> Result<(), DeviceError> {
+        self.wait_events(EpollTimeout::ZERO)
+    }
+
+    /// Runs the device on the calling thread until [`Stopper::stop`] and
+    /// the drain that follows.
+    pub fn run(&mut self) -> Result<(), DeviceError> {
+        let span = self.span.clone();
+        let _g = span.enter();
+        info!(backend = %self.backend.name(), "serving");
+        loop {
+            match self.step()? {
+                Step::Busy => {}
+                Step::Idle(until) => {
+                    if self.park() {
+                        // Every wake-up comes through an fd (kernel,
+                        // completions, stop and controls); the timeout is
+                        // only a net. Long, so that idle LUNs cost no CPU.
+                        let ms = until.map_or(10_000, |u| {
+                            let left = u.saturating_duration_since(Instant::now());
+                            u16::try_from(left.as_millis() + 1)
+                                .unwrap_or(10_000)
+                                .min(10_000)
+                        });
+                        self.wait_events(EpollTimeout::from(ms))?;
+                    }
+                }
+                Step::Done => return Ok(()),
+            }
+        }
+    }
+
+    fn wait_events(&mut self, timeout: EpollTimeout) -> Result<(), DeviceError> {
         let mut events = [EpollEvent::empty(); 3];
-        // Every wake-up comes through an fd (kernel, completions, stop and
-        // controls); the timeout is only a net. Long, so that hundreds of
-        // idle LUNs cost no CPU.
-        let n = match self.epoll.wait(&mut events, EpollTimeout::from(10_000u16)) {
+        let n = match self.epoll.wait(&mut events, timeout) {
             Ok(n) => n,
             Err(nix::errno::Errno::EINTR) => 0,
             Err(e) => {
@@ -750,31 +864,6 @@ impl Device {
                 }
             }
         }
-        Ok(())
-    }
-
-    fn drain(&mut self) -> Result<(), DeviceError> {
-        let deadline = Instant::now() + self.options.drain_timeout;
-        while self.ring.in_flight() > 0 {
-            let now = Instant::now();
-            if now >= deadline {
-                warn!(
-                    in_flight = self.ring.in_flight(),
-                    "drain timed out; the kernel will time these commands out"
-                );
-                break;
-            }
-            if let Some(c) = self.cq.recv_timeout(deadline - now) {
-                self.finish(c);
-                while let Some(c) = self.cq.try_recv() {
-                    self.finish(c);
-                }
-                if self.ring.publish().map_err(|e| self.ring_err(e))? {
-                    let _ = self.bell.ring();
-                }
-            }
-        }
-        info!("stopped");
         Ok(())
     }
 }

@@ -20,4 +20,5 @@ pub mod metrics;
 pub mod netlink;
 pub mod registry;
 pub mod ring;
+pub mod ring_threads;
 pub mod scsi;

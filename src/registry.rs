@@ -6,6 +6,7 @@ use crate::backends;
 use crate::configfs;
 use crate::device::{Device, IdlePoll, Stats, Stopper, UioDoorbell, WorkerOptions};
 use crate::ring::shm::SharedMem;
+use crate::ring_threads::{RingThreads, Served};
 use crate::scsi::LunInfo;
 use std::collections::HashMap;
 use std::fs::OpenOptions;
@@ -142,7 +143,8 @@ pub fn reset_ring(dir: &Path, name: &str) -> RingReset {
 struct Running {
     stopper: Stopper,
     stats: Arc<Stats>,
-    thread: JoinHandle<()>,
+    /// The device on its ring thread.
+    served: Served,
     spec: DeviceSpec,
     /// Size the LUN reports now.
     size: u64,
@@ -165,6 +167,8 @@ pub struct Registry {
     keep_ha_pr: std::sync::atomic::AtomicBool,
     /// Runs EXTENDED COPY between the devices served here.
     copy: Arc<crate::copy::CopyEngine>,
+    /// The threads that drive the devices' rings.
+    rings: RingThreads,
 }
 
 /// A device's state for status output.
@@ -222,7 +226,7 @@ impl Registry {
             return Ok(());
         }
         let keep_pr = self.keep_ha_pr.load(std::sync::atomic::Ordering::Relaxed);
-        let running = open_device(&spec, &self.idle_poll, keep_pr, &self.copy)?;
+        let running = open_device(&spec, &self.idle_poll, keep_pr, &self.copy, &self.rings)?;
         devs.insert(spec.name.clone(), running);
         Ok(())
     }
@@ -255,7 +259,7 @@ impl Registry {
             name: spec.name.clone(),
             msg: "adopt needs the device size".into(),
         })?;
-        let mut running = start_worker(&spec, dev, size, &self.copy)?;
+        let mut running = start_worker(&spec, dev, size, &self.copy, &self.rings)?;
         running.failover = failover;
         match self.devices.lock() {
             Ok(mut devs) => {
@@ -276,8 +280,10 @@ impl Registry {
         match r {
             Some(mut r) => {
                 r.stopper.stop();
-                if r.thread.join().is_err() {
-                    error!(dev = %name, "worker thread panicked");
+                match r.served.wait() {
+                    // Dropped here: closing the backend can take a while.
+                    Some(dev) => drop(dev),
+                    None => error!(dev = %name, "the device's ring thread is gone"),
                 }
                 // The kernel's rmdir holds the device's configfs directory
                 // until the daemon answers the REMOVED event, and the
@@ -319,19 +325,21 @@ impl Registry {
         if cur == size {
             return Ok(());
         }
-        let got = self
-            .run_on_worker(name, move |d: &mut Device| {
-                d.resize(size);
-                d.lun_mut().info().geometry.size
-            })
+        // The backend is resized here, not on the ring thread, which
+        // serves other devices too.
+        let backend = self
+            .run_on_worker(name, |d: &mut Device| d.backend())
             .ok_or_else(|| ResizeError::WorkerGone(name.to_string()))?;
-        if got != size {
+        if let Err(e) = backend.resize(size) {
+            error!(dev = %name, old = cur, new = size, error = %e, "backend cannot resize; capacity unchanged");
             return Err(ResizeError::Refused {
                 dev: name.to_string(),
                 size,
-                capacity: got,
+                capacity: cur,
             });
         }
+        self.run_on_worker(name, move |d: &mut Device| d.set_capacity(size))
+            .ok_or_else(|| ResizeError::WorkerGone(name.to_string()))?;
         if let Ok(mut devs) = self.devices.lock() {
             if let Some(r) = devs.get_mut(name) {
                 r.size = size;
@@ -518,6 +526,7 @@ fn open_device(
     idle_poll: &IdlePoll,
     keep_ha_pr: bool,
     copy: &Arc<crate::copy::CopyEngine>,
+    rings: &RingThreads,
 ) -> Result<Running, OpenDeviceError> {
     let name = spec.name.clone();
     let io = |what: &'static str, path: &Path| {
@@ -629,17 +638,18 @@ fn open_device(
         ha.failover
     });
     info!(dev = %name, subtype = %spec.subtype, cfg = %spec.cfgstring, size, block_size, "device opened");
-    let mut running = start_worker(spec, dev, size, copy)?;
+    let mut running = start_worker(spec, dev, size, copy, rings)?;
     running.failover = failover;
     Ok(running)
 }
 
-/// Runs `dev`'s worker on its own thread.
+/// Serves `dev` on one of the daemon's ring threads.
 fn start_worker(
     spec: &DeviceSpec,
     mut dev: Device,
     size: u64,
     copy: &Arc<crate::copy::CopyEngine>,
+    rings: &RingThreads,
 ) -> Result<Running, OpenDeviceError> {
     // The device can be named in EXTENDED COPY commands (its own and its
     // neighbours') from now on.
@@ -654,37 +664,23 @@ fn start_worker(
     dev.set_copier(Arc::new(copy.clone()));
     let stopper = dev.stopper();
     let stats = dev.stats();
-    let thread = std::thread::Builder::new()
-        .name(format!("tcmu-{}", truncate(&spec.name, 10)))
-        .spawn(move || {
-            if let Err(e) = dev.run() {
-                error!(error = %e, "device stopped");
-            }
-        })
-        .map_err(|source| {
-            copy.unregister(&spec.name);
-            OpenDeviceError::Io {
-                name: spec.name.clone(),
-                what: "spawn worker for",
-                path: spec.uio_path.clone(),
-                source,
-            }
-        })?;
+    let served = rings.serve(dev).map_err(|source| {
+        copy.unregister(&spec.name);
+        OpenDeviceError::Io {
+            name: spec.name.clone(),
+            what: "start serving",
+            path: spec.uio_path.clone(),
+            source,
+        }
+    })?;
     Ok(Running {
         stopper,
         stats,
-        thread,
+        served,
         spec: spec.clone(),
         size,
         failover: None,
     })
-}
-
-fn truncate(s: &str, n: usize) -> &str {
-    match s.char_indices().nth(n) {
-        Some((i, _)) => &s[..i],
-        None => s,
-    }
 }
 
 /// The LUN identity for a device: the serial LIO assigned (the same on
