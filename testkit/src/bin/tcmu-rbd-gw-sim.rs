@@ -32,6 +32,7 @@ use std::time::Duration;
 use tcmu_handler::rbd::RbdBackend;
 use tcmu_rbd::device::{Device, EventDoorbell};
 use tcmu_rbd::failover::{state_name, Failover, FailoverOptions};
+use tcmu_rbd::ring_threads::RingThreads;
 use tcmu_rbd::scsi::alua::{AccessState, AluaConfig, GroupConfig, LocalPort, SharedAlua};
 use tcmu_rbd::scsi::LunInfo;
 use tcmu_rbd_testkit::cdb::rw16;
@@ -242,7 +243,9 @@ fn serve(
     opts: FailoverOptions,
 ) -> Result<(), String> {
     let (rbd, fo, alua) = open_gateway(name, cfg, size, group, opts)?;
-    let (mut emu, stop, worker) = start_device(name, fo.backend(), alua)?;
+    // The daemon's ring threads, as it serves its devices.
+    let rings = RingThreads::new(1);
+    let (mut emu, stop, worker) = start_device(name, fo.backend(), alua, &rings)?;
     let mut host = Host {
         group,
         buf: Vec::new(),
@@ -263,7 +266,7 @@ fn serve(
         }
     }
     stop.stop();
-    let _ = worker.join();
+    drop(worker.wait());
     drop(fo);
     Ok(())
 }
@@ -291,13 +294,14 @@ fn open_gateway(
     Ok((rbd, fo, alua))
 }
 
-type Worker = std::thread::JoinHandle<Result<(), tcmu_rbd::device::DeviceError>>;
+type Worker = tcmu_rbd::ring_threads::Served;
 
 /// The emulated kernel and the device worker serving `backend` on it.
 fn start_device(
     name: &str,
     backend: Arc<dyn tcmu_handler::Backend>,
     alua: SharedAlua,
+    rings: &RingThreads,
 ) -> Result<(KernelEmu, tcmu_rbd::device::Stopper, Worker), String> {
     let emu = KernelEmu::with_layout(Layout {
         data_size: 16 << 20,
@@ -325,10 +329,7 @@ fn start_device(
     .map_err(|e| e.to_string())?;
     dev.lun_mut().set_alua(Arc::new(alua));
     let stop = dev.stopper();
-    let worker = std::thread::Builder::new()
-        .name("tcmu-worker".into())
-        .spawn(move || dev.run())
-        .map_err(|e| e.to_string())?;
+    let worker = rings.serve(dev).map_err(|e| e.to_string())?;
     Ok((emu, stop, worker))
 }
 
