@@ -4,8 +4,9 @@
 //! the status file.
 //!
 //! One thread runs everything here, sleeping in poll() on a signalfd, the
-//! netlink socket and an inotify watch of the config directory; each
-//! device has its own ring worker; zbus runs the D-Bus service on its own
+//! netlink socket and an inotify watch of the config directory; the
+//! devices are served by the shared ring threads
+//! ([`crate::ring_threads`]); zbus runs the D-Bus service on its own
 //! thread. Signals are blocked in every thread and read from the
 //! signalfd, so no handler runs asynchronously.
 

@@ -190,7 +190,7 @@ fn bump(c: &AtomicU64) {
     add(c, 1);
 }
 
-/// A change run on the worker thread, between two turns of its loop.
+/// A change run on the device's ring thread, between two of its steps.
 pub type ControlFn = Box<dyn FnOnce(&mut Device) + Send>;
 
 /// Stops or reconfigures a running worker from another thread.
@@ -208,7 +208,7 @@ impl Stopper {
         self.wake();
     }
 
-    /// Runs `f` on the worker thread with the device (resize, reopen,
+    /// Runs `f` on the ring thread with the device (resize, reopen,
     /// unit attentions). Returns false if the worker is gone.
     pub fn control(&self, f: ControlFn) -> bool {
         let ok = self.ctl.send(f).is_ok();

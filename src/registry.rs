@@ -348,7 +348,7 @@ impl Registry {
         Ok(())
     }
 
-    /// Runs `f` on `name`'s worker thread, between two turns of its loop,
+    /// Runs `f` on `name`'s ring thread, between two of its steps,
     /// and waits for the result (reopen, write cache, resize). `None` if
     /// no such device, or its worker is gone or did not answer within
     /// the drain timeout.
