@@ -48,6 +48,8 @@ done
 # OSD and mon restarts, blocklisting) under a writer whose every write is
 # checked after each round. It stops the OSD and the mon, so it runs last.
 cargo build -p tcmu-rbd-testkit --bins
-target/debug/tcmu-rbd-chaos --rounds "${CHAOS_ROUNDS:-30}" --top "$PWD" \
+# Each pump inside is bounded (tcmu-rbd-chaos fails a round that does not
+# reach its goal); the timeout is the net for anything else.
+timeout 1200 target/debug/tcmu-rbd-chaos --rounds "${CHAOS_ROUNDS:-30}" --top "$PWD" \
   --gw-sim target/debug/tcmu-rbd-gw-sim --log-dir target/tmp/chaos
 echo "rbd: PASS"

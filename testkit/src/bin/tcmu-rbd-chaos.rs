@@ -45,6 +45,9 @@ const QD: usize = 8;
 const LATE: u64 = 8;
 /// A pump that makes no progress for this long is a hang.
 const STALL: Duration = Duration::from_secs(120);
+/// A pump whose goal is not reached in this long fails, even while writes
+/// are acknowledged (say on the wrong path): a round can never run forever.
+const PUMP_LIMIT: Duration = Duration::from_secs(180);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 enum Action {
@@ -108,6 +111,7 @@ struct Pending {
 }
 
 /// How long a pump runs.
+#[derive(Debug, Clone, Copy)]
 enum Until {
     /// This many acknowledgements (any path).
     Acks(u64),
@@ -351,6 +355,17 @@ impl Host {
             if stopping && !busy {
                 return Ok(());
             }
+            if t0.elapsed() > PUMP_LIMIT {
+                return Err(format!(
+                    "{until:?} not reached in {PUMP_LIMIT:?} though writes were acknowledged \
+                     ({} on A, {} on B since the pump began; active path {}; logs {} and {})",
+                    self.acks[0] - per_gw0[0],
+                    self.acks[1] - per_gw0[1],
+                    gws[self.active].name,
+                    gws[0].log,
+                    gws[1].log
+                ));
+            }
             if progress.elapsed() > STALL {
                 return Err(format!(
                     "no write acknowledged for {STALL:?} (active path {}; logs {} and {})",
@@ -541,8 +556,13 @@ impl Soak {
                     .trim_start_matches("v1:")
                     .to_string();
                 cli("ceph", &["osd", "blocklist", "add", &addr, "3600"]);
-                let to = self.other();
-                self.host.pump(&mut self.gws, Until::AcksOn(to, 50))?;
+                // Its writes fail from now on and the host follows the
+                // standby senses. Either gateway may end up the owner: the
+                // fenced one reopens on a fresh client and may take the
+                // lock back (rightly, when the other is still in its
+                // hold-off after a loss of its own); the ledger checks that
+                // nothing the old client wrote after the fence was acked.
+                self.host.pump(&mut self.gws, Until::Acks(50))?;
             }
             Action::Mon => {
                 cluster_script(&self.top, "restart-mon")?;
