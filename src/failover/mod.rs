@@ -396,6 +396,14 @@ impl Shared {
                                 AccessState::ActiveOptimized,
                                 status::BY_STPG,
                             );
+                            // A host asks a gateway that thinks it owns the
+                            // lock to be active: it may have been fenced
+                            // without knowing yet (stopped while another
+                            // took over, and idle since). Ask librbd now,
+                            // not at the next idle check, so a stale owner
+                            // turns Standby within a round trip and the
+                            // host's next I/O there moves it on.
+                            self.post(Job::Check(true));
                         } else {
                             self.kick_acquire("SET TARGET PORT GROUPS");
                         }
@@ -1486,5 +1494,31 @@ mod tests {
             l.other = Some("10.0.0.2:0/2".into());
         });
         wait(&f, "the loss", |s| !s.serving && s.losses == 1);
+    }
+
+    #[test]
+    fn stpg_at_an_owner_fenced_unawares_asks_librbd_at_once() {
+        let lock = FakeLock::new();
+        let a = alua();
+        // Idle checks an hour apart: only the STPG can bring the check.
+        let opts = FailoverOptions {
+            idle_check: Duration::from_secs(3600),
+            ..FailoverOptions::default()
+        };
+        let f = Failover::start("t", lock.clone(), &a, opts).unwrap();
+        stpg(&a, 1, AccessState::ActiveOptimized);
+        wait(&f, "active", |s| s.serving);
+        // Another gateway took the lock while this one was stopped; it
+        // has had no I/O since, so nothing here shows it.
+        lock.with(|l| {
+            l.held = false;
+            l.other = Some("10.0.0.2:0/2".into());
+        });
+        let before = lock.with(|l| l.checks);
+        stpg(&a, 1, AccessState::ActiveOptimized);
+        wait(&f, "the loss after the STPG", |s| {
+            !s.serving && s.losses == 1
+        });
+        assert!(lock.with(|l| l.checks) > before, "librbd was not asked");
     }
 }

@@ -115,8 +115,9 @@ struct Pending {
 enum Until {
     /// This many acknowledgements (any path).
     Acks(u64),
-    /// This many acknowledgements on this gateway.
-    AcksOn(usize, u64),
+    /// This many acknowledgements on this gateway, or stop trying after
+    /// this long (the caller looks).
+    AcksOnWithin(usize, u64, Duration),
     /// This many acknowledgements, then return with the writes still in
     /// flight (the round's fault strikes under load).
     AcksLeave(u64),
@@ -336,7 +337,9 @@ impl Host {
             if !stopping {
                 stopping = match until {
                     Until::Acks(n) => now_acks - acks0 >= n,
-                    Until::AcksOn(g, n) => self.acks[g] - per_gw0[g] >= n,
+                    Until::AcksOnWithin(g, n, d) => {
+                        self.acks[g] - per_gw0[g] >= n || t0.elapsed() >= d
+                    }
                     Until::AcksLeave(n) => {
                         if now_acks - acks0 >= n {
                             return Ok(());
@@ -493,22 +496,51 @@ impl Soak {
         match action {
             Action::Move => {
                 let to = self.other();
-                // As multipath's ALUA handler: STPG, retried while the
-                // port is transitioning.
-                let t0 = Instant::now();
-                loop {
-                    let r = self.gws[to].call("stpg");
-                    if r == "ok" {
+                let mut moved = false;
+                for attempt in 1..=3 {
+                    // As multipath's ALUA handler: STPG, retried while the
+                    // port is transitioning.
+                    let t0 = Instant::now();
+                    loop {
+                        let r = self.gws[to].call("stpg");
+                        if r == "ok" {
+                            break;
+                        }
+                        if r != "sense 02/04/0a" || t0.elapsed() > Duration::from_secs(60) {
+                            return Err(format!(
+                                "round {round}: STPG on {}: {r}",
+                                self.gws[to].name
+                            ));
+                        }
+                        std::thread::sleep(Duration::from_millis(100));
+                    }
+                    // The old owner is fenced by the takeover: its writes
+                    // fail with the standby sense and the host follows.
+                    let before = self.host.acks[to];
+                    self.host.pump(
+                        &mut self.gws,
+                        Until::AcksOnWithin(to, 50, Duration::from_secs(20)),
+                    )?;
+                    if self.host.acks[to] - before >= 50 {
+                        moved = true;
                         break;
                     }
-                    if r != "sense 02/04/0a" || t0.elapsed() > Duration::from_secs(60) {
-                        return Err(format!("round {round}: STPG on {}: {r}", self.gws[to].name));
-                    }
-                    std::thread::sleep(Duration::from_millis(100));
+                    // A gateway fenced without knowing it yet (stopped
+                    // while the other took over, idle since) answers the
+                    // STPG as the owner it thinks it is, then finds out
+                    // and turns Standby; multipath, seeing that, asks
+                    // again.
+                    eprintln!(
+                        "round {round}: {} answered STPG {attempt} as the owner but did not serve; again",
+                        self.gws[to].name
+                    );
                 }
-                // The old owner is fenced by the takeover: its writes
-                // fail with the standby sense and the host follows.
-                self.host.pump(&mut self.gws, Until::AcksOn(to, 50))?;
+                if !moved {
+                    return Err(format!(
+                        "round {round}: {} never served after 3 STPGs (logs {} and {})",
+                        self.gws[to].name, self.gws[0].log, self.gws[1].log
+                    ));
+                }
             }
             Action::Kill => {
                 self.gws[owner].kill();
