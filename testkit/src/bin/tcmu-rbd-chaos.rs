@@ -519,7 +519,7 @@ impl Soak {
                     let before = self.host.acks[to];
                     self.host.pump(
                         &mut self.gws,
-                        Until::AcksOnWithin(to, 50, Duration::from_secs(20)),
+                        Until::AcksOnWithin(to, 50, Duration::from_secs(8)),
                     )?;
                     if self.host.acks[to] - before >= 50 {
                         moved = true;
