@@ -470,14 +470,12 @@ impl Device {
     /// Online resize: the LUN reports `size` bytes from now on and raises
     /// CAPACITY DATA HAS CHANGED.
     pub fn resize(&mut self, size: u64) {
-        let mut geo = self.lun.info().geometry;
+        let geo = self.lun.info().geometry;
         if let Err(e) = self.backend.resize(size) {
             error!(dev = %self.name, old = geo.size, new = size, error = %e, "backend cannot resize; capacity unchanged");
             return;
         }
-        info!(dev = %self.name, old = geo.size, new = size, "resize");
-        geo.size = size;
-        self.lun.set_geometry(geo);
+        self.set_capacity(size);
     }
 
     /// The LUN reports `size` bytes from now on and raises CAPACITY DATA

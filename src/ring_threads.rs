@@ -90,11 +90,6 @@ impl RingThreads {
         }
     }
 
-    /// The most threads this pool runs.
-    pub fn max_threads(&self) -> usize {
-        self.max
-    }
-
     /// Serves `dev` on the least loaded thread (a new one while there are
     /// fewer than the maximum and each has a device already).
     pub fn serve(&self, dev: Device) -> std::io::Result<Served> {

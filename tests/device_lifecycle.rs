@@ -41,14 +41,7 @@ fn stop_drains_commands_in_flight() {
         );
     }
     // Wait until the worker has handed all ten to the backend.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while held.len() < 10 {
-        assert!(
-            Instant::now() < deadline,
-            "commands never reached the backend"
-        );
-        std::thread::sleep(Duration::from_millis(1));
-    }
+    held.wait_len(10, 10);
     stop.stop();
     std::thread::sleep(Duration::from_millis(50));
     assert!(!worker.is_finished(), "worker quit with commands in flight");

@@ -145,14 +145,7 @@ fn a_draining_device_does_not_hold_up_the_others() {
             .unwrap();
     }
     slow.kick();
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while held.len() < 2 {
-        assert!(
-            Instant::now() < deadline,
-            "writes never reached the backend"
-        );
-        std::thread::sleep(Duration::from_millis(1));
-    }
+    held.wait_len(2, 5);
     s1.stop();
     // Meanwhile its neighbour on the same thread serves.
     for i in 0..20 {

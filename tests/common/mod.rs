@@ -99,6 +99,18 @@ impl Held {
     pub fn len(&self) -> usize {
         self.held.lock().unwrap().len()
     }
+
+    /// Waits up to `secs` until `n` operations are held; panics if not.
+    pub fn wait_len(&self, n: usize, secs: u64) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+        while self.len() < n {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "commands never reached the backend"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+    }
 }
 
 impl Backend for Held {
