@@ -156,6 +156,11 @@ struct Running {
 #[derive(Default)]
 pub struct Registry {
     devices: Mutex<HashMap<String, Running>>,
+    /// Devices being opened (outside the `devices` lock: an rbd open is
+    /// cluster round trips, up to the mount timeout) and whether a
+    /// [`Registry::remove`] came for them meanwhile. Locked after
+    /// `devices`, never before.
+    opening: Mutex<HashMap<String, bool>>,
     /// tcmu.conf's `idle_poll_us`, followed by every device opened here.
     idle_poll: IdlePoll,
     /// Failover managers of removed devices, stopping in the background
@@ -212,21 +217,42 @@ impl Registry {
             .store(keep, std::sync::atomic::Ordering::Relaxed);
     }
 
-    /// Opens `spec` and starts serving it. A device already served under
-    /// that name is left alone.
+    /// Opens `spec` and starts serving it. A device already served (or
+    /// being opened) under that name is left alone.
+    ///
+    /// The open runs outside the registry's lock: after a restart several
+    /// threads open devices at once, and status, metrics and removals of
+    /// other devices go on while an image takes its time to open.
     pub fn add(&self, spec: DeviceSpec) -> Result<(), OpenDeviceError> {
-        let Ok(mut devs) = self.devices.lock() else {
-            return Err(OpenDeviceError::Config {
-                name: spec.name.clone(),
-                msg: "registry lock poisoned".into(),
-            });
+        let poisoned = |name: &str| OpenDeviceError::Config {
+            name: name.to_string(),
+            msg: "registry lock poisoned".into(),
         };
-        if devs.contains_key(&spec.name) {
-            info!(dev = %spec.name, "already served");
-            return Ok(());
+        {
+            let devs = self.devices.lock().map_err(|_| poisoned(&spec.name))?;
+            let mut opening = self.opening.lock().map_err(|_| poisoned(&spec.name))?;
+            if devs.contains_key(&spec.name) || opening.contains_key(&spec.name) {
+                info!(dev = %spec.name, "already served");
+                return Ok(());
+            }
+            opening.insert(spec.name.clone(), false);
         }
         let keep_pr = self.keep_ha_pr.load(std::sync::atomic::Ordering::Relaxed);
-        let running = open_device(&spec, &self.idle_poll, keep_pr, &self.copy, &self.rings)?;
+        let opened = open_device(&spec, &self.idle_poll, keep_pr, &self.copy, &self.rings);
+        let mut devs = self.devices.lock().unwrap_or_else(|e| e.into_inner());
+        let removed = self
+            .opening
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&spec.name)
+            .unwrap_or(false);
+        let running = opened?;
+        if removed {
+            drop(devs);
+            info!(dev = %spec.name, "removed while it was opening");
+            self.retire(&spec.name, running);
+            return Ok(());
+        }
         devs.insert(spec.name.clone(), running);
         Ok(())
     }
@@ -275,44 +301,65 @@ impl Registry {
 
     /// Stops serving `name`: in-flight commands are drained first.
     pub fn remove(&self, name: &str) -> bool {
-        self.copy.unregister(name);
-        let r = self.devices.lock().ok().and_then(|mut d| d.remove(name));
+        let r = {
+            let Ok(mut devs) = self.devices.lock() else {
+                return false;
+            };
+            let r = devs.remove(name);
+            if r.is_none() {
+                // Still opening: the opener stops it when the open ends.
+                let mut opening = self.opening.lock().unwrap_or_else(|e| e.into_inner());
+                if let Some(removed) = opening.get_mut(name) {
+                    *removed = true;
+                    info!(dev = %name, "removal asked while opening");
+                    return true;
+                }
+            }
+            r
+        };
         match r {
-            Some(mut r) => {
-                r.stopper.stop();
-                match r.served.wait() {
-                    // Dropped here: closing the backend can take a while.
-                    Some(dev) => drop(dev),
-                    None => error!(dev = %name, "the device's ring thread is gone"),
-                }
-                // The kernel's rmdir holds the device's configfs directory
-                // until the daemon answers the REMOVED event, and the
-                // failover thread may be inside a read of that directory
-                // (it follows the ALUA groups): stopping it here would
-                // wait for the answer it blocks. It stops in the
-                // background (releasing the lock if held; the worker has
-                // drained every command already).
-                if let Some(f) = r.failover.take() {
-                    let dev = name.to_string();
-                    match std::thread::Builder::new()
-                        .name("tcmu-retire".into())
-                        .spawn(move || drop(f))
-                    {
-                        Ok(h) => {
-                            let mut g = self.retiring.lock().unwrap_or_else(|e| e.into_inner());
-                            g.retain(|h| !h.is_finished());
-                            g.push(h);
-                        }
-                        Err(e) => {
-                            error!(dev = %dev, "cannot stop the failover manager in the background: {e}")
-                        }
-                    }
-                }
-                info!(dev = %name, "removed");
+            Some(r) => {
+                self.retire(name, r);
                 true
             }
             None => false,
         }
+    }
+
+    /// Stops a device taken out of the registry: drains its ring, closes
+    /// it, and stops its failover manager in the background.
+    fn retire(&self, name: &str, mut r: Running) {
+        self.copy.unregister(name);
+        r.stopper.stop();
+        match r.served.wait() {
+            // Dropped here: closing the backend can take a while.
+            Some(dev) => drop(dev),
+            None => error!(dev = %name, "the device's ring thread is gone"),
+        }
+        // The kernel's rmdir holds the device's configfs directory
+        // until the daemon answers the REMOVED event, and the
+        // failover thread may be inside a read of that directory
+        // (it follows the ALUA groups): stopping it here would
+        // wait for the answer it blocks. It stops in the
+        // background (releasing the lock if held; the worker has
+        // drained every command already).
+        if let Some(f) = r.failover.take() {
+            let dev = name.to_string();
+            match std::thread::Builder::new()
+                .name("tcmu-retire".into())
+                .spawn(move || drop(f))
+            {
+                Ok(h) => {
+                    let mut g = self.retiring.lock().unwrap_or_else(|e| e.into_inner());
+                    g.retain(|h| !h.is_finished());
+                    g.push(h);
+                }
+                Err(e) => {
+                    error!(dev = %dev, "cannot stop the failover manager in the background: {e}")
+                }
+            }
+        }
+        info!(dev = %name, "removed");
     }
 
     /// Applies a new size (online resize): the LUN reports the new

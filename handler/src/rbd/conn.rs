@@ -13,7 +13,7 @@
 use rbd_ffi::{Rados, RadosBuilder, WeakRados};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 use tracing::{info, warn};
 
@@ -29,9 +29,31 @@ pub struct ConnKey {
     pub id: String,
 }
 
+/// One shareable connection: at most one connect at a time per slot, so
+/// devices that open together share the first one's connection, while
+/// connects for other keys go on beside it.
+#[derive(Default)]
+struct Slot {
+    /// Held while connecting (up to the mount timeout).
+    connecting: Mutex<()>,
+    /// The connection, while a device holds it; only ever held briefly.
+    conn: Mutex<Option<WeakRados>>,
+}
+
+impl Slot {
+    fn live(&self) -> Option<Rados> {
+        self.conn
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .and_then(WeakRados::upgrade)
+    }
+}
+
 /// Connections by key and the op timeout they were made with (a rados
-/// client's timeout cannot change once connected).
-type Cache = HashMap<(ConnKey, Duration), WeakRados>;
+/// client's timeout cannot change once connected). The map's lock is
+/// only ever held briefly, never across a connect.
+type Cache = HashMap<(ConnKey, Duration), Arc<Slot>>;
 
 fn cache() -> &'static Mutex<Cache> {
     static CACHE: OnceLock<Mutex<Cache>> = OnceLock::new();
@@ -46,17 +68,29 @@ pub const DEFAULT_OP_TIMEOUT: Duration = Duration::from_secs(31);
 /// The shared connection for `key` with op timeout `timeout`, connecting
 /// if there is none (or if the cached one is `stale`, e.g. blocklisted).
 pub fn get(key: &ConnKey, timeout: Duration, stale: Option<&Rados>) -> Result<Rados, String> {
-    let mut map = cache().lock().unwrap_or_else(|e| e.into_inner());
-    let slot = (key.clone(), timeout);
-    if let Some(r) = map.get(&slot).and_then(WeakRados::upgrade) {
-        if !stale.is_some_and(|s| s.same(&r)) {
-            return Ok(r);
-        }
+    let fresh = |r: &Rados| !stale.is_some_and(|s| s.same(r));
+    let slot = {
+        let mut map = cache().lock().unwrap_or_else(|e| e.into_inner());
+        // Slots nobody uses any more (no connection, no one connecting).
+        map.retain(|_, s| Arc::strong_count(s) > 1 || s.live().is_some());
+        map.entry((key.clone(), timeout)).or_default().clone()
+    };
+    if let Some(r) = slot.live().filter(fresh) {
+        return Ok(r);
     }
-    // Connecting while holding the lock serialises device opens on one
-    // cache; they are rare and each waits at most the mount timeout.
+    // Connects of one key wait for each other (the first one's connection
+    // is then shared); those of other keys do not wait for this one.
+    let _connecting = slot.connecting.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(r) = slot.live().filter(fresh) {
+        return Ok(r);
+    }
     let r = connect(key, timeout)?;
-    if map.keys().any(|(k, t)| k == key && *t != timeout) {
+    let others = cache()
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+        .any(|((k, t), s)| k == key && *t != timeout && s.live().is_some());
+    if others {
         info!(
             id = %key.id,
             timeout = timeout.as_secs(),
@@ -64,8 +98,7 @@ pub fn get(key: &ConnKey, timeout: Duration, stale: Option<&Rados>) -> Result<Ra
         );
     }
     register_service(&r, key, timeout);
-    map.insert(slot, r.downgrade());
-    map.retain(|_, w| w.upgrade().is_some());
+    *slot.conn.lock().unwrap_or_else(|e| e.into_inner()) = Some(r.downgrade());
     Ok(r)
 }
 
@@ -78,7 +111,7 @@ pub fn live_addrs(key: &ConnKey) -> Vec<String> {
     let map = cache().lock().unwrap_or_else(|e| e.into_inner());
     map.iter()
         .filter(|((k, _), _)| k == key)
-        .filter_map(|(_, w)| w.upgrade())
+        .filter_map(|(_, s)| s.live())
         .filter_map(|r| r.addrs().ok())
         .collect()
 }
