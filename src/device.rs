@@ -4,10 +4,11 @@
 //! answer emulated commands at once and submit data commands to the
 //! backend, collect finished backend operations, write their completions,
 //! publish `cmd_tail` and ring the doorbell once per batch. With nothing to
-//! do it sleeps on one epoll fd behind which sit the doorbell fd, the
-//! completion queue's eventfd and a stop eventfd. The daemon's ring threads
-//! ([`crate::ring_threads`]) step many devices each; [`run`](Device::run)
-//! drives one device on the calling thread.
+//! do it sleeps until one of its three fds fires ([`Device::wake_fds`]):
+//! the doorbell fd, the completion queue's eventfd and a stop eventfd. The
+//! daemon's ring threads ([`crate::ring_threads`]) step many devices each
+//! and watch all their fds in one epoll set; [`run`](Device::run) drives
+//! one device on the calling thread.
 
 use crate::metrics::hist::{add, Histogram};
 use crate::ring::shm::SharedMem;
@@ -312,10 +313,6 @@ pub struct Device {
     options: WorkerOptions,
     /// Runs EXTENDED COPY (None: refused as not reachable).
     copier: Option<Arc<dyn crate::copy::Copier>>,
-    /// The doorbell, the completion queue and the stop fd, registered once
-    /// (cheaper per sleep than poll() on three fds). A ring thread puts
-    /// this one fd in its own epoll set.
-    epoll: Epoll,
     /// Turns in a row with nothing done (see [`WorkerOptions::spin`]).
     idle: u32,
     /// End of the current idle poll (read from the handle as it starts,
@@ -346,10 +343,35 @@ const T_TAKEN: usize = 0;
 const T_SUBMITTED: usize = 1;
 const T_LEN: usize = 2;
 
-/// Which fd an epoll event is for.
-const EV_BELL: u64 = 0;
-const EV_CQ: u64 = 1;
-const EV_STOP: u64 = 2;
+/// Which of a device's fds fired ([`Device::wake_fds`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wake {
+    /// The doorbell: the kernel queued commands.
+    Bell,
+    /// The completion queue: backend operations finished.
+    Completion,
+    /// The stop fd: a stop or a control arrived.
+    Stop,
+}
+
+impl Wake {
+    /// The three kinds, in [`Device::wake_fds`]'s order.
+    pub const ALL: [Wake; 3] = [Wake::Bell, Wake::Completion, Wake::Stop];
+
+    /// A small number for an epoll token (0, 1 or 2).
+    pub fn index(self) -> u64 {
+        match self {
+            Wake::Bell => 0,
+            Wake::Completion => 1,
+            Wake::Stop => 2,
+        }
+    }
+
+    /// The kind whose [`index`](Self::index) is `i`.
+    pub fn from_index(i: u64) -> Option<Wake> {
+        Wake::ALL.get(usize::try_from(i).ok()?).copied()
+    }
+}
 
 impl Device {
     /// Builds a device over a mapped ring.
@@ -377,15 +399,6 @@ impl Device {
         .map_err(std::io::Error::from)
         .map_err(io("eventfd"))?
         .into();
-        let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)
-            .and_then(|ep| {
-                ep.add(bell.fd(), EpollEvent::new(EpollFlags::EPOLLIN, EV_BELL))?;
-                ep.add(cq.fd(), EpollEvent::new(EpollFlags::EPOLLIN, EV_CQ))?;
-                ep.add(&stop_fd, EpollEvent::new(EpollFlags::EPOLLIN, EV_STOP))?;
-                Ok(ep)
-            })
-            .map_err(std::io::Error::from)
-            .map_err(io("epoll"))?;
         let (ctl_tx, ctl_rx) = crossbeam_channel::unbounded();
         let stats = Stats::default();
         stats
@@ -412,7 +425,6 @@ impl Device {
             ctl_rx,
             options: WorkerOptions::default(),
             copier: None,
-            epoll,
             idle: 0,
             poll_until: None,
             drain_deadline: None,
@@ -720,11 +732,16 @@ impl Device {
         &self.span
     }
 
-    /// The one fd that is readable when the device has something to do
-    /// (the kernel rang, a backend operation finished, a stop or a
-    /// control arrived).
-    pub fn poll_fd(&self) -> BorrowedFd<'_> {
-        self.epoll.0.as_fd()
+    /// The fds that are readable when the device has something to do (the
+    /// kernel rang, a backend operation finished, a stop or a control
+    /// arrived), each with its kind for [`fired`](Self::fired). Whoever
+    /// steps the device watches all three (level-triggered).
+    pub fn wake_fds(&self) -> [(BorrowedFd<'_>, Wake); 3] {
+        [
+            (self.bell.fd(), Wake::Bell),
+            (self.cq.fd(), Wake::Completion),
+            (self.stop_fd.as_fd(), Wake::Stop),
+        ]
     }
 
     /// One step: runs pending controls, takes new commands, collects
@@ -790,7 +807,7 @@ impl Device {
         Ok(Step::Idle(Some(deadline)))
     }
 
-    /// Before sleeping on [`poll_fd`](Self::poll_fd) after
+    /// Before sleeping on [`wake_fds`](Self::wake_fds) after
     /// [`Step::Idle`]: false if a completion is already waiting (step
     /// again instead). Completers write the eventfd only while parked.
     pub fn park(&mut self) -> bool {
@@ -801,10 +818,24 @@ impl Device {
         true
     }
 
-    /// After [`poll_fd`](Self::poll_fd) fired (or the sleep ended):
-    /// unparks and acknowledges whatever fired, without blocking.
-    pub fn woken(&mut self) -> Result<(), DeviceError> {
-        self.wait_events(EpollTimeout::ZERO)
+    /// After one of [`wake_fds`](Self::wake_fds) fired: acknowledges it
+    /// without blocking and unparks. Only the fd that fired is read: a
+    /// read of an idle eventfd is a wasted system call on every sleep.
+    pub fn fired(&mut self, w: Wake) {
+        self.cq.unpark();
+        match w {
+            Wake::Bell => self.bell.ack(),
+            Wake::Completion => self.cq.clear(),
+            Wake::Stop => {
+                let mut b = [0u8; 8];
+                let _ = nix::unistd::read(self.stop_fd.as_raw_fd(), &mut b);
+            }
+        }
+    }
+
+    /// After a sleep that ended with no fd fired (a deadline): unparks.
+    pub fn unpark(&mut self) {
+        self.cq.unpark();
     }
 
     /// Runs the device on the calling thread until [`Stopper::stop`] and
@@ -812,7 +843,25 @@ impl Device {
     pub fn run(&mut self) -> Result<(), DeviceError> {
         let span = self.span.clone();
         let _g = span.enter();
+        let name = self.name.clone();
+        let io_err = |what| {
+            let dev = name.clone();
+            move |e: nix::errno::Errno| DeviceError::Io {
+                dev,
+                what,
+                source: e.into(),
+            }
+        };
+        // One epoll set for the three fds, registered once (cheaper per
+        // sleep than poll() on three fds).
+        let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).map_err(io_err("epoll"))?;
+        for (fd, w) in self.wake_fds() {
+            epoll
+                .add(fd, EpollEvent::new(EpollFlags::EPOLLIN, w.index()))
+                .map_err(io_err("epoll_ctl"))?;
+        }
         info!(backend = %self.backend.name(), "serving");
+        let mut events = [EpollEvent::empty(); 3];
         loop {
             match self.step()? {
                 Step::Busy => {}
@@ -827,41 +876,24 @@ impl Device {
                                 .unwrap_or(10_000)
                                 .min(10_000)
                         });
-                        self.wait_events(EpollTimeout::from(ms))?;
+                        let n = match epoll.wait(&mut events, EpollTimeout::from(ms)) {
+                            Ok(n) => n,
+                            Err(nix::errno::Errno::EINTR) => 0,
+                            Err(e) => {
+                                self.unpark();
+                                return Err(io_err("epoll_wait")(e));
+                            }
+                        };
+                        self.unpark();
+                        for ev in &events[..n] {
+                            if let Some(w) = Wake::from_index(ev.data()) {
+                                self.fired(w);
+                            }
+                        }
                     }
                 }
                 Step::Done => return Ok(()),
             }
         }
-    }
-
-    fn wait_events(&mut self, timeout: EpollTimeout) -> Result<(), DeviceError> {
-        let mut events = [EpollEvent::empty(); 3];
-        let n = match self.epoll.wait(&mut events, timeout) {
-            Ok(n) => n,
-            Err(nix::errno::Errno::EINTR) => 0,
-            Err(e) => {
-                self.cq.unpark();
-                return Err(DeviceError::Io {
-                    dev: self.name.clone(),
-                    what: "epoll_wait",
-                    source: e.into(),
-                });
-            }
-        };
-        self.cq.unpark();
-        // Only the fds that fired are read: a read of an idle eventfd is a
-        // wasted system call on every sleep.
-        for ev in &events[..n] {
-            match ev.data() {
-                EV_BELL => self.bell.ack(),
-                EV_CQ => self.cq.clear(),
-                _ => {
-                    let mut b = [0u8; 8];
-                    let _ = nix::unistd::read(self.stop_fd.as_raw_fd(), &mut b);
-                }
-            }
-        }
-        Ok(())
     }
 }

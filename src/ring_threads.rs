@@ -1,9 +1,11 @@
 //! The threads that drive the rings: a few, shared by every device (one
 //! per CPU by default), not one per LUN.
 //!
-//! Each thread holds an epoll set of its devices' own epoll fds (behind
-//! each sit the device's doorbell, completion eventfd and stop eventfd, see
-//! [`Device::poll_fd`]). It steps every device that has work, in turn,
+//! Each thread holds one epoll set with every fd of its devices (each
+//! device's doorbell, completion eventfd and stop eventfd, see
+//! [`Device::wake_fds`]), tagged with the device's slot and the fd's kind,
+//! so one epoll_wait says which device to wake and what to acknowledge.
+//! It steps every device that has work, in turn,
 //! until none has; then it sleeps. A device stays on the thread it was
 //! given (the least loaded when it came) for its whole life, so its ring
 //! has one writer and takes no lock.
@@ -16,7 +18,7 @@
 //! handed back to whoever waits for it ([`Served::wait`]) and dropped
 //! there, so closing an image never stalls the thread's other devices.
 
-use crate::device::{Device, Step};
+use crate::device::{Device, Step, Wake};
 use crossbeam_channel::{Receiver, Sender};
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 use nix::sys::eventfd::{EfdFlags, EventFd};
@@ -31,6 +33,16 @@ const LOOK: Duration = Duration::from_micros(50);
 
 /// The epoll token of a thread's own wake-up eventfd.
 const WAKE: u64 = u64::MAX;
+
+/// A device fd's epoll token: its slot, and its kind in the low bits.
+fn token(slot: usize, w: Wake) -> u64 {
+    ((slot as u64) << 2) | w.index()
+}
+
+/// The slot and kind a device fd's token stands for.
+fn untoken(t: u64) -> Option<(usize, Wake)> {
+    Some((usize::try_from(t >> 2).ok()?, Wake::from_index(t & 3)?))
+}
 
 /// The shared ring threads of a daemon.
 pub struct RingThreads {
@@ -159,6 +171,8 @@ fn spawn(n: usize, alive: &Arc<AtomicUsize>) -> std::io::Result<Arc<Thread>> {
 
 struct Slot {
     dev: Device,
+    /// The device's span (entered around each step), cloned once.
+    span: tracing::Span,
     back: Sender<Device>,
     /// Stepped each round; false while parked on its fd.
     active: bool,
@@ -236,14 +250,12 @@ impl Worker {
                     self.slots.len() - 1
                 }
             };
+            let span = dev.span().clone();
             {
-                let span = dev.span().clone();
                 let _g = span.enter();
-                if let Err(e) = self.epoll.add(
-                    dev.poll_fd(),
-                    EpollEvent::new(EpollFlags::EPOLLIN, i as u64),
-                ) {
+                if let Err(e) = self.watch(&dev, i) {
                     error!(error = %e, "cannot watch the device's fds; not served");
+                    self.unwatch(&dev);
                     self.load.fetch_sub(1, Ordering::Relaxed);
                     let _ = back.send(dev);
                     continue;
@@ -252,10 +264,26 @@ impl Worker {
             }
             self.slots[i] = Some(Slot {
                 dev,
+                span,
                 back,
                 active: true,
                 until: None,
             });
+        }
+    }
+
+    fn watch(&self, dev: &Device, slot: usize) -> nix::Result<()> {
+        for (fd, w) in dev.wake_fds() {
+            self.epoll
+                .add(fd, EpollEvent::new(EpollFlags::EPOLLIN, token(slot, w)))?;
+        }
+        Ok(())
+    }
+
+    fn unwatch(&self, dev: &Device) {
+        for (fd, _) in dev.wake_fds() {
+            // Fails only for an fd not (yet) watched.
+            let _ = self.epoll.delete(fd);
         }
     }
 
@@ -294,19 +322,15 @@ impl Worker {
                 let _ = nix::unistd::read(self.wake.as_raw_fd(), &mut b);
                 continue;
             }
-            let Some(Some(s)) = usize::try_from(token)
-                .ok()
-                .and_then(|i| self.slots.get_mut(i))
-            else {
+            let Some((i, w)) = untoken(token) else {
+                continue;
+            };
+            let Some(Some(s)) = self.slots.get_mut(i) else {
                 continue;
             };
             s.active = true;
             s.until = None;
-            if let Err(e) = s.dev.woken() {
-                let _g = s.dev.span().enter();
-                error!(error = %e, "device stopped");
-                // Its next step fails the same way and ends it.
-            }
+            s.dev.fired(w);
         }
     }
 
@@ -317,6 +341,7 @@ impl Worker {
             if !s.active && s.until.is_some_and(|u| u <= now) {
                 s.active = true;
                 s.until = None;
+                s.dev.unpark();
             }
         }
     }
@@ -325,28 +350,33 @@ impl Worker {
         let Some(s) = self.slots[i].as_mut().filter(|s| s.active) else {
             return;
         };
-        let span = s.dev.span().clone();
-        let _g = span.enter();
-        // A panic in one device's step must not take the thread's other
-        // devices with it: that device alone ends.
-        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| s.dev.step()));
-        match r {
-            Ok(Ok(Step::Busy)) => {}
-            Ok(Ok(Step::Idle(until))) => {
-                if s.dev.park() {
-                    s.active = false;
-                    s.until = until;
+        let ended = {
+            let _g = s.span.enter();
+            // A panic in one device's step must not take the thread's other
+            // devices with it: that device alone ends.
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| s.dev.step()));
+            match r {
+                Ok(Ok(Step::Busy)) => false,
+                Ok(Ok(Step::Idle(until))) => {
+                    if s.dev.park() {
+                        s.active = false;
+                        s.until = until;
+                    }
+                    false
+                }
+                Ok(Ok(Step::Done)) => true,
+                Ok(Err(e)) => {
+                    error!(error = %e, "device stopped");
+                    true
+                }
+                Err(_) => {
+                    error!("device stopped: its worker step panicked");
+                    true
                 }
             }
-            Ok(Ok(Step::Done)) => self.finish(i),
-            Ok(Err(e)) => {
-                error!(error = %e, "device stopped");
-                self.finish(i);
-            }
-            Err(_) => {
-                error!("device stopped: its worker step panicked");
-                self.finish(i);
-            }
+        };
+        if ended {
+            self.finish(i);
         }
     }
 
@@ -354,7 +384,7 @@ impl Worker {
         let Some(s) = self.slots[i].take() else {
             return;
         };
-        let _ = self.epoll.delete(s.dev.poll_fd());
+        self.unwatch(&s.dev);
         self.load.fetch_sub(1, Ordering::Relaxed);
         // Dropped by the waiter, not here: closing a backend can take a
         // while (an rbd image releases its lock).
