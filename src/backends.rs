@@ -13,8 +13,22 @@ use std::path::Path;
 use std::sync::Arc;
 use tcmu_handler::Backend;
 
-/// Threads a file backend runs I/O on.
-pub const FILE_THREADS: usize = 4;
+/// Threads that run the I/O of all the daemon's file LUNs together
+/// ([`file_pool`]): a bound, not a number per LUN.
+pub const FILE_THREADS: usize = 8;
+
+/// The daemon's one pool of file I/O threads, started with the first file
+/// LUN.
+pub fn file_pool() -> std::io::Result<Arc<tcmu_handler::file::FilePool>> {
+    static POOL: std::sync::OnceLock<Arc<tcmu_handler::file::FilePool>> =
+        std::sync::OnceLock::new();
+    if let Some(p) = POOL.get() {
+        return Ok(p.clone());
+    }
+    let p = tcmu_handler::file::FilePool::new(FILE_THREADS)?;
+    // Two first LUNs at once: the loser's pool ends here, unused.
+    Ok(POOL.get_or_init(|| p).clone())
+}
 
 /// A handler this daemon serves.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -86,11 +100,13 @@ pub fn open(
     match subtype {
         "file" => {
             let path = file_path(cfgstring)?;
-            let b = tcmu_handler::file::FileBackend::open(
+            let pool = file_pool()
+                .map_err(|e| OpenError::Open(format!("cannot start file I/O threads: {e}")))?;
+            let b = tcmu_handler::file::FileBackend::open_in(
                 Path::new(path),
                 Some(size),
                 block_size,
-                FILE_THREADS,
+                pool,
             )
             .map_err(|e| OpenError::Open(e.to_string()))?;
             Ok(Arc::new(b))

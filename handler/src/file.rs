@@ -1,7 +1,9 @@
 //! A backend on a regular file or a block device.
 //!
-//! A small pool of threads runs positional vectored I/O (preadv/pwritev2)
-//! straight on the command's buffers, so the ring worker never blocks.
+//! A pool of threads ([`FilePool`]) runs positional vectored I/O
+//! (preadv/pwritev2) straight on the command's buffers, so the ring worker
+//! never blocks. The daemon shares one pool between all its file LUNs, so
+//! their threads are bounded however many LUNs there are.
 //! COMPARE AND WRITE is emulated with read, compare and write under an
 //! exclusive lock that ordinary writes take shared, which makes it atomic
 //! against every write that goes through this backend.
@@ -50,22 +52,100 @@ struct Inner {
     caw_lock: RwLock<()>,
 }
 
+/// One queued operation, with the file it is for.
+type Job = (Arc<Inner>, Op, Done);
+
+/// Threads that run file I/O for the backends given it. Operations of all
+/// its backends share the threads (one slow file can delay another's I/O
+/// while every thread waits on it: give such a file its own pool).
+pub struct FilePool {
+    tx: Option<Sender<Job>>,
+    workers: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl FilePool {
+    /// A pool of `threads` threads (at least one), named `file-io-N`.
+    pub fn new(threads: usize) -> std::io::Result<Arc<Self>> {
+        let (tx, rx) = crossbeam_channel::unbounded::<Job>();
+        let mut pool = FilePool {
+            tx: Some(tx),
+            workers: Vec::new(),
+        };
+        for i in 0..threads.max(1) {
+            let rx = rx.clone();
+            // On error, dropping `pool` ends the threads started so far.
+            let h = std::thread::Builder::new()
+                .name(format!("file-io-{i}"))
+                .spawn(move || {
+                    for (inner, op, done) in rx {
+                        done.complete(inner.run(op));
+                    }
+                })?;
+            pool.workers.push(h);
+        }
+        Ok(Arc::new(pool))
+    }
+
+    /// Its threads.
+    pub fn threads(&self) -> usize {
+        self.workers.len()
+    }
+
+    fn submit(&self, inner: &Arc<Inner>, op: Op, done: Done) {
+        match &self.tx {
+            Some(tx) => {
+                if let Err(e) = tx.send((inner.clone(), op, done)) {
+                    let (_, _, done) = e.into_inner();
+                    done.complete(Err(IoError::errno(libc::ENODEV, "backend closed")));
+                }
+            }
+            None => done.complete(Err(IoError::errno(libc::ENODEV, "backend closed"))),
+        }
+    }
+}
+
+impl Drop for FilePool {
+    fn drop(&mut self) {
+        // Closing the channel lets the workers finish queued work and exit.
+        self.tx.take();
+        let me = std::thread::current().id();
+        for w in self.workers.drain(..) {
+            if w.thread().id() != me {
+                let _ = w.join();
+            }
+        }
+    }
+}
+
 /// A LUN stored in a file or block device.
 pub struct FileBackend {
     inner: Arc<Inner>,
-    tx: Option<Sender<(Op, Done)>>,
-    workers: Vec<std::thread::JoinHandle<()>>,
+    pool: Arc<FilePool>,
 }
 
 impl FileBackend {
     /// Opens `path` as a LUN of `size` bytes (a regular file is extended,
     /// sparsely, if shorter; `None` takes the file's own size), served by
-    /// `threads` I/O threads.
+    /// `threads` I/O threads of its own.
     pub fn open(
         path: &Path,
         size: Option<u64>,
         block_size: u32,
         threads: usize,
+    ) -> Result<Self, FileOpenError> {
+        let pool = FilePool::new(threads).map_err(|source| FileOpenError::Open {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::open_in(path, size, block_size, pool)
+    }
+
+    /// As [`open`](Self::open), served by the threads of `pool`.
+    pub fn open_in(
+        path: &Path,
+        size: Option<u64>,
+        block_size: u32,
+        pool: Arc<FilePool>,
     ) -> Result<Self, FileOpenError> {
         let open_err = |source| FileOpenError::Open {
             path: path.to_owned(),
@@ -108,36 +188,7 @@ impl FileBackend {
             is_block,
             caw_lock: RwLock::new(()),
         });
-        let (tx, rx) = crossbeam_channel::unbounded::<(Op, Done)>();
-        let mut workers = Vec::new();
-        for i in 0..threads.max(1) {
-            let rx = rx.clone();
-            let inner = inner.clone();
-            let h = std::thread::Builder::new()
-                .name(format!("file-io-{i}"))
-                .spawn(move || {
-                    for (op, done) in rx {
-                        done.complete(inner.run(op));
-                    }
-                })
-                .map_err(open_err)?;
-            workers.push(h);
-        }
-        Ok(FileBackend {
-            inner,
-            tx: Some(tx),
-            workers,
-        })
-    }
-}
-
-impl Drop for FileBackend {
-    fn drop(&mut self) {
-        // Closing the channel lets the workers finish queued work and exit.
-        self.tx.take();
-        for w in self.workers.drain(..) {
-            let _ = w.join();
-        }
+        Ok(FileBackend { inner, pool })
     }
 }
 
@@ -438,14 +489,6 @@ impl Backend for FileBackend {
         }
     }
     fn submit(&self, op: Op, done: Done) {
-        match &self.tx {
-            Some(tx) => {
-                if let Err(e) = tx.send((op, done)) {
-                    let (_, done) = e.into_inner();
-                    done.complete(Err(IoError::errno(libc::ENODEV, "backend closed")));
-                }
-            }
-            None => done.complete(Err(IoError::errno(libc::ENODEV, "backend closed"))),
-        }
+        self.pool.submit(&self.inner, op, done);
     }
 }

@@ -258,9 +258,13 @@ impl Slot {
             .read_conf(e.key.conf.as_deref())
             .map_err(|x| format!("ceph config: {x}"))?;
         // A client that only talks to the mon and the mgr: one messenger
-        // thread is plenty.
+        // thread and one completion thread (librados' io_context pool,
+        // 2 by default) are plenty; there is one such client per image.
         let b = b
             .set("ms_async_op_threads", "1")
+            .map_err(|x| x.to_string())?;
+        let b = b
+            .set("librados_thread_count", "1")
             .map_err(|x| x.to_string())?;
         let b = b
             .set("client_mount_timeout", "10")

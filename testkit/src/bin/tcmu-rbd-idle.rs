@@ -153,9 +153,16 @@ fn main() {
     }
     for i in 0..n_file {
         let name = format!("file{i:03}");
+        // The daemon's shared file I/O pool, as backends::open uses it.
+        let pool = tcmu_rbd::backends::file_pool().unwrap_or_else(|e| die(&e.to_string()));
         let b: Arc<dyn Backend> = Arc::new(
-            tcmu_handler::file::FileBackend::open(&dir.path().join(&name), Some(SIZE), 512, 4)
-                .unwrap_or_else(|e| die(&e.to_string())),
+            tcmu_handler::file::FileBackend::open_in(
+                &dir.path().join(&name),
+                Some(SIZE),
+                512,
+                pool,
+            )
+            .unwrap_or_else(|e| die(&e.to_string())),
         );
         let (emu, dev) = device(&name, "file", b);
         reg.adopt(spec(&name, "file"), dev)
