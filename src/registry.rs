@@ -157,10 +157,11 @@ struct Running {
 pub struct Registry {
     devices: Mutex<HashMap<String, Running>>,
     /// Devices being opened (outside the `devices` lock: an rbd open is
-    /// cluster round trips, up to the mount timeout) and whether a
-    /// [`Registry::remove`] came for them meanwhile. Locked after
+    /// cluster round trips, up to the mount timeout). Locked after
     /// `devices`, never before.
-    opening: Mutex<HashMap<String, bool>>,
+    opening: Mutex<std::collections::HashSet<String>>,
+    /// Signalled when an open ends (a removal of it waits for that).
+    opened: std::sync::Condvar,
     /// tcmu.conf's `idle_poll_us`, followed by every device opened here.
     idle_poll: IdlePoll,
     /// Failover managers of removed devices, stopping in the background
@@ -231,30 +232,24 @@ impl Registry {
         {
             let devs = self.devices.lock().map_err(|_| poisoned(&spec.name))?;
             let mut opening = self.opening.lock().map_err(|_| poisoned(&spec.name))?;
-            if devs.contains_key(&spec.name) || opening.contains_key(&spec.name) {
+            if devs.contains_key(&spec.name) || opening.contains(&spec.name) {
                 info!(dev = %spec.name, "already served");
                 return Ok(());
             }
-            opening.insert(spec.name.clone(), false);
+            opening.insert(spec.name.clone());
         }
         let keep_pr = self.keep_ha_pr.load(std::sync::atomic::Ordering::Relaxed);
         let opened = open_device(&spec, &self.idle_poll, keep_pr, &self.copy, &self.rings);
         let mut devs = self.devices.lock().unwrap_or_else(|e| e.into_inner());
-        let removed = self
-            .opening
+        let r = opened.map(|running| {
+            devs.insert(spec.name.clone(), running);
+        });
+        self.opening
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .remove(&spec.name)
-            .unwrap_or(false);
-        let running = opened?;
-        if removed {
-            drop(devs);
-            info!(dev = %spec.name, "removed while it was opening");
-            self.retire(&spec.name, running);
-            return Ok(());
-        }
-        devs.insert(spec.name.clone(), running);
-        Ok(())
+            .remove(&spec.name);
+        self.opened.notify_all();
+        r
     }
 
     /// Serves a device built elsewhere (the emulator, in tests) as if it
@@ -301,28 +296,28 @@ impl Registry {
 
     /// Stops serving `name`: in-flight commands are drained first.
     pub fn remove(&self, name: &str) -> bool {
-        let r = {
+        loop {
             let Ok(mut devs) = self.devices.lock() else {
                 return false;
             };
-            let r = devs.remove(name);
-            if r.is_none() {
-                // Still opening: the opener stops it when the open ends.
-                let mut opening = self.opening.lock().unwrap_or_else(|e| e.into_inner());
-                if let Some(removed) = opening.get_mut(name) {
-                    *removed = true;
-                    info!(dev = %name, "removal asked while opening");
-                    return true;
-                }
-            }
-            r
-        };
-        match r {
-            Some(r) => {
+            if let Some(r) = devs.remove(name) {
+                drop(devs);
                 self.retire(name, r);
-                true
+                return true;
             }
-            None => false,
+            let opening = self.opening.lock().unwrap_or_else(|e| e.into_inner());
+            if !opening.contains(name) {
+                return false;
+            }
+            // Being opened: wait for the open to end (the kernel must not
+            // tear the device down under a half-made mapping), then remove
+            // whatever it left.
+            drop(devs);
+            info!(dev = %name, "removal waits for the device's open to end");
+            let _g = self
+                .opened
+                .wait_while(opening, |o| o.contains(name))
+                .unwrap_or_else(|e| e.into_inner());
         }
     }
 
