@@ -9,4 +9,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/deps.sh
-VM_SUITES=compare VM_KEEP=${VM_KEEP:-1} exec scripts/test-vm.sh
+VM_SUITES=${VM_SUITES:-compare} VM_KEEP=${VM_KEEP:-1} exec scripts/test-vm.sh

@@ -33,6 +33,11 @@
 #                        and tcmu-rbd, alternated, with the CPU time per I/O
 #                        of the serving process, of fio and of the whole
 #                        guest (table in compare.txt)
+#               multi    (not in the default suites: a benchmark,
+#                        VM_SUITES=multi scripts/bench-vm.sh) four rbd LUNs
+#                        on one daemon, fio 4K QD32 on one alone then on all
+#                        four, tcmu-rbd and tcmu-runner alternated
+#                        (vm/guest-multi.sh; table in multi.txt)
 #               mpath    two HA gateways of one rbd image, each its
 #                        own daemon (--devices) and tcm_loop target, grouped
 #                        by dm-multipath; fio with verification while the
@@ -89,7 +94,7 @@ case "$top/" in /tmp/*) die "the repository is under /tmp ($top), which the gues
 
 # What the guest build and the checks need, from Debian packages only.
 want_rbd=0
-case " $SUITES " in *" rbd "* | *" compare "* | *" targetcli "* | *" mpath"* | *"iscsi "* | *" gateway "* | *" xcopy_bench "* | *" scale "* | *" wholegw "*) want_rbd=1 ;; esac
+case " $SUITES " in *" rbd "* | *" compare "* | *" multi "* | *" targetcli "* | *" mpath"* | *"iscsi "* | *" gateway "* | *" xcopy_bench "* | *" scale "* | *" wholegw "*) want_rbd=1 ;; esac
 extra=()
 [ $want_rbd = 1 ] && extra=(ceph-mon ceph-osd ceph-common iproute2 tcmu-runner targetcli-fb
   python3-rtslib-fb dbus-daemon dbus-bin)
@@ -213,6 +218,7 @@ if [ $want_rbd = 1 ]; then
   rbd_ create --size 256M rbd/iscsi0
   rbd_ create --size 256M rbd/iscsi1
   case " $SUITES " in *" xcopy_bench "*) rbd_ create --size 1G rbd/xsrc && rbd_ create --size 1G rbd/xdst ;; esac
+  case " $SUITES " in *" multi "*) for i in 0 1 2 3; do rbd_ create --size 1G "rbd/multi$i"; done ;; esac
   # many_images PREFIX N: rbd/PREFIX000.. , N thin 64 MiB images, eight
   # rbd clients at a time.
   many_images() {

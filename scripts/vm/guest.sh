@@ -840,6 +840,10 @@ suite_compare() {
 # shellcheck source=scripts/vm/guest-wholegw.sh
 . "$TOP/scripts/vm/guest-wholegw.sh"
 
+# Four busy LUNs on one daemon (suite_multi, a benchmark).
+# shellcheck source=scripts/vm/guest-multi.sh
+. "$TOP/scripts/vm/guest-multi.sh"
+
 # What hundreds of LUNs cost on one daemon (suite_scale, not a default).
 # shellcheck source=scripts/vm/guest-scale.sh
 . "$TOP/scripts/vm/guest-scale.sh"
