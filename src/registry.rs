@@ -442,18 +442,25 @@ impl Registry {
     /// there (the kernel updates it before telling anyone), so online
     /// resize works even without the netlink channel.
     pub fn poll_resizes(&self) {
-        let todo: Vec<(String, u64)> = match self.devices.lock() {
+        // Listed under the lock, read outside it: configfs reads of
+        // hundreds of devices must not hold up status or removals.
+        let devices: Vec<(String, PathBuf, u64)> = match self.devices.lock() {
             Ok(devs) => devs
                 .values()
                 .filter_map(|r| {
-                    let dir = r.spec.configfs_dir.as_deref()?;
-                    let size = configfs::read_configfs(dir).size?;
-                    (size != r.size && size > 0).then(|| (r.spec.name.clone(), size))
+                    let dir = r.spec.configfs_dir.clone()?;
+                    Some((r.spec.name.clone(), dir, r.size))
                 })
                 .collect(),
             Err(_) => return,
         };
-        for (n, size) in todo {
+        for (n, dir, cur) in devices {
+            let Some(size) = configfs::read_configfs(&dir).size else {
+                continue;
+            };
+            if size == cur || size == 0 {
+                continue;
+            }
             if let Err(e) = self.resize(&n, size) {
                 warn!(dev = %n, error = %e, "resize refused");
             }

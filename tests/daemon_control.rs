@@ -270,3 +270,29 @@ fn an_ha_device_refuses_a_reconfigured_config_string() {
     assert_eq!(reg.spec("test").unwrap().cfgstring, "rbd/img");
     assert!(reg.remove("test"));
 }
+
+/// Without netlink the daemon applies a `dev_size` changed in configfs
+/// (the kernel writes it before telling anyone) at its next rescan.
+#[test]
+fn a_dev_size_changed_in_configfs_is_applied_without_netlink() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("attrib")).unwrap();
+    std::fs::write(dir.path().join("attrib/dev_size"), format!("{MIB}\n")).unwrap();
+    let (mut emu, ctl) = served_with(Some(dir.path().to_owned()));
+    let reg = ctl.registry().clone();
+    reg.poll_resizes();
+    assert_eq!(reg.spec("test").and_then(|s| s.size), Some(MIB));
+    // Past the end: refused with ILLEGAL REQUEST.
+    assert_eq!(
+        io(&mut emu, &rw16(false, 2048, 1), Data::FromDevice(512)).0,
+        2
+    );
+    std::fs::write(dir.path().join("attrib/dev_size"), format!("{}\n", 2 * MIB)).unwrap();
+    reg.poll_resizes();
+    assert_eq!(reg.spec("test").and_then(|s| s.size), Some(2 * MIB));
+    let pattern = vec![0x3cu8; 512];
+    let st = io(&mut emu, &rw16(true, 2048, 1), Data::ToDevice(&pattern)).0;
+    assert_eq!(st, 0, "the new end is writable");
+    let (st, _, data) = io(&mut emu, &rw16(false, 2048, 1), Data::FromDevice(512));
+    assert_eq!((st, &data[..]), (0, &pattern[..]));
+}
