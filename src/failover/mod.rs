@@ -143,9 +143,12 @@ pub struct FailoverOptions {
     pub idle_check: Duration,
 }
 
-/// How often a device that does not hold the lock looks up who does
-/// (status and metrics; a round trip to the OSD).
-pub const VIEW_EVERY: Duration = Duration::from_secs(30);
+/// How often a device that does not hold the lock looks up who does, when
+/// nobody asks (a round trip to the OSD, for the log). Status and metrics
+/// start a look themselves when theirs is older than [`VIEW_FRESH`], so
+/// this is only a net, kept rare: hundreds of idle standby LUNs each
+/// looking every 30 s kept the failover pool busy for nobody.
+pub const VIEW_EVERY: Duration = Duration::from_secs(300);
 /// A status asked for shows an owner seen at most this long ago (it
 /// starts a look when the last one is older).
 pub const VIEW_FRESH: Duration = Duration::from_secs(10);

@@ -20,7 +20,7 @@
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
 use tracing::{error, warn};
@@ -117,6 +117,10 @@ pub struct Supervisor {
     timed: Mutex<Vec<Weak<dyn Timed>>>,
     /// Set by [`nudge`](Self::nudge): look at every device now.
     nudged: Mutex<bool>,
+    /// A job was queued with no worker free: the timer thread must look
+    /// at the queue (the [`STALL`] rule) instead of sleeping until its
+    /// next device is due, which can be a minute away.
+    stall_check: AtomicBool,
     wake: Condvar,
     timer: OnceLock<()>,
 }
@@ -141,6 +145,7 @@ impl Supervisor {
             epoch: Instant::now(),
             timed: Mutex::new(Vec::new()),
             nudged: Mutex::new(false),
+            stall_check: AtomicBool::new(false),
             wake: Condvar::new(),
             timer: OnceLock::new(),
         })
@@ -158,6 +163,14 @@ impl Supervisor {
             self.spawn_worker();
         } else if !urgent {
             self.ensure_timer();
+            if free == 0 {
+                // Flag first, then notify under the timer's lock: the
+                // timer either sees the flag before it sleeps or is
+                // asleep when the notification comes.
+                self.stall_check.store(true, Ordering::SeqCst);
+                let _g = self.nudged.lock().unwrap_or_else(|e| e.into_inner());
+                self.wake.notify_one();
+            }
         }
     }
 
@@ -306,11 +319,12 @@ fn timer(sup: Weak<Supervisor>) {
             }
             earliest = earliest.min(*at);
         }
+        s.stall_check.store(false, Ordering::SeqCst);
         if s.unstall() {
             earliest = earliest.min(now + STALL);
         }
         let g = s.nudged.lock().unwrap_or_else(|e| e.into_inner());
-        if *g {
+        if *g || s.stall_check.load(Ordering::SeqCst) {
             continue;
         }
         let wait = earliest.saturating_duration_since(Instant::now());
