@@ -355,13 +355,5 @@ gw_round() { # LABEL ROUND
 
 suite_gateway() {
   pgrep -x iscsid >/dev/null || check gateway.iscsid t_iscsid || return 1
-  daemon_alive || check gateway.tcmu-rbd.start start_daemon || return 1
-  gw_round tcmu-rbd 1
-  check gateway.tcmu-rbd.stop stop_daemon || return 1
-  check gateway.tcmu-runner.start start_tcmu_runner || return 1
-  gw_round tcmu-runner 1
-  gw_round tcmu-runner 2
-  check gateway.tcmu-runner.stop stop_daemon || return 1
-  check gateway.tcmu-rbd.restart start_daemon || return 1
-  gw_round tcmu-rbd 2
+  abba gateway gw_round
 }

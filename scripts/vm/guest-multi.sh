@@ -98,14 +98,6 @@ PY
 }
 
 suite_multi() {
-  daemon_alive || check multi.tcmu-rbd.start start_daemon || return 1
-  mu_round tcmu-rbd 1
-  check multi.tcmu-rbd.stop stop_daemon || return 1
-  check multi.tcmu-runner.start start_tcmu_runner || return 1
-  mu_round tcmu-runner 1
-  mu_round tcmu-runner 2
-  check multi.tcmu-runner.stop stop_daemon || return 1
-  check multi.tcmu-rbd.restart start_daemon || return 1
-  mu_round tcmu-rbd 2
+  abba multi mu_round || return 1
   check multi.table mu_table
 }

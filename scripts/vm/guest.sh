@@ -745,6 +745,22 @@ bench_fio() { # LABEL ROUND [ARGS...]
     wait $fp || { why="fio ($rw) failed ($?)"; return 1; }
   done
 }
+# abba PREFIX ROUND_FN: the side-by-side benchmarks' round order,
+# ROUND_FN tcmu-rbd 1, tcmu-runner 1, tcmu-runner 2, tcmu-rbd 2 (a drift in
+# the host's load weighs on both daemons alike), each daemon started
+# before its rounds and stopped after; checks are named PREFIX.<daemon>.*.
+abba() {
+  local p=$1 f=$2
+  daemon_alive || check "$p.tcmu-rbd.start" start_daemon || return 1
+  "$f" tcmu-rbd 1
+  check "$p.tcmu-rbd.stop" stop_daemon || return 1
+  check "$p.tcmu-runner.start" start_tcmu_runner || return 1
+  "$f" tcmu-runner 1
+  "$f" tcmu-runner 2
+  check "$p.tcmu-runner.stop" stop_daemon || return 1
+  check "$p.tcmu-rbd.restart" start_daemon || return 1
+  "$f" tcmu-rbd 2
+}
 start_tcmu_runner() {
   mkdir -p "$OUT/tcmu-runner"
   tcmu-runner --tcmu-log-dir "$OUT/tcmu-runner" >>"$OUT/tcmu-runner/stdout.log" 2>&1 &
