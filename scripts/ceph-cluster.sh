@@ -78,7 +78,17 @@ logs_tail() {
 fail() {
   echo "ceph-cluster: $*" >&2
   logs_tail
+  # A full disk is the one cause the logs cannot tell: the daemons cannot
+  # write them.
+  df -h "$dir" >&2 2>/dev/null || true
   exit 1
+}
+
+# Free space where DIR lives, in GiB (rounded down).
+free_gib() {
+  local at=$1
+  while [ ! -d "$at" ]; do at=$(dirname "$at"); done
+  df -Pk "$at" | awk 'NR == 2 {print int($4 / 1048576)}'
 }
 
 # Waits up to $1 seconds for "$2..." to succeed.
@@ -145,6 +155,13 @@ do_start() {
       ceph-mon ceph-osd ceph-mgr ceph-common >/dev/null
   fi
   [ ! -e "$dir/ceph.conf" ] || die "$dir already holds a cluster (stop it first)"
+  # On a full disk the mon exits at once and cannot even write why (its
+  # log and stderr are files there), so say it here. The OSD's sparse
+  # block file fills as tests write: a few GiB for the test suite.
+  local free need=${CEPH_MIN_FREE_GB:-3}
+  free=$(free_gib "$dir")
+  [ "$free" -ge "$need" ] ||
+    die "only $free GiB free on the filesystem of $dir; a cluster needs $need GiB (CEPH_MIN_FREE_GB). Free some space: the mon does not start on a full disk."
   # mon.a must not exist before mkfs (it refuses a non-empty dir).
   mkdir -p "$dir"/{log,run,osd.0}
   local fsid osd_uuid

@@ -52,4 +52,7 @@ cargo build -p tcmu-rbd-testkit --bins
 # reach its goal); the timeout is the net for anything else.
 timeout 1200 target/debug/tcmu-rbd-chaos --rounds "${CHAOS_ROUNDS:-30}" --top "$PWD" \
   --gw-sim target/debug/tcmu-rbd-gw-sim --log-dir target/tmp/chaos
+# What the suite wrote to the OSD: the block file is sparse and never
+# shrinks, so this is the cluster's share of the disk.
+[ -e "$dir/osd.0/block" ] && echo "rbd: OSD block file holds $(du -h "$dir/osd.0/block" | cut -f1)"
 echo "rbd: PASS"

@@ -25,11 +25,17 @@ stage() {
   [ -n "$last" ] && times+=("$last $((now - tl)) s")
   last=$1; tl=$now
   [ "$1" = end ] && return
-  echo; echo "=== stage $1 ($((now - t0)) s elapsed)"
+  echo; echo "=== stage $1 ($((now - t0)) s elapsed, $(df -Ph . | awk 'NR == 2 {print $4}') free on disk)"
 }
 has() { [[ " $STAGES " == *" $1 "* ]]; }
 
 stage deps
+# The suite's builds and clusters take about 12 GiB; a full disk shows up
+# later as a mon that dies without a word, so warn here.
+free_gib=$(df -Pk . | awk 'NR == 2 {print int($4 / 1048576)}')
+if [ "$free_gib" -lt 12 ]; then
+  echo "WARNING: only $free_gib GiB free on this disk; the suite needs about 12 GiB (builds, fuzz, Ceph OSDs)"
+fi
 scripts/deps.sh
 # The packages of the rbd and vm stages, installed in the background while
 # lint and unit compile: on a fresh machine that is minutes of downloads

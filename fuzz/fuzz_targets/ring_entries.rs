@@ -4,10 +4,8 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use std::sync::Arc;
 use tcmu_rbd_testkit::emulator::{KernelEmu, Layout};
 use tcmu_rbd::ring::abi::*;
-use tcmu_rbd::ring::shm::SharedMem;
 use tcmu_rbd::ring::{Completion, Entry, Ring};
 
 fuzz_target!(|data: &[u8]| {
