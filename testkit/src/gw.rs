@@ -135,6 +135,12 @@ impl Gw {
         tag
     }
 
+    /// Sends `cmd` to LUN `lun` of a gateway serving several (`@K`);
+    /// returns its tag.
+    pub fn send_to(&mut self, lun: usize, cmd: &str) -> String {
+        self.send(&format!("@{lun} {cmd}"))
+    }
+
     /// Takes the replies that arrive within `wait` (at least one, if any).
     pub fn take_lines(&mut self, wait: Duration) {
         if let Ok(l) = self.rx.recv_timeout(wait) {
@@ -219,6 +225,15 @@ impl Gw {
         let list = r
             .strip_prefix("ok ")
             .ok_or_else(|| format!("{}: read {lba}+{n} failed: {r}", self.name))?;
+        Ok(list.split(',').map(parse_read_entry).collect())
+    }
+
+    /// As [`read_blocks`](Self::read_blocks), on LUN `lun`.
+    pub fn read_blocks_on(&mut self, lun: usize, lba: u64, n: u64) -> Result<Vec<Block>, String> {
+        let r = self.call(&format!("@{lun} read {lba} {n}"));
+        let list = r
+            .strip_prefix("ok ")
+            .ok_or_else(|| format!("{} LUN {lun}: read {lba}+{n} failed: {r}", self.name))?;
         Ok(list.split(',').map(parse_read_entry).collect())
     }
 

@@ -32,8 +32,26 @@ pub fn rss_trimmed_kib() -> u64 {
     status("VmRSS:")
 }
 
+/// Bytes the allocator has handed out and not had back, over every arena
+/// (small chunks and mmapped large ones): a leak shows here byte for
+/// byte, where RSS hides it in heap pages that were already resident.
+pub fn heap_in_use() -> u64 {
+    // SAFETY: mallinfo2 only reads the allocator's counters.
+    let m = unsafe { libc::mallinfo2() };
+    (m.uordblks + m.hblkhd) as u64
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn heap_in_use_counts_a_live_allocation() {
+        let before = super::heap_in_use();
+        let v = vec![1u8; 1 << 20];
+        let during = super::heap_in_use();
+        assert!(during >= before + (1 << 20), "{before} -> {during}");
+        drop(v);
+    }
+
     #[test]
     fn reads_this_process() {
         assert!(super::threads() >= 1);

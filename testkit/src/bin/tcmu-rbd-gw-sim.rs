@@ -20,8 +20,12 @@
 //! filler, so a read tells exactly which write a block holds. Logs go to
 //! stderr. EOF on stdin stops the gateway.
 //!
-//! tcmu-rbd-gw-sim --cfg CFGSTRING --size BYTES --group 1|2 [--name NAME]
-//!                 [--holdoff-ms N]
+//! `--cfg` given more than once serves one LUN per image, as a gateway
+//! does (one process, so one rados client for all of them); `TAG @K CMD`
+//! sends CMD to LUN K (the K-th `--cfg`, from 0), plain `TAG CMD` to LUN 0.
+//!
+//! tcmu-rbd-gw-sim --cfg CFGSTRING [--cfg CFGSTRING ...] --size BYTES
+//!                 --group 1|2 [--name NAME] [--holdoff-ms N]
 
 use nix::poll::{PollFd, PollFlags, PollTimeout};
 use std::collections::{HashMap, VecDeque};
@@ -43,7 +47,7 @@ const MAGIC: &[u8; 8] = b"ALUAGWBK";
 
 fn usage() -> ! {
     eprintln!(
-        "usage: tcmu-rbd-gw-sim --cfg CFGSTRING --size BYTES --group 1|2 [--name NAME] [--holdoff-ms N]"
+        "usage: tcmu-rbd-gw-sim --cfg CFGSTRING [--cfg CFGSTRING ...] --size BYTES --group 1|2 [--name NAME] [--holdoff-ms N]"
     );
     std::process::exit(2)
 }
@@ -203,7 +207,7 @@ fn main() {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .init();
-    let mut cfg = None;
+    let mut cfgs = Vec::new();
     let mut size = None;
     let mut group: u16 = 1;
     let mut name = None;
@@ -212,7 +216,7 @@ fn main() {
     while let Some(a) = args.next() {
         let mut val = || args.next().unwrap_or_else(|| usage());
         match a.as_str() {
-            "--cfg" => cfg = Some(val()),
+            "--cfg" => cfgs.push(val()),
             "--size" => size = val().parse::<u64>().ok(),
             "--group" => group = val().parse().unwrap_or_else(|_| usage()),
             "--name" => name = Some(val()),
@@ -222,14 +226,12 @@ fn main() {
             _ => usage(),
         }
     }
-    let (Some(cfg), Some(size)) = (cfg, size) else {
-        usage()
-    };
-    if group != 1 && group != 2 {
+    let Some(size) = size else { usage() };
+    if cfgs.is_empty() || (group != 1 && group != 2) {
         usage()
     }
     let name = name.unwrap_or_else(|| format!("gw{group}"));
-    if let Err(e) = serve(&name, &cfg, size, group, opts) {
+    if let Err(e) = serve(&name, &cfgs, size, group, opts) {
         eprintln!("{name}: {e}");
         std::process::exit(1);
     }
@@ -237,38 +239,75 @@ fn main() {
 
 fn serve(
     name: &str,
-    cfg: &str,
+    cfgs: &[String],
     size: u64,
     group: u16,
     opts: FailoverOptions,
 ) -> Result<(), String> {
-    let (rbd, fo, alua) = open_gateway(name, cfg, size, group, opts)?;
-    // The daemon's ring threads, as it serves its devices.
-    let rings = RingThreads::new(1);
-    let (mut emu, stop, worker) = start_device(name, fo.backend(), alua, &rings)?;
-    let mut host = Host {
-        group,
-        buf: Vec::new(),
-        waiting: VecDeque::new(),
-        inflight: HashMap::new(),
-        eof: false,
-    };
+    // The daemon's ring threads, as it serves its devices: one for the
+    // one-LUN drills (as before), two (this host's CPUs) for a gateway.
+    let rings = RingThreads::new(if cfgs.len() > 1 { 2 } else { 1 });
+    // A gateway's LUNs take small writes here: a small data area each
+    // keeps 64 of them light.
+    let data_size = if cfgs.len() > 1 { 2 << 20 } else { 16 << 20 };
+    let mut luns = Vec::with_capacity(cfgs.len());
+    for (k, cfg) in cfgs.iter().enumerate() {
+        // The one-LUN drills keep their device name (their logs say it).
+        let dev = if cfgs.len() > 1 {
+            format!("{name}-{k}")
+        } else {
+            name.to_string()
+        };
+        let (rbd, fo, alua) = open_gateway(&dev, cfg, size, group, opts)?;
+        let (emu, stop, worker) = start_device(&dev, fo.backend(), alua, &rings, data_size)?;
+        luns.push(Lun {
+            rbd,
+            fo,
+            emu,
+            stop,
+            worker,
+            host: Host {
+                group,
+                waiting: VecDeque::new(),
+                inflight: HashMap::new(),
+            },
+        });
+    }
+    let mut buf = Vec::new();
+    let mut eof = false;
     let stdin = std::io::stdin();
-    while !(host.eof && host.waiting.is_empty() && host.inflight.is_empty()) {
-        if wait_input(&emu, &stdin, host.eof) {
-            host.read_stdin(&stdin, &fo, &rbd);
+    while !(eof && luns.iter().all(|l| l.host.idle())) {
+        if wait_input(&luns, &stdin, eof) {
+            eof |= read_stdin(&stdin, &mut buf, &mut luns);
         }
-        host.queue_waiting(&mut emu);
-        emu.ack_doorbell();
-        if let Err(e) = host.reap(&mut emu) {
-            say(format!("- error ring: {e}"));
-            break;
+        for lun in &mut luns {
+            lun.host.queue_waiting(&mut lun.emu);
+            lun.emu.ack_doorbell();
+            if let Err(e) = lun.host.reap(&mut lun.emu) {
+                say(format!("- error ring: {e}"));
+                eof = true;
+                lun.host.inflight.clear();
+                lun.host.waiting.clear();
+            }
         }
     }
-    stop.stop();
-    drop(worker.wait());
-    drop(fo);
+    for lun in luns {
+        lun.stop.stop();
+        drop(lun.worker.wait());
+        drop(lun.fo);
+    }
     Ok(())
+}
+
+/// One LUN of the gateway: its image, failover manager, emulated kernel
+/// side and device.
+struct Lun {
+    rbd: Arc<RbdBackend>,
+    fo: Failover,
+    emu: KernelEmu,
+    stop: tcmu_rbd::device::Stopper,
+    worker: Worker,
+    host: Host,
 }
 
 /// The rbd image behind the failover manager, with this gateway's port
@@ -302,9 +341,10 @@ fn start_device(
     backend: Arc<dyn tcmu_handler::Backend>,
     alua: SharedAlua,
     rings: &RingThreads,
+    data_size: usize,
 ) -> Result<(KernelEmu, tcmu_rbd::device::Stopper, Worker), String> {
     let emu = KernelEmu::with_layout(Layout {
-        data_size: 16 << 20,
+        data_size,
         ..Layout::default()
     })
     .map_err(|e| e.to_string())?;
@@ -341,46 +381,78 @@ fn say(s: String) {
     let _ = o.flush();
 }
 
-/// Waits up to 100 ms for the doorbell or stdin; true if stdin is
+/// Waits up to 100 ms for a doorbell or stdin; true if stdin is
 /// readable.
-fn wait_input(emu: &KernelEmu, stdin: &std::io::Stdin, eof: bool) -> bool {
+fn wait_input(luns: &[Lun], stdin: &std::io::Stdin, eof: bool) -> bool {
     let sfd = stdin.as_fd();
-    let mut fds = vec![PollFd::new(emu.doorbell_fd(), PollFlags::POLLIN)];
+    let mut fds: Vec<PollFd> = luns
+        .iter()
+        .map(|l| PollFd::new(l.emu.doorbell_fd(), PollFlags::POLLIN))
+        .collect();
     if !eof {
         fds.push(PollFd::new(sfd, PollFlags::POLLIN));
     }
     let _ = nix::poll::poll(&mut fds, PollTimeout::from(100u16));
-    fds.get(1)
+    !eof && fds
+        .last()
         .is_some_and(|f| f.revents().is_some_and(|r| !r.is_empty()))
 }
 
-/// The driver's side of the ring: commands read from stdin, waiting for
-/// ring space, and in flight.
+/// Reads what stdin has and hands each complete line to its LUN; true at
+/// EOF.
+fn read_stdin(stdin: &std::io::Stdin, buf: &mut Vec<u8>, luns: &mut [Lun]) -> bool {
+    let mut chunk = [0u8; 65536];
+    let eof = match nix::unistd::read(stdin.as_raw_fd(), &mut chunk) {
+        Ok(0) => true,
+        Ok(n) => {
+            buf.extend_from_slice(&chunk[..n]);
+            false
+        }
+        Err(nix::errno::Errno::EINTR | nix::errno::Errno::EAGAIN) => false,
+        Err(_) => true,
+    };
+    while let Some(i) = buf.iter().position(|&b| b == b'\n') {
+        let line: Vec<u8> = buf.drain(..=i).collect();
+        let line = String::from_utf8_lossy(&line).trim().to_string();
+        if line.is_empty() {
+            continue;
+        }
+        // `TAG @K CMD...` goes to LUN K: the LUN's handler sees `TAG CMD...`.
+        let mut w = line.split_whitespace();
+        let tag = w.next().unwrap_or("?");
+        let rest: Vec<&str> = w.collect();
+        let (k, cmd) = match rest.first().and_then(|t| t.strip_prefix('@')) {
+            Some(k) => match k.parse::<usize>() {
+                Ok(k) => (k, &rest[1..]),
+                Err(_) => {
+                    say(format!("{tag} error bad LUN {k:?}"));
+                    continue;
+                }
+            },
+            None => (0, &rest[..]),
+        };
+        match luns.get_mut(k) {
+            Some(l) => {
+                let line = format!("{tag} {}", cmd.join(" "));
+                l.host.line(&line, &l.fo, &l.rbd);
+            }
+            None => say(format!("{tag} error no LUN {k}")),
+        }
+    }
+    eof
+}
+
+/// The driver's side of one LUN's ring: commands waiting for ring space,
+/// and in flight.
 struct Host {
     group: u16,
-    buf: Vec<u8>,
     waiting: VecDeque<Cmd>,
     inflight: HashMap<u16, Cmd>,
-    eof: bool,
 }
 
 impl Host {
-    /// Reads what stdin has and handles each complete line.
-    fn read_stdin(&mut self, stdin: &std::io::Stdin, fo: &Failover, rbd: &RbdBackend) {
-        let mut chunk = [0u8; 65536];
-        match nix::unistd::read(stdin.as_raw_fd(), &mut chunk) {
-            Ok(0) => self.eof = true,
-            Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
-            Err(nix::errno::Errno::EINTR | nix::errno::Errno::EAGAIN) => {}
-            Err(_) => self.eof = true,
-        }
-        while let Some(i) = self.buf.iter().position(|&b| b == b'\n') {
-            let line: Vec<u8> = self.buf.drain(..=i).collect();
-            let line = String::from_utf8_lossy(&line).trim().to_string();
-            if !line.is_empty() {
-                self.line(&line, fo, rbd);
-            }
-        }
+    fn idle(&self) -> bool {
+        self.waiting.is_empty() && self.inflight.is_empty()
     }
 
     /// A query (`state`, `client`) is answered at once; a SCSI command
