@@ -711,6 +711,8 @@ fn drill_whole_gateway_crash() {
             send_write(&mut a, k, &mut next, &mut pending);
         }
     }
+    // A moment for some of them to be acknowledged and the rest not.
+    std::thread::sleep(Duration::from_millis(15));
     // B's log is appended to across runs: its fences are what follows.
     let b_log_at = std::fs::metadata(&b.log).map_or(0, |m| m.len() as usize);
     a.signal(nix::sys::signal::Signal::SIGKILL);
