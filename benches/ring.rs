@@ -45,6 +45,7 @@ fn one(pattern: Pattern, qd: usize, secs: u64, spin: u32) -> Report {
         queue_depth: qd,
         duration: Duration::from_secs(secs),
         spin,
+        data_area: None,
     };
     // The emulated kernel answers at once, as the real one does.
     match run_with(ram, info, job, Some(Duration::from_millis(1))) {

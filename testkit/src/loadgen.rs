@@ -53,6 +53,10 @@ pub struct Job {
     pub duration: Duration,
     /// Worker spin turns before sleeping (see [`WorkerOptions::spin`]).
     pub spin: u32,
+    /// The ring's data area in bytes (`max_data_area_mb`); `None` for the
+    /// kernel's default. Commands that do not fit wait, as the kernel's
+    /// qfull queue holds them, until completions free space.
+    pub data_area: Option<usize>,
 }
 
 /// What a job measured.
@@ -234,7 +238,11 @@ fn start_worker(
     ),
     LoadError,
 > {
-    let emu = KernelEmu::with_layout(Layout::default())?;
+    let mut layout = Layout::default();
+    if let Some(d) = job.data_area {
+        layout.data_size = d;
+    }
+    let emu = KernelEmu::with_layout(layout)?;
     let ue = emu.user_end()?;
     let mem = ue.map()?;
     let mut dev = Device::new(

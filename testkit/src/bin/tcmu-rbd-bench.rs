@@ -80,6 +80,7 @@ fn main() {
                 queue_depth: qd,
                 duration: Duration::from_secs(secs),
                 spin,
+                data_area: None,
             };
             match run(Arc::clone(&be), info, job) {
                 Ok(r) => println!(

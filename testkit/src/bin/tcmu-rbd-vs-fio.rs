@@ -7,6 +7,10 @@
 //!                 [--seconds 10] [--repeat 3]
 //!                 [--cases randwrite:4k:32,randread:4k:32,write:64k:32,read:64k:32]
 //!
+//! A case's optional fourth field sets our ring's data area
+//! (`write:512k:32:8m`: ceph-iscsi's `max_data_area_mb=8`, so 16 such
+//! commands fit and the rest wait as in the kernel's qfull queue).
+//!
 //! Each case runs both `--repeat` times, alternating in ABBA order, and
 //! reports each figure's median, every run, and the ratios as the median
 //! of each round's ours/fio (the two runs of a round are back to back),
@@ -30,6 +34,10 @@ struct Case {
     pattern: Pattern,
     bs: usize,
     qd: usize,
+    /// Our ring's data area (`max_data_area_mb`), when the case sets one:
+    /// commands that do not fit wait as in the kernel's qfull queue. fio
+    /// has no such limit.
+    data_area: Option<usize>,
 }
 
 struct Measured {
@@ -80,7 +88,7 @@ impl Usage {
 fn usage() -> ! {
     eprintln!(
         "usage: tcmu-rbd-vs-fio --conf PATH [--pool rbd] [--image NAME] [--size 1G] \
-         [--seconds 10] [--repeat 3] [--direct] [--fio-defaults] [--spin N] [--cases rw:bs:qd,...]"
+         [--seconds 10] [--repeat 3] [--direct] [--fio-defaults] [--spin N] [--cases rw:bs:qd[:data_area],...]"
     );
     std::process::exit(2)
 }
@@ -274,6 +282,7 @@ fn ours(cfg: &str, size: u64, c: &Case, secs: u64, spin: u32) -> Result<Measured
         queue_depth: c.qd,
         duration: Duration::from_secs(secs),
         spin,
+        data_area: c.data_area,
     };
     let gen0 = thread_cpu();
     let r = run(Arc::clone(&be), info, job).map_err(|e| e.to_string())?;
@@ -379,12 +388,17 @@ impl Args {
             .split(',')
             .map(|c| {
                 let p: Vec<&str> = c.split(':').collect();
-                let [rw, bs, qd] = p.as_slice() else { usage() };
+                let (rw, bs, qd, area) = match p.as_slice() {
+                    [rw, bs, qd] => (rw, bs, qd, None),
+                    [rw, bs, qd, area] => (rw, bs, qd, Some(area)),
+                    _ => usage(),
+                };
                 Case {
                     rw: rw.to_string(),
                     pattern: rw.parse().unwrap_or_else(|e: String| fail(e)),
                     bs: parse_size(bs).unwrap_or_else(|| usage()) as usize,
                     qd: qd.parse().unwrap_or_else(|_| usage()),
+                    data_area: area.map(|a| parse_size(a).unwrap_or_else(|| usage()) as usize),
                 }
             })
             .collect();
@@ -462,7 +476,7 @@ fn print_header(a: &Args, real: u64) {
         a.repeat
     );
     println!(
-        "{:<10} {:>5} {:>3} | {:>9} {:>9} | {:>9} {:>9} | {:>6} {:>6} | {:>9} | {:>9}",
+        "{:<13} {:>5} {:>3} | {:>9} {:>9} | {:>9} {:>9} | {:>6} {:>6} | {:>9} | {:>9}",
         "pattern",
         "bs",
         "qd",
@@ -543,8 +557,11 @@ fn compare_case(a: &Args, c: &Case, cfg: &str, real: u64) {
         direct(cfg, real, c, a.secs).unwrap_or_else(|e| fail(format!("{}: direct: {e}", c.rw)))
     });
     println!(
-        "{:<10} {:>5} {:>3} | {:>9.0} {:>9.0} | {:>7.0}us {:>7.0}us | {:>6.3} {:>6.3} | {:>4.0}/{:<4.0} | {:>4.1}/{:<4.1}",
-        c.rw,
+        "{:<13} {:>5} {:>3} | {:>9.0} {:>9.0} | {:>7.0}us {:>7.0}us | {:>6.3} {:>6.3} | {:>4.0}/{:<4.0} | {:>4.1}/{:<4.1}",
+        match c.data_area {
+            Some(d) => format!("{}/{}m", c.rw, d >> 20),
+            None => c.rw.clone(),
+        },
         format!("{}k", c.bs / 1024),
         c.qd,
         o.iops,
