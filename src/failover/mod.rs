@@ -158,6 +158,12 @@ pub const VIEW_FRESH: Duration = Duration::from_secs(10);
 /// or once the device is older than [`GROUPS_YOUNG`] (a LUN served without
 /// groups; its first I/O takes the lock anyway).
 const GROUPS_EARLY: Duration = Duration::from_secs(1);
+/// The first look at the lock owner of a device that does not hold it
+/// comes this long after the manager starts, not at once: the look is
+/// for the log and for status (which starts one itself when asked), and
+/// at a restart hundreds of them at once compete with the opens for the
+/// CPU (under emulation, what bounds a restart).
+const VIEW_FIRST: Duration = Duration::from_secs(20);
 const GROUPS_LATER: Duration = Duration::from_secs(10);
 const GROUPS_YOUNG: Duration = Duration::from_secs(120);
 
@@ -744,8 +750,15 @@ impl Failover {
             mail: Mailbox::new(),
             timers: Mutex::new(Timers {
                 check: now,
-                groups: now,
-                view: now,
+                // The groups were just read to build the device's ALUA
+                // state: the first re-read can wait its interval.
+                groups: now
+                    + if alua.handle().group_ids().is_empty() {
+                        GROUPS_EARLY
+                    } else {
+                        GROUPS_LATER
+                    },
+                view: now + VIEW_FIRST,
                 last_ops: 0,
                 born: now,
             }),
@@ -898,6 +911,11 @@ impl Backend for Gated {
                         self.shared.flush_parked();
                     }
                     return;
+                }
+                // Or it ended before the check (a fast takeover on a
+                // worker while this thread was preempted): serve on it.
+                if let Some(gen) = self.shared.admitted_generation() {
+                    return self.shared.backend.submit_on(gen, op, done);
                 }
             }
             done.complete(Err(IoError::Fenced(format!(
