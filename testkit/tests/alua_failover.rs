@@ -597,6 +597,23 @@ fn send_write(
     next[k] += 1;
 }
 
+/// Waits briefly for replies from `gw`; takes the answered writes out of
+/// `pending`: (LUN, write, reply) each.
+fn answered(gw: &mut Gw, pending: &mut HashMap<String, (usize, u64)>) -> Vec<(usize, u64, String)> {
+    gw.take_lines(Duration::from_millis(20));
+    let done: Vec<String> = pending
+        .keys()
+        .filter(|t| gw.replies.contains_key(*t))
+        .cloned()
+        .collect();
+    done.into_iter()
+        .filter_map(|t| {
+            let (k, seq) = pending.remove(&t)?;
+            Some((k, seq, gw.replies.remove(&t).unwrap_or_default()))
+        })
+        .collect()
+}
+
 /// A whole gateway dies: N LUNs (N images) exported by two gateway
 /// processes, A holding every lock, writes in flight on four of them at
 /// `kill -9`. B takes every LUN over when I/O comes to it (as
@@ -693,15 +710,7 @@ fn drill_whole_gateway_crash() {
             pending.len(),
             a.log
         );
-        a.take_lines(Duration::from_millis(20));
-        let done: Vec<String> = pending
-            .keys()
-            .filter(|t| a.replies.contains_key(*t))
-            .cloned()
-            .collect();
-        for t in done {
-            let (k, seq) = pending.remove(&t).expect("pending");
-            let r = a.replies.remove(&t).unwrap_or_default();
+        for (k, seq, r) in answered(&mut a, &mut pending) {
             assert_eq!(r, "ok", "A, LUN {k}: write {seq} failed (log {})", a.log);
             acked[k].push(seq);
         }
@@ -711,8 +720,15 @@ fn drill_whole_gateway_crash() {
             send_write(&mut a, k, &mut next, &mut pending);
         }
     }
-    // A moment for some of them to be acknowledged and the rest not.
-    std::thread::sleep(Duration::from_millis(15));
+    // The kill comes as the first of them is acknowledged: some are, the
+    // rest are in flight (a fixed pause gave all or none, with the host's
+    // load deciding which).
+    let t_first = Instant::now();
+    while !pending.keys().any(|t| a.replies.contains_key(t))
+        && t_first.elapsed() < Duration::from_secs(10)
+    {
+        a.take_lines(Duration::from_millis(1));
+    }
     // B's log is appended to across runs: its fences are what follows.
     let b_log_at = std::fs::metadata(&b.log).map_or(0, |m| m.len() as usize);
     a.signal(nix::sys::signal::Signal::SIGKILL);
@@ -742,15 +758,7 @@ fn drill_whole_gateway_crash() {
             first_ok.iter().filter(|f| f.is_none()).count(),
             b.log
         );
-        b.take_lines(Duration::from_millis(20));
-        let done: Vec<String> = inflight
-            .keys()
-            .filter(|t| b.replies.contains_key(*t))
-            .cloned()
-            .collect();
-        for t in done {
-            let (k, seq) = inflight.remove(&t).expect("in flight");
-            let r = b.replies.remove(&t).unwrap_or_default();
+        for (k, seq, r) in answered(&mut b, &mut inflight) {
             if r == "ok" {
                 acked[k].push(seq);
                 first_ok[k].get_or_insert(t_kill.elapsed());
