@@ -152,18 +152,18 @@ pub const VIEW_EVERY: Duration = Duration::from_secs(300);
 /// A status asked for shows an owner seen at most this long ago (it
 /// starts a look when the last one is older).
 pub const VIEW_FRESH: Duration = Duration::from_secs(10);
-/// How often the ALUA groups are read again from configfs: often while a
-/// young device has none yet (ceph-iscsi creates them right after
-/// enabling the backstore), rarely once they exist (a gateway added later)
-/// or once the device is older than [`GROUPS_YOUNG`] (a LUN served without
-/// groups; its first I/O takes the lock anyway).
-const GROUPS_EARLY: Duration = Duration::from_secs(1);
 /// The first look at the lock owner of a device that does not hold it
 /// comes this long after the manager starts, not at once: the look is
 /// for the log and for status (which starts one itself when asked), and
 /// at a restart hundreds of them at once compete with the opens for the
 /// CPU (under emulation, what bounds a restart).
 const VIEW_FIRST: Duration = Duration::from_secs(20);
+/// How often the ALUA groups are read again from configfs: often while a
+/// young device has none yet (ceph-iscsi creates them right after
+/// enabling the backstore), rarely once they exist (a gateway added later)
+/// or once the device is older than [`GROUPS_YOUNG`] (a LUN served without
+/// groups; its first I/O takes the lock anyway).
+const GROUPS_EARLY: Duration = Duration::from_secs(1);
 const GROUPS_LATER: Duration = Duration::from_secs(10);
 const GROUPS_YOUNG: Duration = Duration::from_secs(120);
 

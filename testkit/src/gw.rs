@@ -189,11 +189,26 @@ impl Gw {
         self.wait_state_every(want, limit, Duration::from_millis(100))
     }
 
+    /// As [`wait_state`](Self::wait_state), on LUN `lun`.
+    pub fn wait_state_on(&mut self, lun: usize, want: &str, limit: Duration) -> String {
+        self.wait_state_of(lun, want, limit, Duration::from_millis(50))
+    }
+
     /// As [`wait_state`](Self::wait_state), asking every `every`.
     pub fn wait_state_every(&mut self, want: &str, limit: Duration, every: Duration) -> String {
+        self.wait_state_of(0, want, limit, every)
+    }
+
+    fn wait_state_of(
+        &mut self,
+        lun: usize,
+        want: &str,
+        limit: Duration,
+        every: Duration,
+    ) -> String {
         let t0 = Instant::now();
         loop {
-            let s = self.state();
+            let s = self.call(&format!("@{lun} state"));
             if s.contains(want) {
                 return s;
             }
@@ -221,11 +236,7 @@ impl Gw {
 
     /// Reads `n` blocks from `lba` through this gateway: what each holds.
     pub fn read_blocks(&mut self, lba: u64, n: u64) -> Result<Vec<Block>, String> {
-        let r = self.call(&format!("read {lba} {n}"));
-        let list = r
-            .strip_prefix("ok ")
-            .ok_or_else(|| format!("{}: read {lba}+{n} failed: {r}", self.name))?;
-        Ok(list.split(',').map(parse_read_entry).collect())
+        self.read_blocks_on(0, lba, n)
     }
 
     /// As [`read_blocks`](Self::read_blocks), on LUN `lun`.

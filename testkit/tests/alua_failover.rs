@@ -628,22 +628,13 @@ fn drill_whole_gateway_crash() {
     let imgs: Vec<TestImage> = (0..n)
         .map(|k| TestImage::new(&format!("alua-wg{k}"), 64 << 20))
         .collect();
-    let cfgs: Vec<String> = imgs.iter().map(|i| i.cfg(";osd_op_timeout=30")).collect();
-    let spawn_gw = |name: &str, group: u16| {
-        let mut extra = Vec::new();
-        for c in &cfgs[1..] {
-            extra.push("--cfg".to_string());
-            extra.push(c.clone());
-        }
-        let spec = GwSpec {
-            bin: env!("CARGO_BIN_EXE_tcmu-rbd-gw-sim").into(),
-            cfg: cfgs[0].clone(),
-            size: 64 << 20,
-            log_dir: format!("{}/alua-drills", env!("CARGO_TARGET_TMPDIR")),
-            extra,
-        };
-        Gw::spawn(&spec, name, group, "wholegw")
-    };
+    // LUN 0 is the first image; the others come as more `--cfg`s.
+    let extra: Vec<String> = imgs[1..]
+        .iter()
+        .flat_map(|i| ["--cfg".to_string(), i.cfg(";osd_op_timeout=30")])
+        .collect();
+    let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+    let spawn_gw = |name: &str, group: u16| spawn_with(name, group, &imgs[0], "wholegw", &extra);
     let t_open = Instant::now();
     let mut a = spawn_gw("A", 1);
     let mut b = spawn_gw("B", 2);
@@ -661,19 +652,11 @@ fn drill_whole_gateway_crash() {
     }
     // STPG answers at once; the lock follows.
     for k in 0..n {
-        let t0 = Instant::now();
-        loop {
-            let st = a.call(&format!("@{k} state"));
-            if st.contains("alua=active/optimized lock=mine") {
-                break;
-            }
-            assert!(
-                t0.elapsed() < Duration::from_secs(60),
-                "A, LUN {k}: never took the lock: {st} (log {})",
-                a.log
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        a.wait_state_on(
+            k,
+            "alua=active/optimized lock=mine",
+            Duration::from_secs(60),
+        );
     }
     eprintln!(
         "whole gateway: {n} LUNs open on both gateways and owned by A after {} ms",

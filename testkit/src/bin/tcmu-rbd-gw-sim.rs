@@ -277,10 +277,17 @@ fn serve(
     let mut eof = false;
     let stdin = std::io::stdin();
     while !(eof && luns.iter().all(|l| l.host.idle())) {
-        if wait_input(&luns, &stdin, eof) {
+        let (stdin_ready, fired) = wait_input(&luns, &stdin, eof);
+        if stdin_ready {
             eof |= read_stdin(&stdin, &mut buf, &mut luns);
         }
-        for lun in &mut luns {
+        // Only the LUNs with something to do: a doorbell, or commands
+        // waiting for ring space. A quiet 100 ms looks at them all.
+        let quiet = !stdin_ready && !fired.contains(&true);
+        for (lun, &rang) in luns.iter_mut().zip(&fired) {
+            if !rang && !quiet && lun.host.waiting.is_empty() {
+                continue;
+            }
             lun.host.queue_waiting(&mut lun.emu);
             lun.emu.ack_doorbell();
             if let Err(e) = lun.host.reap(&mut lun.emu) {
@@ -381,9 +388,9 @@ fn say(s: String) {
     let _ = o.flush();
 }
 
-/// Waits up to 100 ms for a doorbell or stdin; true if stdin is
-/// readable.
-fn wait_input(luns: &[Lun], stdin: &std::io::Stdin, eof: bool) -> bool {
+/// Waits up to 100 ms for a doorbell or stdin: whether stdin is
+/// readable, and which LUNs' doorbells rang.
+fn wait_input(luns: &[Lun], stdin: &std::io::Stdin, eof: bool) -> (bool, Vec<bool>) {
     let sfd = stdin.as_fd();
     let mut fds: Vec<PollFd> = luns
         .iter()
@@ -393,9 +400,9 @@ fn wait_input(luns: &[Lun], stdin: &std::io::Stdin, eof: bool) -> bool {
         fds.push(PollFd::new(sfd, PollFlags::POLLIN));
     }
     let _ = nix::poll::poll(&mut fds, PollTimeout::from(100u16));
-    !eof && fds
-        .last()
-        .is_some_and(|f| f.revents().is_some_and(|r| !r.is_empty()))
+    let ready = |f: &PollFd| f.revents().is_some_and(|r| !r.is_empty());
+    let fired = fds[..luns.len()].iter().map(ready).collect();
+    (!eof && fds.last().is_some_and(ready), fired)
 }
 
 /// Reads what stdin has and hands each complete line to its LUN; true at

@@ -70,16 +70,6 @@ fn die(msg: &str) -> ! {
 
 /// (name, utime+stime ticks) of every thread, digits at the end of the
 /// name dropped.
-/// The process's CPU time, every thread's, exited ones included.
-fn process_cpu() -> Duration {
-    // SAFETY: getrusage fills the struct it is given.
-    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: a valid pointer to a rusage.
-    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) };
-    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
-    tv(u.ru_utime) + tv(u.ru_stime)
-}
-
 fn thread_ticks() -> Vec<(String, u64)> {
     let mut out = Vec::new();
     let Ok(rd) = std::fs::read_dir("/proc/self/task") else {
@@ -136,7 +126,7 @@ fn main() {
     }
     eprintln!("{n_rbd} images made in {:.1} s", t0.elapsed().as_secs_f64());
     let t1 = Instant::now();
-    let cpu_open0 = process_cpu();
+    let cpu_open0 = tcmu_rbd_testkit::procself::process_cpu();
     for (i, img) in images.iter().enumerate() {
         let name = format!("rbd{i:03}");
         let ha = match open_rbd(
@@ -203,7 +193,7 @@ fn main() {
     // registration). Under emulation that CPU is what bounds a restart.
     eprintln!(
         "CPU from the first open to the end of the settle: {:.2} s",
-        (process_cpu() - cpu_open0).as_secs_f64()
+        (tcmu_rbd_testkit::procself::process_cpu() - cpu_open0).as_secs_f64()
     );
     let before = thread_ticks();
     let w0 = Instant::now();
