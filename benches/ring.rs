@@ -46,6 +46,7 @@ fn one(pattern: Pattern, qd: usize, secs: u64, spin: u32) -> Report {
         duration: Duration::from_secs(secs),
         spin,
         data_area: None,
+        max_transfer: None,
     };
     // The emulated kernel answers at once, as the real one does.
     match run_with(ram, info, job, Some(Duration::from_millis(1))) {

@@ -72,6 +72,11 @@
 #               VAR=value settings (space-separated), a candidate change
 #               measured beside the code as it is, in the same boot
 #   VM_COMPARE_B_BIN  (compare) the same with another daemon binary
+#   VM_COMPARE_JOBS   (compare) fio jobs RW:BS:QD (default "randwrite:4k:32
+#                     randread:4k:32"; e.g. "write:1m:8 read:1m:8")
+#   VM_COMPARE_ATTRS  (compare) more LUN control attributes, e.g.
+#                     ",hw_max_sectors=128" (LIO's default; the suite sets
+#                     1024) or ",max_data_area_mb=8" (ceph-iscsi's)
 #   VM_PROFILE  cargo profile of the daemon under test (default: release)
 #   VM_CACHE    initramfs cache (default: target/vm-cache), keyed on kernel
 #               version and the init script
@@ -172,6 +177,8 @@ VM_SCALE_CYCLES=${VM_SCALE_CYCLES:-50}
 VM_SCALE_CYCLE_S=${VM_SCALE_CYCLE_S:-420}
 COMPARE_B_ENV="${VM_COMPARE_B_ENV:-}"
 COMPARE_B_BIN="${VM_COMPARE_B_BIN:-}"
+COMPARE_JOBS="${VM_COMPARE_JOBS:-randwrite:4k:32 randread:4k:32}"
+COMPARE_ATTRS="${VM_COMPARE_ATTRS:-}"
 VM_WG_N=${VM_WG_N:-16}
 VM_WG_FIO=${VM_WG_FIO:-4}
 EOF
@@ -298,9 +305,17 @@ fi
 if [[ " $SUITES " == *" compare "* ]]; then
   b_side=0
   [ -n "${VM_COMPARE_B_ENV:-}${VM_COMPARE_B_BIN:-}" ] && b_side=1
-  if python3 - "$out" "$b_side" "${VM_COMPARE_B_ENV:-}${VM_COMPARE_B_BIN:+ bin=$VM_COMPARE_B_BIN}" <<'PY' | tee "$out/compare.txt"; then
+  if python3 - "$out" "$b_side" "${VM_COMPARE_B_ENV:-}${VM_COMPARE_B_BIN:+ bin=$VM_COMPARE_B_BIN}" \
+    "${VM_COMPARE_JOBS:-randwrite:4k:32 randread:4k:32}" "${VM_COMPARE_ATTRS:-}" <<'PY' | tee "$out/compare.txt"; then
 import json, sys, os, re
 out, b_side, b_what = sys.argv[1], sys.argv[2] == "1", sys.argv[3]
+def size(s):
+    return int(s[:-1]) << {"k": 10, "m": 20}[s[-1].lower()] if s[-1].lower() in "km" else int(s)
+jobs = []  # (name as in the file names, bytes per I/O)
+for j in sys.argv[4].split():
+    rw, bs, qd = j.split(":")
+    jobs.append((rw if (bs, qd) == ("4k", "32") else f"{rw}-{bs}-qd{qd}", size(bs)))
+attrs = sys.argv[5]
 TICK_US = 10000  # USER_HZ is 100 on Linux
 missing = []
 def snap(path):
@@ -350,10 +365,11 @@ def result(label, rw, rnd):
 paths = ["librbd", "tcmu-runner", "tcmu-rbd"] + (["tcmu-rbd-B"] if b_side else [])
 order = "tcmu-rbd, " + ("tcmu-rbd-B, " if b_side else "") + "librbd, tcmu-runner, tcmu-runner, librbd, " + \
     ("tcmu-rbd-B, " if b_side else "") + "tcmu-rbd"
-print("comparison: fio 4K QD32 in the guest on rbd/bench (1 GiB), same kernel and cluster; librbd = fio")
+print(f"comparison: fio {' '.join(n for n, _ in jobs)} in the guest on rbd/bench (1 GiB), same kernel and cluster; librbd = fio")
 print("ioengine=rbd (no TCMU, rbd_cache=false as both daemons set it), the others fio libaio direct via")
 print("tcm_loop; rounds " + order + ", 10 s each after 2 s of ramp.")
-print("IOPS: fio's, mean of 2 rounds. CPU in microseconds per I/O, over a 5 s window inside each run")
+print("LUN attributes: hw_max_sectors=1024" + attrs + " (a later value overrides an earlier one)")
+print("IOPS: fio's, mean of 2 rounds (MB/s where an I/O is over 4 KiB). CPU in microseconds per I/O, over a 5 s window inside each run")
 print("(both rounds: CPU time / I/Os the disk completed in the window; librbd: fio's rate x window):")
 print("  serving = the serving process (/proc/PID/stat utime+stime, all threads; librbd: fio's")
 print("  process, its job thread and librbd's), fio = fio's job process, guest = the whole guest's")
@@ -364,7 +380,7 @@ if b_side:
 print(f"  {'pattern':<10} {'path':<12} {'IOPS':>6} {'p99 ms':>7} {'serving':>8} {'(usr/sys)':>11} "
       f"{'fio':>6} {'guest':>6} {'kernel':>7} {'rest':>6}   per round IOPS (window)")
 rows, threads = {}, {}
-for rw in ("randwrite", "randread"):
+for rw, bsz in jobs:
     for label in paths:
         r = [result(label, rw, n) for n in (1, 2)]
         if None in r:
@@ -384,13 +400,15 @@ for rw in ("randwrite", "randread"):
         threads[(rw, label)] = th
         p99 = max(x["p99"] for x in r) / 1000
         rounds = " ".join(f"{x['iops']:.0f}({x['win_iops']:.0f})" for x in r)
+        if bsz > 4096:
+            rounds += f"  = {iops * bsz / 1e6:.1f} MB/s"
         print(f"  {rw:<10} {label:<12} {iops:>6.0f} {p99:>7.1f} {srv:>8.0f} {f'({su:.0f}/{ss:.0f})':>11} "
               f"{'=' if label == 'librbd' else f'{fio:.0f}':>6} {guest:>6.0f} {kern:>7.0f} {rest:>6.0f}   {rounds}")
 print("ratios (IOPS; serving CPU per I/O; guest CPU per I/O):")
 pairs = [("tcmu-rbd", "tcmu-runner"), ("tcmu-rbd", "librbd"), ("tcmu-runner", "librbd")]
 if b_side:
     pairs.insert(0, ("tcmu-rbd-B", "tcmu-rbd"))
-for rw in ("randwrite", "randread"):
+for rw, _ in jobs:
     for a, b in pairs:
         if (rw, a) in rows and (rw, b) in rows:
             x, y = rows[(rw, a)], rows[(rw, b)]

@@ -21,7 +21,7 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tcmu_handler::{Backend, CompletionQueue};
+use tcmu_handler::{Backend, CompletionQueue, IoBufs, Op};
 use tracing::{debug, error, info, warn};
 
 /// Why a device stopped or could not start.
@@ -148,6 +148,12 @@ pub struct Stats {
     pub ring_full: AtomicU64,
     /// Data-area bytes held by commands in flight (their buffers).
     pub data_in_use: AtomicU64,
+    /// Commands served by a merged backend operation (one read or write
+    /// for adjacent commands taken together; see
+    /// [`Backend::merge_limit`](tcmu_handler::Backend::merge_limit)).
+    pub merged_commands: AtomicU64,
+    /// Merged backend operations submitted.
+    pub merged_ops: AtomicU64,
     /// Size of the data area, bytes.
     pub data_area: AtomicU64,
     /// Time from taking a command off the ring to writing its completion.
@@ -322,7 +328,24 @@ pub struct Device {
     drain_deadline: Option<Instant>,
     /// The device's tracing span, entered around its steps.
     span: tracing::Span,
+    /// Reads and writes of the batch being taken, held back to be merged
+    /// with their neighbours (empty outside [`Device::turn`]'s dispatch).
+    staged: Vec<(u16, Op)>,
+    /// Gather reads and writes into `staged` (set while a batch is taken
+    /// and the backend merges).
+    staging: bool,
+    /// The members of each merged operation in flight, by group slot
+    /// (the operation's tag is [`GROUP_TAG`] | slot); free slots are
+    /// empty and listed in `free_groups`.
+    groups: Vec<Vec<u16>>,
+    free_groups: Vec<usize>,
 }
+
+/// Tag bit of a merged operation's completion (command tags are command
+/// ids, below 2^16).
+const GROUP_TAG: u64 = 1 << 32;
+/// The most iovecs in one merged operation (`IOV_MAX`).
+const MERGE_IOVECS: usize = 1024;
 
 /// What a device wants after one [`Device::step`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -342,6 +365,54 @@ const TRACK: usize = 3;
 const T_TAKEN: usize = 0;
 const T_SUBMITTED: usize = 1;
 const T_LEN: usize = 2;
+
+/// Where a staged read or write lies, to tell whether the next one
+/// continues it.
+#[derive(Clone, Copy)]
+struct Extent {
+    write: bool,
+    fua: bool,
+    offset: u64,
+    len: u64,
+    iovecs: usize,
+}
+
+impl Extent {
+    fn of(op: &Op) -> Option<Extent> {
+        let (write, fua, offset, bufs) = match op {
+            Op::Read { offset, bufs } => (false, false, *offset, bufs),
+            Op::Write { offset, bufs, fua } => (true, *fua, *offset, bufs),
+            _ => return None,
+        };
+        Some(Extent {
+            write,
+            fua,
+            offset,
+            len: bufs.len() as u64,
+            iovecs: bufs.iovecs().len(),
+        })
+    }
+
+    /// `next`'s extent when it starts where this run ends, in the same
+    /// direction and FUA as the run's `first`, and fits the limits.
+    fn joins(&self, next: &Op, first: Extent, limit: usize) -> Option<Extent> {
+        let e = Extent::of(next)?;
+        let joins = e.write == first.write
+            && e.fua == first.fua
+            && self.offset.checked_add(self.len) == Some(e.offset)
+            && self.len + e.len <= limit as u64
+            && self.iovecs + e.iovecs <= MERGE_IOVECS;
+        joins.then_some(e)
+    }
+}
+
+/// A staged read's or write's buffers (only those are staged).
+fn into_bufs(op: Op) -> IoBufs {
+    match op {
+        Op::Read { bufs, .. } | Op::Write { bufs, .. } => bufs,
+        _ => IoBufs::empty(),
+    }
+}
 
 /// Which of a device's fds fired ([`Device::wake_fds`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -429,6 +500,10 @@ impl Device {
             poll_until: None,
             drain_deadline: None,
             span: tracing::info_span!("dev", name = %name_for_span),
+            staged: Vec::new(),
+            staging: false,
+            groups: Vec::new(),
+            free_groups: Vec::new(),
         })
     }
 
@@ -535,8 +610,15 @@ impl Device {
             // One clock read per batch: a command's latency counts from
             // the poll that took it.
             let now = self.now_ns();
+            // With more than one command, reads and writes wait for the
+            // batch's end, to go out merged where they follow each other.
+            self.staging = n > 1 && self.backend.merge_limit() > 0;
             for e in entries.drain(..) {
                 self.dispatch(e, now);
+            }
+            if self.staging {
+                self.staging = false;
+                self.submit_staged(now);
             }
             self.check_full();
         }
@@ -641,6 +723,9 @@ impl Device {
     }
 
     fn finish(&mut self, c: tcmu_handler::Completion) {
+        if c.tag & GROUP_TAG != 0 {
+            return self.finish_group(c);
+        }
         let Ok(id) = u16::try_from(c.tag) else {
             error!(dev = %self.name, tag = c.tag, "completion with a bad tag dropped");
             return;
@@ -675,7 +760,11 @@ impl Device {
                     Err(op) => {
                         self.pending[id as usize] = Some(p);
                         self.track[TRACK * id as usize + T_SUBMITTED] = now;
-                        self.backend.submit(op, self.cq.done(u64::from(id)));
+                        if self.staging && matches!(op, Op::Read { .. } | Op::Write { .. }) {
+                            self.staged.push((id, op));
+                        } else {
+                            self.backend.submit(op, self.cq.done(u64::from(id)));
+                        }
                         return;
                     }
                 },
@@ -695,6 +784,107 @@ impl Device {
                     return;
                 }
             }
+        }
+    }
+
+    /// Submits the batch's staged reads and writes: each run of commands
+    /// in ring order whose ranges follow each other (same direction, same
+    /// FUA, within the backend's merge limit and [`MERGE_IOVECS`]) as one
+    /// operation, anything else on its own. Only neighbours in ring order
+    /// merge, so no two commands' operations are reordered: an initiator
+    /// that overlaps writes in flight sees them reach the backend in the
+    /// order it queued them, as without merging.
+    fn submit_staged(&mut self, now: u64) {
+        let limit = self.backend.merge_limit();
+        let mut staged = std::mem::take(&mut self.staged);
+        let mut it = staged.drain(..).peekable();
+        while let Some((id, op)) = it.next() {
+            let Some(first) = Extent::of(&op) else {
+                self.backend.submit(op, self.cq.done(u64::from(id)));
+                continue;
+            };
+            if it
+                .peek()
+                .and_then(|(_, next)| first.joins(next, first, limit))
+                .is_none()
+            {
+                self.backend.submit(op, self.cq.done(u64::from(id)));
+                continue;
+            }
+            let mut run = first;
+            let mut ids = vec![id];
+            let mut parts = vec![into_bufs(op)];
+            while let Some(e) = it
+                .peek()
+                .and_then(|(_, next)| run.joins(next, first, limit))
+            {
+                // Peeked just above: `next` is there.
+                let Some((nid, nop)) = it.next() else { break };
+                run.len += e.len;
+                run.iovecs += e.iovecs;
+                ids.push(nid);
+                parts.push(into_bufs(nop));
+            }
+            let bufs = IoBufs::concat(&parts);
+            drop(parts);
+            let op = if first.write {
+                Op::Write {
+                    offset: first.offset,
+                    bufs,
+                    fua: first.fua,
+                }
+            } else {
+                Op::Read {
+                    offset: first.offset,
+                    bufs,
+                }
+            };
+            add(&self.stats.merged_commands, ids.len() as u64);
+            bump(&self.stats.merged_ops);
+            for &m in &ids {
+                self.track[TRACK * m as usize + T_SUBMITTED] = now;
+            }
+            let slot = match self.free_groups.pop() {
+                Some(i) => {
+                    self.groups[i] = ids;
+                    i
+                }
+                None => {
+                    self.groups.push(ids);
+                    self.groups.len() - 1
+                }
+            };
+            self.backend
+                .submit(op, self.cq.done(GROUP_TAG | slot as u64));
+        }
+        drop(it);
+        // Keep the vector's room for the next batch.
+        self.staged = staged;
+    }
+
+    /// A merged operation finished: every command it served gets its
+    /// result, and goes on as it would have alone.
+    fn finish_group(&mut self, c: tcmu_handler::Completion) {
+        let slot = (c.tag & !GROUP_TAG) as usize;
+        let Some(ids) = self.groups.get_mut(slot).map(std::mem::take) else {
+            error!(dev = %self.name, tag = c.tag, "completion for no merged operation dropped");
+            return;
+        };
+        if ids.is_empty() {
+            error!(dev = %self.name, tag = c.tag, "completion for no merged operation dropped");
+            return;
+        }
+        self.free_groups.push(slot);
+        let now = self.now_ns();
+        for id in ids {
+            let Some(p) = self.pending.get_mut(id as usize).and_then(Option::take) else {
+                error!(dev = %self.name, cmd_id = id, "merged completion for no pending command dropped");
+                continue;
+            };
+            let submitted = self.track[TRACK * id as usize + T_SUBMITTED];
+            self.stats.backend.record(now.saturating_sub(submitted));
+            let o = self.lun.finish(p, c.result.clone());
+            self.advance(id, o, now);
         }
     }
 

@@ -157,6 +157,58 @@ impl IoBufs {
         Some(unsafe { IoBufs::from_raw(&segs, self._keep.clone()) })
     }
 
+    /// One view of `parts` back to back: the buffers of several commands
+    /// for one backend operation that serves them all (see
+    /// [`Backend::merge_limit`](crate::Backend::merge_limit)). Segments
+    /// that touch are joined (neighbouring commands often sit in
+    /// neighbouring data-area blocks), and every part's memory is kept
+    /// alive as long as the view.
+    pub fn concat(parts: &[IoBufs]) -> IoBufs {
+        let n: usize = parts.iter().map(|p| p.iovecs().len()).sum();
+        let mut segs: Vec<libc::iovec> = Vec::with_capacity(n);
+        let mut len = 0usize;
+        for p in parts {
+            len += p.len;
+            for v in p.iovecs() {
+                if v.iov_len == 0 {
+                    continue;
+                }
+                if let Some(last) = segs.last_mut() {
+                    if (last.iov_base as usize).wrapping_add(last.iov_len) == v.iov_base as usize {
+                        last.iov_len += v.iov_len;
+                        continue;
+                    }
+                }
+                segs.push(*v);
+            }
+        }
+        // One keep-alive when every part shares it (the ring's mapping);
+        // otherwise all of them.
+        let keep = match parts.first().and_then(|p| p._keep.as_ref()) {
+            Some(k0)
+                if parts
+                    .iter()
+                    .all(|p| p._keep.as_ref().is_some_and(|k| Arc::ptr_eq(k, k0))) =>
+            {
+                Some(Arc::clone(k0))
+            }
+            _ => {
+                let all: Vec<Option<KeepAlive>> = parts.iter().map(|p| p._keep.clone()).collect();
+                Some(Arc::new(all) as KeepAlive)
+            }
+        };
+        let iovs = if segs.len() == 1 {
+            Iovs::One([segs[0]])
+        } else {
+            Iovs::Many(segs.into_boxed_slice())
+        };
+        IoBufs {
+            iovs,
+            len,
+            _keep: keep,
+        }
+    }
+
     /// Copies bytes from `offset` into `dst`; returns how many were copied
     /// (less than `dst.len()` only at the end of the buffers).
     pub fn copy_out(&self, offset: usize, dst: &mut [u8]) -> usize {
@@ -357,6 +409,49 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn concat_joins_touching_segments_and_keeps_every_part_alive() {
+        // One 12-byte block split into three views, and a separate buffer.
+        let block = IoBufs::from_vec((0..12u8).collect());
+        let (a, b, c) = (
+            block.slice(0, 4).unwrap(),
+            block.slice(4, 4).unwrap(),
+            block.slice(8, 4).unwrap(),
+        );
+        let other = IoBufs::from_vec(vec![100, 101]);
+        let all = IoBufs::concat(&[a.clone(), b.clone(), other.clone(), c]);
+        assert_eq!(all.len(), 14);
+        // a and b touch (joined), then the other buffer, then c on its own.
+        assert_eq!(all.iovecs().len(), 3);
+        assert_eq!(
+            all.to_vec(),
+            [0, 1, 2, 3, 4, 5, 6, 7, 100, 101, 8, 9, 10, 11]
+        );
+        // Writing through the joined view lands in each part.
+        assert_eq!(all.copy_in(2, &[50, 51, 52, 53, 54, 55, 56, 57]), 8);
+        assert_eq!(a.to_vec(), [0, 1, 50, 51]);
+        assert_eq!(b.to_vec(), [52, 53, 54, 55]);
+        assert_eq!(other.to_vec(), [56, 57]);
+        // The parts' own keep-alives go; the joined view holds the memory.
+        let weak_other = Arc::downgrade(other._keep.as_ref().unwrap());
+        drop((block, a, b, other));
+        assert!(
+            weak_other.upgrade().is_some(),
+            "the view keeps its parts alive"
+        );
+        assert_eq!(all.to_vec()[8..10], [56, 57]);
+        drop(all);
+        assert!(weak_other.upgrade().is_none(), "and lets them go with it");
+        // Parts sharing one keep-alive share it in the joined view too.
+        let one = IoBufs::from_vec(vec![1; 8]);
+        let joined = IoBufs::concat(&[one.slice(0, 4).unwrap(), one.slice(4, 4).unwrap()]);
+        assert_eq!(joined.iovecs().len(), 1);
+        assert!(Arc::ptr_eq(
+            joined._keep.as_ref().unwrap(),
+            one._keep.as_ref().unwrap()
+        ));
     }
 
     #[test]

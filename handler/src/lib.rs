@@ -196,6 +196,17 @@ pub trait Backend: Send + Sync {
     fn try_inline(&self, op: Op) -> Result<IoResult, Op> {
         Err(op)
     }
+    /// The most bytes the ring worker may gather into one read or one
+    /// write from commands taken off the ring together for ranges that
+    /// follow each other (a large I/O that the initiator's block layer
+    /// split at the LUN's maximum transfer length arrives that way): one
+    /// backend operation then serves them all, and each of them completes
+    /// with its result. 0 (the default) submits every command on its own;
+    /// a backend whose every operation costs a network round trip (rbd)
+    /// gains by it.
+    fn merge_limit(&self) -> usize {
+        0
+    }
     /// Online resize to `size` bytes (the kernel's dev_size changed). A
     /// backend that cannot serve the new size refuses, and the LUN keeps
     /// its old capacity.

@@ -693,15 +693,15 @@ cpu_snap() {
     echo "task ${comm// /_} ${12} ${13}"
   done
 }
-# bench_fio LABEL ROUND [FIO TARGET ARGS...]: fio 4K QD32 randwrite then
-# randread (10 s each after 2 s of ramp) on /dev/$DEV, or on what the
-# target args name (librbd direct). CPU is taken over a window inside the
+# bench_fio LABEL ROUND [FIO TARGET ARGS...]: the COMPARE_JOBS (default
+# fio 4K QD32 randwrite then randread; each RW:BS:QD), 10 s each after 2 s
+# of ramp, on /dev/$DEV, or on what the target args name (librbd direct). CPU is taken over a window inside the
 # measured run: snapshots (cpu_snap) 3 s after fio's job appears (5 s for
 # librbd direct) and 5 s later, to compare.LABEL.RW.ROUND.a/.b. The serving
 # process is the daemon ($DPID), or for librbd direct fio's process itself
 # (the rbd engine runs its job as a thread, beside librbd's threads).
 bench_fio() { # LABEL ROUND [ARGS...]
-  local label=$1 rnd=$2 rw fp jp i srv dev=$DEV
+  local label=$1 rnd=$2 rw bs qd job name fp jp i srv dev=$DEV
   shift 2
   local tgt=("$@")
   if [ ${#tgt[@]} -eq 0 ]; then
@@ -709,9 +709,11 @@ bench_fio() { # LABEL ROUND [ARGS...]
   else
     dev=
   fi
-  for rw in randwrite randread; do
-    local base="$OUT/compare.$label.$rw.$rnd"
-    timeout 120 fio --name="$rw" "${tgt[@]}" --iodepth=32 --rw="$rw" --bs=4k --size=256m \
+  for job in ${COMPARE_JOBS:-randwrite:4k:32 randread:4k:32}; do
+    IFS=: read -r rw bs qd <<<"$job"
+    name=$(compare_name "$job")
+    local base="$OUT/compare.$label.$name.$rnd"
+    timeout 120 fio --name="$rw" "${tgt[@]}" --iodepth="$qd" --rw="$rw" --bs="$bs" --size=256m \
       --time_based --runtime=10 --ramp_time=2 --randrepeat=0 \
       --output-format=json --output="$base.json" &
     fp=$!
@@ -744,6 +746,13 @@ bench_fio() { # LABEL ROUND [ARGS...]
     cpu_snap "$srv" "$jp" "$dev" >"$base.b"
     wait $fp || { why="fio ($rw) failed ($?)"; return 1; }
   done
+}
+# compare_name RW:BS:QD: the job's name in file names and the table
+# (randwrite, or write-1m-qd8 for anything but 4K QD32).
+compare_name() {
+  local rw bs qd
+  IFS=: read -r rw bs qd <<<"$1"
+  if [ "$bs:$qd" = 4k:32 ]; then echo "$rw"; else echo "$rw-$bs-qd$qd"; fi
 }
 # abba PREFIX ROUND_FN: the side-by-side benchmarks' round order,
 # ROUND_FN tcmu-rbd 1, tcmu-runner 1, tcmu-runner 2, tcmu-rbd 2 (a drift in
@@ -782,7 +791,9 @@ stop_daemon() {
 # running daemon, run the fio jobs, take it down again.
 compare_one() { # LABEL ROUND
   local cfg="rbd/bench;conf=$CEPH_CONF_GUEST;id=admin" w=naa.5001405000000040 n="compare.$1.$2"
-  if check "$n.create" mk_backstore bench rbd "$cfg" $((1 << 30)) &&
+  # COMPARE_ATTRS: more control attributes for the LUN (after the suite's
+  # hw_max_sectors=1024, which a later one overrides).
+  if check "$n.create" mk_backstore bench rbd "$cfg" $((1 << 30)) "${COMPARE_ATTRS:-}" &&
     check "$n.export" mk_loop bench $w; then
     check_dev "$n.fio" bench_fio "$1" "$2"
     check "$n.remove" t_remove_idle bench $w

@@ -882,6 +882,10 @@ impl Backend for Gated {
         self.shared.backend.caps()
     }
 
+    fn merge_limit(&self) -> usize {
+        self.shared.backend.merge_limit()
+    }
+
     fn submit(&self, op: Op, done: Done) {
         self.shared.note_op();
         let Some(gen) = self.shared.admitted_generation() else {

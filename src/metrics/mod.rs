@@ -294,6 +294,18 @@ pub fn render(devs: &[DeviceMetrics]) -> Result<String, MetricsError> {
         per(&|s| s.ring_full.load(Relaxed)),
     );
     f.add(
+        "tcmu_rbd_merged_commands_total",
+        "Reads and writes served by a merged backend operation (adjacent commands taken off the ring together).",
+        COUNTER,
+        per(&|s| s.merged_commands.load(Relaxed)),
+    );
+    f.add(
+        "tcmu_rbd_merged_operations_total",
+        "Merged backend operations submitted (each serves two or more commands).",
+        COUNTER,
+        per(&|s| s.merged_ops.load(Relaxed)),
+    );
+    f.add(
         "tcmu_rbd_data_area_used_bytes",
         "Data-area bytes held by the buffers of commands in flight.",
         GAUGE,

@@ -57,6 +57,12 @@ pub struct Job {
     /// kernel's default. Commands that do not fit wait, as the kernel's
     /// qfull queue holds them, until completions free space.
     pub data_area: Option<usize>,
+    /// The LUN's maximum transfer in bytes (`hw_max_sectors` × 512): a
+    /// larger I/O is queued as commands of at most this size back to back
+    /// in one batch, as the initiator's block layer splits it. IOPS and
+    /// latency then count I/Os (one completes with its last command).
+    /// `None`: one command per I/O.
+    pub max_transfer: Option<usize>,
 }
 
 /// What a job measured.
@@ -68,6 +74,8 @@ pub struct Report {
     pub elapsed: Duration,
     /// CPU time the device worker thread used.
     pub worker_cpu: Duration,
+    /// Commands the worker served through merged backend operations.
+    pub merged_commands: u64,
     /// Median latency.
     pub p50: Duration,
     /// 99th percentile latency.
@@ -179,7 +187,7 @@ pub fn run_with(
     generator_spin: Option<Duration>,
 ) -> Result<Report, LoadError> {
     let shape = Shape::of(&job, backend.geometry())?;
-    let (mut emu, stopper, worker) = start_worker(backend, info, &job)?;
+    let (mut emu, stopper, worker, stats) = start_worker(backend, info, &job)?;
     let mut gen = Generator::new(&job, shape);
     let start = Instant::now();
     let result = gen.drive(&mut emu, start + job.duration, generator_spin);
@@ -190,13 +198,18 @@ pub fn run_with(
         .map_err(|_| LoadError::Invalid("worker thread panicked".into()))?;
     result?;
     wr?;
-    Ok(gen.report(elapsed, worker_cpu))
+    let merged = stats
+        .merged_commands
+        .load(std::sync::atomic::Ordering::Relaxed);
+    Ok(gen.report(elapsed, worker_cpu, merged))
 }
 
 /// How a job maps onto the device: blocks per I/O and I/O slots.
 #[derive(Clone, Copy)]
 struct Shape {
     blocks_per_io: u32,
+    /// Blocks per command: `blocks_per_io` split at the maximum transfer.
+    blocks_per_cmd: u32,
     slots: u64,
 }
 
@@ -214,8 +227,18 @@ impl Shape {
         if slots == 0 {
             return Err(LoadError::Invalid("device smaller than one I/O".into()));
         }
+        let blocks_per_cmd = match job.max_transfer {
+            Some(m) if m < bs || !m.is_multiple_of(bs) => {
+                return Err(LoadError::Invalid(format!(
+                    "maximum transfer {m} must be a multiple of {bs}"
+                )))
+            }
+            Some(m) => ((m / bs) as u32).min(blocks_per_io),
+            None => blocks_per_io,
+        };
         Ok(Shape {
             blocks_per_io,
+            blocks_per_cmd,
             slots,
         })
     }
@@ -235,6 +258,7 @@ fn start_worker(
         KernelEmu,
         tcmu_rbd::device::Stopper,
         std::thread::JoinHandle<WorkerResult>,
+        Arc<tcmu_rbd::device::Stats>,
     ),
     LoadError,
 > {
@@ -260,6 +284,7 @@ fn start_worker(
         ..WorkerOptions::default()
     });
     let stopper = dev.stopper();
+    let stats = dev.stats();
     let worker = std::thread::Builder::new()
         .name("tcmu-worker".into())
         .spawn(move || {
@@ -267,7 +292,7 @@ fn start_worker(
             let r = dev.run();
             (r, thread_cpu() - t0)
         })?;
-    Ok((emu, stopper, worker))
+    Ok((emu, stopper, worker, stats))
 }
 
 /// The host side of the load: issues commands, reaps them, times them.
@@ -282,8 +307,14 @@ struct Generator {
     seq: u64,
     payload: Vec<u8>,
     cdb: [u8; 16],
-    /// When each command id's batch was queued.
-    submitted_at: Vec<Instant>,
+    /// Per I/O in flight (by index): commands still out, and when its
+    /// batch was queued; free indices in `free_ios`.
+    ios: Vec<(u32, Instant)>,
+    free_ios: Vec<u32>,
+    /// The I/O each command id belongs to.
+    io_of_cmd: Vec<u32>,
+    /// The I/O being queued: its index, first block, next command.
+    cur: Option<(u32, u64, u32)>,
     /// Latencies, ns.
     lat: Vec<u32>,
     errors: u64,
@@ -306,8 +337,11 @@ impl Generator {
             rng,
             seq: 0,
             payload,
-            cdb: crate::cdb::rw16(write, 0, shape.blocks_per_io),
-            submitted_at: vec![Instant::now(); 65536],
+            cdb: crate::cdb::rw16(write, 0, shape.blocks_per_cmd),
+            ios: Vec::new(),
+            free_ios: Vec::new(),
+            io_of_cmd: vec![0; 65536],
+            cur: None,
             lat: Vec::with_capacity(1 << 22),
             errors: 0,
             ops: 0,
@@ -315,50 +349,97 @@ impl Generator {
         }
     }
 
-    /// Queues one command; false when the ring is full. Its latency
-    /// counts from `batch`, the start of the batch it was queued in (the
-    /// kernel makes a batch visible at once, on the kick after it), so
-    /// one clock read serves the whole batch.
+    /// Queues the next command: the next piece of the I/O being queued,
+    /// or the first of a new one (counted in `outstanding`); false when
+    /// the ring is full. An I/O's latency counts from `batch`, the start
+    /// of the batch it was queued in (the kernel makes a batch visible at
+    /// once, on the kick after it), so one clock read serves the batch.
     #[inline]
     fn issue(&mut self, emu: &mut KernelEmu, batch: Instant) -> Result<bool, EmuError> {
-        let slot = if self.random {
-            self.rng.next() % self.shape.slots
-        } else {
-            self.seq = (self.seq + 1) % self.shape.slots;
-            self.seq
+        let (io, first, piece) = match self.cur {
+            Some(c) => c,
+            None => {
+                let slot = if self.random {
+                    self.rng.next() % self.shape.slots
+                } else {
+                    self.seq = (self.seq + 1) % self.shape.slots;
+                    self.seq
+                };
+                (u32::MAX, slot * u64::from(self.shape.blocks_per_io), 0)
+            }
         };
-        let lba = slot * u64::from(self.shape.blocks_per_io);
+        let per = self.shape.blocks_per_cmd;
+        let lba = first + u64::from(piece * per);
+        let bytes = (per as usize) * (self.block_size / self.shape.blocks_per_io as usize);
         self.cdb[2..10].copy_from_slice(&lba.to_be_bytes());
         let data = if self.write {
-            Data::ToDevice(&self.payload)
+            Data::ToDevice(&self.payload[..bytes])
         } else {
-            Data::FromDevice(self.block_size)
+            Data::FromDevice(bytes)
         };
-        match emu.queue(&self.cdb, data) {
-            Ok(id) => {
-                self.submitted_at[id as usize] = batch;
-                Ok(true)
+        let id = match emu.queue(&self.cdb, data) {
+            Ok(id) => id,
+            Err(EmuError::Full) => {
+                // Resume this I/O at this piece next time.
+                if io != u32::MAX {
+                    self.cur = Some((io, first, piece));
+                }
+                return Ok(false);
             }
-            Err(EmuError::Full) => Ok(false),
-            Err(e) => Err(e),
-        }
+            Err(e) => return Err(e),
+        };
+        let io = if io == u32::MAX {
+            self.outstanding += 1;
+            let pieces = self.shape.blocks_per_io / per;
+            match self.free_ios.pop() {
+                Some(i) => {
+                    self.ios[i as usize] = (pieces, batch);
+                    i
+                }
+                None => {
+                    self.ios.push((pieces, batch));
+                    (self.ios.len() - 1) as u32
+                }
+            }
+        } else {
+            io
+        };
+        self.io_of_cmd[id as usize] = io;
+        self.cur = ((piece + 1) * per < self.shape.blocks_per_io).then_some((io, first, piece + 1));
+        Ok(true)
     }
 
     /// Reaps what completed; how many.
     #[inline]
     fn reap(&mut self, emu: &mut KernelEmu) -> Result<usize, EmuError> {
         let mut now: Option<Instant> = None;
-        let (errors, lat, at) = (&mut self.errors, &mut self.lat, &self.submitted_at);
-        let n = emu.reap(|r, _| {
+        let mut ended = 0usize;
+        let (errors, lat, ios, free, of) = (
+            &mut self.errors,
+            &mut self.lat,
+            &mut self.ios,
+            &mut self.free_ios,
+            &self.io_of_cmd,
+        );
+        emu.reap(|r, _| {
             if r.status != 0 {
                 *errors += 1;
             }
-            let t = *now.get_or_insert_with(Instant::now);
-            lat.push(t.duration_since(at[r.cmd_id as usize]).as_nanos() as u32);
+            let io = of[r.cmd_id as usize];
+            let Some(e) = ios.get_mut(io as usize) else {
+                return;
+            };
+            e.0 = e.0.saturating_sub(1);
+            if e.0 == 0 {
+                let t = *now.get_or_insert_with(Instant::now);
+                lat.push(t.duration_since(e.1).as_nanos() as u32);
+                free.push(io);
+                ended += 1;
+            }
         })?;
-        self.ops += n as u64;
-        self.outstanding -= n;
-        Ok(n)
+        self.ops += ended as u64;
+        self.outstanding -= ended;
+        Ok(ended)
     }
 
     /// Waits until at least one command completed: spins (for
@@ -405,11 +486,11 @@ impl Generator {
     ) -> Result<(), LoadError> {
         let mut batch = Instant::now();
         loop {
-            while self.outstanding < self.queue_depth {
+            // Whole I/Os: the one begun is queued to its last command.
+            while self.outstanding < self.queue_depth || self.cur.is_some() {
                 if !self.issue(emu, batch)? {
                     break;
                 }
-                self.outstanding += 1;
             }
             emu.kick();
             self.wait_completions(emu, generator_spin)?;
@@ -428,7 +509,7 @@ impl Generator {
         Ok(())
     }
 
-    fn report(mut self, elapsed: Duration, worker_cpu: Duration) -> Report {
+    fn report(mut self, elapsed: Duration, worker_cpu: Duration, merged_commands: u64) -> Report {
         self.lat.sort_unstable();
         let lat = &self.lat;
         let pct = |p: f64| -> Duration {
@@ -442,6 +523,7 @@ impl Generator {
             ops: self.ops,
             elapsed,
             worker_cpu,
+            merged_commands,
             p50: pct(0.50),
             p99: pct(0.99),
             errors: self.errors,

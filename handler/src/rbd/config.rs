@@ -1,7 +1,9 @@
 //! The rbd handler's config string, as tcmu-runner's rbd handler accepts it:
 //! `pool/image` or `pool/namespace/image`, then options separated by `;`:
 //! `osd_op_timeout=SECONDS`, `conf=PATH` (a ceph.conf), `id=NAME` (the
-//! cephx user, without `client.`).
+//! cephx user, without `client.`). tcmu-rbd adds `merge_kb=KIB`: the most
+//! a read or write merged from adjacent commands may carry (default 4096,
+//! 0 sends every command on its own; see `Backend::merge_limit`).
 //!
 //! Unlike tcmu-runner, an unknown or repeated option is an error rather than
 //! silently ignored: a typo would otherwise change which cluster or user is
@@ -26,6 +28,8 @@ pub struct RbdConfig {
     pub conf: Option<PathBuf>,
     /// `id`: the cephx user (else `admin`).
     pub id: Option<String>,
+    /// `merge_kb`: the merge limit in KiB (else [`super::MERGE_LIMIT`]).
+    pub merge_kb: Option<u32>,
 }
 
 impl RbdConfig {
@@ -40,7 +44,10 @@ impl RbdConfig {
 
 /// The format, for error messages and targetcli's help.
 pub const CONFIG_DESC: &str =
-    "pool/[namespace/]image[;osd_op_timeout=SECONDS][;conf=PATH][;id=USER]";
+    "pool/[namespace/]image[;osd_op_timeout=SECONDS][;conf=PATH][;id=USER][;merge_kb=KIB]";
+
+/// The largest `merge_kb`: 64 MiB.
+pub const MAX_MERGE_KB: u32 = 65536;
 
 fn bad(msg: impl std::fmt::Display) -> String {
     format!("rbd: {msg} (expected {CONFIG_DESC})")
@@ -92,6 +99,7 @@ pub fn parse(cfgstring: &str) -> Result<RbdConfig, String> {
         osd_op_timeout: None,
         conf: None,
         id: None,
+        merge_kb: None,
     };
     let mut seen: Vec<&str> = Vec::new();
     for opt in parts {
@@ -131,9 +139,21 @@ pub fn parse(cfgstring: &str) -> Result<RbdConfig, String> {
                 check_name("id", id)?;
                 cfg.id = Some(id.to_string());
             }
+            "merge_kb" => {
+                let kb: u32 = val
+                    .parse()
+                    .ok()
+                    .filter(|k| *k <= MAX_MERGE_KB)
+                    .ok_or_else(|| {
+                        bad(format!(
+                            "merge_kb={val:?} is not a whole number of KiB from 0 to {MAX_MERGE_KB}"
+                        ))
+                    })?;
+                cfg.merge_kb = Some(kb);
+            }
             other => {
                 return Err(bad(format!(
-                    "unknown option {other:?} (known: osd_op_timeout, conf, id)"
+                    "unknown option {other:?} (known: osd_op_timeout, conf, id, merge_kb)"
                 )))
             }
         }
@@ -161,6 +181,9 @@ mod tests {
         assert_eq!(c.conf, Some(PathBuf::from("/etc/ceph/x.conf")));
         assert_eq!(c.id.as_deref(), Some("tcmu"));
         assert_eq!(parse("p/i;id=client.gw").unwrap().id.as_deref(), Some("gw"));
+        assert_eq!(parse("p/i").unwrap().merge_kb, None);
+        assert_eq!(parse("p/i;merge_kb=0").unwrap().merge_kb, Some(0));
+        assert_eq!(parse("p/i;merge_kb=1024").unwrap().merge_kb, Some(1024));
     }
 
     #[test]
@@ -182,6 +205,11 @@ mod tests {
             ("rbd/img;id=", "empty value"),
             ("rbd/img;id=client.", "missing id name"),
             ("rbd/img;bogus=1", "unknown option \"bogus\""),
+            (
+                "rbd/img;merge_kb=-1",
+                "merge_kb=\"-1\" is not a whole number of KiB",
+            ),
+            ("rbd/img;merge_kb=65537", "from 0 to 65536"),
             ("rbd/img;timeout", "not key=value"),
             ("rbd/img;id=a;id=b", "option id given twice"),
             ("rbd/im@g", "image name \"im@g\" contains '@'"),

@@ -3,7 +3,8 @@
 //!
 //! - READ/WRITE go to `rbd_aio_readv`/`rbd_aio_writev` on the command's
 //!   data-area iovecs (no copy); the completion closure only hands the
-//!   result to the ring worker's queue.
+//!   result to the ring worker's queue. Adjacent commands taken off the
+//!   ring together arrive as one operation ([`MERGE_LIMIT`]).
 //! - Discard and WriteZeroes{unmap: true} go to `rbd_aio_discard` (with
 //!   `rbd_skip_partial_discard=false` every discarded byte reads back as
 //!   zero), WriteZeroes without unmap to a thick `rbd_aio_write_zeroes`
@@ -51,6 +52,12 @@ use std::time::Duration;
 use tracing::{error, info, warn};
 
 pub use config::{parse, CONFIG_DESC};
+
+/// How much the ring worker may gather into one librbd read or write
+/// from adjacent commands that arrive together ([`Backend::merge_limit`]):
+/// one rbd object at the default object size. (The worker also keeps a
+/// merged operation within 1,024 iovecs, `IOV_MAX`.)
+pub const MERGE_LIMIT: usize = 4 << 20;
 
 /// The ring's data buffers handed to librbd.
 struct RingBufs(IoBufs);
@@ -704,6 +711,13 @@ impl Backend for RbdBackend {
             write_cache: false,
             lba_status: true,
         }
+    }
+
+    fn merge_limit(&self) -> usize {
+        self.shared
+            .cfg
+            .merge_kb
+            .map_or(MERGE_LIMIT, |kb| kb as usize * 1024)
     }
 
     fn submit(&self, op: Op, done: Done) {

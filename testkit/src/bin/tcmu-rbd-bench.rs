@@ -81,6 +81,7 @@ fn main() {
                 duration: Duration::from_secs(secs),
                 spin,
                 data_area: None,
+                max_transfer: None,
             };
             match run(Arc::clone(&be), info, job) {
                 Ok(r) => println!(

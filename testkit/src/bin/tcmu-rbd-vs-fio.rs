@@ -9,7 +9,11 @@
 //!
 //! A case's optional fourth field sets our ring's data area
 //! (`write:512k:32:8m`: ceph-iscsi's `max_data_area_mb=8`, so 16 such
-//! commands fit and the rest wait as in the kernel's qfull queue).
+//! commands fit and the rest wait as in the kernel's qfull queue); an
+//! optional fifth the LUN's maximum transfer (`write:1m:8::64k`: LIO's
+//! default `hw_max_sectors=128`, so each 1 MiB I/O reaches the ring as 16
+//! commands of 64 KiB, as the initiator's block layer splits it; fio gets
+//! whole 1 MiB I/Os).
 //!
 //! Each case runs both `--repeat` times, alternating in ABBA order, and
 //! reports each figure's median, every run, and the ratios as the median
@@ -38,6 +42,9 @@ struct Case {
     /// commands that do not fit wait as in the kernel's qfull queue. fio
     /// has no such limit.
     data_area: Option<usize>,
+    /// The LUN's maximum transfer: our I/Os split into commands of this
+    /// size (fio's are not).
+    max_transfer: Option<usize>,
 }
 
 struct Measured {
@@ -51,6 +58,9 @@ struct Measured {
     /// generator's thread (the emulated kernel and initiator); the rest of
     /// `cpu_us_per_io` is librbd's threads and setup.
     split: Option<(f64, f64)>,
+    /// Ours only: commands per I/O that went out in a merged backend
+    /// operation.
+    merged_per_io: Option<f64>,
 }
 
 /// CPU time and context switches so far, of this process (all threads)
@@ -88,7 +98,7 @@ impl Usage {
 fn usage() -> ! {
     eprintln!(
         "usage: tcmu-rbd-vs-fio --conf PATH [--pool rbd] [--image NAME] [--size 1G] \
-         [--seconds 10] [--repeat 3] [--direct] [--fio-defaults] [--spin N] [--cases rw:bs:qd[:data_area],...]"
+         [--seconds 10] [--repeat 3] [--direct] [--fio-defaults] [--spin N] [--cases rw:bs:qd[:data_area[:max_transfer]],...]"
     );
     std::process::exit(2)
 }
@@ -191,6 +201,7 @@ fn fio(
         cpu_us_per_io,
         cs_per_io,
         split: None,
+        merged_per_io: None,
     })
 }
 
@@ -267,6 +278,7 @@ fn direct(cfg: &str, size: u64, c: &Case, secs: u64) -> Result<Measured, String>
         cpu_us_per_io,
         cs_per_io,
         split: None,
+        merged_per_io: None,
     })
 }
 
@@ -283,6 +295,7 @@ fn ours(cfg: &str, size: u64, c: &Case, secs: u64, spin: u32) -> Result<Measured
         duration: Duration::from_secs(secs),
         spin,
         data_area: c.data_area,
+        max_transfer: c.max_transfer,
     };
     let gen0 = thread_cpu();
     let r = run(Arc::clone(&be), info, job).map_err(|e| e.to_string())?;
@@ -302,6 +315,7 @@ fn ours(cfg: &str, size: u64, c: &Case, secs: u64, spin: u32) -> Result<Measured
         cpu_us_per_io,
         cs_per_io,
         split: Some((per_io(r.worker_cpu), per_io(gen))),
+        merged_per_io: Some(r.merged_commands as f64 / (r.ops as f64).max(1.0)),
     })
 }
 
@@ -320,6 +334,7 @@ fn median(v: Vec<Measured>) -> Measured {
         cpu_us_per_io: med(|m| m.cpu_us_per_io),
         cs_per_io: med(|m| m.cs_per_io),
         split: None,
+        merged_per_io: None,
     }
 }
 
@@ -388,17 +403,20 @@ impl Args {
             .split(',')
             .map(|c| {
                 let p: Vec<&str> = c.split(':').collect();
-                let (rw, bs, qd, area) = match p.as_slice() {
-                    [rw, bs, qd] => (rw, bs, qd, None),
-                    [rw, bs, qd, area] => (rw, bs, qd, Some(area)),
+                let (rw, bs, qd, area, mt) = match p.as_slice() {
+                    [rw, bs, qd] => (rw, bs, qd, None, None),
+                    [rw, bs, qd, area] => (rw, bs, qd, Some(area), None),
+                    [rw, bs, qd, area, mt] => (rw, bs, qd, Some(area), Some(mt)),
                     _ => usage(),
                 };
+                let size = |s: &str| parse_size(s).unwrap_or_else(|| usage()) as usize;
                 Case {
                     rw: rw.to_string(),
                     pattern: rw.parse().unwrap_or_else(|e: String| fail(e)),
                     bs: parse_size(bs).unwrap_or_else(|| usage()) as usize,
                     qd: qd.parse().unwrap_or_else(|_| usage()),
-                    data_area: area.map(|a| parse_size(a).unwrap_or_else(|| usage()) as usize),
+                    data_area: area.filter(|a| !a.is_empty()).map(|a| size(a)),
+                    max_transfer: mt.map(|m| size(m)),
                 }
             })
             .collect();
@@ -498,6 +516,10 @@ fn runs_text(v: &[Measured]) -> String {
             let split = m.split.map_or(String::new(), |(w, g)| {
                 format!(" (cpu {:.0}: worker {w:.0} gen {g:.0})", m.cpu_us_per_io)
             });
+            let split = match m.merged_per_io {
+                Some(x) if x > 0.0 => format!("{split} [merged {x:.1} cmds/IO]"),
+                _ => split,
+            };
             format!("{:.0}/{:.1}ms{split}", m.iops, m.p99_us / 1000.0)
         })
         .collect::<Vec<_>>()
@@ -558,10 +580,12 @@ fn compare_case(a: &Args, c: &Case, cfg: &str, real: u64) {
     });
     println!(
         "{:<13} {:>5} {:>3} | {:>9.0} {:>9.0} | {:>7.0}us {:>7.0}us | {:>6.3} {:>6.3} | {:>4.0}/{:<4.0} | {:>4.1}/{:<4.1}",
-        match c.data_area {
-            Some(d) => format!("{}/{}m", c.rw, d >> 20),
-            None => c.rw.clone(),
-        },
+        format!(
+            "{}{}{}",
+            c.rw,
+            c.data_area.map_or(String::new(), |d| format!("/{}m", d >> 20)),
+            c.max_transfer.map_or(String::new(), |m| format!("/{}k", m >> 10))
+        ),
         format!("{}k", c.bs / 1024),
         c.qd,
         o.iops,
