@@ -98,7 +98,7 @@ impl Usage {
 fn usage() -> ! {
     eprintln!(
         "usage: tcmu-rbd-vs-fio --conf PATH [--pool rbd] [--image NAME] [--size 1G] \
-         [--seconds 10] [--repeat 3] [--direct] [--fio-defaults] [--spin N] [--cases rw:bs:qd[:data_area[:max_transfer]],...]"
+         [--seconds 10] [--repeat 3] [--direct] [--fio-defaults] [--spin N] [--cfg-extra ';merge_kb=0'] [--cases rw:bs:qd[:data_area[:max_transfer]],...]"
     );
     std::process::exit(2)
 }
@@ -347,7 +347,7 @@ fn main() {
         .init();
     let a = Args::parse();
     let real = prepare_image(&a);
-    let cfg = format!("{};conf={}", a.spec(), a.conf);
+    let cfg = format!("{};conf={}{}", a.spec(), a.conf, a.cfg_extra);
     print_header(&a, real);
     for c in &a.cases {
         compare_case(&a, c, &cfg, real);
@@ -365,6 +365,8 @@ struct Args {
     with_direct: bool,
     fio_defaults: bool,
     spin: u32,
+    /// Appended to our cfgstring (`;merge_kb=0`).
+    cfg_extra: String,
     cases: Vec<Case>,
 }
 
@@ -381,6 +383,7 @@ impl Args {
         // Two cores serve librbd, the OSD and the ring here: no spinning
         // by default.
         let mut spin = 0u32;
+        let mut cfg_extra = String::new();
         let mut cases = "randwrite:4k:32,randread:4k:32,write:64k:32,read:64k:32".to_string();
         let mut args = std::env::args().skip(1);
         while let Some(a) = args.next() {
@@ -395,6 +398,7 @@ impl Args {
                 "--direct" => with_direct = true,
                 "--fio-defaults" => fio_defaults = true,
                 "--spin" => spin = val().parse().unwrap_or_else(|_| usage()),
+                "--cfg-extra" => cfg_extra = val(),
                 "--repeat" => repeat = val().parse().unwrap_or_else(|_| usage()),
                 _ => usage(),
             }
@@ -430,6 +434,7 @@ impl Args {
             with_direct,
             fio_defaults,
             spin,
+            cfg_extra,
             cases,
         }
     }
