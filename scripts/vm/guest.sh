@@ -525,6 +525,24 @@ t_rbd_pattern() {
   ok cmp "$OUT/rbd_pattern" "$S/rp" || return 1
   echo $((64 << 20)) >"$OUT/rbd_pattern_offset"
 }
+# t_rbd_merge NAME: 4 MiB direct writes and reads, which the block layer
+# splits into 512 KiB commands (hw_max_sectors=1024) queued together,
+# read back right, and the daemon served some of those commands through
+# merged librbd operations (its merged-commands counter moved).
+t_rbd_merge() {
+  local url=http://$METRICS/metrics m0 m1 s="tcmu_rbd_merged_commands_total{device=\"$1\"}"
+  ok curl -sf --max-time 5 -o "$S/mg0" "$url" || return 1
+  head -c 16M /dev/urandom >"$S/mg" || return 1
+  ok dd if="$S/mg" of="/dev/$DEV" bs=4M seek=20 oflag=direct status=none || return 1
+  ok dd if="/dev/$DEV" of="$S/mg_back" bs=4M skip=20 count=4 iflag=direct status=none || return 1
+  ok cmp "$S/mg" "$S/mg_back" || return 1
+  ok curl -sf --max-time 5 -o "$S/mg1" "$url" || return 1
+  m0=$(metric "$S/mg0" "$s")
+  m1=$(metric "$S/mg1" "$s")
+  echo "merged commands: $m0 -> $m1 (of 64 commands of 512 KiB)"
+  [ -n "$m0" ] && [ -n "$m1" ] && [ "${m1%.*}" -gt "${m0%.*}" ] ||
+    { why="no command of the 4 MiB I/Os was merged ($s: $m0 -> $m1)"; return 1; }
+}
 t_rbd_resize() { # NAME IMAGE NEWSIZE
   ok rbd_cli resize --size "$(($3 >> 20))M" "$2" || return 1
   t_resize "$1" "$3"
@@ -534,6 +552,7 @@ suite_rbd() {
   check rbd.cluster_reachable ok rbd_cli info rbd/img0 || return 1
   suite rbd rbd "$cfg" $sz naa.5001405000000030 "write through"
   check_dev rbd.export_pattern t_rbd_pattern
+  check_dev rbd.merge t_rbd_merge rbd
   check_dev rbd.resize t_rbd_resize rbd rbd/img0 $((320 << 20))
   check_dev rbd.daemon_restart t_restart rbd
   check_dev rbd.remove_busy t_remove_busy rbd naa.5001405000000030
