@@ -331,7 +331,7 @@ def snap(path):
             else:
                 d[k] = [float(x) for x in v]
     return d
-def result(label, rw, rnd):
+def result(label, rw, rnd, bsz):
     base = os.path.join(out, f"compare.{label}.{rw}.{rnd}")
     try:
         with open(base + ".json") as f:
@@ -343,9 +343,16 @@ def result(label, rw, rnd):
         dt = b["uptime"][0] - a["uptime"][0]
         if dt < 4 or b["fio"][0] + b["fio"][1] <= 0:
             raise ValueError(f"CPU window {dt:.1f} s, or fio's job gone at its end")
-        # I/Os in the window: what the disk completed; librbd direct has
-        # no disk: its mean rate over the run times the window.
-        ios = b["dev"][0] - a["dev"][0] if "dev" in a else side["iops"] * dt
+        # I/Os in the window: what the disk completed, in sectors (the
+        # block layer splits a large I/O into several requests); librbd
+        # direct has no disk: its mean rate over the run times the window
+        # (so has a large I/O from a run recorded before sectors were).
+        if "dev" in a and len(a["dev"]) > 1:
+            ios = (b["dev"][1] - a["dev"][1]) * 512 / bsz
+        elif "dev" in a and bsz <= 4096:
+            ios = b["dev"][0] - a["dev"][0]
+        else:
+            ios = side["iops"] * dt
         if ios <= 0:
             raise ValueError("no I/O in the CPU window")
         dl = lambda k, i: (b[k][i] - a[k][i]) * TICK_US
@@ -382,7 +389,7 @@ print(f"  {'pattern':<10} {'path':<12} {'IOPS':>6} {'p99 ms':>7} {'serving':>8} 
 rows, threads = {}, {}
 for rw, bsz in jobs:
     for label in paths:
-        r = [result(label, rw, n) for n in (1, 2)]
+        r = [result(label, rw, n, bsz) for n in (1, 2)]
         if None in r:
             print(f"  {rw:<10} {label:<12} missing result")
             continue

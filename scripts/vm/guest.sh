@@ -702,7 +702,9 @@ cpu_snap() {
   if [ -n "$3" ] && read -r line <"/sys/block/$3/stat"; then
     # shellcheck disable=SC2086 # split into fields on purpose
     set -- $line
-    echo "dev $(($1 + $5))"
+    # Requests and sectors done: a large I/O is several requests once
+    # the block layer splits it, so I/Os are counted in sectors.
+    echo "dev $(($1 + $5)) $(($3 + $7))"
   fi
   [ -n "$spid" ] || return 0
   for t in /proc/"$spid"/task/*; do
