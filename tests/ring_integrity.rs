@@ -26,13 +26,16 @@ fn overlaps(a: (u64, u32), b: (u64, u32)) -> bool {
 
 /// Drives `ops` random commands; `release` decides how the backend
 /// completes (None: inline; Some(held): random order, random batches).
+/// With `chain`, half the commands start where the one queued before
+/// ended (a split large I/O, a sequential stream): what merging joins.
 fn run_random(
     seed: u64,
     ops: usize,
     disk_blocks: u64,
     backend: Arc<dyn Backend>,
     held: Option<Arc<Held>>,
-) {
+    chain: bool,
+) -> tcmu_rbd::device::Device {
     let ooo_expected = held.is_some();
     let mut rng = SmallRng::seed_from_u64(seed);
     let (mut emu, mut dev) = emu_device(small_layout(), backend);
@@ -43,6 +46,7 @@ fn run_random(
     let mut out_of_order = 0usize;
     let mut issue_seq: HashMap<u16, usize> = HashMap::new();
     let mut last_reaped_seq = 0usize;
+    let mut prev_end = 0u64;
     while completed < ops {
         // Queue a burst of commands that do not overlap anything in flight.
         let burst = rng.gen_range(1..24);
@@ -55,7 +59,10 @@ fn run_random(
                 1..=3 => rng.gen_range(9..64),
                 _ => rng.gen_range(1..9),
             };
-            let lba = rng.gen_range(0..disk_blocks - u64::from(blocks));
+            let mut lba = rng.gen_range(0..disk_blocks - u64::from(blocks));
+            if chain && rng.gen_bool(0.5) && prev_end + u64::from(blocks) <= disk_blocks {
+                lba = prev_end;
+            }
             if inflight
                 .values()
                 .any(|f| overlaps((f.lba, f.blocks), (lba, blocks)))
@@ -76,6 +83,7 @@ fn run_random(
             };
             match res {
                 Ok(id) => {
+                    prev_end = lba + u64::from(blocks);
                     issue_seq.insert(id, issued);
                     inflight.insert(id, Inflight { write, lba, blocks });
                     issued += 1;
@@ -131,12 +139,13 @@ fn run_random(
             "only {out_of_order} completions out of order"
         );
     }
+    dev
 }
 
 #[test]
 fn random_io_inline_completion() {
     let ram: Arc<dyn Backend> = Arc::new(RamBackend::new(4096 * BS, BS as u32).unwrap());
-    run_random(1, 60_000, 4096, ram, None);
+    run_random(1, 60_000, 4096, ram, None, false);
 }
 
 #[test]
@@ -144,7 +153,27 @@ fn random_io_out_of_order_completion() {
     for seed in 0..4 {
         let ram: Arc<dyn Backend> = Arc::new(RamBackend::new(4096 * BS, BS as u32).unwrap());
         let held = Held::new(ram);
-        run_random(100 + seed, 40_000, 4096, held.clone(), Some(held));
+        run_random(100 + seed, 40_000, 4096, held.clone(), Some(held), false);
+    }
+}
+
+#[test]
+fn random_io_merged_and_out_of_order() {
+    // Half the commands continue the one before: the worker merges runs
+    // of them (up to 64 KiB) into held operations, released in random
+    // order; every byte is still checked against the model.
+    for seed in 0..4 {
+        let ram: Arc<dyn Backend> = Arc::new(RamBackend::new(4096 * BS, BS as u32).unwrap());
+        let held = Held::merging(ram, 64 << 10);
+        let dev = run_random(200 + seed, 40_000, 4096, held.clone(), Some(held), true);
+        let merged = dev
+            .stats()
+            .merged_commands
+            .load(std::sync::atomic::Ordering::Relaxed);
+        assert!(
+            merged > 5_000,
+            "seed {seed}: only {merged} of 40,000 commands were merged"
+        );
     }
 }
 

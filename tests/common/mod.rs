@@ -73,13 +73,22 @@ pub fn small_layout() -> Layout {
 pub struct Held {
     pub inner: Arc<dyn Backend>,
     pub held: Mutex<Vec<(Op, Done)>>,
+    /// Its `Backend::merge_limit` (0: the default, no merging).
+    pub merge: usize,
 }
 
 impl Held {
     pub fn new(inner: Arc<dyn Backend>) -> Arc<Self> {
+        Self::merging(inner, 0)
+    }
+
+    /// As `new`, but the worker may merge adjacent commands up to
+    /// `limit` bytes into one held operation.
+    pub fn merging(inner: Arc<dyn Backend>, limit: usize) -> Arc<Self> {
         Arc::new(Held {
             inner,
             held: Mutex::new(Vec::new()),
+            merge: limit,
         })
     }
 
@@ -122,6 +131,9 @@ impl Backend for Held {
     }
     fn caps(&self) -> Caps {
         self.inner.caps()
+    }
+    fn merge_limit(&self) -> usize {
+        self.merge
     }
     fn submit(&self, op: Op, done: Done) {
         self.held.lock().unwrap().push((op, done));
