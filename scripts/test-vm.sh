@@ -74,6 +74,8 @@
 #   VM_COMPARE_B_BIN  (compare) the same with another daemon binary
 #   VM_COMPARE_JOBS   (compare) fio jobs RW:BS:QD (default "randwrite:4k:32
 #                     randread:4k:32"; e.g. "write:1m:8 read:1m:8")
+#   VM_GW_CFG_EXTRA   (gateway) appended to tcmu-rbd's cfgstring, e.g.
+#                     ";merge_kb=0"
 #   VM_COMPARE_ATTRS  (compare) more LUN control attributes, e.g.
 #                     ",hw_max_sectors=128" (LIO's default; the suite sets
 #                     1024) or ",max_data_area_mb=8" (ceph-iscsi's)
@@ -179,6 +181,7 @@ COMPARE_B_ENV="${VM_COMPARE_B_ENV:-}"
 COMPARE_B_BIN="${VM_COMPARE_B_BIN:-}"
 COMPARE_JOBS="${VM_COMPARE_JOBS:-randwrite:4k:32 randread:4k:32}"
 COMPARE_ATTRS="${VM_COMPARE_ATTRS:-}"
+GW_CFG_EXTRA="${VM_GW_CFG_EXTRA:-}"
 VM_WG_N=${VM_WG_N:-16}
 VM_WG_FIO=${VM_WG_FIO:-4}
 EOF

@@ -342,8 +342,10 @@ gw_fio() { # LABEL ROUND
 }
 
 gw_round() { # LABEL ROUND
-  local n="gateway.$1.$2"
-  if check "$n.create" gw_backstore gwbench "rbd/bench;conf=$CEPH_CONF_GUEST;id=admin" $((1 << 30)) &&
+  local n="gateway.$1.$2" extra=
+  # GW_CFG_EXTRA: options appended to tcmu-rbd's cfgstring (";merge_kb=0").
+  [ "$1" = tcmu-rbd ] && extra=${GW_CFG_EXTRA:-}
+  if check "$n.create" gw_backstore gwbench "rbd/bench;conf=$CEPH_CONF_GUEST;id=admin$extra" $((1 << 30)) &&
     check "$n.target" t_iscsi_target gwbench && check "$n.discovery" t_iscsi_discovery &&
     check "$n.login" t_iscsi_login; then
     check_dev "$n.fio" gw_fio "$1" "$2"
