@@ -28,7 +28,14 @@ fn many_file_luns_share_a_bounded_pool_and_keep_their_data_apart() {
                 .expect("open file LUN")
         })
         .collect();
-    let threads = file_io_threads();
+    // The pool's threads name themselves as they start, so a count taken
+    // at once can miss some (5 of 8 in a CI run): wait for all of them.
+    let t0 = std::time::Instant::now();
+    let mut threads = file_io_threads();
+    while threads < FILE_THREADS && t0.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(10));
+        threads = file_io_threads();
+    }
     assert!(
         (1..=FILE_THREADS).contains(&threads),
         "{LUNS} file LUNs run {threads} file-io threads; the bound is {FILE_THREADS}"
