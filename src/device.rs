@@ -394,11 +394,11 @@ impl Extent {
     }
 
     /// `next`'s extent when it starts where this run ends, in the same
-    /// direction and FUA as the run's `first`, and fits the limits.
-    fn joins(&self, next: &Op, first: Extent, limit: usize) -> Option<Extent> {
+    /// direction and FUA, and fits the limits.
+    fn joins(&self, next: &Op, limit: usize) -> Option<Extent> {
         let e = Extent::of(next)?;
-        let joins = e.write == first.write
-            && e.fua == first.fua
+        let joins = e.write == self.write
+            && e.fua == self.fua
             && self.offset.checked_add(self.len) == Some(e.offset)
             && self.len + e.len <= limit as u64
             && self.iovecs + e.iovecs <= MERGE_IOVECS;
@@ -618,7 +618,7 @@ impl Device {
             }
             if self.staging {
                 self.staging = false;
-                self.submit_staged(now);
+                self.submit_staged();
             }
             self.check_full();
         }
@@ -794,7 +794,7 @@ impl Device {
     /// merge, so no two commands' operations are reordered: an initiator
     /// that overlaps writes in flight sees them reach the backend in the
     /// order it queued them, as without merging.
-    fn submit_staged(&mut self, now: u64) {
+    fn submit_staged(&mut self) {
         let limit = self.backend.merge_limit();
         let mut staged = std::mem::take(&mut self.staged);
         let mut it = staged.drain(..).peekable();
@@ -805,7 +805,7 @@ impl Device {
             };
             if it
                 .peek()
-                .and_then(|(_, next)| first.joins(next, first, limit))
+                .and_then(|(_, next)| first.joins(next, limit))
                 .is_none()
             {
                 self.backend.submit(op, self.cq.done(u64::from(id)));
@@ -814,10 +814,7 @@ impl Device {
             let mut run = first;
             let mut ids = vec![id];
             let mut parts = vec![into_bufs(op)];
-            while let Some(e) = it
-                .peek()
-                .and_then(|(_, next)| run.joins(next, first, limit))
-            {
+            while let Some(e) = it.peek().and_then(|(_, next)| run.joins(next, limit)) {
                 // Peeked just above: `next` is there.
                 let Some((nid, nop)) = it.next() else { break };
                 run.len += e.len;
@@ -826,7 +823,6 @@ impl Device {
                 parts.push(into_bufs(nop));
             }
             let bufs = IoBufs::concat(&parts);
-            drop(parts);
             let op = if first.write {
                 Op::Write {
                     offset: first.offset,
@@ -839,11 +835,9 @@ impl Device {
                     bufs,
                 }
             };
+            // Each member's submit time was noted when it was staged.
             add(&self.stats.merged_commands, ids.len() as u64);
             bump(&self.stats.merged_ops);
-            for &m in &ids {
-                self.track[TRACK * m as usize + T_SUBMITTED] = now;
-            }
             let slot = match self.free_groups.pop() {
                 Some(i) => {
                     self.groups[i] = ids;
@@ -866,10 +860,11 @@ impl Device {
     /// result, and goes on as it would have alone.
     fn finish_group(&mut self, c: tcmu_handler::Completion) {
         let slot = (c.tag & !GROUP_TAG) as usize;
-        let Some(ids) = self.groups.get_mut(slot).map(std::mem::take) else {
-            error!(dev = %self.name, tag = c.tag, "completion for no merged operation dropped");
-            return;
-        };
+        let ids = self
+            .groups
+            .get_mut(slot)
+            .map(std::mem::take)
+            .unwrap_or_default();
         if ids.is_empty() {
             error!(dev = %self.name, tag = c.tag, "completion for no merged operation dropped");
             return;

@@ -8,10 +8,9 @@ mod common;
 
 use common::*;
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
-use tcmu_handler::completion::Done;
+use std::sync::Arc;
 use tcmu_handler::ram::RamBackend;
-use tcmu_handler::{Backend, Caps, Geometry, IoError, IoResult, Op};
+use tcmu_handler::{Backend, IoError, Op};
 use tcmu_rbd::device::Device;
 use tcmu_rbd_testkit::emulator::{Data, KernelEmu, Layout};
 
@@ -20,75 +19,30 @@ const BS: u64 = 512;
 /// What reached the backend: read or write, byte offset, length.
 type Seen = (bool, u64, usize);
 
-/// A ram disk that merges up to `limit` bytes and holds every operation
-/// until the test releases it, noting what it got.
-struct Recorder {
-    ram: RamBackend,
-    limit: usize,
-    held: Mutex<Vec<(Op, Done)>>,
-    seen: Mutex<Vec<Seen>>,
-}
-
-impl Recorder {
-    fn new(limit: usize) -> Arc<Self> {
-        Arc::new(Recorder {
-            ram: RamBackend::new(16 << 20, BS as u32).expect("ram"),
-            limit,
-            held: Mutex::new(Vec::new()),
-            seen: Mutex::new(Vec::new()),
-        })
-    }
-
-    fn take_seen(&self) -> Vec<Seen> {
-        std::mem::take(&mut *self.seen.lock().unwrap())
-    }
-
-    /// Completes every held operation: run on the ram disk, or failed
-    /// with `fail` where it names the operation's offset.
-    fn release(&self, fail: &HashMap<u64, IoError>) {
-        for (op, done) in std::mem::take(&mut *self.held.lock().unwrap()) {
-            let offset = match &op {
-                Op::Read { offset, .. } | Op::Write { offset, .. } => Some(*offset),
-                _ => None,
-            };
-            let r: IoResult = match offset.and_then(|o| fail.get(&o)) {
-                Some(e) => Err(e.clone()),
-                None => match self.ram.try_inline(op) {
-                    Ok(r) => r,
-                    Err(op) => panic!("the ram disk did not run {op:?} inline"),
-                },
-            };
-            done.complete(r);
-        }
-    }
-}
-
-impl Backend for Recorder {
-    fn name(&self) -> String {
-        "recorder".into()
-    }
-    fn geometry(&self) -> Geometry {
-        self.ram.geometry()
-    }
-    fn caps(&self) -> Caps {
-        self.ram.caps()
-    }
-    fn merge_limit(&self) -> usize {
-        self.limit
-    }
-    fn submit(&self, op: Op, done: Done) {
-        let seen = match &op {
+/// Completes every operation `held` holds (`Held::merging` notes
+/// nothing else): run on its ram disk, or failed with `fail` where it
+/// names the operation's offset. Returns what reached the backend.
+fn release(held: &Held, fail: &HashMap<u64, IoError>) -> Vec<Seen> {
+    let ops = std::mem::take(&mut *held.held.lock().unwrap());
+    let mut seen = Vec::new();
+    for (op, done) in ops {
+        let (write, offset, len) = match &op {
             Op::Read { offset, bufs } => (false, *offset, bufs.len()),
             Op::Write { offset, bufs, .. } => (true, *offset, bufs.len()),
             other => panic!("unexpected operation {other:?}"),
         };
-        self.seen.lock().unwrap().push(seen);
-        self.held.lock().unwrap().push((op, done));
+        seen.push((write, offset, len));
+        match fail.get(&offset) {
+            Some(e) => done.complete(Err(e.clone())),
+            None => held.inner.submit(op, done),
+        }
     }
+    seen
 }
 
-fn device(limit: usize) -> (KernelEmu, Device, Arc<Recorder>) {
-    let rec = Recorder::new(limit);
+fn device(limit: usize) -> (KernelEmu, Device, Arc<Held>) {
+    let ram: Arc<dyn Backend> = Arc::new(RamBackend::new(16 << 20, BS as u32).expect("ram"));
+    let rec = Held::merging(ram, limit);
     let layout = Layout {
         data_size: 32 << 20,
         ..Layout::default()
@@ -167,13 +121,12 @@ fn reap_all(emu: &mut KernelEmu, dev: &mut Device, n: usize) -> HashMap<u16, Out
 fn batch(
     emu: &mut KernelEmu,
     dev: &mut Device,
-    rec: &Recorder,
+    rec: &Held,
     cmds: &[Cmd],
     fail: &HashMap<u64, IoError>,
 ) -> (Vec<Seen>, Vec<Outcome>) {
     let ids = queue_batch(emu, dev, cmds);
-    let seen = rec.take_seen();
-    rec.release(fail);
+    let seen = release(rec, fail);
     let mut got = reap_all(emu, dev, ids.len());
     let res = ids
         .iter()
