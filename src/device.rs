@@ -763,6 +763,9 @@ impl Device {
                         if self.staging && matches!(op, Op::Read { .. } | Op::Write { .. }) {
                             self.staged.push((id, op));
                         } else {
+                            // Reads and writes taken before this command
+                            // go out before it.
+                            self.submit_staged();
                             self.backend.submit(op, self.cq.done(u64::from(id)));
                         }
                         return;
@@ -776,6 +779,7 @@ impl Device {
                             now,
                         );
                     };
+                    self.submit_staged();
                     self.pending[id as usize] = Some(p);
                     // The copy's time counts as the backend's.
                     self.track[TRACK * id as usize + T_SUBMITTED] = now;
@@ -793,8 +797,13 @@ impl Device {
     /// operation, anything else on its own. Only neighbours in ring order
     /// merge, so no two commands' operations are reordered: an initiator
     /// that overlaps writes in flight sees them reach the backend in the
-    /// order it queued them, as without merging.
+    /// order it queued them, as without merging. A command of another
+    /// kind in the batch (a flush, an UNMAP) sends what was staged before
+    /// it first.
     fn submit_staged(&mut self) {
+        if self.staged.is_empty() {
+            return;
+        }
         let limit = self.backend.merge_limit();
         let mut staged = std::mem::take(&mut self.staged);
         let mut it = staged.drain(..).peekable();

@@ -287,3 +287,54 @@ fn a_failed_merged_operation_fails_each_of_its_commands_and_no_other() {
         "{res:?}"
     );
 }
+
+#[test]
+fn a_flush_in_a_batch_goes_out_after_the_writes_queued_before_it() {
+    let (mut emu, mut dev, rec) = device(4 << 20);
+    // Two adjacent writes, SYNCHRONIZE CACHE (10) for the whole LUN, one
+    // more write that continues the first two: taken as one batch.
+    let mut ids: Vec<u16> = writes(0, 2, 128)
+        .iter()
+        .map(|&(_, lba, blocks)| {
+            emu.queue(
+                &rw16(true, lba, blocks),
+                Data::ToDevice(&pattern(lba, blocks)),
+            )
+            .expect("queue")
+        })
+        .collect();
+    ids.push(
+        emu.queue(&[0x35, 0, 0, 0, 0, 0, 0, 0, 0, 0], Data::None)
+            .expect("queue"),
+    );
+    ids.push(
+        emu.queue(&rw16(true, 256, 128), Data::ToDevice(&pattern(256, 128)))
+            .expect("queue"),
+    );
+    emu.kick();
+    assert!(dev.turn().expect("turn"));
+    let ops = std::mem::take(&mut *rec.held.lock().unwrap());
+    let seen: Vec<(&str, u64, usize)> = ops
+        .iter()
+        .map(|(op, _)| match op {
+            Op::Write { offset, bufs, .. } => ("write", *offset, bufs.len()),
+            Op::Flush => ("flush", 0, 0),
+            _ => ("other", 0, 0),
+        })
+        .collect();
+    assert_eq!(
+        seen,
+        vec![
+            ("write", 0, 128 << 10),
+            ("flush", 0, 0),
+            ("write", 256 * BS, 64 << 10)
+        ],
+        "the writes before the flush reach the backend before it, merged; \
+         the one after it does not join them"
+    );
+    for (op, done) in ops {
+        rec.inner.submit(op, done);
+    }
+    let got = reap_all(&mut emu, &mut dev, ids.len());
+    assert!(got.values().all(|r| r.0 == 0), "{got:?}");
+}

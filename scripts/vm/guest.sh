@@ -812,11 +812,23 @@ stop_daemon() {
 # running daemon, run the fio jobs, take it down again.
 compare_one() { # LABEL ROUND
   local cfg="rbd/bench;conf=$CEPH_CONF_GUEST;id=admin" w=naa.5001405000000040 n="compare.$1.$2"
+  # COMPARE_CFG, COMPARE_B_CFG: more cfgstring options for each side.
+  case $1 in
+  tcmu-rbd) cfg+=${COMPARE_CFG:-} ;;
+  tcmu-rbd-B) cfg+=${COMPARE_B_CFG:-} ;;
+  esac
   # COMPARE_ATTRS: more control attributes for the LUN (after the suite's
   # hw_max_sectors=1024, which a later one overrides).
   if check "$n.create" mk_backstore bench rbd "$cfg" $((1 << 30)) "${COMPARE_ATTRS:-}" &&
     check "$n.export" mk_loop bench $w; then
     check_dev "$n.fio" bench_fio "$1" "$2"
+    # What merging did in the round (tcmu-rbd's counters; no output from
+    # tcmu-runner, which has no metrics endpoint).
+    case $1 in tcmu-rbd*)
+      curl -s --max-time 5 "http://$METRICS/metrics" |
+        grep -E '^tcmu_rbd_(merged_commands|merged_operations|reads|writes|qfull|ring_full)_total\{device="bench"' \
+          >"$OUT/compare.$1.$2.metrics" ;;
+    esac
     check "$n.remove" t_remove_idle bench $w
   else
     # Leave nothing behind for the other daemon.
@@ -848,7 +860,7 @@ suite_compare() {
   # each alike. tcmu-rbd-B (when COMPARE_B_ENV or COMPARE_B_BIN is set) is a
   # candidate change measured beside the code as it is.
   local b=0
-  [ -n "${COMPARE_B_ENV:-}${COMPARE_B_BIN:-}" ] && b=1
+  [ -n "${COMPARE_B_ENV:-}${COMPARE_B_BIN:-}${COMPARE_B_CFG:-}" ] && b=1
   daemon_alive || check compare.tcmu-rbd.start start_daemon
   compare_one tcmu-rbd 1
   check compare.tcmu-rbd.stop stop_daemon || return 1
