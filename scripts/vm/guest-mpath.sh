@@ -250,6 +250,19 @@ mp_count() { # PATTERN: matching lines in both gateways' logs
 # LUN's cmd_time_out is 0, as ceph-iscsi sets it): a minute per call.
 mp_topology() { multipathd show topology; }
 
+# The same, asked again for up to 30 s while multipathd answers with no
+# path group (a busy multipathd answers its client "timeout").
+mp_topology_settled() {
+  local o i
+  for i in $(seq 30); do
+    o=$(mp_topology 2>&1)
+    echo "$o" | grep -q "status=" && { echo "$o"; return 0; }
+    sleep 1
+  done
+  echo "$o"
+  return 1
+}
+
 # Both gateways started Standby and nobody moved the lock by hand: the
 # host's first I/O made multipath activate one path group, and the lock
 # stays with that gateway (no takeover, no loss) for 30 s of I/O through
@@ -268,7 +281,7 @@ t_mp_settled() {
     ok dd if=/dev/urandom of="$dev" bs=4k count=1 seek=$((RANDOM % 4096)) oflag=direct conv=notrunc status=none || return 1
     sleep 2
   done
-  o=$(mp_topology)
+  o=$(mp_topology_settled)
   echo "$o"
   expect "takeovers in 30 s" "$(mp_count "takeover done")" "$tk" || return 1
   expect "lock losses in 30 s" "$(mp_count "exclusive lock lost")" "$ls" || return 1
@@ -287,7 +300,7 @@ t_mp_settled() {
 # The gateway whose path is in the active group.
 mp_active() {
   local o h x
-  o=$(mp_topology)
+  o=$(mp_topology_settled)
   h=$(echo "$o" | awk '/status=active/ {getline; print}' | grep -oE "[0-9]+$MP_LUN" | cut -d: -f1)
   for x in a b; do
     [ "$(mp_host_of $x)" = "$h" ] && { echo $x; return 0; }
