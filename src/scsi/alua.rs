@@ -852,34 +852,6 @@ fn standby_allowed(cdb: &[u8]) -> bool {
     }
 }
 
-/// Whether a media command (one that reads or writes the image).
-fn media_access(cdb: &[u8]) -> bool {
-    use super::cdb::op;
-    matches!(
-        cdb.first().copied(),
-        Some(
-            op::READ_6
-                | op::READ_10
-                | op::READ_12
-                | op::READ_16
-                | op::WRITE_6
-                | op::WRITE_10
-                | op::WRITE_12
-                | op::WRITE_16
-                | op::WRITE_VERIFY_10
-                | op::WRITE_VERIFY_16
-                | op::VERIFY_10
-                | op::VERIFY_16
-                | op::WRITE_SAME_10
-                | op::WRITE_SAME_16
-                | op::UNMAP
-                | op::COMPARE_AND_WRITE
-                | op::SYNC_CACHE_10
-                | op::SYNC_CACHE_16
-        )
-    )
-}
-
 /// Whether a media command that changes the image.
 fn media_write(cdb: &[u8]) -> bool {
     use super::cdb::op;
@@ -911,14 +883,15 @@ pub fn check(src: &dyn AluaSource, mode: AluaMode, cdb: &[u8]) -> Access {
     if state == AccessState::ActiveOptimized {
         return Access::Serve;
     }
-    // A standby port asks for the lock on any media command; a
-    // non-optimized one (implicit-only groups, as ceph-iscsi makes them)
-    // only on a write: it serves reads without the lock, so the reads an
-    // initiator's scan sends down every path at login do not move the
-    // lock from gateway to gateway.
+    // Only a write asks for the lock. A non-optimized port (implicit-only
+    // groups, as ceph-iscsi makes them) serves reads without it; a standby
+    // port refuses them with the standby sense, as LIO's own ALUA does.
+    // Either way the reads an initiator's scan sends down every path at
+    // login (udev's probe of each raw path disk) do not move the lock: a
+    // move fences the old owner's client, and with it every LUN that
+    // gateway serves through that client.
     let wants_lock = match state {
-        AccessState::Standby => media_access(cdb),
-        AccessState::ActiveNonOptimized => media_write(cdb),
+        AccessState::Standby | AccessState::ActiveNonOptimized => media_write(cdb),
         _ => false,
     };
     if mode.implicit && wants_lock {
@@ -1181,11 +1154,20 @@ mod tests {
     fn implicit_request_can_turn_standby_into_transitioning() {
         let (a, calls) = local_in(AccessState::Standby);
         let m = a.mode();
-        // TUR does not ask for the lock; a READ does.
+        // Neither TUR nor a read (udev's probe of a standby path) asks for
+        // the lock: they get the standby sense. A write does.
         assert_eq!(check(&a, m, &[0; 6]), Access::Refuse(sense::ALUA_STANDBY));
-        assert_eq!(calls.load(Ordering::SeqCst), 0);
+        for read in [[0x28u8; 10], [0x2f; 10], [0x35; 10]] {
+            assert_eq!(
+                check(&a, m, &read),
+                Access::Refuse(sense::ALUA_STANDBY),
+                "{:#x}",
+                read[0]
+            );
+        }
+        assert_eq!(calls.load(Ordering::SeqCst), 0, "a read asked for the lock");
         assert_eq!(
-            check(&a, m, &[0x28; 10]),
+            check(&a, m, &[0x2a; 10]),
             Access::Refuse(sense::ALUA_TRANSITIONING)
         );
         assert_eq!(calls.load(Ordering::SeqCst), 1);
