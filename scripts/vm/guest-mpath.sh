@@ -347,9 +347,9 @@ PY
   [ -n "$t_act" ] && echo "failover: kill -9 to gateway $other active/optimized in" \
     "$(awk "BEGIN {printf \"%.2f\", $(date -d "$t_act" +%s.%N) - $t_kill}") s"
   [ $rc -eq 0 ] || { why="fio failed (exit $rc) across the failover"; return 1; }
-  # Right after a failover multipathd can be too busy to answer its
-  # client in time ("timeout", no topology: a CI run read '' here after a
-  # good failover); ask again for up to 30 s before judging.
+  # Right after a failover multipathd may not have switched groups yet
+  # (mp_active already asks again while it answers "timeout"); give it
+  # up to 30 s before judging.
   wait_for 30 mp_active_is "$other" || true
   MP_ACT_AFTER=$(mp_active)
   expect "active gateway after the kill" "$MP_ACT_AFTER" "$other"

@@ -890,10 +890,10 @@ pub fn check(src: &dyn AluaSource, mode: AluaMode, cdb: &[u8]) -> Access {
     // login (udev's probe of each raw path disk) do not move the lock: a
     // move fences the old owner's client, and with it every LUN that
     // gateway serves through that client.
-    let wants_lock = match state {
-        AccessState::Standby | AccessState::ActiveNonOptimized => media_write(cdb),
-        _ => false,
-    };
+    let wants_lock = matches!(
+        state,
+        AccessState::Standby | AccessState::ActiveNonOptimized
+    ) && media_write(cdb);
     if mode.implicit && wants_lock {
         src.request_active();
         state = src.local_state();
