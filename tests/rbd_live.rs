@@ -356,18 +356,18 @@ fn devices_share_one_connection_per_user_and_op_timeout() {
 #[test]
 #[ignore = "needs the live Ceph cluster: scripts/test-rbd.sh runs it"]
 fn a_takeover_never_fences_this_gateways_own_clients() {
-    use tcmu_handler::rbd::lock::{LockError, LockView};
+    use tcmu_handler::rbd::lock::{LockError, LockView, TakeOptions};
     use tcmu_handler::rbd::RbdBackend;
     let img = TestImage::new("ownclient", 8 << 20);
     let a = RbdBackend::open(&img.cfg(""), img.size, 512).unwrap();
-    a.take_lock(60).unwrap();
+    a.take_lock(&TakeOptions::fence_only(60)).unwrap();
     // A second device on the same client, then one on a client of its own
     // (another osd_op_timeout): both are refused, neither fences `a`.
     let same = RbdBackend::open(&img.cfg(""), img.size, 512).unwrap();
     let other = RbdBackend::open(&img.cfg(";osd_op_timeout=47"), img.size, 512).unwrap();
     assert_ne!(other.client().1, a.client().1);
     for b in [&same, &other] {
-        match b.take_lock(60) {
+        match b.take_lock(&TakeOptions::fence_only(60)) {
             Err(LockError::OwnClient { .. }) => {}
             r => panic!("takeover by a device of this daemon: {r:?}"),
         }

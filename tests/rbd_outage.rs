@@ -13,6 +13,7 @@ use std::collections::HashMap;
 use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tcmu_handler::rbd::lock::TakeOptions;
 use tcmu_handler::rbd::RbdBackend;
 use tcmu_handler::{Backend, IoError};
 use tcmu_rbd_testkit::emulator::{Data, KernelEmu};
@@ -261,6 +262,103 @@ fn blocklisted_client_reopens_on_a_fresh_client() {
     assert_eq!(rbd.ops_in_flight(), 0, "operations left counted in flight");
 }
 
+/// What the daemon's failover managers use: ask the owner first.
+fn asking() -> TakeOptions {
+    TakeOptions {
+        blocklist_expire_secs: 600,
+        handoff_ask: Duration::from_secs(2),
+        handoff_wait: Duration::from_secs(10),
+    }
+}
+
+/// A live gateway asked for one image's lock hands it over: nothing is
+/// fenced, and it keeps the locks of its other images. (Fencing is per
+/// client: a fence would have cost it every image it serves.) Its writes
+/// to the image it gave up are refused, and never land.
+#[test]
+#[ignore = "needs the live Ceph cluster: scripts/test-rbd.sh runs it"]
+fn a_live_owner_hands_one_image_over_and_keeps_the_others() {
+    let imgs: Vec<TestImage> = (0..3)
+        .map(|i| TestImage::new(&format!("handoff-{i}"), 4 << 20))
+        .collect();
+    let open = |img: &TestImage, user: &str| {
+        Arc::new(
+            RbdBackend::open(
+                &img.cfg(&format!(";id={user};osd_op_timeout=10")),
+                img.size,
+                512,
+            )
+            .unwrap_or_else(|e| panic!("open {user}: {e}")),
+        )
+    };
+    // Gateway A (user tcmu, one client) serves all three; on request it
+    // releases off librados' callback thread, as its failover manager does.
+    let a: Vec<Arc<RbdBackend>> = imgs.iter().map(|i| open(i, "tcmu")).collect();
+    for r in &a {
+        r.take_lock(&TakeOptions::fence_only(600))
+            .expect("gateway A takes its lock");
+        let w = Arc::downgrade(r);
+        r.set_handoff(Some(Arc::new(move || match w.upgrade() {
+            Some(r) => {
+                std::thread::spawn(move || r.release_lock().expect("A releases"));
+                true
+            }
+            None => false,
+        })));
+    }
+    let mut da = Direct::new(a[0].clone());
+    let first = pattern(1, 4096);
+    da.write(0, &first).expect("A writes image 0");
+    let a_addrs = a[0].client_addrs().expect("A's address");
+    // Gateway B (user admin) takes image 0.
+    let b = open(&imgs[0], "admin");
+    let before = tcmu_handler::rbd::lock::blocklists_issued();
+    let t0 = Instant::now();
+    let taken = b.take_lock(&asking()).expect("B takes image 0");
+    let took = t0.elapsed();
+    assert!(taken.fenced.is_empty(), "A was fenced: {taken:?}");
+    assert_eq!(taken.handed_over.len(), 1, "{taken:?}");
+    assert_eq!(
+        tcmu_handler::rbd::lock::blocklists_issued() - before,
+        0,
+        "a blocklist call for a live owner"
+    );
+    let entries = cli("ceph", &["osd", "blocklist", "ls"]);
+    let nonce = a_addrs
+        .rsplit('/')
+        .next()
+        .unwrap_or("")
+        .trim_end_matches(']');
+    assert!(
+        !nonce.is_empty() && !entries.contains(nonce),
+        "A's client ({a_addrs}) is in the blocklist:\n{entries}"
+    );
+    assert!(b.lock_held().expect("B's lock"), "image 0 is B's");
+    // A's other images are still A's: same client, not fenced, writable.
+    for (i, r) in a.iter().enumerate().skip(1) {
+        assert!(!r.is_fenced(), "image {i}: A fenced");
+        assert!(r.lock_held().expect("A's lock"), "image {i} left A");
+        Direct::new(r.clone())
+            .write(0, &pattern(3, 4096))
+            .unwrap_or_else(|e| panic!("A writes image {i}: {e:?}"));
+    }
+    assert_eq!(a[1].reopens(), 0, "A reopened: it was fenced");
+    // A no longer writes image 0: its write is refused and never lands.
+    let late = da.write(4096, &pattern(2, 4096));
+    assert!(late.is_err(), "A wrote image 0 after handing it over");
+    let mut db = Direct::new(b.clone());
+    db.write(8192, &pattern(4, 4096)).expect("B writes image 0");
+    let e = imgs[0].export();
+    assert_eq!(&e[..4096], &first[..], "A's acknowledged write is kept");
+    assert_eq!(&e[4096..8192], &[0u8; 4096][..], "A's late write landed");
+    assert_eq!(&e[8192..12288], &pattern(4, 4096)[..]);
+    eprintln!(
+        "HANDOFF: image taken from a live owner in {} ms, no fence; its late write: {:?}",
+        took.as_millis(),
+        late.err()
+    );
+}
+
 /// A whole gateway dies: gateway A (user tcmu, one client) held the locks
 /// of 16 images (WHOLE_GW_N); gateway B (user admin) takes them all at once, as its
 /// failover managers do, each on its own thread. A is blocklisted once,
@@ -288,7 +386,8 @@ fn a_whole_gateway_is_fenced_once_and_its_images_move_together() {
     };
     let a: Vec<Arc<RbdBackend>> = imgs.iter().map(|i| open(i, "tcmu")).collect();
     for r in &a {
-        r.take_lock(600).expect("gateway A takes its lock");
+        r.take_lock(&TakeOptions::fence_only(600))
+            .expect("gateway A takes its lock");
     }
     let a_client = a[0].client();
     assert!(a.iter().all(|r| r.client() == a_client), "A has one client");
@@ -299,7 +398,9 @@ fn a_whole_gateway_is_fenced_once_and_its_images_move_together() {
         .iter()
         .map(|r| {
             let r = r.clone();
-            std::thread::spawn(move || (r.take_lock(600), t0.elapsed()))
+            // B asks first, as the daemon does; A here answers nothing
+            // (no failover manager: a dead gateway), so it is fenced.
+            std::thread::spawn(move || (r.take_lock(&asking()), t0.elapsed()))
         })
         .collect();
     let mut slowest = Duration::ZERO;
@@ -542,7 +643,7 @@ fn images_show_in_the_service_map_as_ceph_iscsi_reads_them() {
         .unwrap_or_else(|e| panic!("open the other gateway: {e}"));
     service::set_enabled(true);
     let taken = thief
-        .take_lock(600)
+        .take_lock(&TakeOptions::fence_only(600))
         .expect("the other gateway takes the lock");
     assert!(!taken.fenced.is_empty(), "nobody fenced: {taken:?}");
     let st = wait_entry(&daemon, "the fence counted", |e| {

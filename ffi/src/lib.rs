@@ -27,6 +27,7 @@
 //! closing an image or shutting down the client from there deadlocks.
 
 mod image;
+mod notify;
 mod rados;
 // The C declarations, one for one with librados.h and librbd.h, which
 // document each call.
@@ -35,6 +36,7 @@ pub mod sys;
 
 pub use image::Image;
 pub use image::{AioBuf, CawError, ImageInfo, LockMode, LockOwners, OwnedBuf, WatchHandle};
+pub use notify::{parse_notify_reply, watch, Notice, NotifyAck, NotifyReply, ObjectWatch};
 pub use rados::{IoCtx, Rados, RadosBuilder, WeakRados};
 
 /// A failed librados/librbd call: what was attempted and the errno.

@@ -17,6 +17,20 @@ pub type rbd_image_t = *mut c_void;
 pub type rbd_completion_t = *mut c_void;
 /// `rbd_callback_t`.
 pub type rbd_callback_t = Option<unsafe extern "C" fn(cb: rbd_completion_t, arg: *mut c_void)>;
+/// `rados_watchcb2_t`: a notify arrived on a watched object.
+pub type rados_watchcb2_t = Option<
+    unsafe extern "C" fn(
+        arg: *mut c_void,
+        notify_id: u64,
+        handle: u64,
+        notifier_id: u64,
+        data: *mut c_void,
+        data_len: size_t,
+    ),
+>;
+/// `rados_watcherrcb_t`: the watch was lost.
+pub type rados_watcherrcb_t =
+    Option<unsafe extern "C" fn(pre: *mut c_void, cookie: u64, err: c_int)>;
 /// `rbd_update_callback_t`.
 pub type rbd_update_callback_t = Option<unsafe extern "C" fn(arg: *mut c_void)>;
 /// `rbd_lock_mode_t` (a C enum: int-sized).
@@ -97,6 +111,40 @@ extern "C" {
         metadata_dict: *const c_char,
     ) -> c_int;
     pub fn rados_service_update_status(cluster: rados_t, status_dict: *const c_char) -> c_int;
+    pub fn rados_write_full(
+        io: rados_ioctx_t,
+        oid: *const c_char,
+        buf: *const c_char,
+        len: size_t,
+    ) -> c_int;
+    pub fn rados_watch2(
+        io: rados_ioctx_t,
+        o: *const c_char,
+        cookie: *mut u64,
+        watchcb: rados_watchcb2_t,
+        watcherrcb: rados_watcherrcb_t,
+        arg: *mut c_void,
+    ) -> c_int;
+    pub fn rados_watch_check(io: rados_ioctx_t, cookie: u64) -> c_int;
+    pub fn rados_unwatch2(io: rados_ioctx_t, cookie: u64) -> c_int;
+    pub fn rados_watch_flush(cluster: rados_t) -> c_int;
+    pub fn rados_notify2(
+        io: rados_ioctx_t,
+        o: *const c_char,
+        buf: *const c_char,
+        buf_len: c_int,
+        timeout_ms: u64,
+        reply_buffer: *mut *mut c_char,
+        reply_buffer_len: *mut size_t,
+    ) -> c_int;
+    pub fn rados_notify_ack(
+        io: rados_ioctx_t,
+        o: *const c_char,
+        notify_id: u64,
+        cookie: u64,
+        buf: *const c_char,
+        buf_len: c_int,
+    ) -> c_int;
 }
 
 extern "C" {

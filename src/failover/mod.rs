@@ -44,8 +44,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 use supervisor::{Mailbox, Serial, Supervisor, Timed};
-use tcmu_handler::rbd::lock::{LockError, LockView, Taken};
-use tcmu_handler::rbd::RbdBackend;
+use tcmu_handler::rbd::lock::{LockError, LockView, TakeOptions, Taken};
+use tcmu_handler::rbd::{HandoffFn, RbdBackend};
 use tcmu_handler::{Backend, Caps, Done, Geometry, IoError, Op};
 use tracing::{error, info, info_span, warn};
 
@@ -61,8 +61,9 @@ pub trait LockSource: Backend {
     fn lock_held(&self) -> Result<bool, LockError>;
     /// Who holds the lock.
     fn lock_view(&self) -> Result<LockView, LockError>;
-    /// Takes the lock, fencing and breaking another owner's.
-    fn take_lock(&self, blocklist_expire_secs: u32) -> Result<Taken, LockError>;
+    /// Takes the lock: asks another owner to hand it over, fences and
+    /// breaks its lock if it does not.
+    fn take_lock(&self, opts: &TakeOptions) -> Result<Taken, LockError>;
     /// Releases the lock.
     fn release_lock(&self) -> Result<(), LockError>;
     /// Marks session `generation` fenced and reopens on a fresh client
@@ -78,6 +79,11 @@ pub trait LockSource: Backend {
     /// lock, and counts a loss (`lost`); ceph-iscsi and the dashboard read
     /// it. Nothing by default.
     fn report_lock(&self, _owner: bool, _lost: bool) {}
+    /// Answers other gateways' requests to hand the lock over with `f`.
+    /// Nothing by default (such a gateway is fenced instead).
+    fn set_handoff(&self, _f: Option<HandoffFn>) {}
+    /// Keeps the handoff watch alive (called at each lock check).
+    fn handoff_ready(&self) {}
 }
 
 impl LockSource for RbdBackend {
@@ -93,8 +99,8 @@ impl LockSource for RbdBackend {
     fn lock_view(&self) -> Result<LockView, LockError> {
         RbdBackend::lock_view(self)
     }
-    fn take_lock(&self, blocklist_expire_secs: u32) -> Result<Taken, LockError> {
-        RbdBackend::take_lock(self, blocklist_expire_secs)
+    fn take_lock(&self, opts: &TakeOptions) -> Result<Taken, LockError> {
+        RbdBackend::take_lock(self, opts)
     }
     fn release_lock(&self) -> Result<(), LockError> {
         RbdBackend::release_lock(self)
@@ -104,6 +110,12 @@ impl LockSource for RbdBackend {
     }
     fn submit_on(&self, generation: u64, op: Op, done: Done) {
         RbdBackend::submit_on(self, generation, op, done)
+    }
+    fn set_handoff(&self, f: Option<HandoffFn>) {
+        RbdBackend::set_handoff(self, f)
+    }
+    fn handoff_ready(&self) {
+        RbdBackend::handoff_ready(self)
     }
     fn report_lock(&self, owner: bool, lost: bool) {
         let s = self.service_status();
@@ -131,6 +143,15 @@ pub struct FailoverOptions {
     /// After losing the lock, I/O does not take it back for this long
     /// (STPG does).
     pub io_holdoff: Duration,
+    /// How long a takeover waits for the owner's answer to a handoff
+    /// request before fencing it (zero: never ask, always fence). A live
+    /// gateway answers within a round trip; a dead or stopped one never
+    /// does, so this is what a crash takeover pays on top of the fence.
+    pub handoff_ask: Duration,
+    /// After the owner agreed to hand over, how long to wait for it to
+    /// release (it finishes its writes in flight first) before fencing it
+    /// after all.
+    pub handoff_wait: Duration,
     /// How long a takeover keeps trying (waiting for a reopen, retrying
     /// a racing acquire) before the port goes back to Standby.
     pub acquire_timeout: Duration,
@@ -173,6 +194,8 @@ impl Default for FailoverOptions {
             poll: Duration::from_secs(1),
             blocklist_expire_secs: 3600,
             io_holdoff: Duration::from_secs(5),
+            handoff_ask: Duration::from_secs(1),
+            handoff_wait: Duration::from_secs(10),
             acquire_timeout: Duration::from_secs(20),
             idle_check: Duration::from_secs(5),
         }
@@ -184,6 +207,9 @@ impl Default for FailoverOptions {
 enum Job {
     Acquire(&'static str),
     Release,
+    /// Another gateway asked for the lock: release it, and do not take it
+    /// back on I/O for [`FailoverOptions::io_holdoff`].
+    HandOver,
     /// While serving: is the lock still ours? `true`: ask librbd too
     /// (an OSD round trip); `false`: only what this process knows (the
     /// session was fenced or replaced).
@@ -222,6 +248,8 @@ pub struct FailoverStatus {
     pub takeovers: u64,
     /// Times it lost the lock.
     pub losses: u64,
+    /// Times it handed the lock over to another gateway that asked.
+    pub handovers: u64,
     /// The last takeover's duration (request to Active/Optimized).
     pub last_takeover_ms: Option<u64>,
 }
@@ -243,12 +271,13 @@ impl std::fmt::Display for FailoverStatus {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "alua={} lock={} generation={} takeovers={} losses={}",
+            "alua={} lock={} generation={} takeovers={} losses={} handovers={}",
             state_name(self.state),
             self.lock,
             self.generation,
             self.takeovers,
-            self.losses
+            self.losses,
+            self.handovers
         )?;
         if let Some(ms) = self.last_takeover_ms {
             write!(f, " last_takeover_ms={ms}")?;
@@ -271,6 +300,8 @@ struct Shared {
     suspect: AtomicBool,
     takeovers: AtomicU64,
     losses: AtomicU64,
+    /// Times it handed the lock over on request.
+    handovers: AtomicU64,
     /// Held while a loss or takeover updates the ALUA state and its
     /// counter, and while [`Failover::status`] reads them: a status never
     /// shows one without the other.
@@ -458,7 +489,10 @@ impl Shared {
         if self.stopped.load(Ordering::Acquire) {
             return false;
         }
-        let urgent = matches!(job, Job::Acquire(_) | Job::Release | Job::Stop);
+        let urgent = matches!(
+            job,
+            Job::Acquire(_) | Job::Release | Job::HandOver | Job::Stop
+        );
         if self.mail.post(job, !urgent) {
             if let Some(me) = self.me.upgrade() {
                 self.sup.schedule(me, urgent);
@@ -502,6 +536,7 @@ impl Shared {
     /// `full`: also ask librbd (an OSD round trip), else only the local
     /// signs (fenced, reopened).
     fn check(&self, full: bool) {
+        self.backend.handoff_ready();
         let suspect = self.suspect.swap(false, Ordering::AcqRel);
         if !self.serving.load(Ordering::Acquire) {
             return;
@@ -559,7 +594,12 @@ impl Shared {
         info!(why, "taking the exclusive lock");
         let deadline = t0 + self.opts.acquire_timeout;
         let result = loop {
-            match self.backend.take_lock(self.opts.blocklist_expire_secs) {
+            let opts = TakeOptions {
+                blocklist_expire_secs: self.opts.blocklist_expire_secs,
+                handoff_ask: self.opts.handoff_ask,
+                handoff_wait: self.opts.handoff_wait,
+            };
+            match self.backend.take_lock(&opts) {
                 Ok(t) => break Ok(t),
                 // Blocklisted earlier: wait for the reopen on a fresh client.
                 Err(LockError::Fenced { .. }) if Instant::now() < deadline => {
@@ -591,7 +631,7 @@ impl Shared {
                 if !t.already {
                     self.takeovers.fetch_add(1, Ordering::Relaxed);
                 }
-                info!(fenced = ?t.fenced, generation = t.generation, ms, "takeover done: active/optimized");
+                info!(fenced = ?t.fenced, handed_over = ?t.handed_over, generation = t.generation, ms, "takeover done: active/optimized");
             }
             Err(e) => {
                 error!(error = %e, "takeover failed; staying standby");
@@ -602,15 +642,75 @@ impl Shared {
         self.flush_parked();
     }
 
-    fn release(&self) {
-        self.serving.store(false, Ordering::Release);
-        self.set_local(AccessState::Transitioning, "releasing the lock");
+    /// Gives the lock up; false if this gateway turned out to be fenced
+    /// already (then it is handled as a loss: reopen on a fresh client).
+    fn release(&self) -> bool {
+        // Gate first, then the state the port will have: the host moves
+        // its I/O to the other path now (the standby sense), instead of
+        // retrying here (the transitioning sense) while librbd releases.
+        let was_serving = self.serving.swap(false, Ordering::AcqRel);
+        self.set_local(self.idle_state(), "releasing the lock");
         // Writes in flight finish on librbd's side before it releases.
-        if let Err(e) = self.backend.release_lock() {
-            warn!(error = %e, "lock release failed");
+        match self.backend.release_lock() {
+            Ok(()) => {
+                self.backend.report_lock(false, false);
+                info!("lock released");
+                true
+            }
+            // Fenced while it thought it held the lock (e.g. stopped while
+            // another gateway took over, then asked by that gateway's
+            // request, delivered late): a loss, and the session must be
+            // replaced, or it would stay on a blocklisted client.
+            Err(LockError::Fenced { .. }) => {
+                // (Counted once: a check that found it first already did.)
+                if was_serving {
+                    self.lost("this client was blocklisted (found when releasing the lock)");
+                }
+                false
+            }
+            Err(e) => {
+                warn!(error = %e, "lock release failed");
+                self.backend.report_lock(false, false);
+                true
+            }
         }
-        self.backend.report_lock(false, false);
-        self.set_local(self.idle_state(), "lock released");
+    }
+
+    /// Asked by another gateway's takeover (on librados' callback thread):
+    /// agrees, and releases on the pool, if this gateway serves the image.
+    /// Declining gets this gateway fenced, so it declines only when it
+    /// does not hold the lock as far as it knows.
+    fn on_handoff(&self) -> bool {
+        if self.stopped.load(Ordering::Acquire) || !self.serving.load(Ordering::Acquire) {
+            return false;
+        }
+        self.post(Job::HandOver)
+    }
+
+    fn hand_over(&self) {
+        // A check between the request and this job found the lock lost:
+        // nothing left to hand over.
+        if !self.serving.load(Ordering::Acquire) {
+            return;
+        }
+        // Holdoff first: commands the host queued here before it switched
+        // paths must not ask for the lock straight back.
+        if let Ok(mut g) = self.lost_at.lock() {
+            *g = Some(Instant::now());
+        }
+        info!("another gateway asked for the lock: handing it over (no fence)");
+        if !self.release() {
+            return;
+        }
+        // A request can arrive late: sent while this gateway was stopped,
+        // the asker fenced it when no answer came. Then librbd's release
+        // succeeds locally, and only a call to the cluster tells.
+        if let Err(LockError::Fenced { .. }) = self.backend.lock_view() {
+            self.lost("this client was blocklisted (the handover request came late)");
+            return;
+        }
+        self.handovers.fetch_add(1, Ordering::Relaxed);
+        *self.lock_view.lock().unwrap_or_else(|e| e.into_inner()) = "handed over".into();
     }
 }
 
@@ -624,7 +724,10 @@ impl Serial for Shared {
             }
             match job {
                 Job::Acquire(why) => self.acquire(why),
-                Job::Release => self.release(),
+                Job::Release => {
+                    self.release();
+                }
+                Job::HandOver => self.hand_over(),
                 Job::Check(full) => self.check(full),
                 Job::Groups => {
                     // Groups created after the device opened (ceph-iscsi
@@ -740,6 +843,7 @@ impl Failover {
             suspect: AtomicBool::new(false),
             takeovers: AtomicU64::new(0),
             losses: AtomicU64::new(0),
+            handovers: AtomicU64::new(0),
             transition: Mutex::new(()),
             lost_at: Mutex::new(None),
             lock_view: Mutex::new("unknown".into()),
@@ -781,6 +885,10 @@ impl Failover {
             Some(s) => s.on_stpg(h, reqs),
             None => Err(StpgError::Failed("failover manager gone".into())),
         });
+        let weak = Arc::downgrade(&shared);
+        shared.backend.set_handoff(Some(Arc::new(move || {
+            weak.upgrade().is_some_and(|s| s.on_handoff())
+        })));
         let timed: Weak<dyn Timed> = Arc::downgrade(&shared) as Weak<dyn Timed>;
         shared.sup.watch(timed);
         info!(dev = %name, group = local_group, "failover manager started");
@@ -829,6 +937,7 @@ impl Failover {
             generation: s.backend.generation(),
             takeovers,
             losses,
+            handovers: s.handovers.load(Ordering::Relaxed),
             last_takeover_ms: s.last_takeover_ms.lock().ok().and_then(|g| *g),
         }
     }
@@ -1030,15 +1139,18 @@ mod tests {
         reopen_before_submit: Option<Hook>,
     }
 
-    struct FakeLock(Mutex<Lock>);
+    struct FakeLock(Mutex<Lock>, Mutex<Option<HandoffFn>>);
 
     impl FakeLock {
         fn new() -> Arc<FakeLock> {
-            Arc::new(FakeLock(Mutex::new(Lock {
-                generation: 1,
-                other: Some("10.0.0.2:0/1".into()),
-                ..Lock::default()
-            })))
+            Arc::new(FakeLock(
+                Mutex::new(Lock {
+                    generation: 1,
+                    other: Some("10.0.0.2:0/1".into()),
+                    ..Lock::default()
+                }),
+                Mutex::new(None),
+            ))
         }
         fn with<T>(&self, f: impl FnOnce(&mut Lock) -> T) -> T {
             f(&mut self.0.lock().unwrap())
@@ -1106,7 +1218,7 @@ mod tests {
                 }
             }))
         }
-        fn take_lock(&self, _expire: u32) -> Result<Taken, LockError> {
+        fn take_lock(&self, _opts: &TakeOptions) -> Result<Taken, LockError> {
             self.with(|l| {
                 l.takes += 1;
                 if l.fenced {
@@ -1125,6 +1237,7 @@ mod tests {
                 l.held = true;
                 Ok(Taken {
                     fenced,
+                    handed_over: Vec::new(),
                     already,
                     generation: l.generation,
                 })
@@ -1136,6 +1249,9 @@ mod tests {
                 l.held = false;
             });
             Ok(())
+        }
+        fn set_handoff(&self, f: Option<HandoffFn>) {
+            *self.1.lock().unwrap() = f;
         }
         fn fence_and_reopen(&self, generation: u64) {
             // The reopen on a fresh client, done at once.
@@ -1185,6 +1301,7 @@ mod tests {
             io_holdoff: holdoff,
             acquire_timeout,
             idle_check: Duration::from_millis(50),
+            ..FailoverOptions::default()
         };
         Failover::start("t", lock.clone(), a, opts).unwrap()
     }
@@ -1434,6 +1551,41 @@ mod tests {
     }
 
     #[test]
+    fn asked_by_another_gateway_it_releases_without_a_fence_and_holds_off_io() {
+        let lock = FakeLock::new();
+        let a = alua();
+        let f = start(&lock, &a, Duration::from_secs(60), Duration::from_secs(1));
+        let ask = || (lock.1.lock().unwrap().clone().expect("handoff installed"))();
+        assert!(!ask(), "a gateway that does not serve declines");
+        stpg(&a, 1, AccessState::ActiveOptimized);
+        wait(&f, "active", |s| s.serving);
+        assert!(ask(), "the owner agrees");
+        let s = wait(&f, "handed over", |s| s.handovers == 1 && !s.serving);
+        // (handovers counts after the release returned.)
+        assert_eq!(s.state, AccessState::Standby);
+        assert_eq!(
+            lock.with(|l| (l.releases, l.held, l.reopens)),
+            (1, false, 0),
+            "released, not fenced: no reopen"
+        );
+        assert_eq!(s.losses, 0, "a handover is not a loss");
+        assert!(matches!(
+            write_through(&*f.backend()),
+            Err(IoError::Fenced(_))
+        ));
+        // Commands the host queued here do not take it straight back...
+        a.request_active();
+        std::thread::sleep(Duration::from_millis(50));
+        assert_eq!(f.status().state, AccessState::Standby);
+        assert_eq!(lock.with(|l| l.takes), 1);
+        // ...an STPG does.
+        stpg(&a, 1, AccessState::ActiveOptimized);
+        wait(&f, "active again", |s| s.serving);
+        drop(f);
+        assert!(!ask(), "a stopped manager declines");
+    }
+
+    #[test]
     fn io_at_a_standby_port_takes_the_lock_without_holdoff() {
         let lock = FakeLock::new();
         let a = alua();
@@ -1482,6 +1634,11 @@ mod tests {
         wait(&f, "released", |s| {
             !s.serving && s.state == AccessState::Standby
         });
+        // The port is Standby as the release starts; the release follows.
+        let t0 = Instant::now();
+        while lock.with(|l| l.releases) == 0 && t0.elapsed() < Duration::from_secs(5) {
+            std::thread::sleep(Duration::from_millis(1));
+        }
         assert_eq!(lock.with(|l| (l.releases, l.held)), (1, false));
         stpg(&a, 1, AccessState::ActiveOptimized);
         wait(&f, "active", |s| s.serving);

@@ -387,6 +387,14 @@ pub fn render(devs: &[DeviceMetrics]) -> Result<String, MetricsError> {
             .collect(),
     );
     f.add(
+        "tcmu_rbd_lock_handovers_total",
+        "Times this gateway handed the exclusive lock over to another gateway that asked (no fence).",
+        COUNTER,
+        ha.iter()
+            .map(|(dev, s)| counter(&[("device", dev)], s.handovers))
+            .collect(),
+    );
+    f.add(
         "tcmu_rbd_lock_losses_total",
         "Times this gateway lost the exclusive lock.",
         COUNTER,

@@ -288,7 +288,8 @@ fn planned_move(w: &mut Writer, from: &mut Gw, to: &mut Gw) -> Duration {
     );
     assert!(w.retry.is_empty(), "writes failed on the active gateway");
     let stpg = to.send("stpg");
-    // Keep writing to `from` until it refuses (it was fenced).
+    // Keep writing to `from` until it refuses (it handed the lock over,
+    // or was fenced).
     let errors = w.stream(from, 4, true, |_, _| false, Duration::from_secs(60));
     let stpg_reply = to.wait(&stpg, Duration::from_secs(30));
     assert_eq!(stpg_reply.as_deref(), Some("ok"), "STPG on {}", to.name);
@@ -333,6 +334,23 @@ fn planned_move(w: &mut Writer, from: &mut Gw, to: &mut Gw) -> Duration {
     fo
 }
 
+/// `gw` took its locks by handoff: its log shows no fence.
+fn assert_no_fence_by(gw: &Gw) {
+    let log = std::fs::read_to_string(&gw.log).unwrap_or_default();
+    assert!(
+        log.contains("the owner handed the lock over: no fence"),
+        "{}: no handoff in its log {}",
+        gw.name,
+        gw.log
+    );
+    assert!(
+        !log.contains("fencing the lock owner: osd blocklist add"),
+        "{} fenced a live owner (log {})",
+        gw.name,
+        gw.log
+    );
+}
+
 fn check_roles(active: &mut Gw, standby: &mut Gw, active_group: u16) {
     let a = if active_group == 1 {
         "1=active/optimized,2=standby"
@@ -375,12 +393,20 @@ fn drill_planned_move_and_failback() {
     let fo1 = planned_move(&mut w, &mut a, &mut b);
     check_roles(&mut b, &mut a, 2);
     w.verify(&mut b, &img);
-    a.wait_state("generation=2", Duration::from_secs(15));
+    // A was alive: it handed the lock over when B asked, and was not
+    // fenced (same client, no reopen), so its other LUNs would keep theirs.
+    let st = a.wait_state("handovers=1", Duration::from_secs(10));
+    assert!(st.contains("generation=1 "), "A was fenced: {st}");
+    assert!(st.contains("losses=0 "), "A: {st}");
+    assert_no_fence_by(&b);
 
     // Failback: A takes the lock back from B the same way.
     let fo4 = planned_move(&mut w, &mut b, &mut a);
     check_roles(&mut a, &mut b, 1);
     w.verify(&mut a, &img);
+    let st = b.wait_state("handovers=1", Duration::from_secs(10));
+    assert!(st.contains("generation=1 "), "B was fenced: {st}");
+    assert_no_fence_by(&a);
     eprintln!(
         "FAILOVER planned move: {} ms; failback: {} ms",
         ms(fo1),
@@ -405,7 +431,9 @@ fn drill_clean_stop_while_reopening() {
     owner.wait_state("alua=active/optimized lock=mine", Duration::from_secs(20));
     for (i, name) in ["B", "C", "D", "E"].into_iter().enumerate() {
         let group = if i % 2 == 0 { 2 } else { 1 };
-        let mut next = spawn(name, group, &img, "stop");
+        // Fencing, not asking: this drill is about a stop during the
+        // reopen that follows a fence.
+        let mut next = spawn_with(name, group, &img, "stop", &["--handoff-ask-ms", "0"]);
         assert_eq!(next.call("stpg"), "ok");
         next.wait_state("alua=active/optimized lock=mine", Duration::from_secs(20));
         // The old owner sees it was fenced (lock check every 100 ms) and
@@ -538,8 +566,11 @@ fn drill_split_brain_then_failback() {
         late.len()
     );
     // A reports standby, and recovers to a usable standby (fresh client).
-    let st = a.wait_state("alua=standby", Duration::from_secs(10));
-    assert!(st.contains("losses=1"), "A: {st}");
+    // (Either its lock check or B's handoff request, delivered late, tells
+    // it: the request finds it fenced, so it is a loss, not a handover.)
+    let st = a.wait_state("losses=1", Duration::from_secs(10));
+    assert!(st.contains("alua=standby"), "A: {st}");
+    assert!(st.contains("handovers=0"), "A: {st}");
     a.wait_state("generation=2", Duration::from_secs(15));
     assert_eq!(a.call("tur"), "sense 02/04/0b");
     // Stale I/O reaching the fenced gateway is refused with the standby
@@ -930,20 +961,21 @@ fn configfs_groups_make_an_ha_device() {
         .expect("the owner still writes");
     drop(same);
 
-    // A second gateway takes the lock: the first loses it.
+    // A second gateway takes the lock: the first, alive, hands it over
+    // (no fence: it keeps its client).
     let two = open(";id=tcmu");
     two.failover.request_active();
     wait_status(&two.failover, "alua=active/optimized lock=mine");
-    let lost = wait_status(&one.failover, "alua=standby");
-    assert_eq!(lost.losses, 1, "{lost}");
+    let lost = wait_status(&one.failover, "handovers=1");
+    assert_eq!(lost.state, AccessState::Standby, "{lost}");
+    assert_eq!((lost.losses, lost.generation), (0, 1), "{lost}");
     assert!(matches!(
         d1.write(0, &pattern(2, 4096)),
         Err(tcmu_handler::IoError::Fenced(_))
     ));
     let mut d2 = Direct::new(two.backend.clone());
     assert_eq!(d2.read(0, 4096).expect("read"), pattern(1, 4096));
-    // The first reopens on a fresh client and can take the lock back.
-    wait_status(&one.failover, "generation=2");
+    // The first can take the lock back (the second hands it over).
     one.failover.request_active();
     wait_status(&one.failover, "alua=active/optimized lock=mine");
     wait_status(&two.failover, "alua=standby");
@@ -1075,8 +1107,9 @@ fn ceph_iscsi_groups_created_after_open_engage_the_lock() {
     // I/O at its non-optimized port (the SCSI layer's implicit check).
     two.alua.request_active();
     wait_status(&two.failover, "alua=active/optimized lock=mine");
-    let lost = wait_status(&one.failover, "alua=active/non-optimized");
-    assert_eq!(lost.losses, 1, "{lost}");
+    let lost = wait_status(&one.failover, "handovers=1");
+    assert_eq!(lost.state, AccessState::ActiveNonOptimized, "{lost}");
+    assert_eq!((lost.losses, lost.generation), (0, 1), "{lost}");
     assert!(matches!(
         d1.write(0, &pattern(2, 4096)),
         Err(IoError::Fenced(_))

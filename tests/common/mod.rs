@@ -6,7 +6,7 @@ use rand::Rng;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tcmu_handler::ram::RamBackend;
-use tcmu_handler::rbd::lock::{LockError, LockView, Taken};
+use tcmu_handler::rbd::lock::{LockError, LockView, TakeOptions, Taken};
 use tcmu_handler::{Backend, Caps, Done, Geometry, Op};
 use tcmu_rbd::device::{Device, EventDoorbell};
 use tcmu_rbd::failover::{Failover, FailoverOptions, LockSource};
@@ -172,7 +172,7 @@ impl LockSource for IdleLock {
     fn lock_view(&self) -> Result<LockView, LockError> {
         Ok(LockView::Free)
     }
-    fn take_lock(&self, _expire: u32) -> Result<Taken, LockError> {
+    fn take_lock(&self, _opts: &TakeOptions) -> Result<Taken, LockError> {
         Err(LockError::Fenced {
             image: "idle".into(),
         })

@@ -2,7 +2,11 @@
 //! it from another gateway (fencing that gateway first), giving it up, and
 //! noticing that this gateway was fenced.
 //!
-//! Taking the lock from a live or dead owner, in this order:
+//! Taking the lock from another gateway, in this order:
+//! 0. ask the owner to hand it over (see [`super::handoff`]): a live
+//!    gateway releases it, and it is taken with no fence, so the owner's
+//!    other images keep their lock; a gateway that does not answer in
+//!    time is fenced:
 //! 1. `osd blocklist add <owner address> <expire>` (librados'
 //!    `rados_blocklist_add`, which also waits for the osdmap that carries
 //!    the entry): from then on the OSDs refuse every operation of the old
@@ -136,12 +140,39 @@ pub enum LockError {
     },
 }
 
+/// How [`RbdBackend::take_lock`] treats the owner.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TakeOptions {
+    /// How long the blocklist entry of a fenced owner lasts.
+    pub blocklist_expire_secs: u32,
+    /// How long to wait for the answers to a handoff request (zero: do
+    /// not ask, fence at once).
+    pub handoff_ask: Duration,
+    /// After the owner answered that it releases, how long to wait for
+    /// the lock to be free (it first finishes its writes in flight)
+    /// before fencing it after all.
+    pub handoff_wait: Duration,
+}
+
+impl TakeOptions {
+    /// Fence any owner at once, with no handoff request.
+    pub fn fence_only(blocklist_expire_secs: u32) -> TakeOptions {
+        TakeOptions {
+            blocklist_expire_secs,
+            handoff_ask: Duration::ZERO,
+            handoff_wait: Duration::ZERO,
+        }
+    }
+}
+
 /// What [`RbdBackend::take_lock`] did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Taken {
     /// The owners that were blocklisted and broken (empty: the lock was
-    /// free or already ours).
+    /// free, handed over, or already ours).
     pub fenced: Vec<String>,
+    /// The owners that released the lock when asked (not fenced).
+    pub handed_over: Vec<String>,
     /// The lock was already held by this client.
     pub already: bool,
     /// The session (reopen generation) that holds the lock.
@@ -170,11 +201,17 @@ impl std::fmt::Display for LockView {
 }
 
 impl RbdBackend {
-    fn call_err(&self, what: impl Into<String>) -> impl FnOnce(rbd_ffi::Error) -> LockError {
+    /// Maps a failed lock call. ESHUTDOWN means this client was
+    /// blocklisted: the session is marked fenced and a reopen starts, or
+    /// a gateway that learns it here (not from I/O) would stay on a dead
+    /// client.
+    fn call_err(&self, what: impl Into<String>) -> impl FnOnce(rbd_ffi::Error) -> LockError + '_ {
         let image = self.name.to_string();
         let what = what.into();
+        let generation = self.session().generation;
         move |source| {
             if source.errno == libc::ESHUTDOWN {
+                self.fence_and_reopen(generation);
                 LockError::Fenced { image }
             } else {
                 LockError::Call {
@@ -261,11 +298,12 @@ impl RbdBackend {
             .map_err(self.call_err("is_exclusive_lock_owner"))
     }
 
-    /// Takes the exclusive lock, fencing any other owner first (see the
-    /// module doc): blocklist its address for `blocklist_expire_secs`,
-    /// break its lock, acquire. Blocks for the cluster round trips (a
+    /// Takes the exclusive lock (see the module doc): asks another owner
+    /// to hand it over, fences it if it does not (blocklist its address,
+    /// break its lock), acquires. Blocks for the cluster round trips (a
     /// second or two); run it off the ring thread.
-    pub fn take_lock(&self, blocklist_expire_secs: u32) -> Result<Taken, LockError> {
+    pub fn take_lock(&self, opts: &TakeOptions) -> Result<Taken, LockError> {
+        let blocklist_expire_secs = opts.blocklist_expire_secs;
         let s = self.live_session()?;
         let image = self.name.to_string();
         if s.image
@@ -274,6 +312,7 @@ impl RbdBackend {
         {
             return Ok(Taken {
                 fenced: Vec::new(),
+                handed_over: Vec::new(),
                 already: true,
                 generation: s.generation,
             });
@@ -296,6 +335,11 @@ impl RbdBackend {
                 owner: owner.clone(),
             });
         }
+        let (owners, handed_over) = if opts.handoff_ask.is_zero() || owners.owners.is_empty() {
+            (owners, Vec::new())
+        } else {
+            self.ask_handoff(&s, owners, opts)?
+        };
         let mut fenced = Vec::new();
         let expire = Duration::from_secs(u64::from(blocklist_expire_secs));
         for owner in owners.owners {
@@ -334,9 +378,71 @@ impl RbdBackend {
         info!(image = %image, generation = s.generation, "exclusive lock acquired");
         Ok(Taken {
             fenced,
+            handed_over,
             already: false,
             generation: s.generation,
         })
+    }
+
+    /// Asks each owner to hand the lock over and waits for the ones that
+    /// agree to release it. Returns the owners left (to fence) and those
+    /// that handed over.
+    fn ask_handoff(
+        &self,
+        s: &Session,
+        owners: rbd_ffi::LockOwners,
+        opts: &TakeOptions,
+    ) -> Result<(rbd_ffi::LockOwners, Vec<String>), LockError> {
+        let image = &self.name;
+        let Some(bus) = super::bus_of(&self.shared, s) else {
+            return Ok((owners, Vec::new()));
+        };
+        let mut handed = Vec::new();
+        for owner in &owners.owners {
+            let t0 = Instant::now();
+            match bus.ask(&self.shared.image_id, owner, opts.handoff_ask) {
+                Ok(true) => {
+                    if self.wait_released(s, owner, opts.handoff_wait)? {
+                        info!(image = %image, owner = %owner, ms = t0.elapsed().as_millis() as u64, "the owner handed the lock over: no fence");
+                        handed.push(owner.clone());
+                    } else {
+                        warn!(image = %image, owner = %owner, wait = ?opts.handoff_wait, "the owner agreed to release the lock but still holds it: fencing it");
+                    }
+                }
+                Ok(false) => {
+                    info!(image = %image, owner = %owner, ms = t0.elapsed().as_millis() as u64, "the owner did not agree to hand the lock over (not answering, or not serving it): fencing it");
+                }
+                Err(e) => {
+                    warn!(image = %image, owner = %owner, "handoff request failed, fencing the owner: {e}")
+                }
+            }
+        }
+        if handed.is_empty() {
+            return Ok((owners, handed));
+        }
+        let left = s
+            .image
+            .lock_owners()
+            .map_err(self.call_err("lock_get_owners"))?;
+        Ok((left, handed))
+    }
+
+    /// Waits up to `wait` for `owner` to stop holding the lock.
+    fn wait_released(&self, s: &Session, owner: &str, wait: Duration) -> Result<bool, LockError> {
+        let deadline = Instant::now() + wait;
+        loop {
+            let o = s
+                .image
+                .lock_owners()
+                .map_err(self.call_err("lock_get_owners"))?;
+            if !o.owners.iter().any(|x| x == owner) {
+                return Ok(true);
+            }
+            if Instant::now() >= deadline {
+                return Ok(false);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// Gives the lock up (planned move to another gateway). Not holding it
@@ -371,7 +477,7 @@ fn addr_parts(list: &str) -> Vec<&str> {
 }
 
 /// Whether lock owner `owner` is the client with addresses `mine`.
-fn same_client(owner: &str, mine: &str) -> bool {
+pub(super) fn same_client(owner: &str, mine: &str) -> bool {
     let m = addr_parts(mine);
     addr_parts(owner).iter().any(|o| m.contains(o))
 }

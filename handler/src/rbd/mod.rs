@@ -38,6 +38,7 @@
 pub mod config;
 pub mod conn;
 pub mod extents;
+pub mod handoff;
 pub mod lock;
 pub mod service;
 
@@ -101,6 +102,11 @@ fn contiguous(b: IoBufs) -> Contig {
 struct Session {
     /// Counts reopens; completions report which session they ran on.
     generation: u64,
+    /// This client's watch for handoff requests (see [`handoff`]), made
+    /// when first needed.
+    bus: Mutex<Option<Arc<handoff::Bus>>>,
+    /// Making the bus failed once on this session (logged once).
+    bus_failed: AtomicBool,
     // Field order: the image closes before the connection is released.
     image: Image,
     rados: Rados,
@@ -126,6 +132,11 @@ struct Signals {
 
 struct Shared {
     cfg: RbdConfig,
+    /// The image's id (what handoff requests name).
+    image_id: String,
+    /// Asked to hand the lock over to another gateway: true if it will
+    /// (set by the failover manager; None: never).
+    handoff: Mutex<Option<HandoffFn>>,
     key: ConnKey,
     timeout: Duration,
     geometry: Mutex<Geometry>,
@@ -151,6 +162,29 @@ struct CawJob {
     compare: IoBufs,
     write: IoBufs,
     done: Done,
+}
+
+/// Answers a request to hand the image's lock over: true if the lock is
+/// being released (see [`handoff`]).
+pub type HandoffFn = Arc<dyn Fn() -> bool + Send + Sync>;
+
+impl handoff::Holder for Shared {
+    fn on_client(&self, rados: &Rados) -> bool {
+        self.session
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .rados
+            .same(rados)
+    }
+
+    fn hand_over(&self) -> bool {
+        let f = self
+            .handoff
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        f.is_some_and(|f| f())
+    }
 }
 
 /// A LUN backed by an RBD image.
@@ -233,6 +267,8 @@ fn open_session(
     })?;
     Ok(Session {
         generation,
+        bus: Mutex::new(None),
+        bus_failed: AtomicBool::new(false),
         image,
         rados,
     })
@@ -297,8 +333,11 @@ impl RbdBackend {
         );
         watch(&session, &signals, &spec);
         info!(image = %spec, client = %session.rados.name(), size, block_size, "rbd image opened");
+        let image_id = session.image.id().unwrap_or_default();
         let shared = Arc::new(Shared {
             cfg,
+            image_id,
+            handoff: Mutex::new(None),
             key,
             timeout,
             geometry: Mutex::new(Geometry { size, block_size }),
@@ -370,6 +409,42 @@ impl RbdBackend {
     /// add` takes).
     pub fn client_addrs(&self) -> Result<String, String> {
         self.session().rados.addrs().map_err(|e| e.to_string())
+    }
+
+    /// Makes this image answer another gateway's request to hand its lock
+    /// over with `f` (None: decline, so the other gateway fences this
+    /// one). Starts watching for requests on the serving client.
+    pub fn set_handoff(&self, f: Option<HandoffFn>) {
+        let on = f.is_some();
+        *self
+            .shared
+            .handoff
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = f;
+        if on && !self.shared.image_id.is_empty() {
+            let weak: Weak<dyn handoff::Holder> =
+                Arc::downgrade(&self.shared) as Weak<dyn handoff::Holder>;
+            handoff::register(&self.shared.image_id, weak);
+            self.handoff_ready();
+        }
+    }
+
+    /// Keeps this gateway reachable for handoff requests: watches on the
+    /// serving client (a reopen brings a new one) and renews a lost watch.
+    /// Cheap when nothing changed; the failover manager calls it at each
+    /// lock check.
+    pub fn handoff_ready(&self) {
+        let on = self
+            .shared
+            .handoff
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some();
+        if on {
+            if let Some(b) = bus_of(&self.shared, &self.session()) {
+                b.rearm();
+            }
+        }
     }
 
     fn session(&self) -> Arc<Session> {
@@ -630,6 +705,27 @@ fn caw_thread(shared: Weak<Shared>, name: String, rx: mpsc::Receiver<Box<CawJob>
     }
 }
 
+/// Session `s`'s handoff bus, made on first use (None if it cannot be:
+/// then takeovers fence, as without handoff; logged once per session).
+fn bus_of(sh: &Shared, s: &Session) -> Option<Arc<handoff::Bus>> {
+    let mut g = s.bus.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(b) = g.as_ref() {
+        return Some(Arc::clone(b));
+    }
+    match handoff::bus(&s.rados, &sh.cfg.pool, sh.cfg.namespace.as_deref()) {
+        Ok(b) => {
+            *g = Some(Arc::clone(&b));
+            Some(b)
+        }
+        Err(e) => {
+            if !s.bus_failed.swap(true, Ordering::SeqCst) {
+                warn!(image = %sh.signals.name, "no lock handoff on this client (takeovers fence instead): {e}");
+            }
+            None
+        }
+    }
+}
+
 /// Reopens the image on a fresh connection after this client was
 /// blocklisted; retries until it works or the backend is gone.
 fn reopen(shared: Weak<Shared>, name: String) {
@@ -655,7 +751,20 @@ fn reopen(shared: Weak<Shared>, name: String) {
                 sh.signals.fenced.store(0, Ordering::SeqCst);
                 sh.reopens.fetch_add(1, Ordering::SeqCst);
                 sh.reopening.store(false, Ordering::SeqCst);
+                let handoff = sh
+                    .handoff
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .is_some();
                 drop(sh);
+                // The fresh client answers handoff requests from now on
+                // (the next lock check would too, later).
+                if handoff {
+                    if let Some(sh) = shared.upgrade() {
+                        let s = Arc::clone(&sh.session.read().unwrap_or_else(|e| e.into_inner()));
+                        bus_of(&sh, &s);
+                    }
+                }
                 // Close the fenced image here, not on the ring worker: wait
                 // for the worker's short-lived clones to go.
                 let mut old = old;

@@ -223,6 +223,10 @@ fn main() {
             "--holdoff-ms" => {
                 opts.io_holdoff = Duration::from_millis(val().parse().unwrap_or_else(|_| usage()))
             }
+            // 0: take locks by fencing at once, never asking the owner.
+            "--handoff-ask-ms" => {
+                opts.handoff_ask = Duration::from_millis(val().parse().unwrap_or_else(|_| usage()))
+            }
             _ => usage(),
         }
     }
