@@ -262,6 +262,19 @@ fn blocklisted_client_reopens_on_a_fresh_client() {
     assert_eq!(rbd.ops_in_flight(), 0, "operations left counted in flight");
 }
 
+/// Image `img` opened as gateway `user` (each cephx user its own client,
+/// as separate gateways have).
+fn open_as(img: &TestImage, user: &str) -> Arc<RbdBackend> {
+    Arc::new(
+        RbdBackend::open(
+            &img.cfg(&format!(";id={user};osd_op_timeout=10")),
+            img.size,
+            512,
+        )
+        .unwrap_or_else(|e| panic!("open {user}: {e}")),
+    )
+}
+
 /// What the daemon's failover managers use: ask the owner first.
 fn asking() -> TakeOptions {
     TakeOptions {
@@ -281,19 +294,9 @@ fn a_live_owner_hands_one_image_over_and_keeps_the_others() {
     let imgs: Vec<TestImage> = (0..3)
         .map(|i| TestImage::new(&format!("handoff-{i}"), 4 << 20))
         .collect();
-    let open = |img: &TestImage, user: &str| {
-        Arc::new(
-            RbdBackend::open(
-                &img.cfg(&format!(";id={user};osd_op_timeout=10")),
-                img.size,
-                512,
-            )
-            .unwrap_or_else(|e| panic!("open {user}: {e}")),
-        )
-    };
     // Gateway A (user tcmu, one client) serves all three; on request it
     // releases off librados' callback thread, as its failover manager does.
-    let a: Vec<Arc<RbdBackend>> = imgs.iter().map(|i| open(i, "tcmu")).collect();
+    let a: Vec<Arc<RbdBackend>> = imgs.iter().map(|i| open_as(i, "tcmu")).collect();
     for r in &a {
         r.take_lock(&TakeOptions::fence_only(600))
             .expect("gateway A takes its lock");
@@ -311,7 +314,7 @@ fn a_live_owner_hands_one_image_over_and_keeps_the_others() {
     da.write(0, &first).expect("A writes image 0");
     let a_addrs = a[0].client_addrs().expect("A's address");
     // Gateway B (user admin) takes image 0.
-    let b = open(&imgs[0], "admin");
+    let b = open_as(&imgs[0], "admin");
     let before = tcmu_handler::rbd::lock::blocklists_issued();
     let t0 = Instant::now();
     let taken = b.take_lock(&asking()).expect("B takes image 0");
@@ -374,24 +377,14 @@ fn a_whole_gateway_is_fenced_once_and_its_images_move_together() {
     let imgs: Vec<TestImage> = (0..n)
         .map(|i| TestImage::new(&format!("whole-gw-{i}"), 4 << 20))
         .collect();
-    let open = |img: &TestImage, user: &str| {
-        Arc::new(
-            RbdBackend::open(
-                &img.cfg(&format!(";id={user};osd_op_timeout=10")),
-                img.size,
-                512,
-            )
-            .unwrap_or_else(|e| panic!("open {user}: {e}")),
-        )
-    };
-    let a: Vec<Arc<RbdBackend>> = imgs.iter().map(|i| open(i, "tcmu")).collect();
+    let a: Vec<Arc<RbdBackend>> = imgs.iter().map(|i| open_as(i, "tcmu")).collect();
     for r in &a {
         r.take_lock(&TakeOptions::fence_only(600))
             .expect("gateway A takes its lock");
     }
     let a_client = a[0].client();
     assert!(a.iter().all(|r| r.client() == a_client), "A has one client");
-    let b: Vec<Arc<RbdBackend>> = imgs.iter().map(|i| open(i, "admin")).collect();
+    let b: Vec<Arc<RbdBackend>> = imgs.iter().map(|i| open_as(i, "admin")).collect();
     let before = tcmu_handler::rbd::lock::blocklists_issued();
     let t0 = Instant::now();
     let takeovers: Vec<_> = b
