@@ -121,11 +121,11 @@ wg_maps() { multipath -ll 2>/dev/null | awk '/dm-[0-9]+/ {print $1}'; }
 
 t_wg_multipath() {
   MP_LUN=":0:1:[0-9]+" mp_start $((2 * WG_N)) || return 1
-  wait_for 60 sh -c "for m in \$(multipath -ll | awk '/dm-[0-9]+/ {print \$1}'); do [ -b /dev/mapper/\$m ] || exit 1; done" ||
-    { why="not every map has its /dev/mapper node after 60 s"; return 1; }
+  wait_for $((60 + 3 * WG_N)) sh -c "for m in \$(multipath -ll | awk '/dm-[0-9]+/ {print \$1}'); do [ -b /dev/mapper/\$m ] || exit 1; done" ||
+    { why="not every map has its /dev/mapper node after $((60 + 3 * WG_N)) s"; return 1; }
   expect "multipath maps" "$(wg_maps | wc -l)" "$WG_N" || return 1
   # Every map's active group is A's path (prio alua: A/O 50 over standby).
-  wait_for 60 sh -c "[ \$(multipath -ll | grep -c 'prio=50 status=active') = $WG_N ]" ||
+  wait_for $((60 + 3 * WG_N)) sh -c "[ \$(multipath -ll | grep -c 'prio=50 status=active') = $WG_N ]" ||
     { why="$(multipath -ll | grep -c 'prio=50 status=active') of $WG_N maps have an active optimized group"; multipath -ll | head -40; return 1; }
 }
 
