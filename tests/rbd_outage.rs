@@ -281,6 +281,7 @@ fn asking() -> TakeOptions {
         blocklist_expire_secs: 600,
         handoff_ask: Duration::from_secs(2),
         handoff_wait: Duration::from_secs(10),
+        only_from: None,
     }
 }
 

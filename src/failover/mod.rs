@@ -84,6 +84,11 @@ pub trait LockSource: Backend {
     fn set_handoff(&self, _f: Option<HandoffFn>) {}
     /// Keeps the handoff watch alive (called at each lock check).
     fn handoff_ready(&self) {}
+    /// The cluster the image is in (managers of one cluster adopt each
+    /// other's fenced owners' images); None: no adoption.
+    fn cluster(&self) -> Option<String> {
+        None
+    }
 }
 
 impl LockSource for RbdBackend {
@@ -116,6 +121,9 @@ impl LockSource for RbdBackend {
     }
     fn handoff_ready(&self) {
         RbdBackend::handoff_ready(self)
+    }
+    fn cluster(&self) -> Option<String> {
+        Some(RbdBackend::cluster(self))
     }
     fn report_lock(&self, owner: bool, lost: bool) {
         let s = self.service_status();
@@ -202,10 +210,25 @@ impl Default for FailoverOptions {
     }
 }
 
+/// A fenced owner's images are adopted once in this long (the takeovers
+/// that found it together ask once).
+const ADOPT_ONCE: Duration = Duration::from_secs(60);
+
+/// The managers of this process, by cluster (see [`Shared::adopt`]).
+type Managers = Mutex<Vec<(String, Weak<Shared>)>>;
+
+fn managers() -> &'static Managers {
+    static M: std::sync::OnceLock<Managers> = std::sync::OnceLock::new();
+    M.get_or_init(|| Mutex::new(Vec::new()))
+}
+
 /// A device's jobs, run one at a time on the supervisor's pool.
 #[derive(Debug, PartialEq)]
 enum Job {
     Acquire(&'static str),
+    /// Another device of this process fenced this owner: take over this
+    /// image too if it was the owner's (it cannot serve it any more).
+    Adopt(String),
     Release,
     /// Another gateway asked for the lock: release it, and do not take it
     /// back on I/O for [`FailoverOptions::io_holdoff`].
@@ -491,7 +514,7 @@ impl Shared {
         }
         let urgent = matches!(
             job,
-            Job::Acquire(_) | Job::Release | Job::HandOver | Job::Stop
+            Job::Acquire(_) | Job::Adopt(_) | Job::Release | Job::HandOver | Job::Stop
         );
         if self.mail.post(job, !urgent) {
             if let Some(me) = self.me.upgrade() {
@@ -590,6 +613,85 @@ impl Shared {
     }
 
     fn acquire(&self, why: &str) {
+        self.take(why, None);
+    }
+
+    /// A gateway was fenced by another device of this process: if it
+    /// held this image's lock too, take it now (that gateway serves
+    /// nothing any more), instead of waiting for each host to notice, path
+    /// by path. Only an image held by exactly that owner is taken: a
+    /// free lock, or one another live gateway took meanwhile, is left.
+    fn adopt(&self, owner: &str) {
+        if self.stopped.load(Ordering::Acquire) || self.serving.load(Ordering::Acquire) {
+            return;
+        }
+        // Look first, so a device that was not the owner's never shows a
+        // transition.
+        match self.backend.lock_view() {
+            Ok(LockView::Other(o)) if o == owner => {}
+            _ => return,
+        }
+        if self.acquiring.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        self.set_local(
+            AccessState::Transitioning,
+            "adopting an image of a gateway this one fenced",
+        );
+        self.take(
+            "adopting an image of a gateway this one fenced",
+            Some(owner.to_string()),
+        );
+    }
+
+    /// Tells the other managers of this cluster that `fenced` were fenced.
+    fn adopt_others(&self, fenced: &[String]) {
+        let Some(cluster) = self.backend.cluster() else {
+            return;
+        };
+        // Once per fenced owner: a whole gateway's takeovers all find the
+        // same owner, and one call asks every device already.
+        let fenced: Vec<String> = {
+            static DONE: std::sync::OnceLock<Mutex<std::collections::HashMap<String, Instant>>> =
+                std::sync::OnceLock::new();
+            let mut done = DONE
+                .get_or_init(Default::default)
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            done.retain(|_, t| t.elapsed() < ADOPT_ONCE);
+            fenced
+                .iter()
+                .filter(|o| {
+                    done.insert(format!("{cluster} {o}"), Instant::now())
+                        .is_none()
+                })
+                .cloned()
+                .collect()
+        };
+        if fenced.is_empty() {
+            return;
+        }
+        let others: Vec<Arc<Shared>> = managers()
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter(|(c, _)| *c == cluster)
+            .filter_map(|(_, w)| w.upgrade())
+            .filter(|m| !std::ptr::eq(Arc::as_ptr(m), self))
+            .collect();
+        for m in &others {
+            for owner in &fenced {
+                m.post(Job::Adopt(owner.clone()));
+            }
+        }
+        if !others.is_empty() {
+            info!(fenced = ?fenced, devices = others.len(), "asked this gateway's other devices to adopt the fenced owner's images");
+        }
+    }
+
+    /// Takes the lock (see [`LockSource::take_lock`]); `only_from`: only
+    /// from that (fenced) owner. Ends the takeover `acquiring` marks.
+    fn take(&self, why: &str, only_from: Option<String>) {
         let t0 = Instant::now();
         info!(why, "taking the exclusive lock");
         let deadline = t0 + self.opts.acquire_timeout;
@@ -598,6 +700,7 @@ impl Shared {
                 blocklist_expire_secs: self.opts.blocklist_expire_secs,
                 handoff_ask: self.opts.handoff_ask,
                 handoff_wait: self.opts.handoff_wait,
+                only_from: only_from.clone(),
             };
             match self.backend.take_lock(&opts) {
                 Ok(t) => break Ok(t),
@@ -632,6 +735,13 @@ impl Shared {
                     self.takeovers.fetch_add(1, Ordering::Relaxed);
                 }
                 info!(fenced = ?t.fenced, handed_over = ?t.handed_over, generation = t.generation, ms, "takeover done: active/optimized");
+                if !t.fenced.is_empty() {
+                    self.adopt_others(&t.fenced);
+                }
+            }
+            Err(e @ LockError::NotFrom { .. }) => {
+                info!(error = %e, "nothing to adopt");
+                self.set_local(self.idle_state(), "nothing to adopt");
             }
             Err(e) => {
                 error!(error = %e, "takeover failed; staying standby");
@@ -724,6 +834,7 @@ impl Serial for Shared {
             }
             match job {
                 Job::Acquire(why) => self.acquire(why),
+                Job::Adopt(owner) => self.adopt(&owner),
                 Job::Release => {
                     self.release();
                 }
@@ -885,6 +996,11 @@ impl Failover {
             Some(s) => s.on_stpg(h, reqs),
             None => Err(StpgError::Failed("failover manager gone".into())),
         });
+        if let Some(c) = shared.backend.cluster() {
+            let mut m = managers().lock().unwrap_or_else(|e| e.into_inner());
+            m.retain(|(_, w)| w.strong_count() > 0);
+            m.push((c, Arc::downgrade(&shared)));
+        }
         let weak = Arc::downgrade(&shared);
         shared.backend.set_handoff(Some(Arc::new(move || {
             weak.upgrade().is_some_and(|s| s.on_handoff())
@@ -1137,6 +1253,8 @@ mod tests {
         checks: u32,
         /// Run once at the next submit_on, before its session check.
         reopen_before_submit: Option<Hook>,
+        /// What `cluster()` answers (None: no adoption).
+        cluster: Option<String>,
     }
 
     struct FakeLock(Mutex<Lock>, Mutex<Option<HandoffFn>>);
@@ -1218,8 +1336,17 @@ mod tests {
                 }
             }))
         }
-        fn take_lock(&self, _opts: &TakeOptions) -> Result<Taken, LockError> {
+        fn take_lock(&self, opts: &TakeOptions) -> Result<Taken, LockError> {
             self.with(|l| {
+                if let Some(from) = &opts.only_from {
+                    if l.other.as_ref() != Some(from) {
+                        return Err(LockError::NotFrom {
+                            image: "fake".into(),
+                            from: from.clone(),
+                            now: l.other.clone().unwrap_or_else(|| "free".into()),
+                        });
+                    }
+                }
                 l.takes += 1;
                 if l.fenced {
                     return Err(LockError::Fenced {
@@ -1252,6 +1379,9 @@ mod tests {
         }
         fn set_handoff(&self, f: Option<HandoffFn>) {
             *self.1.lock().unwrap() = f;
+        }
+        fn cluster(&self) -> Option<String> {
+            self.with(|l| l.cluster.clone())
         }
         fn fence_and_reopen(&self, generation: u64) {
             // The reopen on a fresh client, done at once.
@@ -1583,6 +1713,48 @@ mod tests {
         wait(&f, "active again", |s| s.serving);
         drop(f);
         assert!(!ask(), "a stopped manager declines");
+    }
+
+    #[test]
+    fn a_fence_makes_the_other_devices_adopt_what_the_fenced_gateway_held() {
+        // A cluster name of this test's own: managers of other tests
+        // (same process) must not adopt anything here.
+        let cluster = format!("adopt-test-{}", std::process::id());
+        let mk = |other: Option<&str>| {
+            let l = FakeLock::new();
+            l.with(|x| {
+                x.other = other.map(str::to_string);
+                x.cluster = Some(cluster.clone());
+            });
+            l
+        };
+        let dead = "10.0.0.7:0/1";
+        let (l1, l2, l3, l4) = (
+            mk(Some(dead)),
+            mk(Some(dead)),
+            mk(Some("10.0.0.8:0/2")),
+            mk(None),
+        );
+        let (a1, a2, a3, a4) = (alua(), alua(), alua(), alua());
+        let sec = Duration::from_secs(1);
+        let f1 = start(&l1, &a1, Duration::ZERO, sec);
+        let f2 = start(&l2, &a2, Duration::ZERO, sec);
+        let f3 = start(&l3, &a3, Duration::ZERO, sec);
+        let f4 = start(&l4, &a4, Duration::ZERO, sec);
+        stpg(&a1, 1, AccessState::ActiveOptimized);
+        wait(&f1, "active", |s| s.serving);
+        // f1 fenced the dead gateway, which held f2's image too: f2 takes
+        // it without any host asking.
+        let s2 = wait(&f2, "adopted", |s| s.serving);
+        assert_eq!((s2.takeovers, s2.state), (1, AccessState::ActiveOptimized));
+        // Another live gateway's image, and a free lock, are left alone.
+        std::thread::sleep(Duration::from_millis(200));
+        for (f, l, what) in [(&f3, &l3, "another owner's"), (&f4, &l4, "a free")] {
+            let s = f.status();
+            assert!(!s.serving, "{what} lock was taken: {s}");
+            assert_eq!(s.state, AccessState::Standby, "{what}: {s}");
+            assert_eq!(l.with(|l| l.takes), 0, "{what}");
+        }
     }
 
     #[test]

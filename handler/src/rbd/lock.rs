@@ -138,10 +138,22 @@ pub enum LockError {
         /// The image.
         image: String,
     },
+    /// An adoption ([`TakeOptions::only_from`]) found the lock free or
+    /// held by someone else than the gateway being adopted from: nothing
+    /// was done.
+    #[error("{image}: the lock is not held by {from} (now: {now})")]
+    NotFrom {
+        /// The image.
+        image: String,
+        /// The owner the adoption was for.
+        from: String,
+        /// Who holds it now (`free` or an address).
+        now: String,
+    },
 }
 
 /// How [`RbdBackend::take_lock`] treats the owner.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TakeOptions {
     /// How long the blocklist entry of a fenced owner lasts.
     pub blocklist_expire_secs: u32,
@@ -152,6 +164,10 @@ pub struct TakeOptions {
     /// the lock to be free (it first finishes its writes in flight)
     /// before fencing it after all.
     pub handoff_wait: Duration,
+    /// Adopt only: take the lock only if this owner (a gateway this one
+    /// just fenced) holds it; otherwise [`LockError::NotFrom`]. No handoff
+    /// request is sent (the owner is fenced already).
+    pub only_from: Option<String>,
 }
 
 impl TakeOptions {
@@ -161,6 +177,7 @@ impl TakeOptions {
             blocklist_expire_secs,
             handoff_ask: Duration::ZERO,
             handoff_wait: Duration::ZERO,
+            only_from: None,
         }
     }
 }
@@ -335,11 +352,25 @@ impl RbdBackend {
                 owner: owner.clone(),
             });
         }
-        let (owners, handed_over) = if opts.handoff_ask.is_zero() || owners.owners.is_empty() {
-            (owners, Vec::new())
-        } else {
-            self.ask_handoff(&s, owners, opts)?
-        };
+        if let Some(from) = &opts.only_from {
+            if !owners.owners.iter().any(|o| o == from) {
+                return Err(LockError::NotFrom {
+                    image,
+                    from: from.clone(),
+                    now: owners
+                        .owners
+                        .first()
+                        .cloned()
+                        .unwrap_or_else(|| "free".into()),
+                });
+            }
+        }
+        let (owners, handed_over) =
+            if opts.handoff_ask.is_zero() || owners.owners.is_empty() || opts.only_from.is_some() {
+                (owners, Vec::new())
+            } else {
+                self.ask_handoff(&s, owners, opts)?
+            };
         let mut fenced = Vec::new();
         let expire = Duration::from_secs(u64::from(blocklist_expire_secs));
         for owner in owners.owners {

@@ -447,6 +447,17 @@ impl RbdBackend {
         }
     }
 
+    /// The cluster this image is in, as its ceph.conf names it (empty:
+    /// librados' default search).
+    pub fn cluster(&self) -> String {
+        self.shared
+            .key
+            .conf
+            .as_ref()
+            .map(|p| p.display().to_string())
+            .unwrap_or_default()
+    }
+
     fn session(&self) -> Arc<Session> {
         Arc::clone(
             &self
