@@ -145,6 +145,9 @@ t_wg_kill_and_verify() {
     kill -0 "${fpids[$k]}" 2>/dev/null || { why="fio $k ended before the kill"; cat "$S/wg-fio-$k.out"; return 1; }
   done
   WG_T_KILL=$(date +%s.%N)
+  # What B logs from here on is the failover (a LUN can move before, by
+  # handoff, when multipathd switches a map under load).
+  WG_B_LOG_AT=$(stat -c %s "$OUT/daemon-wg-b.log")
   echo "$(date +%T.%N) kill -9 gateway A (pid ${WG_PID[a]})"
   kill -9 "${WG_PID[a]}"
   wait "${WG_PID[a]}" 2>/dev/null
@@ -166,16 +169,23 @@ t_wg_kill_and_verify() {
 # B fenced A's client once, not once per image, and every takeover
 # finished; the takeovers' span and the slowest one.
 t_wg_fenced_once() {
-  local log=$OUT/daemon-wg-b.log n_fence n_done first last slowest
+  local log=$OUT/daemon-wg-b.log after n_fence n_done n_before n_adopted first last slowest
+  after=$(mktemp)
+  tail -c +$((${WG_B_LOG_AT:-0} + 1)) "$log" >"$after"
   n_fence=$(grep -c "fencing the lock owner: osd blocklist add" "$log")
   n_done=$(grep -c "takeover done" "$log")
-  first=$(grep -m1 "taking the exclusive lock" "$log" | cut -d' ' -f1)
-  last=$(grep "takeover done" "$log" | tail -1 | cut -d' ' -f1)
-  slowest=$(grep "takeover done" "$log" | grep -oE 'ms=[0-9]+' | cut -d= -f2 | sort -n | tail -1)
+  n_before=$((n_done - $(grep -c "takeover done" "$after")))
+  n_adopted=$(grep -c "taking the exclusive lock why=\"adopting" "$after")
+  first=$(grep -m1 "taking the exclusive lock" "$after" | cut -d' ' -f1)
+  last=$(grep "takeover done" "$after" | tail -1 | cut -d' ' -f1)
+  slowest=$(grep "takeover done" "$after" | grep -oE 'ms=[0-9]+' | cut -d= -f2 | sort -n | tail -1)
+  rm -f "$after"
   {
     echo "wholegw.luns=$WG_N"
     echo "wholegw.blocklist_adds=$n_fence"
     echo "wholegw.takeovers=$n_done"
+    echo "wholegw.handovers_before_kill=$n_before"
+    echo "wholegw.adopted_after_kill=$n_adopted"
     [ -n "$first" ] && [ -n "$last" ] &&
       echo "wholegw.takeover_span_s=$(awk "BEGIN {printf \"%.2f\", $(date -d "$last" +%s.%N) - $(date -d "$first" +%s.%N)}")"
     [ -n "$first" ] && [ -n "$WG_T_KILL" ] &&
