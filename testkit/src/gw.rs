@@ -78,8 +78,11 @@ pub struct Gw {
     /// Replies received and not yet taken, by tag.
     pub replies: HashMap<String, String>,
     next: u64,
-    /// Its log file.
+    /// Its log file (appended to across runs).
     pub log: String,
+    /// The log's length when this process started: what it logged
+    /// follows.
+    pub log_at: u64,
 }
 
 impl Gw {
@@ -92,6 +95,7 @@ impl Gw {
             .append(true)
             .open(&log)
             .expect("log file");
+        let log_at = logf.metadata().map_or(0, |m| m.len());
         let mut child = Command::new(&spec.bin)
             .args(["--cfg", &spec.cfg])
             .args(["--size", &spec.size.to_string()])
@@ -122,7 +126,15 @@ impl Gw {
             replies: HashMap::new(),
             next: 1,
             log,
+            log_at,
         }
+    }
+
+    /// What this process logged (not earlier runs').
+    pub fn own_log(&self) -> String {
+        let all = std::fs::read(&self.log).unwrap_or_default();
+        let from = usize::try_from(self.log_at).unwrap_or(0).min(all.len());
+        String::from_utf8_lossy(&all[from..]).into_owned()
     }
 
     /// Sends a command; returns its tag.
