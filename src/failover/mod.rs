@@ -1003,7 +1003,14 @@ impl Failover {
         }
         let weak = Arc::downgrade(&shared);
         shared.backend.set_handoff(Some(Arc::new(move || {
-            weak.upgrade().is_some_and(|s| s.on_handoff())
+            let Some(s) = weak.upgrade() else {
+                return false;
+            };
+            let agreed = s.on_handoff();
+            // Runs on librados' callback thread: never drop the manager
+            // (and with it the backend and its watch) there.
+            tcmu_handler::rbd::handoff::drop_elsewhere(s);
+            agreed
         })));
         let timed: Weak<dyn Timed> = Arc::downgrade(&shared) as Weak<dyn Timed>;
         shared.sup.watch(timed);

@@ -100,9 +100,29 @@ fn ask_holder(image_id: &str, rados: &Rados) -> bool {
             .unwrap_or_default()
     };
     // The lock outside the registry's lock: hand_over posts a job.
-    hs.iter()
+    let r = hs
+        .iter()
         .find(|h| h.on_client(rados))
-        .is_some_and(|h| h.hand_over())
+        .is_some_and(|h| h.hand_over());
+    drop_elsewhere(hs);
+    r
+}
+
+/// Drops `v` on a thread of its own. For references taken on librados'
+/// callback thread: if one turns out to be the last (the device was
+/// closed meanwhile), its drop unwatches, and an unwatch waits for the
+/// callbacks to finish, this one included.
+pub fn drop_elsewhere<T: Send + 'static>(v: T) {
+    let slot = Arc::new(Mutex::new(Some(v)));
+    let theirs = Arc::clone(&slot);
+    let spawned = std::thread::Builder::new()
+        .name("handoff-drop".into())
+        .spawn(move || drop(theirs.lock().unwrap_or_else(|e| e.into_inner()).take()));
+    if let Err(e) = spawned {
+        // Only short of threads: leak it rather than risk the deadlock.
+        warn!("handoff: no thread to drop a reference on: {e}");
+        std::mem::forget(slot.lock().unwrap_or_else(|e| e.into_inner()).take());
+    }
 }
 
 /// One client's watch on [`OBJECT`] in one pool and namespace, shared by
