@@ -164,16 +164,6 @@ pub fn watch(
     })
 }
 
-impl ObjectWatch {
-    /// Milliseconds since the OSD last confirmed the watch, or the error
-    /// that ended it.
-    pub fn check(&self) -> Result<u32> {
-        // SAFETY: live context and a cookie librados gave us.
-        let r = unsafe { sys::rados_watch_check(self.io.raw(), self.cookie) };
-        check(r, || "rados_watch_check".into()).map(|ms| ms.unsigned_abs())
-    }
-}
-
 impl Drop for ObjectWatch {
     fn drop(&mut self) {
         // SAFETY: live context and our cookie. rados_watch_flush then waits

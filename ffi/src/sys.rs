@@ -125,7 +125,6 @@ extern "C" {
         watcherrcb: rados_watcherrcb_t,
         arg: *mut c_void,
     ) -> c_int;
-    pub fn rados_watch_check(io: rados_ioctx_t, cookie: u64) -> c_int;
     pub fn rados_unwatch2(io: rados_ioctx_t, cookie: u64) -> c_int;
     pub fn rados_watch_flush(cluster: rados_t) -> c_int;
     pub fn rados_notify2(

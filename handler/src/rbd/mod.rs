@@ -434,17 +434,7 @@ impl RbdBackend {
     /// Cheap when nothing changed; the failover manager calls it at each
     /// lock check.
     pub fn handoff_ready(&self) {
-        let on = self
-            .shared
-            .handoff
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .is_some();
-        if on {
-            if let Some(b) = bus_of(&self.shared, &self.session()) {
-                b.rearm();
-            }
-        }
+        handoff_ready(&self.shared);
     }
 
     /// The cluster this image is in, as its ceph.conf names it (empty:
@@ -716,6 +706,22 @@ fn caw_thread(shared: Weak<Shared>, name: String, rx: mpsc::Receiver<Box<CawJob>
     }
 }
 
+/// Watches for handoff requests on the serving session's client (if the
+/// image answers them) and renews a lost watch.
+fn handoff_ready(sh: &Shared) {
+    let on = sh
+        .handoff
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .is_some();
+    if on {
+        let s = Arc::clone(&sh.session.read().unwrap_or_else(|e| e.into_inner()));
+        if let Some(b) = bus_of(sh, &s) {
+            b.rearm();
+        }
+    }
+}
+
 /// Session `s`'s handoff bus, made on first use (None if it cannot be:
 /// then takeovers fence, as without handoff; logged once per session).
 fn bus_of(sh: &Shared, s: &Session) -> Option<Arc<handoff::Bus>> {
@@ -762,20 +768,10 @@ fn reopen(shared: Weak<Shared>, name: String) {
                 sh.signals.fenced.store(0, Ordering::SeqCst);
                 sh.reopens.fetch_add(1, Ordering::SeqCst);
                 sh.reopening.store(false, Ordering::SeqCst);
-                let handoff = sh
-                    .handoff
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .is_some();
-                drop(sh);
                 // The fresh client answers handoff requests from now on
                 // (the next lock check would too, later).
-                if handoff {
-                    if let Some(sh) = shared.upgrade() {
-                        let s = Arc::clone(&sh.session.read().unwrap_or_else(|e| e.into_inner()));
-                        bus_of(&sh, &s);
-                    }
-                }
+                handoff_ready(&sh);
+                drop(sh);
                 // Close the fenced image here, not on the ring worker: wait
                 // for the worker's short-lived clones to go.
                 let mut old = old;
