@@ -743,6 +743,17 @@ impl Shared {
                 info!(error = %e, "nothing to adopt");
                 self.set_local(self.idle_state(), "nothing to adopt");
             }
+            // librbd refuses to acquire a lock another client holds: a
+            // gateway that was also taking it won the race (after both
+            // fenced a dead owner). Not a fault; the host's next command
+            // here asks that gateway for it.
+            Err(LockError::Call { ref source, .. })
+                if source.errno == libc::EROFS
+                    && matches!(self.backend.lock_view(), Ok(LockView::Other(_))) =>
+            {
+                info!("another gateway took the lock first; staying standby");
+                self.set_local(self.idle_state(), "another gateway took the lock first");
+            }
             Err(e) => {
                 error!(error = %e, "takeover failed; staying standby");
                 self.set_local(self.idle_state(), "takeover failed");
@@ -787,11 +798,17 @@ impl Shared {
     }
 
     /// Asked by another gateway's takeover (on librados' callback thread):
-    /// agrees, and releases on the pool, if this gateway serves the image.
-    /// Declining gets this gateway fenced, so it declines only when it
-    /// does not hold the lock as far as it knows.
+    /// agrees, and releases on the pool, if this gateway serves the image
+    /// or is taking it. Declining gets this gateway fenced, so it declines
+    /// only when it does not hold the lock as far as it knows. A takeover
+    /// under way may hold the lock already (librbd acquired it, the gate is
+    /// not open yet): asked then, it agrees, and the handover job runs
+    /// after the takeover's (one job at a time per device), so the asker
+    /// gets the lock without fencing a live gateway.
     fn on_handoff(&self) -> bool {
-        if self.stopped.load(Ordering::Acquire) || !self.serving.load(Ordering::Acquire) {
+        if self.stopped.load(Ordering::Acquire)
+            || !(self.serving.load(Ordering::Acquire) || self.acquiring.load(Ordering::Acquire))
+        {
             return false;
         }
         self.post(Job::HandOver)
@@ -1262,6 +1279,9 @@ mod tests {
         reopen_before_submit: Option<Hook>,
         /// What `cluster()` answers (None: no adoption).
         cluster: Option<String>,
+        /// Run once in the next take_lock that acquires, after the lock is
+        /// held and before the manager opens its gate.
+        during_take: Option<Hook>,
     }
 
     struct FakeLock(Mutex<Lock>, Mutex<Option<HandoffFn>>);
@@ -1375,6 +1395,11 @@ mod tests {
                     already,
                     generation: l.generation,
                 })
+            })
+            .inspect(|_| {
+                if let Some(hook) = self.with(|l| l.during_take.take()) {
+                    hook(self);
+                }
             })
         }
         fn release_lock(&self) -> Result<(), LockError> {
@@ -1720,6 +1745,39 @@ mod tests {
         wait(&f, "active again", |s| s.serving);
         drop(f);
         assert!(!ask(), "a stopped manager declines");
+    }
+
+    #[test]
+    fn asked_while_it_takes_the_lock_it_agrees_and_hands_over_after() {
+        // Another gateway sees this one as the owner the moment librbd
+        // acquired the lock, before the manager opened its gate. Declining
+        // then would get a live gateway fenced.
+        let lock = FakeLock::new();
+        let a = alua();
+        let f = start(&lock, &a, Duration::from_secs(60), Duration::from_secs(1));
+        let answer = Arc::new(Mutex::new(None));
+        let seen = Arc::clone(&answer);
+        lock.with(|l| {
+            l.during_take = Some(Box::new(move |fake: &FakeLock| {
+                let ask = fake.1.lock().unwrap().clone().expect("handoff installed");
+                *seen.lock().unwrap() = Some(ask());
+            }))
+        });
+        stpg(&a, 1, AccessState::ActiveOptimized);
+        let s = wait(&f, "handed over", |s| s.handovers == 1);
+        assert_eq!(
+            *answer.lock().unwrap(),
+            Some(true),
+            "asked mid-takeover, it must agree"
+        );
+        assert!(!s.serving, "{s}");
+        assert_eq!(s.state, AccessState::Standby);
+        assert_eq!(
+            lock.with(|l| (l.takes, l.releases, l.held, l.reopens)),
+            (1, 1, false, 0),
+            "took, then released: no fence, no reopen"
+        );
+        assert_eq!((s.takeovers, s.losses), (1, 0), "{s}");
     }
 
     #[test]

@@ -69,7 +69,7 @@ pub struct GwSpec {
 pub struct Gw {
     /// Its name (also the prefix of its request tags).
     pub name: String,
-    /// Its ALUA group (1 or 2).
+    /// Its ALUA group (from 1).
     pub group: u16,
     /// The process.
     pub child: Child,

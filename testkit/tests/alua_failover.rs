@@ -14,6 +14,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
+use tcmu_rbd::failover::FailoverOptions;
 use tcmu_rbd_testkit::cluster::*;
 use tcmu_rbd_testkit::direct::*;
 use tcmu_rbd_testkit::gw::{block_at, Block, Gw, GwSpec, BS};
@@ -204,6 +205,36 @@ impl Writer {
                 );
             }
         }
+    }
+
+    /// `kill -9` of `gw` with `inflight` (from
+    /// [`Writer::stream_then_leave_in_flight`]) sent to it. What it
+    /// acknowledged before dying counts (it must be on the image); the
+    /// rest was never acknowledged and goes on the retry list, as an
+    /// initiator retries it on another path. Returns how many it had
+    /// acknowledged.
+    fn kill_with_writes_in_flight(
+        &mut self,
+        gw: &mut Gw,
+        inflight: &HashMap<String, u64>,
+    ) -> usize {
+        gw.signal(nix::sys::signal::Signal::SIGKILL);
+        let _ = gw.child.wait();
+        gw.take_lines(Duration::from_millis(200));
+        let mut acked = 0;
+        for (tag, seq) in inflight {
+            if gw.replies.get(tag).map(String::as_str) == Some("ok") {
+                acked += 1;
+                self.acks.entry(gw.name.clone()).or_default().push(Ack {
+                    lba: Self::lba(*seq),
+                    seed: self.base_seed + seq,
+                    at: Instant::now(),
+                });
+            } else {
+                self.retry.push(*seq);
+            }
+        }
+        acked
     }
 
     /// Checks every acknowledged write through `gw` (reads) and in `rbd
@@ -463,25 +494,7 @@ fn drill_crash_takeover_by_io() {
     let mut w = Writer::new(2_000_000);
     // kill -9 in the middle of a stream: 8 writes in flight.
     let inflight = w.stream_then_leave_in_flight(&mut a, 8);
-    a.signal(nix::sys::signal::Signal::SIGKILL);
-    let _ = a.child.wait();
-    // Acknowledgements A wrote before dying count (they must be on the
-    // image); the others were never acknowledged and are retried on B, as
-    // an initiator retries them on the other path.
-    a.take_lines(Duration::from_millis(200));
-    let mut late_acked = 0;
-    for (tag, seq) in &inflight {
-        if a.replies.get(tag).map(String::as_str) == Some("ok") {
-            late_acked += 1;
-            w.acks.entry("A".into()).or_default().push(Ack {
-                lba: Writer::lba(*seq),
-                seed: w.base_seed + seq,
-                at: Instant::now(),
-            });
-        } else {
-            w.retry.push(*seq);
-        }
-    }
+    let late_acked = w.kill_with_writes_in_flight(&mut a, &inflight);
     let last_a = w.last_ack("A").expect("A acknowledged writes");
     // The writer moves to B: I/O at the standby port starts the takeover.
     let retried = w.retry.len();
@@ -599,6 +612,252 @@ fn drill_split_brain_then_failback() {
     assert!(fo < TARGET, "failback took {fo:?}");
 }
 
+/// Writes to two gateways at once for `dur`, `qd` in flight on each, as a
+/// multibus initiator does (or two hosts that picked different paths): a
+/// write refused with the standby sense (02/04/0b) is retried on the other
+/// gateway, one refused with transitioning (02/04/0a) where it was, 20 ms
+/// later; any other failure ends the drill. Then every write not yet
+/// acknowledged is finished. Returns the refusals by reply.
+fn multibus(w: &mut Writer, gws: [&mut Gw; 2], qd: usize, dur: Duration) -> HashMap<String, usize> {
+    let t0 = Instant::now();
+    let mut inflight: [HashMap<String, u64>; 2] = Default::default();
+    // Retries, by the gateway they go to: (write, not before).
+    let mut queued: [Vec<(u64, Instant)>; 2] = Default::default();
+    queued[0] = w.retry.drain(..).map(|s| (s, t0)).collect();
+    let mut refused: HashMap<String, usize> = HashMap::new();
+    loop {
+        let sending = t0.elapsed() < dur;
+        for i in 0..2 {
+            while inflight[i].len() < qd {
+                let now = Instant::now();
+                let seq = if let Some(p) = queued[i].iter().position(|&(_, t)| t <= now) {
+                    queued[i].swap_remove(p).0
+                } else if sending {
+                    w.next += 1;
+                    w.next - 1
+                } else {
+                    break;
+                };
+                let tag = gws[i].send(&w.cmd(seq));
+                inflight[i].insert(tag, seq);
+            }
+        }
+        if !sending && inflight.iter().all(HashMap::is_empty) && queued.iter().all(Vec::is_empty) {
+            return refused;
+        }
+        for i in 0..2 {
+            gws[i].take_lines(Duration::from_millis(5));
+            let done: Vec<(String, u64)> = inflight[i]
+                .iter()
+                .filter(|(t, _)| gws[i].replies.contains_key(*t))
+                .map(|(t, s)| (t.clone(), *s))
+                .collect();
+            for (tag, seq) in done {
+                inflight[i].remove(&tag);
+                let r = gws[i].replies.remove(&tag).unwrap_or_default();
+                if r == "ok" {
+                    w.acks.entry(gws[i].name.clone()).or_default().push(Ack {
+                        lba: Writer::lba(seq),
+                        seed: w.base_seed + seq,
+                        at: Instant::now(),
+                    });
+                    continue;
+                }
+                *refused.entry(r.clone()).or_default() += 1;
+                let later = Instant::now() + Duration::from_millis(20);
+                match r.as_str() {
+                    "sense 02/04/0a" => queued[i].push((seq, later)),
+                    "sense 02/04/0b" => queued[1 - i].push((seq, later)),
+                    _ => panic!(
+                        "{}: write {seq} failed with {r} (log {})",
+                        gws[i].name, gws[i].log
+                    ),
+                }
+            }
+        }
+        assert!(
+            t0.elapsed() < dur + Duration::from_secs(60),
+            "writes not acknowledged 60 s after the contention ended: {} in flight, {} queued; refusals {refused:?}",
+            inflight.iter().map(HashMap::len).sum::<usize>(),
+            queued.iter().map(Vec::len).sum::<usize>()
+        );
+    }
+}
+
+/// A counter of a gateway's status line (`takeovers=3`).
+fn counter(state: &str, name: &str) -> u64 {
+    state
+        .split_whitespace()
+        .find_map(|kv| kv.strip_prefix(name)?.strip_prefix('='))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in {state:?}"))
+}
+
+/// How long the two survivors of the three-gateway drill take writes at
+/// once.
+const CONTEND: Duration = Duration::from_secs(12);
+
+/// Three gateways on one image; the owner A dies (kill -9, writes in
+/// flight), and the two survivors then both get writes at once for 12 s:
+/// both ask the dead owner, both would fence it, one wins the lock, and
+/// the other takes it from the winner whenever its own I/O asks (a
+/// misconfigured multibus initiator, or two hosts that picked different
+/// paths). What must hold: every acknowledged write is on the image; the
+/// dead gateway's client is blocklisted once; neither survivor is ever
+/// fenced (each is alive and answers the other's handoff request): both
+/// keep their first client, with no loss; and the lock moves between them
+/// at most once per I/O hold-off, not on every command.
+#[test]
+#[ignore = "needs the live Ceph cluster: scripts/test-rbd.sh runs it"]
+fn drill_three_gateways_contend_after_a_crash() {
+    let img = TestImage::new("alua-three", SIZE);
+    let three = ["--groups", "3"];
+    let mut a = spawn_with("A", 1, &img, "three", &three);
+    let mut b = spawn_with("B", 2, &img, "three", &three);
+    let mut c = spawn_with("C", 3, &img, "three", &three);
+    let (_, a_nonce) = client_of(&mut a);
+    let (_, b_nonce) = client_of(&mut b);
+    let (_, c_nonce) = client_of(&mut c);
+    let mut w = Writer::new(4_000_000);
+    let inflight = w.stream_then_leave_in_flight(&mut a, 8);
+    assert_eq!(
+        a.call("rtpg"),
+        "ok 1=active/optimized,2=standby,3=standby",
+        "A RTPG before the crash"
+    );
+    let late_acked = w.kill_with_writes_in_flight(&mut a, &inflight);
+    let last_a = w.last_ack("A").expect("A acknowledged writes");
+    let t_kill = Instant::now();
+
+    let refused = multibus(&mut w, [&mut b, &mut c], 4, CONTEND);
+    let first = [&b, &c]
+        .iter()
+        .filter_map(|g| w.first_ack_after(&g.name, last_a))
+        .min()
+        .expect("a survivor acknowledged writes");
+    let fo = first - last_a;
+
+    // The lock settles on one of them; the other reports standby.
+    let t_settle = Instant::now();
+    let (owner, other) = loop {
+        let (sb, sc) = (b.state(), c.state());
+        if sb.contains("alua=active/optimized lock=mine") && sc.contains("alua=standby") {
+            break (&mut b, &mut c);
+        }
+        if sc.contains("alua=active/optimized lock=mine") && sb.contains("alua=standby") {
+            break (&mut c, &mut b);
+        }
+        assert!(
+            t_settle.elapsed() < Duration::from_secs(15),
+            "no single owner 15 s after the contention: B {sb}; C {sc}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let rtpg = owner.call("rtpg");
+    let want = format!("{}=active/optimized", owner.group);
+    assert!(
+        rtpg.starts_with("ok ")
+            && rtpg.matches("active/optimized").count() == 1
+            && rtpg.contains(&want),
+        "{} RTPG: {rtpg}",
+        owner.name
+    );
+    w.verify(owner, &img);
+
+    // The dead gateway: blocklisted once. The survivors: never.
+    let (sb, sc) = (owner.state(), other.state());
+    assert_eq!(
+        blocklist_entries(&a_nonce),
+        1,
+        "A's client must be blocklisted exactly once"
+    );
+    let states = [
+        (owner.name.clone(), sb.clone()),
+        (other.name.clone(), sc.clone()),
+    ];
+    for (nonce, name) in [(&b_nonce, "B"), (&c_nonce, "C")] {
+        assert_eq!(
+            blocklist_entries(nonce),
+            0,
+            "{name}, alive throughout, was fenced"
+        );
+    }
+    let mut takeovers = 0;
+    let mut handovers = 0;
+    for (name, st) in &states {
+        assert!(
+            st.contains("generation=1 "),
+            "{name} reopened (fenced?): {st}"
+        );
+        assert_eq!(counter(st, "losses"), 0, "{name}: {st}");
+        takeovers += counter(st, "takeovers");
+        handovers += counter(st, "handovers");
+    }
+    // Every fence either survivor logged is of A's client.
+    for gw in [&*owner, &*other] {
+        for l in gw
+            .own_log()
+            .lines()
+            .filter(|l| l.contains("fencing the lock owner"))
+        {
+            assert!(
+                l.contains(&format!("/{a_nonce}")),
+                "{} fenced another than the dead A: {l}",
+                gw.name
+            );
+        }
+    }
+    // The first takeover, then at most one move per hold-off (5 s) of
+    // contention, and the one that settles it.
+    let holdoff = FailoverOptions::default().io_holdoff;
+    let bound = 2 + (CONTEND.as_millis() / holdoff.as_millis()) as u64;
+    assert!(
+        takeovers <= bound,
+        "the lock moved {takeovers} times in {CONTEND:?} of contention (bound {bound}): {states:?}"
+    );
+    assert_eq!(
+        handovers + 1,
+        takeovers,
+        "every takeover but the first is a handover by a live survivor: {states:?}"
+    );
+    eprintln!(
+        "THREE GATEWAYS: kill -9 A to the first write acknowledged by a survivor: {} ms ({late_acked} in-flight writes acked by A); {} s of writes to B and C at once: {} acknowledged by B, {} by C, refusals {refused:?}; lock moves {takeovers} ({handovers} by handoff), settled on {}; A blocklisted once, B and C never; {} since the kill",
+        ms(fo),
+        CONTEND.as_secs(),
+        w.acks.get("B").map_or(0, Vec::len),
+        w.acks.get("C").map_or(0, Vec::len),
+        owner.name,
+        ms(t_kill.elapsed())
+    );
+    assert!(fo < TARGET, "first write after the crash took {fo:?}");
+}
+
+/// The rados client serving `gw`'s LUNs, as `osd blocklist add` takes it,
+/// and its nonce (what its blocklist entries carry).
+fn client_of(gw: &mut Gw) -> (String, String) {
+    let r = gw.call("client");
+    let client = r
+        .strip_prefix("ok ")
+        .unwrap_or_else(|| panic!("{}'s client: {r}", gw.name))
+        .to_string();
+    let nonce = client
+        .rsplit('/')
+        .next()
+        .and_then(|t| t.split(|c: char| !c.is_ascii_digit()).next())
+        .filter(|t| !t.is_empty())
+        .unwrap_or_else(|| panic!("no nonce in {}'s client address {client}", gw.name))
+        .to_string();
+    (client, nonce)
+}
+
+/// Entries in the cluster's blocklist for the client with `nonce`.
+fn blocklist_entries(nonce: &str) -> usize {
+    cli("ceph", &["osd", "blocklist", "ls"])
+        .lines()
+        .filter(|l| l.contains(&format!("/{nonce} ")))
+        .count()
+}
+
 /// The whole-gateway drill's LUN count: `WHOLE_GW_DRILL_N` (16 unless
 /// set; the issue asks about 64).
 fn whole_gw_luns() -> usize {
@@ -697,19 +956,7 @@ fn drill_whole_gateway_crash() {
         "whole gateway: {n} LUNs open on both gateways and owned by A after {} ms",
         ms(t_open.elapsed())
     );
-    let a_client = a.call("client");
-    let a_client = a_client
-        .strip_prefix("ok ")
-        .unwrap_or_else(|| panic!("A's client: {a_client}"))
-        .to_string();
-    // The client's nonce: what its blocklist entries carry.
-    let nonce = a_client
-        .rsplit('/')
-        .next()
-        .and_then(|t| t.split(|c: char| !c.is_ascii_digit()).next())
-        .filter(|t| !t.is_empty())
-        .unwrap_or_else(|| panic!("no nonce in A's client address {a_client}"))
-        .to_string();
+    let (a_client, nonce) = client_of(&mut a);
 
     // Every LUN gets writes through A; the first four keep some in flight.
     let mut acked: Vec<Vec<u64>> = vec![Vec::new(); n];
@@ -834,10 +1081,7 @@ fn drill_whole_gateway_crash() {
     }
     // One fence for the whole gateway: one blocklist entry for A's client
     // in the cluster, one `osd blocklist add` in B's log.
-    let entries = cli("ceph", &["osd", "blocklist", "ls"])
-        .lines()
-        .filter(|l| l.contains(&format!("/{nonce} ")))
-        .count();
+    let entries = blocklist_entries(&nonce);
     let adds = std::fs::read_to_string(&b.log)
         .unwrap_or_default()
         .get(b_log_at..)
@@ -941,7 +1185,7 @@ fn wait_status(f: &tcmu_rbd::failover::Failover, want: &str) -> tcmu_rbd::failov
 #[test]
 #[ignore = "needs the live Ceph cluster: scripts/test-rbd.sh runs it"]
 fn configfs_groups_make_an_ha_device() {
-    use tcmu_rbd::failover::{open_rbd, FailoverOptions, RbdDevice};
+    use tcmu_rbd::failover::{open_rbd, RbdDevice};
     use tcmu_rbd::scsi::alua::{AccessState, AluaSource, SharedAlua};
     let _ = tracing_subscriber::fmt()
         .with_test_writer()
@@ -1063,7 +1307,7 @@ fn configfs_ceph_iscsi(
 #[ignore = "needs the live Ceph cluster: scripts/test-rbd.sh runs it"]
 fn ceph_iscsi_groups_created_after_open_engage_the_lock() {
     use tcmu_handler::IoError;
-    use tcmu_rbd::failover::{open_rbd, FailoverOptions, RbdDevice};
+    use tcmu_rbd::failover::{open_rbd, RbdDevice};
     use tcmu_rbd::scsi::alua::{AccessState, AluaSource, SharedAlua};
     let _ = tracing_subscriber::fmt()
         .with_test_writer()

@@ -1,6 +1,7 @@
 //! One HA gateway in a process, for the failover drills: an rbd backend on
-//! its own rados client, the failover manager, the SCSI core with two ALUA
-//! port groups (1 and 2, one port each; this gateway is `--group`), a
+//! its own rados client, the failover manager, the SCSI core with
+//! `--groups` ALUA port groups (1 to N, 2 unless told, one port each;
+//! this gateway is `--group`), a
 //! device worker on a ring, and the kernel's side of that ring
 //! (`emulator`), driven over stdin/stdout one line per command:
 //!
@@ -9,7 +10,7 @@
 //! TAG read LBA BLOCKS         -> TAG ok S,S,...   (per block: the SEED that
 //!                                wrote it, 0 for zeros, x for anything else)
 //! TAG stpg                    -> SET TARGET PORT GROUPS: local group active/optimized
-//! TAG rtpg                    -> TAG ok 1=STATE,2=STATE   (REPORT TARGET PORT GROUPS)
+//! TAG rtpg                    -> TAG ok 1=STATE,2=STATE,...   (REPORT TARGET PORT GROUPS)
 //! TAG tur                     -> TEST UNIT READY
 //! TAG state                   -> TAG ok <failover status>
 //! TAG client                  -> TAG ok ADDRS   (the rados client serving the
@@ -25,7 +26,7 @@
 //! sends CMD to LUN K (the K-th `--cfg`, from 0), plain `TAG CMD` to LUN 0.
 //!
 //! tcmu-rbd-gw-sim --cfg CFGSTRING [--cfg CFGSTRING ...] --size BYTES
-//!                 --group 1|2 [--name NAME] [--holdoff-ms N]
+//!                 --group G [--groups N] [--name NAME] [--holdoff-ms N]
 
 use nix::poll::{PollFd, PollFlags, PollTimeout};
 use std::collections::{HashMap, VecDeque};
@@ -47,7 +48,7 @@ const MAGIC: &[u8; 8] = b"ALUAGWBK";
 
 fn usage() -> ! {
     eprintln!(
-        "usage: tcmu-rbd-gw-sim --cfg CFGSTRING [--cfg CFGSTRING ...] --size BYTES --group 1|2 [--name NAME] [--holdoff-ms N]"
+        "usage: tcmu-rbd-gw-sim --cfg CFGSTRING [--cfg CFGSTRING ...] --size BYTES --group G [--groups N] [--name NAME] [--holdoff-ms N]"
     );
     std::process::exit(2)
 }
@@ -210,6 +211,7 @@ fn main() {
     let mut cfgs = Vec::new();
     let mut size = None;
     let mut group: u16 = 1;
+    let mut groups: u16 = 2;
     let mut name = None;
     let mut opts = FailoverOptions::default();
     let mut args = std::env::args().skip(1);
@@ -219,6 +221,7 @@ fn main() {
             "--cfg" => cfgs.push(val()),
             "--size" => size = val().parse::<u64>().ok(),
             "--group" => group = val().parse().unwrap_or_else(|_| usage()),
+            "--groups" => groups = val().parse().unwrap_or_else(|_| usage()),
             "--name" => name = Some(val()),
             "--holdoff-ms" => {
                 opts.io_holdoff = Duration::from_millis(val().parse().unwrap_or_else(|_| usage()))
@@ -231,11 +234,11 @@ fn main() {
         }
     }
     let Some(size) = size else { usage() };
-    if cfgs.is_empty() || (group != 1 && group != 2) {
+    if cfgs.is_empty() || !(2..=8).contains(&groups) || !(1..=groups).contains(&group) {
         usage()
     }
     let name = name.unwrap_or_else(|| format!("gw{group}"));
-    if let Err(e) = serve(&name, &cfgs, size, group, opts) {
+    if let Err(e) = serve(&name, &cfgs, size, (group, groups), opts) {
         eprintln!("{name}: {e}");
         std::process::exit(1);
     }
@@ -245,7 +248,7 @@ fn serve(
     name: &str,
     cfgs: &[String],
     size: u64,
-    group: u16,
+    (group, groups): (u16, u16),
     opts: FailoverOptions,
 ) -> Result<(), String> {
     // The daemon's ring threads, as it serves its devices: one for the
@@ -262,7 +265,7 @@ fn serve(
         } else {
             name.to_string()
         };
-        let (rbd, fo, alua) = open_gateway(&dev, cfg, size, group, opts)?;
+        let (rbd, fo, alua) = open_gateway(&dev, cfg, size, (group, groups), opts)?;
         let (emu, stop, worker) = start_device(&dev, fo.backend(), alua, &rings, data_size)?;
         luns.push(Lun {
             rbd,
@@ -322,18 +325,19 @@ struct Lun {
 }
 
 /// The rbd image behind the failover manager, with this gateway's port
-/// in group `group` of two (both Standby until the lock says otherwise).
+/// in group `group` of `groups` (all Standby until the lock says
+/// otherwise).
 fn open_gateway(
     name: &str,
     cfg: &str,
     size: u64,
-    group: u16,
+    (group, groups): (u16, u16),
     opts: FailoverOptions,
 ) -> Result<(Arc<RbdBackend>, Failover, SharedAlua), String> {
     let rbd = Arc::new(RbdBackend::open(cfg, size, BS as u32)?);
     let g = |id: u16| GroupConfig::new(id, AccessState::Standby, vec![(id, id == group)]);
     let alua = SharedAlua::new(AluaConfig {
-        groups: vec![g(1), g(2)],
+        groups: (1..=groups).map(g).collect(),
         local: LocalPort {
             group,
             rel_port: group,
