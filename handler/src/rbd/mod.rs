@@ -294,6 +294,8 @@ impl RbdBackend {
     /// Opens the image `cfgstring` names for a LUN of `size` bytes in
     /// blocks of `block_size`. The image must be exactly `size` bytes.
     pub fn open(cfgstring: &str, size: u64, block_size: u32) -> Result<RbdBackend, String> {
+        // New service-map clients wait while images open (see `service`).
+        let _opening = service::opening();
         let cfg = config::parse(cfgstring)?;
         let key = key_of(&cfg);
         let timeout = cfg.osd_op_timeout.unwrap_or(conn::DEFAULT_OP_TIMEOUT);

@@ -14,13 +14,16 @@
 //! one client per image anyway). That client does no I/O, so fencing the
 //! gateway's I/O client never touches it. One thread per process connects
 //! the clients and pushes a status when it changed; device opens do not
-//! wait for it. `service_map = off` in tcmu.conf turns the entries off
+//! wait for it, and while images are being opened (a restart opens
+//! hundreds) it connects none, for up to [`DEFER_MAX`]: each connect is a
+//! new librados client (config, mon session, registration), CPU the opens
+//! need more. `service_map = off` in tcmu.conf turns the entries off
 //! (each costs a mon and a mgr session and a few threads); the gateway's
 //! own `tcmu-rbd` entry (see [`super::conn`]) stays.
 
 use super::conn::ConnKey;
 use rbd_ffi::{Rados, RadosBuilder};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
 use tracing::{info, warn};
@@ -32,6 +35,39 @@ pub const SERVICE: &str = "tcmu-runner";
 const TICK: Duration = Duration::from_secs(1);
 
 static ENABLED: AtomicBool = AtomicBool::new(true);
+
+/// Images being opened now (see [`opening`]).
+static OPENING: AtomicUsize = AtomicUsize::new(0);
+
+/// The longest new entries wait for opens to end: a stream of opens that
+/// never pauses does not keep them out of the service map for ever.
+pub const DEFER_MAX: Duration = Duration::from_secs(30);
+
+/// Marks an image open under way until dropped: new entries' clients wait
+/// (see the module's doc).
+pub fn opening() -> Opening {
+    OPENING.fetch_add(1, Ordering::SeqCst);
+    Opening(())
+}
+
+/// An image open under way ([`opening`]).
+pub struct Opening(());
+
+impl Drop for Opening {
+    fn drop(&mut self) {
+        OPENING.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Whether new entries' clients wait now: opens are under way, and the
+/// wait that began at `since` (set here on its first tick) is not over.
+fn defer_connects(opening: usize, since: &mut Option<std::time::Instant>) -> bool {
+    if opening == 0 {
+        *since = None;
+        return false;
+    }
+    since.get_or_insert_with(std::time::Instant::now).elapsed() < DEFER_MAX
+}
 
 /// Set by [`stop`]: the status thread ends.
 static STOPPED: AtomicBool = AtomicBool::new(false);
@@ -199,6 +235,7 @@ pub fn stop() {
 /// Entries whose image closed meanwhile are dropped (their clients shut
 /// down) here, before the thread ends.
 fn publisher() {
+    let mut deferring = None;
     while !STOPPED.load(Ordering::SeqCst) {
         std::thread::park_timeout(TICK);
         let live: Vec<Arc<Slot>> = {
@@ -210,15 +247,23 @@ fn publisher() {
             if STOPPED.load(Ordering::SeqCst) {
                 break;
             }
-            s.publish();
+            // Looked at per entry: a connect takes a while, and opens may
+            // start meanwhile.
+            let connect = !defer_connects(OPENING.load(Ordering::SeqCst), &mut deferring);
+            s.publish(connect);
         }
     }
 }
 
 impl Slot {
-    fn publish(&self) {
+    /// Sends the entry's status if it changed; connects its client first
+    /// if it has none and `connect`.
+    fn publish(&self, connect: bool) {
         let mut c = self.conn.lock().unwrap_or_else(|e| e.into_inner());
         if c.rados.is_none() {
+            if !connect {
+                return;
+            }
             // Every tenth tick after a failure: a cluster that is down is
             // not hammered by hundreds of images.
             if c.failures > 0 && !c.failures.is_multiple_of(10) {
@@ -291,6 +336,27 @@ impl Slot {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn new_entries_wait_while_images_open_but_not_for_ever() {
+        let mut since = None;
+        assert!(!defer_connects(0, &mut since), "no opens: connect");
+        assert!(defer_connects(3, &mut since), "opens under way: wait");
+        let started = since.expect("the wait's start is kept");
+        assert!(defer_connects(1, &mut since));
+        assert_eq!(since, Some(started), "one wait, from its first tick");
+        since = Some(std::time::Instant::now() - DEFER_MAX);
+        assert!(
+            !defer_connects(1, &mut since),
+            "opens that never pause do not keep entries out past DEFER_MAX"
+        );
+        assert!(!defer_connects(0, &mut since));
+        assert_eq!(since, None, "the opens ended: the next wait starts anew");
+        let g = opening();
+        let h = opening();
+        assert!(OPENING.load(Ordering::SeqCst) >= 2);
+        drop((g, h));
+    }
 
     #[test]
     fn fields_are_what_ceph_iscsi_parses() {
