@@ -101,6 +101,16 @@ impl Writer {
         format!("write {} {WB} {seed}", Self::lba(seq))
     }
 
+    /// Records write `seq` as acknowledged by gateway `gw` now.
+    fn ack(&mut self, gw: &str, seq: u64) {
+        let a = Ack {
+            lba: Self::lba(seq),
+            seed: self.base_seed + seq,
+            at: Instant::now(),
+        };
+        self.acks.entry(gw.to_string()).or_default().push(a);
+    }
+
     fn acked(&self) -> Vec<Ack> {
         self.acks.values().flatten().copied().collect()
     }
@@ -177,11 +187,7 @@ impl Writer {
                 inflight.remove(&tag);
                 let r = gw.replies.remove(&tag).unwrap_or_default();
                 if r == "ok" {
-                    self.acks.entry(gw.name.clone()).or_default().push(Ack {
-                        lba: Self::lba(seq),
-                        seed: self.base_seed + seq,
-                        at: Instant::now(),
-                    });
+                    self.ack(&gw.name, seq);
                 } else if r == "sense 02/04/0a" && !stopping {
                     // Transitioning: retry here after a moment.
                     std::thread::sleep(Duration::from_millis(20));
@@ -225,11 +231,7 @@ impl Writer {
         for (tag, seq) in inflight {
             if gw.replies.get(tag).map(String::as_str) == Some("ok") {
                 acked += 1;
-                self.acks.entry(gw.name.clone()).or_default().push(Ack {
-                    lba: Self::lba(*seq),
-                    seed: self.base_seed + seq,
-                    at: Instant::now(),
-                });
+                self.ack(&gw.name, *seq);
             } else {
                 self.retry.push(*seq);
             }
@@ -568,11 +570,7 @@ fn drill_split_brain_then_failback() {
         if r == "ok" {
             // Reached the OSDs before the blocklist: it must be on the image.
             in_flight_acked += 1;
-            w.acks.entry("A".into()).or_default().push(Ack {
-                lba: Writer::lba(*seq),
-                seed: w.base_seed + seq,
-                at: Instant::now(),
-            });
+            w.ack("A", *seq);
         }
     }
     eprintln!(
@@ -664,11 +662,7 @@ fn multibus(w: &mut Writer, gws: [&mut Gw; 2], qd: usize, dur: Duration) -> Hash
                 inflight[i].remove(&tag);
                 let r = gws[i].replies.remove(&tag).unwrap_or_default();
                 if r == "ok" {
-                    w.acks.entry(gws[i].name.clone()).or_default().push(Ack {
-                        lba: Writer::lba(seq),
-                        seed: w.base_seed + seq,
-                        at: Instant::now(),
-                    });
+                    w.ack(&gws[i].name, seq);
                     continue;
                 }
                 *refused.entry(r.clone()).or_default() += 1;

@@ -104,7 +104,11 @@ fn ask_holder(image_id: &str, rados: &Rados) -> bool {
         .iter()
         .find(|h| h.on_client(rados))
         .is_some_and(|h| h.hand_over());
-    drop_elsewhere(hs);
+    // Every gateway watching the pool hears every request: most hold
+    // nothing of this image, and an empty list needs no thread.
+    if !hs.is_empty() {
+        drop_elsewhere(hs);
+    }
     r
 }
 
