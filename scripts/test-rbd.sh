@@ -32,7 +32,7 @@ run() {
 # then the backend through the ring; the outage tests stop
 # cluster daemons, so they run alone and one at a time.
 run -p rbd-ffi -- --include-ignored
-run -p tcmu-rbd --test rbd_live --test rbd_scsi --test scsi_rbd -- --ignored
+run -p tcmu-rbd --test rbd_live --test rbd_scsi --test scsi_rbd --test rbd_timer_slack -- --ignored
 run -p tcmu-rbd --test rbd_outage -- --ignored --test-threads=1
 # HA failover drills: two gateway processes per drill on one image; one
 # drill at a time so the failover times are not skewed by the others.

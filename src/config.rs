@@ -22,6 +22,11 @@
 //! And `metrics_listen` (`off`, the default, or `ADDRESS:PORT`, e.g.
 //! `127.0.0.1:9288` or `[::]:9288`): where the Prometheus endpoint
 //! listens (see `metrics`); a change restarts it.
+//! And `librados_timer_slack_ms` (default 10, at most 1000; 0 is the
+//! kernel's default of 50 µs): how late librados' and librbd's timer and
+//! messenger threads may wake from a timed sleep, so that hundreds of idle
+//! images' once-a-second ticks share wakeups (see
+//! `tcmu_handler::rbd::slack`); it applies at once.
 //! Other keys are noted and ignored, a malformed line gets a
 //! warning naming it, and everything else in the file still applies.
 //!
@@ -51,6 +56,11 @@ pub const DEFAULT_LOG_LEVEL: u8 = 3;
 pub const MAX_LOG_LEVEL: u8 = 5;
 /// The default idle poll, µs (the worker's own default).
 pub const DEFAULT_IDLE_POLL_US: u32 = 50;
+/// The default librados timer slack, ms.
+pub const DEFAULT_TIMER_SLACK_MS: u32 = 10;
+/// The largest librados timer slack accepted, ms (librados' shortest
+/// timeouts are seconds).
+pub const MAX_TIMER_SLACK_MS: u32 = 1000;
 /// The longest idle poll accepted, µs (a second: beyond that a worker
 /// would be a busy loop in all but name).
 pub const MAX_IDLE_POLL_US: u32 = 1_000_000;
@@ -72,6 +82,9 @@ pub struct Config {
     /// Where the Prometheus endpoint listens (`metrics_listen`); None:
     /// off, the default.
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// Timer slack of librados' timer and messenger threads, ms
+    /// (`librados_timer_slack_ms`; 0: the kernel's default).
+    pub timer_slack_ms: u32,
 }
 
 impl Default for Config {
@@ -83,6 +96,7 @@ impl Default for Config {
             service_map: true,
             keep_ha_pr: false,
             metrics_listen: None,
+            timer_slack_ms: DEFAULT_TIMER_SLACK_MS,
         }
     }
 }
@@ -199,6 +213,12 @@ pub fn parse(text: &str) -> (Config, Vec<Note>) {
                     cfg.idle_poll_us = n;
                 }
             }
+            ("librados_timer_slack_ms", Some(v)) => {
+                let what = "a number of milliseconds";
+                if let Some(n) = bounded(key, v, MAX_TIMER_SLACK_MS, what, &mut note) {
+                    cfg.timer_slack_ms = n;
+                }
+            }
             ("service_map", Some(v)) => match unquote(v) {
                 "per_image" => cfg.service_map = true,
                 "off" => cfg.service_map = false,
@@ -226,8 +246,14 @@ pub fn parse(text: &str) -> (Config, Vec<Note>) {
                 },
             },
             (
-                "log_level" | "log_dir" | "log_dir_path" | "idle_poll_us" | "service_map" | "ha_pr"
-                | "metrics_listen",
+                "log_level"
+                | "log_dir"
+                | "log_dir_path"
+                | "idle_poll_us"
+                | "service_map"
+                | "ha_pr"
+                | "metrics_listen"
+                | "librados_timer_slack_ms",
                 None,
             ) => note(format!("{key} needs a value (`{key} = ...`)"), true),
             _ => note(format!("unknown option {key:?} ignored"), false),
@@ -498,6 +524,26 @@ mod tests {
         assert_eq!(notes.len(), 2);
         assert!(notes[0].msg.contains("\"-1\""), "{notes:?}");
         assert!(notes[1].msg.contains("needs a value"), "{notes:?}");
+    }
+
+    #[test]
+    fn timer_slack_is_ten_ms_unless_set_and_bounded() {
+        assert_eq!(parse("").0.timer_slack_ms, 10);
+        assert_eq!(parse("librados_timer_slack_ms = 0\n").0.timer_slack_ms, 0);
+        assert_eq!(parse("librados_timer_slack_ms = 40\n").0.timer_slack_ms, 40);
+        let (cfg, notes) = parse("librados_timer_slack_ms = 60000\n");
+        assert_eq!(cfg.timer_slack_ms, MAX_TIMER_SLACK_MS);
+        assert!(notes[0].msg.contains("above 1000"), "{:?}", notes);
+        let (cfg, notes) = parse("librados_timer_slack_ms = 5\nlibrados_timer_slack_ms = soon\n");
+        assert_eq!(
+            cfg.timer_slack_ms, 5,
+            "a bad value leaves the last good one"
+        );
+        assert!(
+            notes[0].malformed && notes[0].msg.contains("milliseconds"),
+            "{:?}",
+            notes
+        );
     }
 
     #[test]

@@ -268,6 +268,54 @@ impl Image {
         self.op("rbd_get_size", r, s)
     }
 
+    /// The image's effective librbd configuration (ceph.conf and the
+    /// monitors' config, then pool and image overrides), as `(name,
+    /// value)` pairs. Reads the pool's and the image's metadata: a round
+    /// trip to the cluster.
+    pub fn config_list(&self) -> Result<Vec<(String, String)>> {
+        // Pacific has 77 rbd options; librbd says ERANGE with the count it
+        // needs when the array is short, so a second try always fits
+        // unless options appear in between.
+        let mut cap: c_int = 128;
+        for _ in 0..3 {
+            let mut opts: Vec<sys::rbd_config_option_t> = (0..cap)
+                .map(|_| sys::rbd_config_option_t {
+                    name: ptr::null_mut(),
+                    value: ptr::null_mut(),
+                    source: 0,
+                })
+                .collect();
+            let mut n = cap;
+            // SAFETY: open handle; `opts` holds `n` writable entries.
+            let r = unsafe { sys::rbd_config_image_list(self.image, opts.as_mut_ptr(), &mut n) };
+            if r == -libc::ERANGE && n > cap {
+                cap = n;
+                continue;
+            }
+            self.op("rbd_config_image_list", r, ())?;
+            let n = n.clamp(0, cap);
+            let text = |p: *mut c_char| {
+                if p.is_null() {
+                    String::new()
+                } else {
+                    // SAFETY: librbd filled entry strings, NUL-terminated.
+                    unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned()
+                }
+            };
+            let out = opts[..n as usize]
+                .iter()
+                .map(|o| (text(o.name), text(o.value)))
+                .collect();
+            // SAFETY: frees exactly the `n` entries librbd filled.
+            unsafe { sys::rbd_config_image_list_cleanup(opts.as_mut_ptr(), n) };
+            return Ok(out);
+        }
+        Err(Error::new(
+            format!("rbd_config_image_list on {}", self.name),
+            -libc::ERANGE,
+        ))
+    }
+
     /// Size and layout.
     pub fn stat(&self) -> Result<ImageInfo> {
         let mut i = std::mem::MaybeUninit::<sys::rbd_image_info_t>::zeroed();

@@ -134,6 +134,12 @@ mod tests {
     }
 
     #[test]
+    fn config_option_layout_matches_c() {
+        // Two pointers and an int enum, padded to pointer alignment.
+        assert_eq!(std::mem::size_of::<sys::rbd_config_option_t>(), 24);
+    }
+
+    #[test]
     fn image_info_layout_matches_c() {
         // 3 x u64, int + char[24] (+4 padding), int64, char[96].
         assert_eq!(

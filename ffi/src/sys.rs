@@ -49,6 +49,15 @@ pub const RBD_MAX_BLOCK_NAME_SIZE: usize = 24;
 /// `RBD_MAX_IMAGE_NAME_SIZE`.
 pub const RBD_MAX_IMAGE_NAME_SIZE: usize = 96;
 
+/// `rbd_config_option_t`: one option of an image's effective librbd
+/// configuration (`source` is a C enum: 0 config, 1 pool, 2 image).
+#[repr(C)]
+pub struct rbd_config_option_t {
+    pub name: *mut c_char,
+    pub value: *mut c_char,
+    pub source: c_int,
+}
+
 /// `rbd_image_info_t`.
 #[repr(C)]
 pub struct rbd_image_info_t {
@@ -167,6 +176,12 @@ extern "C" {
     ) -> c_int;
     pub fn rbd_close(image: rbd_image_t) -> c_int;
     pub fn rbd_get_size(image: rbd_image_t, size: *mut u64) -> c_int;
+    pub fn rbd_config_image_list(
+        image: rbd_image_t,
+        options: *mut rbd_config_option_t,
+        max_options: *mut c_int,
+    ) -> c_int;
+    pub fn rbd_config_image_list_cleanup(options: *mut rbd_config_option_t, max_options: c_int);
     pub fn rbd_get_features(image: rbd_image_t, features: *mut u64) -> c_int;
     pub fn rbd_get_id(image: rbd_image_t, id: *mut c_char, id_len: size_t) -> c_int;
     pub fn rbd_stat(image: rbd_image_t, info: *mut rbd_image_info_t, infosize: size_t) -> c_int;

@@ -102,6 +102,34 @@ unsafe impl AioBuf for TwoSegs {
 
 #[test]
 #[ignore = "needs the live Ceph cluster: scripts/test-rbd.sh runs it"]
+fn config_list_shows_an_image_override() {
+    let r = connect(None);
+    let t = TestImage::new(&r, "conf", 4 << 20);
+    let value = |img: &Image, name: &str| {
+        img.config_list()
+            .unwrap()
+            .into_iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v)
+    };
+    let img = t.open();
+    assert_eq!(value(&img, "rbd_qos_iops_limit").as_deref(), Some("0"));
+    img.close().unwrap();
+    // The override as an admin sets it (`rbd config image set` writes
+    // the same metadata key).
+    let st = std::process::Command::new("rbd")
+        .args(["-c", &conf(), "-p", &pool(), "image-meta", "set", &t.name])
+        .args(["conf_rbd_qos_iops_limit", "250"])
+        .status()
+        .expect("run rbd image-meta set");
+    assert!(st.success(), "rbd image-meta set: {st}");
+    let img = t.open();
+    assert_eq!(value(&img, "rbd_qos_iops_limit").as_deref(), Some("250"));
+    img.close().unwrap();
+}
+
+#[test]
+#[ignore = "needs the live Ceph cluster: scripts/test-rbd.sh runs it"]
 fn metadata_and_sync_io() {
     let _ = NEEDS;
     let r = connect(None);

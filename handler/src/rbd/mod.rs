@@ -41,6 +41,7 @@ pub mod extents;
 pub mod handoff;
 pub mod lock;
 pub mod service;
+pub mod slack;
 
 use crate::{Backend, Caps, Done, ExtentSlot, Geometry, IoBufs, IoError, IoResult, Op};
 use config::RbdConfig;
@@ -50,7 +51,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::Duration;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 pub use config::{parse, CONFIG_DESC};
 
@@ -195,6 +196,8 @@ pub struct RbdBackend {
     exclusive_lock: Result<bool, String>,
     /// The image's `tcmu-runner` service-map entry (None: turned off).
     _service: Option<service::Registration>,
+    /// Held when the image has a librbd QoS limit (see `slack`).
+    _qos: Option<slack::QosImage>,
 }
 
 impl std::fmt::Debug for RbdBackend {
@@ -334,7 +337,19 @@ impl RbdBackend {
             Arc::clone(&signals.status),
         );
         watch(&session, &signals, &spec);
-        info!(image = %spec, client = %session.rados.name(), size, block_size, "rbd image opened");
+        // An unreadable configuration counts as limited: the timer slack
+        // must never pace a limited image below its limit.
+        let qos = match session.image.config_list() {
+            Ok(opts) => slack::has_qos_limit(&opts),
+            Err(e) => {
+                debug!(image = %spec, "librbd configuration unreadable ({e}); assuming a QoS limit");
+                true
+            }
+        };
+        let qos = qos.then(slack::QosImage::hold);
+        // librados' timer and messenger threads this open started.
+        slack::settle();
+        info!(image = %spec, client = %session.rados.name(), size, block_size, qos_limit = qos.is_some(), "rbd image opened");
         let image_id = session.image.id().unwrap_or_default();
         let shared = Arc::new(Shared {
             cfg,
@@ -356,6 +371,7 @@ impl RbdBackend {
             shared,
             exclusive_lock,
             _service: service,
+            _qos: qos,
         })
     }
 
@@ -774,6 +790,8 @@ fn reopen(shared: Weak<Shared>, name: String) {
                 // (the next lock check would too, later).
                 handoff_ready(&sh);
                 drop(sh);
+                // The fresh client's timer and messenger threads.
+                slack::settle();
                 // Close the fenced image here, not on the ring worker: wait
                 // for the worker's short-lived clones to go.
                 let mut old = old;

@@ -238,6 +238,7 @@ fn publisher() {
     let mut deferring = None;
     while !STOPPED.load(Ordering::SeqCst) {
         std::thread::park_timeout(TICK);
+        let mut connected = false;
         let live: Vec<Arc<Slot>> = {
             let mut v = slots().lock().unwrap_or_else(|e| e.into_inner());
             v.retain(|w| w.strong_count() > 0);
@@ -250,25 +251,30 @@ fn publisher() {
             // Looked at per entry: a connect takes a while, and opens may
             // start meanwhile.
             let connect = !defer_connects(OPENING.load(Ordering::SeqCst), &mut deferring);
-            s.publish(connect);
+            connected |= s.publish(connect);
+        }
+        if connected {
+            // The new clients' timer and messenger threads.
+            super::slack::settle();
         }
     }
 }
 
 impl Slot {
     /// Sends the entry's status if it changed; connects its client first
-    /// if it has none and `connect`.
-    fn publish(&self, connect: bool) {
+    /// if it has none and `connect`. True if it connected a client.
+    fn publish(&self, connect: bool) -> bool {
         let mut c = self.conn.lock().unwrap_or_else(|e| e.into_inner());
+        let mut fresh = false;
         if c.rados.is_none() {
             if !connect {
-                return;
+                return false;
             }
             // Every tenth tick after a failure: a cluster that is down is
             // not hammered by hundreds of images.
             if c.failures > 0 && !c.failures.is_multiple_of(10) {
                 c.failures += 1;
-                return;
+                return false;
             }
             match self.connect() {
                 Ok(r) => {
@@ -280,20 +286,22 @@ impl Slot {
                         warn!(image = %self.entry.spec, "no service-map entry yet (retrying): {e}");
                     }
                     c.failures += 1;
-                    return;
+                    return false;
                 }
             }
+            fresh = true;
         }
         let now = self.status.fields();
         if c.sent.as_ref() == Some(&now) {
-            return;
+            return fresh;
         }
-        let Some(r) = &c.rados else { return };
+        let Some(r) = &c.rados else { return fresh };
         let kv: Vec<(&str, &str)> = now.iter().map(|(k, v)| (*k, v.as_str())).collect();
         match r.service_update_status(&kv) {
             Ok(()) => c.sent = Some(now),
             Err(e) => warn!(image = %self.entry.spec, "service-map status update failed: {e}"),
         }
+        fresh
     }
 
     fn connect(&self) -> Result<Rados, String> {

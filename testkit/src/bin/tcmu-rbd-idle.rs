@@ -10,6 +10,10 @@
 //! Needs the micro cluster's environment (`scripts/ceph-cluster.sh env`).
 //!
 //! tcmu-rbd-idle [--rbd N] [--file N] [--ram N] [--seconds S] [--service-map on|off]
+//!               [--timer-slack-ms N]
+//!
+//! `--timer-slack-ms` is tcmu.conf's `librados_timer_slack_ms` (default
+//! 10; 0 measures without it).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -29,7 +33,8 @@ const SIZE: u64 = 64 << 20;
 
 fn usage() -> ! {
     eprintln!(
-        "usage: tcmu-rbd-idle [--rbd N] [--file N] [--ram N] [--seconds S] [--service-map on|off]"
+        "usage: tcmu-rbd-idle [--rbd N] [--file N] [--ram N] [--seconds S] [--service-map on|off] \
+         [--timer-slack-ms N]"
     );
     std::process::exit(2)
 }
@@ -93,6 +98,7 @@ fn thread_ticks() -> Vec<(String, u64)> {
 fn main() {
     let (mut n_rbd, mut n_file, mut n_ram, mut secs, mut svc) =
         (128usize, 64usize, 64usize, 30u64, true);
+    let mut slack_ms = tcmu_handler::rbd::slack::DEFAULT.as_millis() as u64;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let mut val = || args.next().unwrap_or_else(|| usage());
@@ -102,10 +108,12 @@ fn main() {
             "--ram" => n_ram = val().parse().unwrap_or_else(|_| usage()),
             "--seconds" => secs = val().parse().unwrap_or_else(|_| usage()),
             "--service-map" => svc = val() == "on",
+            "--timer-slack-ms" => slack_ms = val().parse().unwrap_or_else(|_| usage()),
             _ => usage(),
         }
     }
     tcmu_handler::rbd::service::set_enabled(svc);
+    tcmu_handler::rbd::slack::set(Duration::from_millis(slack_ms));
     let reg = Registry::new();
     let dir = tempfile::tempdir().unwrap_or_else(|e| die(&e.to_string()));
     let mut emus = Vec::new();
@@ -218,14 +226,20 @@ fn main() {
     }
     let total: u64 = by_name.values().map(|v| v.0).sum();
     println!(
-        "IDLE rbd={n_rbd} (half owners) file={n_file} ram={n_ram} service_map={}: \
-         CPU {:.2}% of one core over {wall:.1} s; threads {}, RSS {} MiB, fds {}",
+        "IDLE rbd={n_rbd} (half owners) file={n_file} ram={n_ram} service_map={} \
+         timer_slack={slack_ms}ms: CPU {:.2}% of one core over {wall:.1} s; threads {}, RSS {} MiB, fds {}",
         if svc { "on" } else { "off" },
         100.0 * total as f64 / hz / wall,
         procself::threads(),
         procself::status("VmRSS:") / 1024,
         procself::fds(),
     );
+    // What the kernel has, so a run shows the slack took.
+    let mut timers: BTreeMap<u64, usize> = BTreeMap::new();
+    for ns in tcmu_handler::rbd::slack::slack_of("safe_timer") {
+        *timers.entry(ns).or_default() += 1;
+    }
+    println!("  safe_timer threads by timer slack (ns: threads): {timers:?}");
     let mut rows: Vec<_> = by_name.into_iter().filter(|(_, v)| v.0 > 0).collect();
     rows.sort_by_key(|r| std::cmp::Reverse(r.1 .0));
     for (n, (t, count)) in rows.iter().take(12) {
