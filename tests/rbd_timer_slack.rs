@@ -47,7 +47,13 @@ fn idle_timers_batch_unless_an_image_has_a_qos_limit() {
     let limited = TestImage::new("slack-qos", MB4);
     cli(
         "rbd",
-        &["image-meta", "set", &limited.spec(), "conf_rbd_qos_iops_limit", "500"],
+        &[
+            "image-meta",
+            "set",
+            &limited.spec(),
+            "conf_rbd_qos_iops_limit",
+            "500",
+        ],
     );
     let qos = tcmu_rbd::backends::open("rbd", &limited.cfg(""), MB4, 512)
         .unwrap_or_else(|e| panic!("open the limited image: {e}"));

@@ -530,7 +530,8 @@ impl Image {
     }
 
     /// Breaks `owner`'s lock. librbd also blocklists the owner's client
-    /// (rbd_blocklist_on_break_lock), so it can never write again.
+    /// first if `rbd_blocklist_on_break_lock` is set (the default; the
+    /// handler's clients turn it off and blocklist the owner themselves).
     pub fn lock_break(&self, mode: LockMode, owner: &str) -> Result<()> {
         let o = cstr(owner, "lock owner")?;
         // SAFETY: open handle, NUL-terminated owner.

@@ -827,12 +827,13 @@ fn drill_three_gateways_contend_after_a_crash() {
         "every takeover but the first is a handover by a live survivor: {states:?}"
     );
     eprintln!(
-        "THREE GATEWAYS: kill -9 A to the first write acknowledged by a survivor: {} ms ({late_acked} in-flight writes acked by A); {} s of writes to B and C at once: {} acknowledged by B, {} by C, refusals {refused:?}; lock moves {takeovers} ({handovers} by handoff), settled on {}; A blocklisted once, B and C never; {} since the kill",
+        "THREE GATEWAYS: kill -9 A to the first write acknowledged by a survivor: {} ms ({late_acked} in-flight writes acked by A); {} s of writes to B and C at once: {} acknowledged by B, {} by C, refusals {refused:?}; lock moves {takeovers} ({handovers} by handoff), settled on {}; A blocklisted once, B and C never; `osd blocklist add` commands for A at the monitor: {}; {} since the kill",
         ms(fo),
         CONTEND.as_secs(),
         w.acks.get("B").map_or(0, Vec::len),
         w.acks.get("C").map_or(0, Vec::len),
         owner.name,
+        blocklist_commands(&a_nonce),
         ms(t_kill.elapsed())
     );
     assert!(fo < TARGET, "first write after the crash took {fo:?}");
@@ -862,6 +863,34 @@ fn blocklist_entries(nonce: &str) -> usize {
         .lines()
         .filter(|l| l.contains(&format!("/{nonce} ")))
         .count()
+}
+
+/// `osd blocklist add` commands the monitor took for the client with
+/// `nonce`, from its audit log (the micro cluster's `log/cluster.log`):
+/// every fence anyone sent, librbd's own inside a lock break included,
+/// not only those a gateway logged. The monitor logs a command when it
+/// commits, so this waits for the first one (up to 10 s) and then for
+/// a proposal interval more.
+fn blocklist_commands(nonce: &str) -> usize {
+    let path = format!("{}/log/cluster.log", cluster_dir());
+    let pat = format!("/{nonce}\"");
+    let count = || {
+        std::fs::read_to_string(&path)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| {
+                l.contains("\"blocklistop\": \"add\"")
+                    && l.contains(&pat)
+                    && l.ends_with(": dispatch")
+            })
+            .count()
+    };
+    let t0 = Instant::now();
+    while count() == 0 && t0.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    count()
 }
 
 /// The whole-gateway drill's LUN count: `WHOLE_GW_DRILL_N` (16 unless
@@ -1086,8 +1115,10 @@ fn drill_whole_gateway_crash() {
         );
     }
     // One fence for the whole gateway: one blocklist entry for A's client
-    // in the cluster, one `osd blocklist add` in B's log.
+    // in the cluster, one `osd blocklist add` in B's log, and one such
+    // command at the monitor (librbd adds none of its own in the breaks).
     let entries = blocklist_entries(&nonce);
+    let commands = blocklist_commands(&nonce);
     let adds = std::fs::read_to_string(&b.log)
         .unwrap_or_default()
         .get(b_log_at..)
@@ -1095,7 +1126,7 @@ fn drill_whole_gateway_crash() {
         .matches("fencing the lock owner: osd blocklist add")
         .count();
     eprintln!(
-        "WHOLE-GATEWAY DRILL: {n} LUNs, kill -9 A to every LUN served by B: {} ms (first {} ms; {adopted} idle LUNs adopted with no I/O); {late} in-flight writes acked by A before it died; blocklist entries for A's client: {entries}, `osd blocklist add` calls by B: {adds}",
+        "WHOLE-GATEWAY DRILL: {n} LUNs, kill -9 A to every LUN served by B: {} ms (first {} ms; {adopted} idle LUNs adopted with no I/O); {late} in-flight writes acked by A before it died; blocklist entries for A's client: {entries}, `osd blocklist add` calls by B: {adds}, at the monitor: {commands}",
         ms(slowest),
         ms(fastest)
     );
@@ -1107,6 +1138,12 @@ fn drill_whole_gateway_crash() {
         adds, 1,
         "B must fence A once, not once per image (log {})",
         b.log
+    );
+    assert_eq!(
+        commands,
+        1,
+        "the monitor must get one `osd blocklist add` for A's client, not one per image ({}/log/cluster.log)",
+        cluster_dir()
     );
 
     // Every acknowledged write is on its image, read through B.

@@ -159,6 +159,12 @@ fn connect(key: &ConnKey, timeout: Duration) -> Result<Rados, String> {
     // asynchronous; with rbd_cache off nothing in them waits, except the
     // Objecter's in-flight throttle, which is backpressure either way.
     let b = set(b, "rbd_non_blocking_aio", "false")?;
+    // A takeover blocklists the old owner itself, once per owner for all
+    // its images (`lock::fence_once`), before it breaks any lock; librbd
+    // would otherwise add the same entry again inside every lock break: a
+    // monitor command and a new osdmap per image, which a whole gateway's
+    // takeovers then queue behind.
+    let b = set(b, "rbd_blocklist_on_break_lock", "false")?;
     let b = set(b, "rados_osd_op_timeout", &secs)?;
     let b = set(b, "rados_mon_op_timeout", &secs)?;
     let b = set(b, "client_mount_timeout", &secs)?;
