@@ -311,6 +311,25 @@ elif [[ " $SUITES " == *" rbd "* ]]; then
   host_check FAIL rbd.host_export_matches "the guest wrote no pattern to compare"
 fi
 
+# The whole-gateway failover fenced the dead gateway's client once at the
+# monitor too: its audit log holds every `osd blocklist add` anyone sent,
+# librbd's own inside lock breaks included (the guest sees only B's log).
+if [[ " $SUITES " == *" wholegw "* ]]; then
+  owner=$(sed -n 's/^wholegw.fenced_owner=//p' "$out/wholegw.txt" 2>/dev/null)
+  if [ -z "$owner" ]; then
+    host_check FAIL wholegw.monitor_fenced_once "the guest recorded no fenced owner"
+  else
+    n=$(grep -F "\"addr\": \"$owner\"" "$cdir/log/cluster.log" | grep -F '"blocklistop": "add"' |
+      grep -c ': dispatch$' || true)
+    echo "wholegw.monitor_blocklist_adds=$n" >>"$out/wholegw.txt"
+    if [ "$n" = 1 ]; then
+      host_check PASS wholegw.monitor_fenced_once
+    else
+      host_check FAIL wholegw.monitor_fenced_once "the monitor got $n osd blocklist add commands for $owner"
+    fi
+  fi
+fi
+
 # The comparison run: IOPS and CPU per I/O of each path, and their ratios.
 if [[ " $SUITES " == *" compare "* ]]; then
   b_side=0

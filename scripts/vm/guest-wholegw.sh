@@ -183,6 +183,8 @@ t_wg_fenced_once() {
   {
     echo "wholegw.luns=$WG_N"
     echo "wholegw.blocklist_adds=$n_fence"
+    # The host counts the monitor's commands for this address.
+    echo "wholegw.fenced_owner=$(grep -m1 "fencing the lock owner: osd blocklist add" "$log" | grep -oE 'owner=[^ ]+' | cut -d= -f2)"
     echo "wholegw.takeovers=$n_done"
     echo "wholegw.handovers_before_kill=$n_before"
     echo "wholegw.adopted_after_kill=$n_adopted"
