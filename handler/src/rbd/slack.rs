@@ -23,7 +23,7 @@
 //! default). New librados threads appear when a client connects or an
 //! image opens; [`settle`] runs after both.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
@@ -123,12 +123,12 @@ pub fn settle() {
     let Ok(dir) = std::fs::read_dir("/proc/self/task") else {
         return;
     };
-    let mut live = Vec::new();
+    let mut live = HashSet::new();
     for tid in dir
         .flatten()
         .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
     {
-        live.push(tid);
+        live.insert(tid);
         let Ok(comm) = std::fs::read_to_string(format!("/proc/self/task/{tid}/comm")) else {
             continue;
         };
