@@ -120,18 +120,9 @@ pub fn settle() {
     let qos_open = QOS_OPEN.load(Ordering::Relaxed);
     let mut guard = APPLIED.lock().unwrap_or_else(|e| e.into_inner());
     let applied = guard.get_or_insert_with(HashMap::new);
-    let Ok(dir) = std::fs::read_dir("/proc/self/task") else {
-        return;
-    };
     let mut live = HashSet::new();
-    for tid in dir
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-    {
+    for (tid, comm) in threads() {
         live.insert(tid);
-        let Ok(comm) = std::fs::read_to_string(format!("/proc/self/task/{tid}/comm")) else {
-            continue;
-        };
         let Some(k) = kind(&comm) else { continue };
         let want = wanted(k, slack_ns, qos_open);
         if applied.get(&tid) == Some(&want) || (want == 0 && !applied.contains_key(&tid)) {
@@ -155,19 +146,26 @@ pub fn settle() {
     applied.retain(|t, _| live.contains(t));
 }
 
+/// This process's threads: (id, name as `/proc` has it). A thread that
+/// ends while it is read is left out.
+fn threads() -> impl Iterator<Item = (u32, String)> {
+    std::fs::read_dir("/proc/self/task")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter_map(|tid| {
+            let comm = std::fs::read_to_string(format!("/proc/self/task/{tid}/comm")).ok()?;
+            Some((tid, comm))
+        })
+}
+
 /// The slack of this process's threads named `comm`, as the kernel has
 /// it (for tests and `tcmu-rbd-idle`).
 pub fn slack_of(comm: &str) -> Vec<u64> {
-    let Ok(dir) = std::fs::read_dir("/proc/self/task") else {
-        return Vec::new();
-    };
-    dir.flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|tid| {
-            std::fs::read_to_string(format!("/proc/self/task/{tid}/comm"))
-                .is_ok_and(|c| c.trim_end() == comm)
-        })
-        .filter_map(|tid| {
+    threads()
+        .filter(|(_, c)| c.trim_end() == comm)
+        .filter_map(|(tid, _)| {
             std::fs::read_to_string(format!("/proc/{tid}/timerslack_ns"))
                 .ok()?
                 .trim()
