@@ -77,6 +77,8 @@
 #   VM_COMPARE_B_CFG  (compare) the same for tcmu-rbd-B (which then runs
 #                     even with neither B_ENV nor B_BIN: the same daemon
 #                     with another cfgstring)
+#   VM_COMPARE_B_CONF (compare) tcmu.conf lines for tcmu-rbd-B, separated
+#                     by ';' (e.g. "doorbell_offload_kb = 0")
 #   VM_COMPARE_JOBS   (compare) fio jobs RW:BS:QD (default "randwrite:4k:32
 #                     randread:4k:32"; e.g. "write:1m:8 read:1m:8")
 #   VM_GW_CFG_EXTRA   (gateway) appended to tcmu-rbd's cfgstring, e.g.
@@ -188,6 +190,7 @@ COMPARE_JOBS="${VM_COMPARE_JOBS:-randwrite:4k:32 randread:4k:32}"
 COMPARE_ATTRS="${VM_COMPARE_ATTRS:-}"
 COMPARE_CFG="${VM_COMPARE_CFG:-}"
 COMPARE_B_CFG="${VM_COMPARE_B_CFG:-}"
+COMPARE_B_CONF="${VM_COMPARE_B_CONF:-}"
 GW_CFG_EXTRA="${VM_GW_CFG_EXTRA:-}"
 VM_WG_N=${VM_WG_N:-16}
 VM_WG_FIO=${VM_WG_FIO:-4}
@@ -333,8 +336,8 @@ fi
 # The comparison run: IOPS and CPU per I/O of each path, and their ratios.
 if [[ " $SUITES " == *" compare "* ]]; then
   b_side=0
-  [ -n "${VM_COMPARE_B_ENV:-}${VM_COMPARE_B_BIN:-}${VM_COMPARE_B_CFG:-}" ] && b_side=1
-  if python3 - "$out" "$b_side" "${VM_COMPARE_B_ENV:-}${VM_COMPARE_B_BIN:+ bin=$VM_COMPARE_B_BIN}${VM_COMPARE_B_CFG:+ cfg=$VM_COMPARE_B_CFG}" \
+  [ -n "${VM_COMPARE_B_ENV:-}${VM_COMPARE_B_BIN:-}${VM_COMPARE_B_CFG:-}${VM_COMPARE_B_CONF:-}" ] && b_side=1
+  if python3 - "$out" "$b_side" "${VM_COMPARE_B_ENV:-}${VM_COMPARE_B_BIN:+ bin=$VM_COMPARE_B_BIN}${VM_COMPARE_B_CFG:+ cfg=$VM_COMPARE_B_CFG}${VM_COMPARE_B_CONF:+ conf=$VM_COMPARE_B_CONF}" \
     "${VM_COMPARE_JOBS:-randwrite:4k:32 randread:4k:32}" "${VM_COMPARE_ATTRS:-}" <<'PY' | tee "$out/compare.txt"; then
 import json, sys, os, re
 out, b_side, b_what = sys.argv[1], sys.argv[2] == "1", sys.argv[3]

@@ -175,6 +175,9 @@ pub struct Registry {
     copy: Arc<crate::copy::CopyEngine>,
     /// The threads that drive the devices' rings.
     rings: RingThreads,
+    /// Where large reads' doorbells are written (tcmu.conf
+    /// `doorbell_offload_kb`).
+    bells: crate::bell::BellPool,
 }
 
 /// A device's state for status output.
@@ -210,6 +213,13 @@ impl Registry {
         self.idle_poll.set(d);
     }
 
+    /// From how much read data in one batch of completions a device's
+    /// doorbell is written by a helper thread (tcmu.conf
+    /// `doorbell_offload_kb`; 0: never); running devices follow at once.
+    pub fn set_doorbell_offload(&self, bytes: u64) {
+        self.bells.set_threshold(bytes);
+    }
+
     /// Whether devices opened from now on that are gated on an rbd
     /// exclusive lock keep the kernel's persistent reservations
     /// (tcmu.conf `ha_pr = keep`) or refuse them (`refuse`, the default).
@@ -239,7 +249,14 @@ impl Registry {
             opening.insert(spec.name.clone());
         }
         let keep_pr = self.keep_ha_pr.load(std::sync::atomic::Ordering::Relaxed);
-        let opened = open_device(&spec, &self.idle_poll, keep_pr, &self.copy, &self.rings);
+        let opened = open_device(
+            &spec,
+            &self.idle_poll,
+            keep_pr,
+            &self.copy,
+            &self.rings,
+            &self.bells,
+        );
         let mut devs = self.devices.lock().unwrap_or_else(|e| e.into_inner());
         let r = opened.map(|running| {
             devs.insert(spec.name.clone(), running);
@@ -576,6 +593,7 @@ fn open_device(
     keep_ha_pr: bool,
     copy: &Arc<crate::copy::CopyEngine>,
     rings: &RingThreads,
+    bells: &crate::bell::BellPool,
 ) -> Result<Running, OpenDeviceError> {
     let name = spec.name.clone();
     let io = |what: &'static str, path: &Path| {
@@ -674,7 +692,7 @@ fn open_device(
     let mut dev = Device::new(
         name.clone(),
         mem,
-        Box::new(UioDoorbell::new(file)),
+        Box::new(UioDoorbell::new(file).with_offload(Some(bells.handle()))),
         backend,
         info,
     )?;

@@ -14,7 +14,8 @@
 #           librbd direct vs tcmu-runner vs tcmu-rbd on one image, with
 #           the CPU time of each)
 #   CEPH_CONF_GUEST  the guest's ceph.conf (rbd, compare)
-#   COMPARE_B_ENV, COMPARE_B_BIN  (optional) the compare suite's tcmu-rbd-B
+#   COMPARE_B_ENV, COMPARE_B_BIN, COMPARE_B_CONF  (optional) the compare
+#     suite's tcmu-rbd-B (environment, binary, tcmu.conf lines)
 #           side: the daemon with these VAR=value settings, or this binary
 #   VM_SCALE_N, VM_SCALE_CYCLES, VM_SCALE_CYCLE_S  LUNs, create/remove
 #           cycles and their time limit (scale)
@@ -93,6 +94,8 @@ start_daemon() {
   # The Prometheus endpoint on loopback (t_metrics scrapes it).
   ip link set lo up 2>/dev/null || busybox ip link set lo up
   echo "metrics_listen = $METRICS" >"$S/tcmu.conf"
+  # DAEMON_CONF: more tcmu.conf lines for this start, separated by ';'.
+  [ -n "${DAEMON_CONF:-}" ] && tr ';' '\n' <<<"$DAEMON_CONF" >>"$S/tcmu.conf"
   # DAEMON_ENV (VAR=value ...) and DAEMON_BIN: another environment or
   # binary for this start (the compare suite's B side).
   local denv
@@ -850,7 +853,7 @@ compare_librbd() { # ROUND
 start_daemon_b() {
   local e
   read -ra e <<<"${COMPARE_B_ENV:-}"
-  DAEMON_ENV="${e[*]}" DAEMON_BIN=${COMPARE_B_BIN:-$BIN} start_daemon
+  DAEMON_ENV="${e[*]}" DAEMON_BIN=${COMPARE_B_BIN:-$BIN} DAEMON_CONF=${COMPARE_B_CONF:-} start_daemon
 }
 suite_compare() {
   # One serving process at a time (both daemons would claim user:rbd
@@ -860,7 +863,7 @@ suite_compare() {
   # each alike. tcmu-rbd-B (when COMPARE_B_ENV or COMPARE_B_BIN is set) is a
   # candidate change measured beside the code as it is.
   local b=0
-  [ -n "${COMPARE_B_ENV:-}${COMPARE_B_BIN:-}${COMPARE_B_CFG:-}" ] && b=1
+  [ -n "${COMPARE_B_ENV:-}${COMPARE_B_BIN:-}${COMPARE_B_CFG:-}${COMPARE_B_CONF:-}" ] && b=1
   daemon_alive || check compare.tcmu-rbd.start start_daemon
   compare_one tcmu-rbd 1
   check compare.tcmu-rbd.stop stop_daemon || return 1
