@@ -239,6 +239,14 @@ if [ $want_rbd = 1 ]; then
   rbd_ create --size 256M rbd/iscsi1
   case " $SUITES " in *" xcopy_bench "*) rbd_ create --size 1G rbd/xsrc && rbd_ create --size 1G rbd/xdst ;; esac
   case " $SUITES " in *" multi "*) for i in 0 1 2 3; do rbd_ create --size 1G "rbd/multi$i"; done ;; esac
+  # The comparison reads what it did not write first: every object of the
+  # image exists, or a read round that runs before any write round would
+  # be answered from nothing (an OSD returns zeros for a missing object
+  # without touching its disk).
+  if [[ " $SUITES " == *" compare "* ]]; then
+    rbd_ bench --io-type write --io-size 4M --io-threads 4 --io-total 1G --io-pattern seq rbd/bench >/dev/null ||
+      die "could not fill rbd/bench"
+  fi
   # many_images PREFIX N: rbd/PREFIX000.. , N thin 64 MiB images, eight
   # rbd clients at a time.
   many_images() {
