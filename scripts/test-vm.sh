@@ -78,7 +78,7 @@
 #                     even with neither B_ENV nor B_BIN: the same daemon
 #                     with another cfgstring)
 #   VM_COMPARE_B_CONF (compare) tcmu.conf lines for tcmu-rbd-B, separated
-#                     by ';' (e.g. "doorbell_offload_kb = 0")
+#                     by ";" (e.g. "idle_poll_us = 0")
 #   VM_COMPARE_JOBS   (compare) fio jobs RW:BS:QD (default "randwrite:4k:32
 #                     randread:4k:32"; e.g. "write:1m:8 read:1m:8")
 #   VM_GW_CFG_EXTRA   (gateway) appended to tcmu-rbd's cfgstring, e.g.

@@ -27,10 +27,6 @@
 //! messenger threads may wake from a timed sleep, so that hundreds of idle
 //! images' once-a-second ticks share wakeups (see
 //! `tcmu_handler::rbd::slack`); it applies at once.
-//! And `doorbell_offload_kb` (default 256, at most 65536; 0 turns it off):
-//! from how much read data in one batch of completions the doorbell write,
-//! in which the kernel copies that data out of the ring, runs on a helper
-//! thread instead of the ring thread (see `bell`); it applies at once.
 //! Other keys are noted and ignored, a malformed line gets a
 //! warning naming it, and everything else in the file still applies.
 //!
@@ -68,11 +64,6 @@ pub const MAX_TIMER_SLACK_MS: u32 = 1000;
 /// The longest idle poll accepted, µs (a second: beyond that a worker
 /// would be a busy loop in all but name).
 pub const MAX_IDLE_POLL_US: u32 = 1_000_000;
-/// The default doorbell offload threshold, KiB ([`crate::bell`]).
-pub const DEFAULT_DOORBELL_OFFLOAD_KB: u32 = 256;
-/// The largest doorbell offload threshold accepted, KiB (64 MiB, the
-/// largest data area a ceph-iscsi LUN is usually given and then some).
-pub const MAX_DOORBELL_OFFLOAD_KB: u32 = 65_536;
 
 /// The settings this daemon takes from tcmu.conf.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -94,9 +85,6 @@ pub struct Config {
     /// Timer slack of librados' timer and messenger threads, ms
     /// (`librados_timer_slack_ms`; 0: the kernel's default).
     pub timer_slack_ms: u32,
-    /// Read data in one batch of completions from which its doorbell is
-    /// written by a helper thread, KiB (`doorbell_offload_kb`; 0: never).
-    pub doorbell_offload_kb: u32,
 }
 
 impl Default for Config {
@@ -109,7 +97,6 @@ impl Default for Config {
             keep_ha_pr: false,
             metrics_listen: None,
             timer_slack_ms: DEFAULT_TIMER_SLACK_MS,
-            doorbell_offload_kb: DEFAULT_DOORBELL_OFFLOAD_KB,
         }
     }
 }
@@ -232,12 +219,6 @@ pub fn parse(text: &str) -> (Config, Vec<Note>) {
                     cfg.timer_slack_ms = n;
                 }
             }
-            ("doorbell_offload_kb", Some(v)) => {
-                let what = "a number of KiB";
-                if let Some(n) = bounded(key, v, MAX_DOORBELL_OFFLOAD_KB, what, &mut note) {
-                    cfg.doorbell_offload_kb = n;
-                }
-            }
             ("service_map", Some(v)) => match unquote(v) {
                 "per_image" => cfg.service_map = true,
                 "off" => cfg.service_map = false,
@@ -272,8 +253,7 @@ pub fn parse(text: &str) -> (Config, Vec<Note>) {
                 | "service_map"
                 | "ha_pr"
                 | "metrics_listen"
-                | "librados_timer_slack_ms"
-                | "doorbell_offload_kb",
+                | "librados_timer_slack_ms",
                 None,
             ) => note(format!("{key} needs a value (`{key} = ...`)"), true),
             _ => note(format!("unknown option {key:?} ignored"), false),
@@ -544,21 +524,6 @@ mod tests {
         assert_eq!(notes.len(), 2);
         assert!(notes[0].msg.contains("\"-1\""), "{notes:?}");
         assert!(notes[1].msg.contains("needs a value"), "{notes:?}");
-    }
-
-    #[test]
-    fn doorbell_offload_is_256_kib_unless_set_and_bounded() {
-        assert_eq!(parse("").0.doorbell_offload_kb, 256);
-        assert_eq!(parse("doorbell_offload_kb = 0\n").0.doorbell_offload_kb, 0);
-        let (cfg, notes) = parse("doorbell_offload_kb = 1048576\n");
-        assert_eq!(cfg.doorbell_offload_kb, MAX_DOORBELL_OFFLOAD_KB);
-        assert!(notes[0].msg.contains("above 65536"), "{notes:?}");
-        let (cfg, notes) = parse("doorbell_offload_kb = 64\ndoorbell_offload_kb = big\n");
-        assert_eq!(
-            cfg.doorbell_offload_kb, 64,
-            "a bad value leaves the last good one"
-        );
-        assert!(notes[0].msg.contains("\"big\""), "{notes:?}");
     }
 
     #[test]

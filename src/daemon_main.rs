@@ -533,15 +533,12 @@ impl Daemon {
         self.ctl
             .registry()
             .set_idle_poll(Duration::from_micros(u64::from(cfg.idle_poll_us)));
-        self.ctl
-            .registry()
-            .set_doorbell_offload(u64::from(cfg.doorbell_offload_kb) * 1024);
         tcmu_handler::rbd::service::set_enabled(cfg.service_map);
         tcmu_handler::rbd::slack::set(Duration::from_millis(u64::from(cfg.timer_slack_ms)));
         self.ctl.registry().set_keep_ha_pr(cfg.keep_ha_pr);
         // Also retries a bind that failed before.
         self.apply_metrics(cfg.metrics_listen);
-        info!(reason = why, log_level = cfg.log_level, log_dir = %cfg.log_dir.display(), idle_poll_us = cfg.idle_poll_us, service_map = cfg.service_map, timer_slack_ms = cfg.timer_slack_ms, doorbell_offload_kb = cfg.doorbell_offload_kb, "configuration reloaded");
+        info!(reason = why, log_level = cfg.log_level, log_dir = %cfg.log_dir.display(), idle_poll_us = cfg.idle_poll_us, service_map = cfg.service_map, timer_slack_ms = cfg.timer_slack_ms, "configuration reloaded");
         debug!("debug logging is on");
         self.cfg = cfg;
         self.write_status(false);
@@ -662,7 +659,6 @@ fn start(o: Opts) -> Option<(Daemon, SignalFd, Arc<Registry>)> {
     }
     let reg = Arc::new(Registry::new());
     reg.set_idle_poll(Duration::from_micros(u64::from(cfg.idle_poll_us)));
-    reg.set_doorbell_offload(u64::from(cfg.doorbell_offload_kb) * 1024);
     tcmu_handler::rbd::service::set_enabled(cfg.service_map);
     tcmu_handler::rbd::slack::set(Duration::from_millis(u64::from(cfg.timer_slack_ms)));
     reg.set_keep_ha_pr(cfg.keep_ha_pr);

@@ -10,14 +10,13 @@
 //! and watch all their fds in one epoll set; [`run`](Device::run) drives
 //! one device on the calling thread.
 
-use crate::bell::{Bell, Offload};
 use crate::metrics::hist::{add, Histogram};
 use crate::ring::shm::SharedMem;
 use crate::ring::{Completion, Entry, Ring, RingError};
 use crate::scsi::{sense::Sense, Lun, LunInfo, Outcome, Pending, Response};
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 use std::fs::File;
-use std::io::Read;
+use std::io::{Read, Write};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -54,67 +53,33 @@ pub trait Doorbell: Send {
     fn fd(&self) -> BorrowedFd<'_>;
     /// Consumes the pending event; call after `fd` polled readable.
     fn ack(&self);
-    /// Tells the kernel that completions are in the ring; `read_bytes`:
-    /// the read data they carry, which the kernel copies out as it reaps
-    /// them.
-    fn ring(&self, read_bytes: u64) -> std::io::Result<()>;
+    /// Tells the kernel that completions are in the ring.
+    fn ring(&self) -> std::io::Result<()>;
 }
 
 /// The UIO device's doorbell: a 4-byte read waits for (here: consumes)
-/// an event, a 4-byte write makes the kernel reap completions. With an
-/// [`Offload`], a write that makes the kernel copy a lot of read data runs
-/// on a [`crate::bell::BellPool`] thread instead of the ring thread.
+/// an event, a 4-byte write makes the kernel reap completions.
 pub struct UioDoorbell {
-    bell: Arc<Bell>,
-    offload: Option<Offload>,
+    file: File,
 }
 
 impl UioDoorbell {
     /// Wraps an open `/dev/uioN` (opened read-write, non-blocking).
     pub fn new(file: File) -> Self {
-        UioDoorbell {
-            bell: Arc::new(Bell::new(file)),
-            offload: None,
-        }
-    }
-
-    /// Offloads large reads' doorbells to a pool.
-    pub fn with_offload(mut self, offload: Option<Offload>) -> Self {
-        self.offload = offload;
-        self
+        UioDoorbell { file }
     }
 }
 
 impl Doorbell for UioDoorbell {
     fn fd(&self) -> BorrowedFd<'_> {
-        self.bell.file().as_fd()
+        self.file.as_fd()
     }
     fn ack(&self) {
         let mut b = [0u8; 4];
-        let _ = self.bell.file().read(&mut b);
+        let _ = (&self.file).read(&mut b);
     }
-    fn ring(&self, read_bytes: u64) -> std::io::Result<()> {
-        if let Some(e) = self.bell.take_error() {
-            return Err(e);
-        }
-        if let Some(o) = &self.offload {
-            // Behind a pool write still pending, a write of our own would
-            // wait for it in the kernel: queue this one too.
-            if (o.wants(read_bytes) || self.bell.busy()) && o.queue(&self.bell) {
-                return Ok(());
-            }
-        }
-        self.bell.write()
-    }
-}
-
-impl Drop for UioDoorbell {
-    fn drop(&mut self) {
-        // The last completions must reach the kernel before the device is
-        // gone, not whenever the pool gets to them.
-        if self.bell.busy() {
-            let _ = self.bell.write();
-        }
+    fn ring(&self) -> std::io::Result<()> {
+        (&self.file).write_all(&1u32.to_ne_bytes())
     }
 }
 
@@ -139,7 +104,7 @@ impl Doorbell for EventDoorbell {
         let mut b = [0u8; 8];
         let _ = nix::unistd::read(self.to_user.as_raw_fd(), &mut b);
     }
-    fn ring(&self, _read_bytes: u64) -> std::io::Result<()> {
+    fn ring(&self) -> std::io::Result<()> {
         nix::unistd::write(&self.from_user, &1u64.to_ne_bytes())
             .map(|_| ())
             .map_err(std::io::Error::from)
@@ -342,8 +307,6 @@ pub struct Device {
     /// published in `stats`.
     data_in_use: u64,
     data_published: u64,
-    /// Read bytes completed since the last doorbell (see [`Doorbell::ring`]).
-    read_unreaped: u64,
     /// The ring was nearly full at the last look (see [`Stats::ring_full`]).
     was_full: bool,
     bell: Box<dyn Doorbell>,
@@ -397,13 +360,11 @@ pub enum Step {
 }
 
 /// Words of [`Device::track`] per command id.
-const TRACK: usize = 4;
+const TRACK: usize = 3;
 /// Offsets in a command's track words.
 const T_TAKEN: usize = 0;
 const T_SUBMITTED: usize = 1;
 const T_LEN: usize = 2;
-/// Data-in bytes (reads): what the kernel copies out when it reaps it.
-const T_IN: usize = 3;
 
 /// Where a staged read or write lies, to tell whether the next one
 /// continues it.
@@ -525,7 +486,6 @@ impl Device {
             epoch: Instant::now(),
             data_in_use: 0,
             data_published: 0,
-            read_unreaped: 0,
             was_full: false,
             bell,
             entries: Vec::with_capacity(256),
@@ -675,8 +635,7 @@ impl Device {
         }
         if self.ring.publish().map_err(|e| self.ring_err(e))? {
             bump(&self.stats.notifies);
-            let read_bytes = std::mem::take(&mut self.read_unreaped);
-            if let Err(e) = self.bell.ring(read_bytes) {
+            if let Err(e) = self.bell.ring() {
                 return Err(DeviceError::Io {
                     dev: self.name.clone(),
                     what: "doorbell write",
@@ -729,11 +688,9 @@ impl Device {
                 let t = TRACK * id as usize;
                 self.track[t + T_TAKEN] = now;
                 self.track[t + T_LEN] = len;
-                self.track[t + T_IN] = 0;
                 self.data_in_use += len;
                 match classify(cmd.cdb().first().copied().unwrap_or(0)) {
                     Class::Read => {
-                        self.track[t + T_IN] = len;
                         bump(&self.stats.reads);
                         add(&self.stats.read_bytes, len);
                     }
@@ -943,9 +900,6 @@ impl Device {
             .latency
             .record(now.saturating_sub(self.track[t + T_TAKEN]));
         self.data_in_use = self.data_in_use.saturating_sub(self.track[t + T_LEN]);
-        if r.status == 0 {
-            self.read_unreaped += self.track[t + T_IN];
-        }
         let sense_bytes: Option<[u8; 18]> = r.sense.as_ref().map(Sense::to_fixed);
         if let Some(s) = &r.sense {
             bump(&self.stats.check_conditions);
@@ -1030,7 +984,7 @@ impl Device {
             any = true;
         }
         if any && self.ring.publish().map_err(|e| self.ring_err(e))? {
-            let _ = self.bell.ring(0);
+            let _ = self.bell.ring();
         }
         if self.ring.in_flight() == 0 {
             info!("stopped");

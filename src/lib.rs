@@ -8,7 +8,6 @@
 //! `tcmu-rbd-testkit` crate, which nothing shipped depends on.
 
 pub mod backends;
-pub mod bell;
 pub mod config;
 pub mod configfs;
 pub mod control;

@@ -175,9 +175,6 @@ pub struct Registry {
     copy: Arc<crate::copy::CopyEngine>,
     /// The threads that drive the devices' rings.
     rings: RingThreads,
-    /// Where large reads' doorbells are written (tcmu.conf
-    /// `doorbell_offload_kb`).
-    bells: crate::bell::BellPool,
 }
 
 /// A device's state for status output.
@@ -213,13 +210,6 @@ impl Registry {
         self.idle_poll.set(d);
     }
 
-    /// From how much read data in one batch of completions a device's
-    /// doorbell is written by a helper thread (tcmu.conf
-    /// `doorbell_offload_kb`; 0: never); running devices follow at once.
-    pub fn set_doorbell_offload(&self, bytes: u64) {
-        self.bells.set_threshold(bytes);
-    }
-
     /// Whether devices opened from now on that are gated on an rbd
     /// exclusive lock keep the kernel's persistent reservations
     /// (tcmu.conf `ha_pr = keep`) or refuse them (`refuse`, the default).
@@ -249,14 +239,7 @@ impl Registry {
             opening.insert(spec.name.clone());
         }
         let keep_pr = self.keep_ha_pr.load(std::sync::atomic::Ordering::Relaxed);
-        let opened = open_device(
-            &spec,
-            &self.idle_poll,
-            keep_pr,
-            &self.copy,
-            &self.rings,
-            &self.bells,
-        );
+        let opened = open_device(&spec, &self.idle_poll, keep_pr, &self.copy, &self.rings);
         let mut devs = self.devices.lock().unwrap_or_else(|e| e.into_inner());
         let r = opened.map(|running| {
             devs.insert(spec.name.clone(), running);
@@ -593,7 +576,6 @@ fn open_device(
     keep_ha_pr: bool,
     copy: &Arc<crate::copy::CopyEngine>,
     rings: &RingThreads,
-    bells: &crate::bell::BellPool,
 ) -> Result<Running, OpenDeviceError> {
     let name = spec.name.clone();
     let io = |what: &'static str, path: &Path| {
@@ -692,7 +674,7 @@ fn open_device(
     let mut dev = Device::new(
         name.clone(),
         mem,
-        Box::new(UioDoorbell::new(file).with_offload(Some(bells.handle()))),
+        Box::new(UioDoorbell::new(file)),
         backend,
         info,
     )?;
