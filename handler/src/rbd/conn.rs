@@ -165,6 +165,13 @@ fn connect(key: &ConnKey, timeout: Duration) -> Result<Rados, String> {
     // monitor command and a new osdmap per image, which a whole gateway's
     // takeovers then queue behind.
     let b = set(b, "rbd_blocklist_on_break_lock", "false")?;
+    // Writes go out of the ring's data area as they are, not out of a copy
+    // librbd makes at submission (on the ring thread). librbd then holds
+    // each write's completion back until the last reference to that memory
+    // is dropped (its `UserBufferDeleter`), and the kernel keeps a
+    // command's data blocks until we complete it, timed out or not: the
+    // memory outlives every use.
+    let b = set(b, "rbd_disable_zero_copy_writes", "false")?;
     let b = set(b, "rados_osd_op_timeout", &secs)?;
     let b = set(b, "rados_mon_op_timeout", &secs)?;
     let b = set(b, "client_mount_timeout", &secs)?;
