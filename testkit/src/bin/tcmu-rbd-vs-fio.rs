@@ -127,10 +127,7 @@ fn rbd_cli(conf: &str, args: &[&str]) -> Result<String, String> {
 /// acknowledges writes before the OSDs have them, which a SCSI target
 /// without a volatile cache must not do. rbd_non_blocking_aio=false: the
 /// backend dispatches on its own thread, so fio's does too.
-/// rbd_disable_zero_copy_writes=false: both send writes out of the
-/// caller's memory.
 const SAME_AS_BACKEND: &str = "--rbd_cache=false --rbd_non_blocking_aio=false \
-     --rbd_disable_zero_copy_writes=false \
      --rados_osd_op_timeout=31 --rados_mon_op_timeout=31";
 
 /// The backend's settings but librbd's default dispatch thread
